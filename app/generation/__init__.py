@@ -1,0 +1,1 @@
+"""txt2img: samplers, seeds, the denoising loop, infotext, and saving images."""

@@ -1,0 +1,97 @@
+"""The sampling loop: classifier-free guidance over a diffusers scheduler, with per-step prompt schedules.
+
+We run the loop ourselves rather than calling the pipeline so that prompt editing can change the conditioning
+between steps, interrupt and live preview happen between steps, and cond/uncond of different lengths work
+(A1111 runs them as separate UNet passes then).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from app.prompts.encoder import PromptEncoder
+from app.prompts.schedules import prompt_schedule, text_at_step
+
+
+class ScheduledConditioning:
+    """A prompt's conditioning at each sampling step; each distinct text is encoded once."""
+
+    def __init__(self, encoder: PromptEncoder, prompt: str, steps: int, clip_skip: int):
+        self.encoder = encoder
+        self.schedule = prompt_schedule(prompt, steps)
+        self.clip_skip = clip_skip
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def texts(self) -> list[str]:
+        return [entry.text for entry in self.schedule]
+
+    def at(self, step_index: int) -> torch.Tensor:
+        text = text_at_step(self.schedule, step_index)
+        if text not in self._cache:
+            self._cache[text] = self.encoder.encode([text], self.clip_skip)
+        return self._cache[text]
+
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    cond: ScheduledConditioning,
+    uncond: ScheduledConditioning,
+    cfg_scale: float,
+    steps: int,
+    generators: list[torch.Generator] | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` (fp32, already scaled by the scheduler's init sigma); returns the final latents.
+
+    `on_step(step, total, latents)` runs after every scheduler step and may raise to stop (interrupt).
+    """
+    batch = latents.shape[0]
+    dtype = next(unet.parameters()).dtype
+    step_kwargs = {"generator": generators} if generators and _accepts(scheduler.step, "generator") else {}
+    timesteps = scheduler.timesteps
+    # Second-order samplers (Heun, DPM2) take about two model calls per step: map calls back onto steps.
+    per_step = len(timesteps) / steps
+
+    for i, t in enumerate(timesteps):
+        step_index = min(steps - 1, int(i / per_step))
+        model_in = scheduler.scale_model_input(latents, t).to(dtype)
+        c = cond.at(step_index).to(dtype).expand(batch, -1, -1)
+        if cfg_scale == 1.0:
+            noise = unet(model_in, t, encoder_hidden_states=c).sample.float()
+        else:
+            u = uncond.at(step_index).to(dtype).expand(batch, -1, -1)
+            if c.shape[1] == u.shape[1]:
+                both = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=torch.cat([u, c])).sample
+                noise_u, noise_c = both.float().chunk(2)
+            else:
+                noise_u = unet(model_in, t, encoder_hidden_states=u).sample.float()
+                noise_c = unet(model_in, t, encoder_hidden_states=c).sample.float()
+            noise = noise_u + cfg_scale * (noise_c - noise_u)
+        latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step(min(steps, round((i + 1) / per_step)), steps, latents)
+    return latents
+
+
+@torch.no_grad()
+def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], [batch, 3, H, W] float32 on CPU."""
+    vae_dtype = next(vae.parameters()).dtype
+    scaled = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    images = vae.decode(scaled.to(vae_dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

@@ -1,0 +1,174 @@
+"""The single background job runner: one job at a time, in submission order, with progress and interrupt.
+
+Generation and training both run here, so they never use the model at once: a generation submitted during
+training waits in the queue behind it (and the UI/API say so through `queue_position`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised inside a job when the user asked it to stop; the job decides what to keep."""
+
+
+@dataclass
+class Progress:
+    """What a job reports while it runs; read by the UI and `/sdapi/v1/progress`."""
+
+    job_no: int = 0  # which of `job_count` parts (e.g. batch count) is running
+    job_count: int = 1
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    text: str = ""
+    preview: Callable[[], Any] | None = None  # builds a PIL preview on demand, so nobody pays unless polled
+    preview_id: int = 0
+
+    @property
+    def fraction(self) -> float:
+        if self.job_count <= 0:
+            return 0.0
+        step = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
+        return min(1.0, (self.job_no + step) / self.job_count)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    kind: str
+    fn: Callable[[Job], Any]
+    description: str = ""
+    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
+    status: str = "queued"  # queued | running | done | failed | interrupted
+    progress: Progress = field(default_factory=Progress)
+    result: Any = None
+    error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    _interrupt: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def check_interrupt(self) -> None:
+        if self._interrupt.is_set():
+            raise Interrupted()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the job ends; return its result or raise its error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.kind} job {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def eta_seconds(self) -> float | None:
+        if not self.started_at:
+            return None
+        fraction = self.progress.fraction
+        elapsed = time.time() - self.started_at
+        return elapsed / fraction - elapsed if fraction > 0 else None
+
+
+class JobRunner:
+    """Runs submitted jobs one by one on a daemon thread."""
+
+    def __init__(self, name: str = "jobs"):
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._pending: list[Job] = []
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+        self._last: Job | None = None
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, kind: str, fn: Callable[[Job], Any], description: str = "") -> Job:
+        job = Job(kind=kind, fn=fn, description=description)
+        with self._lock:
+            self._pending.append(job)
+        self._queue.put(job)
+        return job
+
+    @property
+    def current(self) -> Job | None:
+        return self._current
+
+    @property
+    def last(self) -> Job | None:
+        """The running job, else the one that finished last."""
+        return self._current or self._last
+
+    def pending(self) -> list[Job]:
+        with self._lock:
+            return list(self._pending)
+
+    def queue_position(self, job: Job) -> int:
+        """0 when running, n when n jobs run or wait before it, -1 when finished."""
+        if job.finished:
+            return -1
+        if job is self._current:
+            return 0
+        with self._lock:
+            waiting = self._pending.index(job) if job in self._pending else 0
+        return waiting + (1 if self._current else 0)
+
+    def interrupt(self, job: Job | None = None) -> bool:
+        """Interrupt `job` (default: the running one). A queued job is dropped before it starts."""
+        target = job or self._current
+        if target is None:
+            return False
+        target.interrupt()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                if job in self._pending:
+                    self._pending.remove(job)
+            self._current = job
+            job.started_at = time.time()
+            try:
+                if job.interrupted:
+                    raise Interrupted()
+                job.status = "running"
+                job.result = job.fn(job)
+                job.status = "interrupted" if job.interrupted else "done"
+            except Interrupted:
+                job.status = "interrupted"
+            except BaseException as e:  # the runner must survive any job failure
+                if not isinstance(e, Exception):
+                    log.error("Job %s ended by %r", job.id, e)
+                elif not getattr(e, "status_code", None):
+                    log.exception("Job %s (%s) failed", job.id, job.kind)
+                job.error = e
+                job.status = "failed"
+            finally:
+                job.finished_at = time.time()
+                self._last = job
+                self._current = None
+                job._done.set()

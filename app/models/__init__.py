@@ -1,0 +1,1 @@
+"""Model management: checkpoints on disk, hashes, the default model, and the loaded pipeline."""

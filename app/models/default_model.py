@@ -1,0 +1,118 @@
+"""The embedded default model: a tiny network with Stable Diffusion v1's architecture, built from a fixed seed.
+
+It exists so every feature runs end to end on a laptop CPU with no download: same classes as SD1
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP tokenizer), far fewer channels. Its weights are random
+until a trained default ships, so its images are noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from app.models.tokenizer import SHIPPED_DIR, load_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "tiny-sd-default"
+SEED = 20261124
+TEXT_WIDTH = 64
+
+# SD1.x's own scheduler settings (scaled-linear betas, 1000 steps, epsilon prediction).
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+)
+
+
+def build_default_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
+    """Build the tiny pipeline; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=TEXT_WIDTH,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_default_model(ckpt_dir: Path) -> Path:
+    """Create the default model folder under `ckpt_dir` unless it exists; return its path.
+
+    Written to a temporary folder first and renamed into place, so an interrupted first start leaves nothing
+    half-written behind.
+    """
+    target = ckpt_dir / DEFAULT_MODEL_NAME
+    if (target / "model_index.json").is_file():
+        return target
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Building the embedded default model in %s (first start only)", target)
+    pipe = build_default_pipeline()
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=ckpt_dir))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # Ship the plain BPE files beside diffusers' tokenizer files: our loader reads these.
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,179 @@
+"""The ModelManager: owns the loaded pipeline, its device and precision, and the lock every model user holds."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from app.errors import UserError
+from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
+from app.models.default_model import ensure_default_model
+from app.models.hashes import HashCache
+from app.models.tokenizer import load_clip_tokenizer
+from app.prompts.chunking import EmbeddingFinder
+from app.prompts.encoder import PromptEncoder
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint in memory: the diffusers components plus our prompt encoder."""
+
+    info: CheckpointInfo
+    pipe: StableDiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    encoder: PromptEncoder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at (512 for SD1, 64 for the tiny default)."""
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def text_width(self) -> int:
+        return int(self.pipe.text_encoder.config.hidden_size)
+
+
+def choose_device(settings: Settings) -> torch.device:
+    if "all" in settings.use_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{settings.device_id}" if settings.device_id else "cuda")
+
+
+def choose_dtypes(settings: Settings, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(model dtype, VAE dtype). fp32 on CPU: fp16 there is slow and unsupported in places."""
+    if device.type == "cpu" or settings.no_half or settings.precision == "full":
+        return torch.float32, torch.float32
+    return torch.float16, (torch.float32 if settings.no_half_vae else torch.float16)
+
+
+class ModelManager:
+    """Discovers checkpoints, loads one at a time, and serializes model use through `lock`.
+
+    Anything that runs the model (generation, training, swapping checkpoints) holds `lock`.
+    """
+
+    def __init__(self, settings: Settings, hash_cache: HashCache | None = None):
+        self.settings = settings
+        self.hash_cache = hash_cache or HashCache(settings.hash_cache_file)
+        self.lock = threading.RLock()
+        self.device = choose_device(settings)
+        self.dtype, self.vae_dtype = choose_dtypes(settings, self.device)
+        self.embedding_finder: EmbeddingFinder | None = None
+        self._loaded: LoadedModel | None = None
+        self._checkpoints: list[CheckpointInfo] = []
+        self.refresh()
+
+    # -- discovery -------------------------------------------------------------------------------------------------
+    def refresh(self) -> list[CheckpointInfo]:
+        """Rescan the checkpoint folder; builds the default model when there is no checkpoint at all."""
+        found = scan_checkpoints([self.settings.ckpt_dir], self.settings.ckpt)
+        if not found:
+            ensure_default_model(self.settings.ckpt_dir)
+            found = scan_checkpoints([self.settings.ckpt_dir], self.settings.ckpt)
+        fill_cached_hashes(found, self.hash_cache)
+        if self._loaded is not None:  # keep the loaded object so its hash stays known
+            found = [self._loaded.info if c.path == self._loaded.info.path else c for c in found]
+        self._checkpoints = found
+        return list(found)
+
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list(self._checkpoints)
+
+    def find(self, query: str) -> CheckpointInfo:
+        return find_checkpoint(self._checkpoints, query)
+
+    def initial_checkpoint(self, preferred: str | None) -> CheckpointInfo:
+        """--ckpt first, then the saved option, then the first checkpoint by name."""
+        if self.settings.ckpt is not None:
+            return self.find(str(self.settings.ckpt))
+        if preferred:
+            try:
+                return self.find(preferred)
+            except UserError:
+                log.warning("Saved checkpoint %r is gone; using %s", preferred, self._checkpoints[0].title)
+        return self._checkpoints[0]
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def get(self) -> LoadedModel:
+        """The loaded model, loading the first checkpoint if none is loaded yet."""
+        with self.lock:
+            if self._loaded is None:
+                self.load(self._checkpoints[0])
+            return self._loaded
+
+    def load(self, info: CheckpointInfo) -> LoadedModel:
+        """Load `info`, freeing the current model first so two never sit in memory together."""
+        with self.lock:
+            if self._loaded is not None and self._loaded.info.path == info.path:
+                return self._loaded
+            self.unload()
+            if not self.settings.no_hashing and info.sha256 is None:
+                info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
+            pipe = self._load_pipeline(info)
+            encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
+            self._loaded = LoadedModel(info, pipe, self.device, self.dtype, self.vae_dtype, encoder)
+            log.info("Loaded %s on %s (%s)", info.title, self.device, self.dtype)
+            return self._loaded
+
+    def unload(self) -> None:
+        with self.lock:
+            self._loaded = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _load_pipeline(self, info: CheckpointInfo) -> StableDiffusionPipeline:
+        if info.kind != "diffusers":
+            raise UserError(
+                f"'{info.name}' is a single-file checkpoint; this version loads diffusers folders only. "
+                "Convert it to a diffusers folder (a folder with model_index.json) and put that in "
+                f"{self.settings.ckpt_dir}."
+            )
+        index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
+        if index.get("_class_name") != "StableDiffusionPipeline":
+            raise UserError(
+                f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x pipelines "
+                "(StableDiffusionPipeline) can be loaded so far."
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            info.path,
+            local_files_only=True,
+            dtype=self.dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
+        )
+        pipe.vae.to(dtype=self.vae_dtype)
+        pipe.to(self.device)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _tokenizer_folder(model_path: Path) -> Path | None:
+    folder = model_path / "tokenizer"
+    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None

@@ -1,0 +1,108 @@
+"""The conditioning encoder: weighted, chunked prompts through CLIP, with CLIP skip and embedding substitution.
+
+A1111 semantics: every 77-token chunk goes through the text encoder on its own; each token's output is scaled by
+its emphasis weight and the whole is rescaled to keep the original mean; chunks are concatenated along the token
+axis. CLIP skip n > 1 takes the hidden state n layers from the end and applies the final layer norm (we do this
+ourselves: diffusers' `clip_skip` argument is broken with current transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from app.prompts.chunking import (
+    DEFAULT_COMMA_BACKTRACK,
+    EmbeddingFinder,
+    PromptChunk,
+    TokenIds,
+    chunk_prompt,
+    empty_chunk,
+)
+
+
+class PromptEncoder:
+    """Encodes prompts for one CLIP text encoder (SD1: CLIP ViT-L; later also OpenCLIP and SDXL's pair)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder: torch.nn.Module,
+        find_embedding: EmbeddingFinder | None = None,
+        comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.find_embedding = find_embedding
+        self.comma_backtrack = comma_backtrack
+        vocab = tokenizer.get_vocab()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.ids = TokenIds(
+            start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, pad=pad, comma=vocab.get(",</w>")
+        )
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+
+    def chunks(self, text: str) -> tuple[list[PromptChunk], int]:
+        """The chunks of one prompt and its token count (the UI's "n/75" counter uses the count)."""
+        return chunk_prompt(text, self._tokenize, self.ids, self.find_embedding, self.comma_backtrack)
+
+    def token_count(self, text: str) -> int:
+        return self.chunks(text)[1]
+
+    def encode(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """Conditioning for a batch of prompts: Tensor[batch, 77 * chunks, width]."""
+        per_prompt = [self.chunks(text)[0] for text in texts]
+        n_chunks = max(len(c) for c in per_prompt)
+        outputs = []
+        for i in range(n_chunks):
+            column = [c[i] if i < len(c) else empty_chunk(self.ids) for c in per_prompt]
+            outputs.append(self._encode_chunks(column, clip_skip))
+        return torch.cat(outputs, dim=1)
+
+    def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int) -> torch.Tensor:
+        device = self.text_encoder.device
+        tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
+        with self._substituted_embeddings([c.fixes for c in chunks]):
+            z = self._hidden_states(tokens, clip_skip)
+        weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=device)
+        original_mean = z.mean()
+        z = z * weights.unsqueeze(-1)
+        return z * (original_mean / z.mean())
+
+    def _hidden_states(self, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        if clip_skip <= 1:
+            return self.text_encoder(input_ids=tokens).last_hidden_state
+        out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
+        layer = max(-len(out.hidden_states) + 1, -clip_skip)
+        return self.text_encoder.text_model.final_layer_norm(out.hidden_states[layer])
+
+    @contextmanager
+    def _substituted_embeddings(self, fixes_per_row: list[list]) -> Iterator[None]:
+        """While encoding, overwrite token-embedding rows at each fix's offset with the embedding's vectors.
+
+        A forward hook on the token-embedding layer, so gradients reach only the embedding vectors in training.
+        """
+        if not any(fixes_per_row):
+            yield
+            return
+
+        def replace(module, args, output):
+            rows = []
+            for row, fixes in zip(output, fixes_per_row):
+                for fix in fixes:
+                    vectors = fix.embedding.vectors.to(device=row.device, dtype=row.dtype)
+                    n = min(vectors.shape[0], row.shape[0] - fix.offset)
+                    row = torch.cat([row[: fix.offset], vectors[:n], row[fix.offset + n :]])
+                rows.append(row)
+            return torch.stack(rows)
+
+        layer = self.text_encoder.get_input_embeddings()
+        handle = layer.register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
