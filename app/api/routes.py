@@ -1,0 +1,174 @@
+"""`/sdapi/v1` routes with A1111's paths, payloads and response shapes; each calls a service and formats."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from app.api.imagecodec import decode_image, encode_png
+from app.api.models import PNGInfoRequest, ProgressResponse, ProgressState, Txt2ImgRequest, Txt2ImgResponse
+from app.errors import UserError
+from app.generation.infotext import parse_infotext, png_text_chunks
+from app.generation.samplers import SAMPLERS, SCHEDULES
+from app.generation.txt2img import Txt2ImgParams
+from app.services import Services
+from app.settings import parse_credentials
+
+# Request fields we accept but do not act on yet; a request that switches one on gets a note in `info`.
+_NOT_YET = {
+    "enable_hr": "hires fix",
+    "tiling": "tiling",
+    "restore_faces": "face restoration (not installed)",
+    "subseed_strength": "variation seeds",
+    "styles": "prompt styles",
+    "script_name": "scripts",
+}
+
+
+def _auth_dependency(credentials_text: str | None):
+    allowed = parse_credentials(credentials_text)
+    if not allowed:
+        return None
+    basic = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if credentials is not None:
+            for user, password in allowed:
+                if secrets.compare_digest(credentials.username.encode(), user.encode()) and secrets.compare_digest(
+                    credentials.password.encode(), password.encode()
+                ):
+                    return
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def params_from_request(req: Txt2ImgRequest) -> Txt2ImgParams:
+    notes = []
+    for field_name, label in _NOT_YET.items():
+        value = getattr(req, field_name, None)
+        if value:
+            notes.append(f"{field_name}: {label} is not supported yet; generated without it")
+    overrides = dict(req.override_settings or {})
+    clip_skip = overrides.pop("CLIP_stop_at_last_layers", None)
+    for key in overrides:
+        if key != "sd_model_checkpoint":
+            notes.append(f"override_settings.{key} is not supported; ignored")
+    return Txt2ImgParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        sampler_name=req.sampler_name or req.sampler_index or "Euler",
+        scheduler=req.scheduler or "Automatic",
+        steps=req.steps,
+        cfg_scale=req.cfg_scale,
+        width=req.width,
+        height=req.height,
+        seed=req.seed,
+        batch_size=req.batch_size,
+        n_iter=req.n_iter,
+        clip_skip=int(clip_skip) if clip_skip is not None else None,
+        save_images=req.save_images and not req.do_not_save_samples,
+        notes=notes,
+    )
+
+
+def register_api(app: FastAPI, services: Services) -> None:
+    """Mount `/sdapi/v1` on `app`, with HTTP Basic auth when `--api-auth` is set."""
+    auth = _auth_dependency(services.settings.api_auth)
+    router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(auth)] if auth else [])
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc), "error": type(exc).__name__})
+
+    @router.post("/txt2img", response_model=Txt2ImgResponse)
+    def txt2img(req: Txt2ImgRequest) -> Txt2ImgResponse:
+        params = params_from_request(req)
+        checkpoint = (req.override_settings or {}).get("sd_model_checkpoint")
+        if checkpoint:
+            services.select_checkpoint(str(checkpoint))
+        result = services.txt2img.generate(params)
+        images = [encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
+        return Txt2ImgResponse(images=images, parameters=req.model_dump(), info=result.info_json())
+
+    @router.get("/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False) -> ProgressResponse:
+        jobs = services.jobs
+        job = jobs.current
+        if job is None:
+            return ProgressResponse(progress=0, eta_relative=0, state=ProgressState(job_count=len(jobs.pending())),
+                                    textinfo=None)
+        p = job.progress
+        image = None
+        if not skip_current_image and p.preview is not None:
+            image = encode_png(p.preview())
+        state = ProgressState(
+            interrupted=job.interrupted, job=job.kind, job_count=p.job_count + len(jobs.pending()),
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
+            job_no=p.job_no, sampling_step=p.sampling_step, sampling_steps=p.sampling_steps,
+        )
+        return ProgressResponse(progress=p.fraction, eta_relative=job.eta_seconds() or 0.0, state=state,
+                                current_image=image, textinfo=p.text or None)
+
+    @router.post("/interrupt")
+    def interrupt() -> None:
+        services.jobs.interrupt()
+
+    @router.post("/skip")
+    def skip() -> None:
+        services.jobs.interrupt()
+
+    @router.get("/options")
+    def get_options() -> dict[str, Any]:
+        return services.options.as_dict()
+
+    @router.post("/options")
+    def set_options(values: dict[str, Any]) -> None:
+        services.set_options(values)
+
+    @router.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        s = services.settings
+        return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in vars(s).items()}
+
+    @router.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [
+            {"title": c.title, "model_name": c.model_name, "hash": c.short_hash, "sha256": c.sha256,
+             "filename": str(c.path), "config": None}
+            for c in services.models.checkpoints
+        ]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        services.models.refresh()
+
+    @router.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+
+    @router.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for label, name, _ in SCHEDULES]
+
+    @router.get("/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @router.post("/png-info")
+    def png_info(req: PNGInfoRequest) -> dict[str, Any]:
+        if not req.image:
+            raise UserError("Image not found: send the PNG as base64 in 'image'.")
+        image = decode_image(req.image)
+        chunks = png_text_chunks(image)
+        text = chunks.pop("parameters", "")
+        return {"info": text, "items": chunks, "parameters": parse_infotext(text) if text else {}}
+
+    app.include_router(router)

@@ -1,0 +1,66 @@
+"""Builds the app's services once, from Settings, and hands them to the UI and the API."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app.errors import UserError
+from app.generation.outputs import ImageSaver
+from app.generation.txt2img import Txt2ImgService
+from app.jobs import JobRunner
+from app.models.checkpoints import CheckpointInfo
+from app.models.manager import ModelManager
+from app.options import Options
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    options: Options
+    models: ModelManager
+    jobs: JobRunner
+    txt2img: Txt2ImgService
+
+    def select_checkpoint(self, query: str) -> CheckpointInfo:
+        """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
+        info = self.models.find(query)
+        job = self.jobs.submit("load checkpoint", lambda job: self.models.load(info), description=info.title)
+        loaded = job.wait()
+        self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
+        return loaded.info
+
+    def set_options(self, values: dict) -> None:
+        """Apply option changes; checkpoint and Clip skip are checked before anything is kept."""
+        values = dict(values)
+        if "CLIP_stop_at_last_layers" in values:
+            try:
+                clip_skip = int(values["CLIP_stop_at_last_layers"])
+            except (TypeError, ValueError):
+                raise UserError("CLIP_stop_at_last_layers must be an integer from 1 to 12.") from None
+            if not 1 <= clip_skip <= 12:
+                raise UserError("CLIP_stop_at_last_layers must be an integer from 1 to 12.")
+            values["CLIP_stop_at_last_layers"] = clip_skip
+        checkpoint = values.pop("sd_model_checkpoint", None)
+        if checkpoint:
+            self.models.find(str(checkpoint))  # refuse an unknown name before changing anything
+        if values:
+            self.options.update(values)
+        if checkpoint:
+            self.select_checkpoint(str(checkpoint))
+
+
+def build_services(settings: Settings) -> Services:
+    options = Options(settings.config_file)
+    models = ModelManager(settings)
+    jobs = JobRunner()
+    outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
+    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir))
+    services = Services(settings, options, models, jobs, txt2img)
+    info = models.initial_checkpoint(options["sd_model_checkpoint"])
+    models.load(info)
+    options.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})
+    return services

@@ -1,0 +1,1 @@
+"""Gradio tabs. Thin: read inputs, call a service, show the result; no torch here."""

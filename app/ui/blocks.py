@@ -1,0 +1,66 @@
+"""The page: quick settings on top (checkpoint, Clip skip), then the tabs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app.errors import UserError
+from app.services import Services
+from app.ui.pnginfo_tab import build_pnginfo_tab
+from app.ui.txt2img_tab import build_txt2img_tab
+
+CSS = """
+#generate_box button { min-height: 4.5em; }
+#tool_button { max-width: 3em; min-width: 3em !important; }
+.gen-error { color: #c0392b; font-weight: 600; }
+#progress_text { min-height: 1.5em; }
+"""
+
+
+def ui_theme() -> gr.themes.Base:
+    # System fonts only: the page must load completely with no internet access (no web fonts).
+    return gr.themes.Default(
+        font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+    )
+
+
+def build_ui(services: Services) -> gr.Blocks:
+    with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
+        with gr.Row(equal_height=True):
+            checkpoint = gr.Dropdown(
+                label="Stable Diffusion checkpoint",
+                choices=[c.title for c in services.models.checkpoints],
+                value=services.options["sd_model_checkpoint"],
+                elem_id="sd_model_checkpoint",
+                scale=4,
+            )
+            refresh = gr.Button("🔄", elem_id="refresh_checkpoints", scale=0, min_width=48)
+            clip_skip = gr.Slider(1, 12, step=1, value=int(services.options["CLIP_stop_at_last_layers"] or 1),
+                                  label="Clip skip", elem_id="clip_skip", scale=2)
+        status = gr.HTML(elem_id="quicksettings_status")
+
+        def on_checkpoint(title: str):
+            try:
+                info = services.select_checkpoint(title)
+            except UserError as e:
+                return gr.update(), f"<span class='gen-error'>{e}</span>"
+            return gr.update(value=info.title), f"Loaded {info.title}"
+
+        def on_refresh():
+            services.models.refresh()
+            return gr.update(choices=[c.title for c in services.models.checkpoints])
+
+        def on_clip_skip(value: float):
+            services.set_options({"CLIP_stop_at_last_layers": int(value)})
+
+        checkpoint.input(on_checkpoint, inputs=checkpoint, outputs=[checkpoint, status])
+        refresh.click(on_refresh, outputs=checkpoint)
+        clip_skip.release(on_clip_skip, inputs=clip_skip)
+
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                txt2img_fields = build_txt2img_tab(services)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                build_pnginfo_tab(txt2img_fields, tabs)
+    return demo
