@@ -22,6 +22,7 @@ def build_app(services: Services) -> FastAPI:
 
         blocks = build_ui(services)
         auth = parse_credentials(settings.gradio_auth) or None
-        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, theme=ui_theme(), css=CSS, ssr_mode=False,
-                                  footer_links=[])
+        app = gr.mount_gradio_app(
+            app, blocks, path="/", auth=auth, theme=ui_theme(), css=CSS, ssr_mode=False, footer_links=[]
+        )
     return app

@@ -28,9 +28,7 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "app" / "models" / "tokenizer
 def byte_symbols() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE, in CLIP's order."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = list(printable)
     extra = 0

@@ -43,8 +43,9 @@ def _auth_dependency(credentials_text: str | None):
                     credentials.password.encode(), password.encode()
                 ):
                     return
-        raise HTTPException(status_code=401, detail="Incorrect username or password",
-                            headers={"WWW-Authenticate": "Basic"})
+        raise HTTPException(
+            status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
+        )
 
     return check
 
@@ -94,7 +95,8 @@ def register_api(app: FastAPI, services: Services) -> None:
         if checkpoint:
             services.select_checkpoint(str(checkpoint))
         result = services.txt2img.generate(params)
-        images = [encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
+        pairs = zip(result.images, result.infotexts, strict=True)
+        images = [encode_png(im, text) for im, text in pairs] if req.send_images else []
         return Txt2ImgResponse(images=images, parameters=req.model_dump(), info=result.info_json())
 
     @router.get("/progress", response_model=ProgressResponse)
@@ -102,19 +104,29 @@ def register_api(app: FastAPI, services: Services) -> None:
         jobs = services.jobs
         job = jobs.current
         if job is None:
-            return ProgressResponse(progress=0, eta_relative=0, state=ProgressState(job_count=len(jobs.pending())),
-                                    textinfo=None)
+            return ProgressResponse(
+                progress=0, eta_relative=0, state=ProgressState(job_count=len(jobs.pending())), textinfo=None
+            )
         p = job.progress
         image = None
         if not skip_current_image and p.preview is not None:
             image = encode_png(p.preview())
         state = ProgressState(
-            interrupted=job.interrupted, job=job.kind, job_count=p.job_count + len(jobs.pending()),
+            interrupted=job.interrupted,
+            job=job.kind,
+            job_count=p.job_count + len(jobs.pending()),
             job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started_at or time.time())),
-            job_no=p.job_no, sampling_step=p.sampling_step, sampling_steps=p.sampling_steps,
+            job_no=p.job_no,
+            sampling_step=p.sampling_step,
+            sampling_steps=p.sampling_steps,
         )
-        return ProgressResponse(progress=p.fraction, eta_relative=job.eta_seconds() or 0.0, state=state,
-                                current_image=image, textinfo=p.text or None)
+        return ProgressResponse(
+            progress=p.fraction,
+            eta_relative=job.eta_seconds() or 0.0,
+            state=state,
+            current_image=image,
+            textinfo=p.text or None,
+        )
 
     @router.post("/interrupt")
     def interrupt() -> None:
@@ -140,8 +152,14 @@ def register_api(app: FastAPI, services: Services) -> None:
     @router.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
         return [
-            {"title": c.title, "model_name": c.model_name, "hash": c.short_hash, "sha256": c.sha256,
-             "filename": str(c.path), "config": None}
+            {
+                "title": c.title,
+                "model_name": c.model_name,
+                "hash": c.short_hash,
+                "sha256": c.sha256,
+                "filename": str(c.path),
+                "config": None,
+            }
             for c in services.models.checkpoints
         ]
 
@@ -155,8 +173,10 @@ def register_api(app: FastAPI, services: Services) -> None:
 
     @router.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for label, name, _ in SCHEDULES]
+        return [
+            {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for label, name, _ in SCHEDULES
+        ]
 
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:

@@ -168,8 +168,16 @@ class Txt2ImgService:
         cond = ScheduledConditioning(model.encoder, p.prompt, p.steps, clip_skip)
         uncond = ScheduledConditioning(model.encoder, p.negative_prompt, p.steps, clip_skip)
         result = Txt2ImgResult(
-            images=[], seeds=[], infotexts=[], paths=[], params=p, model_name=model.info.model_name,
-            model_hash=model.info.short_hash, clip_skip=clip_skip, sampler_name=sampler.name, schedule=schedule,
+            images=[],
+            seeds=[],
+            infotexts=[],
+            paths=[],
+            params=p,
+            model_name=model.info.model_name,
+            model_hash=model.info.short_hash,
+            clip_skip=clip_skip,
+            sampler_name=sampler.name,
+            schedule=schedule,
             job_timestamp=time.strftime("%Y%m%d%H%M%S"),
         )
         if job is not None:
@@ -183,7 +191,7 @@ class Txt2ImgService:
             latents = noise.to(model.device) * scheduler.init_noise_sigma
             current = {"latents": latents}
 
-            def on_step(step: int, total: int, lat: torch.Tensor, iteration=iteration) -> None:
+            def on_step(step: int, total: int, lat: torch.Tensor, iteration=iteration, current=current) -> None:
                 current["latents"] = lat
                 if job is not None:
                     pr = job.progress
@@ -194,13 +202,14 @@ class Txt2ImgService:
                     job.check_interrupt()
 
             try:
-                latents = sample(model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps,
-                                 generators, on_step)
+                latents = sample(
+                    model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps, generators, on_step
+                )
             except Interrupted:
                 latents = current["latents"]
                 result.interrupted = True
             images = decode(model.pipe.vae, latents)
-            for image_tensor, seed in zip(images, seeds):
+            for image_tensor, seed in zip(images, seeds, strict=False):
                 image = Image.fromarray((image_tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
                 infotext = self._infotext(p, model, seed, sampler.name, schedule, clip_skip)
                 result.images.append(image)
@@ -212,8 +221,9 @@ class Txt2ImgService:
                 break
         return result
 
-    def _infotext(self, p: Txt2ImgParams, model: LoadedModel, seed: int, sampler: str, schedule: str,
-                  clip_skip: int) -> str:
+    def _infotext(
+        self, p: Txt2ImgParams, model: LoadedModel, seed: int, sampler: str, schedule: str, clip_skip: int
+    ) -> str:
         params: dict[str, Any] = {
             "Steps": p.steps,
             "Sampler": sampler,

@@ -75,7 +75,7 @@ def chunk_prompt(
         chunk = PromptChunk()
         last_comma = -1
 
-    for tokens, (fragment, weight) in zip(token_lists, parsed):
+    for tokens, (fragment, weight) in zip(token_lists, parsed, strict=False):
         if fragment == "BREAK" and weight == BREAK_WEIGHT:
             close_chunk()
             continue

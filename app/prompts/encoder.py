@@ -39,9 +39,7 @@ class PromptEncoder:
         self.comma_backtrack = comma_backtrack
         vocab = tokenizer.get_vocab()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.ids = TokenIds(
-            start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, pad=pad, comma=vocab.get(",</w>")
-        )
+        self.ids = TokenIds(start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, pad=pad, comma=vocab.get(",</w>"))
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
@@ -92,7 +90,7 @@ class PromptEncoder:
 
         def replace(module, args, output):
             rows = []
-            for row, fixes in zip(output, fixes_per_row):
+            for row, fixes in zip(output, fixes_per_row, strict=False):
                 for fix in fixes:
                     vectors = fix.embedding.vectors.to(device=row.device, dtype=row.dtype)
                     n = min(vectors.shape[0], row.shape[0] - fix.offset)

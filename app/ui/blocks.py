@@ -36,8 +36,15 @@ def build_ui(services: Services) -> gr.Blocks:
                 scale=4,
             )
             refresh = gr.Button("🔄", elem_id="refresh_checkpoints", scale=0, min_width=48)
-            clip_skip = gr.Slider(1, 12, step=1, value=int(services.options["CLIP_stop_at_last_layers"] or 1),
-                                  label="Clip skip", elem_id="clip_skip", scale=2)
+            clip_skip = gr.Slider(
+                1,
+                12,
+                step=1,
+                value=int(services.options["CLIP_stop_at_last_layers"] or 1),
+                label="Clip skip",
+                elem_id="clip_skip",
+                scale=2,
+            )
         status = gr.HTML(elem_id="quicksettings_status")
 
         def on_checkpoint(title: str):

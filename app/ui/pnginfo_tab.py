@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from app.errors import UserError
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import find_sampler, find_schedule
-from app.errors import UserError
 
 
 def read_parameters(path: str | None) -> tuple[str, str]:
@@ -35,14 +36,17 @@ def fields_from_infotext(text: str) -> dict:
     """The txt2img field values an infotext asks for; fields it does not mention stay as they are."""
     params = parse_infotext(text)
     values: dict = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
-    numeric = {"steps": ("Steps", int), "cfg_scale": ("CFG scale", float), "seed": ("Seed", int),
-               "width": ("Size-1", int), "height": ("Size-2", int)}
+    numeric = {
+        "steps": ("Steps", int),
+        "cfg_scale": ("CFG scale", float),
+        "seed": ("Seed", int),
+        "width": ("Size-1", int),
+        "height": ("Size-2", int),
+    }
     for field, (key, kind) in numeric.items():
         if key in params:
-            try:
+            with contextlib.suppress(ValueError):
                 values[field] = kind(params[key])
-            except ValueError:
-                pass
     if "Sampler" in params:
         try:
             sampler, implied = find_sampler(params["Sampler"])
@@ -52,10 +56,8 @@ def fields_from_infotext(text: str) -> dict:
         except UserError:
             pass
     if "Schedule type" in params:
-        try:
+        with contextlib.suppress(UserError):
             values["schedule"] = find_schedule(params["Schedule type"])
-        except UserError:
-            pass
     return values
 
 

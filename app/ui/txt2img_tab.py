@@ -43,8 +43,9 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
     size = services.models.get().native_size
     with gr.Row():
         with gr.Column(scale=6):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt",
-                                placeholder="Prompt (press Ctrl+Enter to generate)")
+            prompt = gr.Textbox(
+                label="Prompt", lines=3, elem_id="txt2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)"
+            )
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
         with gr.Column(scale=1, elem_id="generate_box"):
             generate_btn = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
@@ -52,21 +53,24 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
-                sampler = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method",
-                                      elem_id="txt2img_sampling")
-                schedule = gr.Dropdown(schedule_labels(), value="Automatic", label="Schedule type",
-                                       elem_id="txt2img_scheduler")
+                sampler = gr.Dropdown(
+                    sampler_names(), value="DPM++ 2M", label="Sampling method", elem_id="txt2img_sampling"
+                )
+                schedule = gr.Dropdown(
+                    schedule_labels(), value="Automatic", label="Schedule type", elem_id="txt2img_scheduler"
+                )
             steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Sampling steps", elem_id="txt2img_steps")
             with gr.Row():
                 with gr.Column():
                     width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Width", elem_id="txt2img_width")
-                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height",
-                                       elem_id="txt2img_height")
+                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=8, label="Height", elem_id="txt2img_height")
                 with gr.Column():
-                    batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count",
-                                            elem_id="txt2img_batch_count")
-                    batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size",
-                                           elem_id="txt2img_batch_size")
+                    batch_count = gr.Slider(
+                        1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count"
+                    )
+                    batch_size = gr.Slider(
+                        1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size"
+                    )
             cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
             with gr.Row(equal_height=True):
                 seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed", scale=4)
@@ -74,30 +78,43 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
                 reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
         with gr.Column(scale=1):
             progress = gr.HTML(elem_id="progress_text")
-            preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview",
-                               height=256)
-            gallery = gr.Gallery(label="Output", elem_id="txt2img_gallery", columns=4, height="auto",
-                                 object_fit="contain", format="png")
+            preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview", height=256)
+            gallery = gr.Gallery(
+                label="Output", elem_id="txt2img_gallery", columns=4, height="auto", object_fit="contain", format="png"
+            )
             info = gr.HTML(elem_id="html_info_txt2img")
     last_seed = gr.State(-1)
 
     inputs = [prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch_count, batch_size]
 
-    def generate(prompt_text, negative_text, sampler_name, schedule_type, n_steps, cfg_scale, w, h, seed_value,
-                 n_iter, n_batch):
+    def generate(
+        prompt_text, negative_text, sampler_name, schedule_type, n_steps, cfg_scale, w, h, seed_value, n_iter, n_batch
+    ):
         started = time.time()
         params = Txt2ImgParams(
-            prompt=prompt_text or "", negative_prompt=negative_text or "", sampler_name=sampler_name,
-            scheduler=schedule_type, steps=int(n_steps), cfg_scale=float(cfg_scale), width=int(w), height=int(h),
-            seed=int(seed_value if seed_value is not None else -1), n_iter=int(n_iter), batch_size=int(n_batch),
+            prompt=prompt_text or "",
+            negative_prompt=negative_text or "",
+            sampler_name=sampler_name,
+            scheduler=schedule_type,
+            steps=int(n_steps),
+            cfg_scale=float(cfg_scale),
+            width=int(w),
+            height=int(h),
+            seed=int(seed_value if seed_value is not None else -1),
+            n_iter=int(n_iter),
+            batch_size=int(n_batch),
         )
         try:
             job = services.txt2img.submit(params)
         except UserError as e:
             yield {info: f"<p class='gen-error' id='generation_error'>{html.escape(str(e))}</p>", progress: ""}
             return
-        yield {generate_btn: gr.update(visible=False), interrupt_btn: gr.update(visible=True),
-               progress: progress_html(job, services.jobs.queue_position(job)), info: ""}
+        yield {
+            generate_btn: gr.update(visible=False),
+            interrupt_btn: gr.update(visible=True),
+            progress: progress_html(job, services.jobs.queue_position(job)),
+            info: "",
+        }
         shown_preview = 0
         while not job.finished:
             time.sleep(POLL_SECONDS)
@@ -107,8 +124,12 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
                 shown_preview = p.preview_id
                 update[preview] = gr.update(value=p.preview(), visible=True)
             yield update
-        done = {generate_btn: gr.update(visible=True), interrupt_btn: gr.update(visible=False), progress: "",
-                preview: gr.update(value=None, visible=False)}
+        done = {
+            generate_btn: gr.update(visible=True),
+            interrupt_btn: gr.update(visible=False),
+            progress: "",
+            preview: gr.update(value=None, visible=False),
+        }
         if job.error is not None:
             message = str(job.error) if isinstance(job.error, UserError) else f"Generation failed: {job.error}"
             done[info] = f"<p class='gen-error' id='generation_error'>{html.escape(message)}</p>"
@@ -131,5 +152,14 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
     random_seed.click(lambda: -1, outputs=seed, queue=False)
     reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
 
-    return {"prompt": prompt, "negative_prompt": negative, "sampler": sampler, "schedule": schedule,
-            "steps": steps, "cfg_scale": cfg, "width": width, "height": height, "seed": seed}
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "sampler": sampler,
+        "schedule": schedule,
+        "steps": steps,
+        "cfg_scale": cfg,
+        "width": width,
+        "height": height,
+        "seed": seed,
+    }
