@@ -23,6 +23,11 @@ from app.prompts.chunking import (
 )
 
 
+def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The text encoder's last LayerNorm (transformers 5 flattened `text_model` into the model itself)."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
 class PromptEncoder:
     """Encodes prompts for one CLIP text encoder (SD1: CLIP ViT-L; later also OpenCLIP and SDXL's pair)."""
 
@@ -76,7 +81,7 @@ class PromptEncoder:
             return self.text_encoder(input_ids=tokens).last_hidden_state
         out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
         layer = max(-len(out.hidden_states) + 1, -clip_skip)
-        return self.text_encoder.text_model.final_layer_norm(out.hidden_states[layer])
+        return final_layer_norm(self.text_encoder)(out.hidden_states[layer])
 
     @contextmanager
     def _substituted_embeddings(self, fixes_per_row: list[list]) -> Iterator[None]:
