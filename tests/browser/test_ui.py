@@ -1,0 +1,114 @@
+"""The real UI in chromium: generate, interrupt, PNG Info round trip, bad input, offline page."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.browser
+
+
+def open_ui(page, server):
+    page.goto(server.url + "/")
+    page.locator("#txt2img_generate").wait_for()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_generate_shows_image_and_info_and_saves_file(page, server):
+    open_ui(page, server)
+    page.locator("#txt2img_prompt textarea").fill("a red circle on a blue background")
+    page.locator("#txt2img_neg_prompt textarea").fill("blurry")
+    page.locator("#txt2img_seed input").fill("42")
+    page.locator("#txt2img_generate").click()
+    info = page.locator("#generation_info_text")
+    info.wait_for()
+    text = info.inner_text()
+    assert text.startswith("a red circle on a blue background\nNegative prompt: blurry\nSteps: 20, ")
+    assert "Seed: 42," in text and "Size: 64x64" in text
+    assert page.locator("#txt2img_gallery img").count() >= 1
+    saved = list((server.data_dir / "outputs" / "txt2img-images").rglob("*-42-a red circle on a blue background.png"))
+    assert saved, "the image was not saved under outputs/txt2img-images/<date>/"
+    (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "txt2img.png"), full_page=True)
+    # ♻️ puts the used seed back after 🎲 cleared it.
+    page.locator("#txt2img_random_seed").click()
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '-1'")
+    page.locator("#txt2img_reuse_seed").click()
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '42'")
+    assert page.external_requests == []
+
+
+def test_interrupt_button_stops_a_long_run(page, server):
+    open_ui(page, server)
+    page.locator("#txt2img_prompt textarea").fill("a long run")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_batch_count", 40)
+    page.locator("#txt2img_generate").click()
+    interrupt = page.locator("#txt2img_interrupt")
+    interrupt.wait_for(state="visible")
+    page.locator("#progress_bar").wait_for()
+    interrupt.click()
+    page.locator("#generation_info_text").wait_for(timeout=30000)
+    assert "Interrupted" in page.locator("#html_info_txt2img").inner_text()
+    page.locator("#txt2img_generate").wait_for(state="visible")
+    assert page.locator("#txt2img_gallery img").count() >= 1
+
+
+def test_too_long_prompt_shows_a_message(page, server):
+    open_ui(page, server)
+    page.locator("#txt2img_prompt textarea").fill("cat " * 6000)
+    page.locator("#txt2img_generate").click()
+    error = page.locator("#generation_error")
+    error.wait_for()
+    assert "Prompt is too long" in error.inner_text()
+    # The page still works afterwards.
+    page.locator("#txt2img_prompt textarea").fill("cat")
+    page.locator("#txt2img_generate").click()
+    page.locator("#generation_info_text").wait_for()
+
+
+def test_png_info_reads_parameters_and_sends_them_to_txt2img(page, server):
+    import requests
+
+    body = requests.post(
+        f"{server.url}/sdapi/v1/txt2img",
+        json=dict(
+            prompt="a (green:1.2) star",
+            negative_prompt="ugly",
+            seed=777,
+            steps=7,
+            width=72,
+            height=64,
+            sampler_name="DDIM",
+            cfg_scale=5.5,
+            save_images=True,
+        ),
+        timeout=60,
+    ).json()
+    assert body["images"]
+    saved = next((server.data_dir / "outputs" / "txt2img-images").rglob("*-777-a (green 1.2) star.png"))
+
+    open_ui(page, server)
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    params = page.locator("#pnginfo_generation_info textarea")
+    page.wait_for_function("document.querySelector('#pnginfo_generation_info textarea').value.includes('Seed: 777')")
+    assert params.input_value().startswith("a (green:1.2) star\nNegative prompt: ugly\n")
+    page.locator("#pnginfo_send_txt2img").click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a (green:1.2) star'")
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "ugly"
+    assert page.locator("#txt2img_seed input").input_value() == "777"
+    assert page.locator("#txt2img_steps input[type=number]").input_value() == "7"
+    assert page.locator("#txt2img_width input[type=number]").input_value() == "72"
+    assert re.search(
+        "DDIM", page.locator("#txt2img_sampling").inner_text() + page.locator("#txt2img_sampling input").input_value()
+    )
+    assert page.external_requests == []
