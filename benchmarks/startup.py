@@ -31,8 +31,12 @@ def free_port() -> int:
 def time_server(data_dir: Path) -> float:
     port = free_port()
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "webui.py"), "--port", str(port), "--data-dir",
-                             str(data_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "webui.py"), "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             if proc.poll() is not None:
@@ -50,9 +54,17 @@ def time_server(data_dir: Path) -> float:
 
 def time_imports() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, gradio; "
-                    "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, diffusers, transformers, gradio; "
+            "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from diffusers import StableDiffusionPipeline
 
-import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
-
-from app.generation.samplers import build_scheduler  # noqa: E402
-from app.generation.txt2img import Txt2ImgParams  # noqa: E402
-from app.logs import quiet_libraries  # noqa: E402
-from app.services import build_services  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from app.generation.samplers import build_scheduler
+from app.generation.txt2img import Txt2ImgParams
+from app.logs import quiet_libraries
+from app.services import build_services
+from app.settings import Settings
 
 
 def main() -> None:
@@ -43,15 +40,30 @@ def main() -> None:
         pipe = StableDiffusionPipeline(**{**model.pipe.components, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
         prompt, negative = "a red circle on a blue background", "blurry"
-        params = Txt2ImgParams(prompt=prompt, negative_prompt=negative, sampler_name=args.sampler,
-                               steps=args.steps, width=64, height=64, seed=1, save_images=False)
+        params = Txt2ImgParams(
+            prompt=prompt,
+            negative_prompt=negative,
+            sampler_name=args.sampler,
+            steps=args.steps,
+            width=64,
+            height=64,
+            seed=1,
+            save_images=False,
+        )
 
         def ours() -> None:
             services.txt2img.run(params)
 
         def bare() -> None:
-            pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=7.0, height=64,
-                 width=64, generator=torch.Generator("cpu").manual_seed(1))
+            pipe(
+                prompt,
+                negative_prompt=negative,
+                num_inference_steps=args.steps,
+                guidance_scale=7.0,
+                height=64,
+                width=64,
+                generator=torch.Generator("cpu").manual_seed(1),
+            )
 
         for fn in (ours, bare, ours, bare):  # warm-up
             fn()
@@ -62,8 +74,10 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - start)
         o, b = statistics.median(times["ours"]), statistics.median(times["bare"])
-        print(f"device: {model.device}, threads: {torch.get_num_threads()}, sampler: {args.sampler}, "
-              f"steps: {args.steps}, 64x64, repeats: {args.repeats}")
+        print(
+            f"device: {model.device}, threads: {torch.get_num_threads()}, sampler: {args.sampler}, "
+            f"steps: {args.steps}, 64x64, repeats: {args.repeats}"
+        )
         print(f"bare diffusers pipeline (baseline): median {b * 1000:.1f} ms")
         print(f"our txt2img service:                median {o * 1000:.1f} ms")
         print(f"ratio ours/baseline: {o / b:.3f}  (overhead {100 * (o / b - 1):+.1f}%)")
