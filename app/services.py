@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from app.embeddings.database import EmbeddingDatabase
+from app.embeddings.service import EmbeddingService
 from app.errors import UserError
 from app.generation.outputs import ImageSaver
 from app.generation.txt2img import Txt2ImgService
@@ -24,6 +26,7 @@ class Services:
     models: ModelManager
     jobs: JobRunner
     txt2img: Txt2ImgService
+    embeddings: EmbeddingService
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -56,10 +59,13 @@ class Services:
 def build_services(settings: Settings) -> Services:
     options = Options(settings.config_file)
     models = ModelManager(settings)
+    embedding_db = EmbeddingDatabase(settings.embeddings_dir)
+    models.embedding_finder = embedding_db.find_embedding
+    models.on_load(lambda model: embedding_db.set_model(model.pipe.tokenizer, model.text_width))
     jobs = JobRunner()
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
-    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir))
-    services = Services(settings, options, models, jobs, txt2img)
+    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db)
+    services = Services(settings, options, models, jobs, txt2img, EmbeddingService(embedding_db, models))
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
     options.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})

@@ -69,6 +69,15 @@ class Txt2ImgRequest(BaseModel):
     infotext: str | None = None
 
 
+class CreateEmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    num_vectors_per_token: int = 1
+    overwrite_old: bool = False
+    init_text: str = "*"
+
+
 class PNGInfoRequest(BaseModel):
     image: str
 

@@ -11,7 +11,14 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from app.api.imagecodec import decode_image, encode_png
-from app.api.models import PNGInfoRequest, ProgressResponse, ProgressState, Txt2ImgRequest, Txt2ImgResponse
+from app.api.models import (
+    CreateEmbeddingRequest,
+    PNGInfoRequest,
+    ProgressResponse,
+    ProgressState,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+)
 from app.errors import UserError
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
@@ -190,5 +197,24 @@ def register_api(app: FastAPI, services: Services) -> None:
         chunks = png_text_chunks(image)
         text = chunks.pop("parameters", "")
         return {"info": text, "items": chunks, "parameters": parse_infotext(text) if text else {}}
+
+    @router.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return services.embeddings.listing()
+
+    @router.post("/refresh-embeddings")
+    def refresh_embeddings() -> None:
+        services.embeddings.refresh()
+
+    @router.post("/create/embedding")
+    def create_embedding(req: CreateEmbeddingRequest) -> Any:
+        try:
+            path = services.embeddings.create(req.name, req.num_vectors_per_token, req.init_text, req.overwrite_old)
+        except UserError as e:
+            # A1111 clients read `info`; we also answer 4xx with `detail` like every other error.
+            return JSONResponse(
+                status_code=e.status_code, content={"detail": str(e), "info": f"create embedding error: {e}"}
+            )
+        return {"info": f"create embedding filename: {path}"}
 
     app.include_router(router)

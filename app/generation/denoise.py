@@ -28,6 +28,15 @@ class ScheduledConditioning:
     def texts(self) -> list[str]:
         return [entry.text for entry in self.schedule]
 
+    def embeddings_used(self) -> list:
+        """Every embedding any step's text uses, in order of first use."""
+        seen: dict[str, object] = {}
+        for text in self.texts():
+            for chunk in self.encoder.chunks(text)[0]:
+                for fix in chunk.fixes:
+                    seen.setdefault(fix.embedding.name, fix.embedding)
+        return list(seen.values())
+
     def at(self, step_index: int) -> torch.Tensor:
         text = text_at_step(self.schedule, step_index)
         if text not in self._cache:

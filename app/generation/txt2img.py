@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
 from app import __version__
+from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
 from app.generation.denoise import ScheduledConditioning, decode, sample
 from app.generation.infotext import build_infotext
@@ -114,11 +115,19 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 
 class Txt2ImgService:
-    def __init__(self, models: ModelManager, options: Options, jobs: JobRunner, saver: ImageSaver):
+    def __init__(
+        self,
+        models: ModelManager,
+        options: Options,
+        jobs: JobRunner,
+        saver: ImageSaver,
+        embeddings: EmbeddingDatabase | None = None,
+    ):
         self.models = models
         self.options = options
         self.jobs = jobs
         self.saver = saver
+        self.embeddings = embeddings
 
     # -- validation ------------------------------------------------------------------------------------------------
     def validate(self, p: Txt2ImgParams) -> None:
@@ -135,6 +144,8 @@ class Txt2ImgService:
             _check_range("Clip skip", p.clip_skip, 1, 12)
         find_sampler(p.sampler_name)
         find_schedule(p.scheduler)
+        if self.embeddings is not None:
+            self.embeddings.refresh_if_changed()
         encoder = self.models.get().encoder
         for label, text in (("Prompt", p.prompt), ("Negative prompt", p.negative_prompt)):
             tokens = encoder.token_count(text)
@@ -159,6 +170,8 @@ class Txt2ImgService:
             return self._run_locked(model, p, job)
 
     def _run_locked(self, model: LoadedModel, p: Txt2ImgParams, job: Job | None) -> Txt2ImgResult:
+        if self.embeddings is not None:
+            self.embeddings.refresh_if_changed()  # files dropped in since the request was queued
         sampler, implied_schedule = find_sampler(p.sampler_name)
         schedule = effective_schedule(sampler, implied_schedule or p.scheduler)
         clip_skip = int(p.clip_skip or self.options["CLIP_stop_at_last_layers"] or 1)
@@ -167,6 +180,8 @@ class Txt2ImgService:
         shape = (model.pipe.unet.config.in_channels, p.height // f, p.width // f)
         cond = ScheduledConditioning(model.encoder, p.prompt, p.steps, clip_skip)
         uncond = ScheduledConditioning(model.encoder, p.negative_prompt, p.steps, clip_skip)
+        used = {e.name: e for e in cond.embeddings_used() + uncond.embeddings_used()}
+        ti_hashes = ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None
         result = Txt2ImgResult(
             images=[],
             seeds=[],
@@ -211,7 +226,7 @@ class Txt2ImgService:
             images = decode(model.pipe.vae, latents)
             for image_tensor, seed in zip(images, seeds, strict=False):
                 image = Image.fromarray((image_tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-                infotext = self._infotext(p, model, seed, sampler.name, schedule, clip_skip)
+                infotext = self._infotext(p, model, seed, sampler.name, schedule, clip_skip, ti_hashes)
                 result.images.append(image)
                 result.seeds.append(seed)
                 result.infotexts.append(infotext)
@@ -222,7 +237,14 @@ class Txt2ImgService:
         return result
 
     def _infotext(
-        self, p: Txt2ImgParams, model: LoadedModel, seed: int, sampler: str, schedule: str, clip_skip: int
+        self,
+        p: Txt2ImgParams,
+        model: LoadedModel,
+        seed: int,
+        sampler: str,
+        schedule: str,
+        clip_skip: int,
+        ti_hashes: str | None = None,
     ) -> str:
         params: dict[str, Any] = {
             "Steps": p.steps,
@@ -235,10 +257,7 @@ class Txt2ImgService:
             "Model": model.info.model_name,
             "Clip skip": clip_skip if clip_skip > 1 else None,
             "RNG": "CPU",
+            "TI hashes": ti_hashes,
             "Version": f"sdp-{__version__}",
         }
         return build_infotext(p.prompt, p.negative_prompt, params)
-
-
-def params_dict(p: Txt2ImgParams) -> dict[str, Any]:
-    return asdict(p)

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class ModelManager:
         self.device = choose_device(settings)
         self.dtype, self.vae_dtype = choose_dtypes(settings, self.device)
         self.embedding_finder: EmbeddingFinder | None = None
+        self._load_listeners: list[Callable[[LoadedModel], None]] = []
         self._loaded: LoadedModel | None = None
         self._checkpoints: list[CheckpointInfo] = []
         self.refresh()
@@ -111,6 +113,12 @@ class ModelManager:
         return self._checkpoints[0]
 
     # -- loading ---------------------------------------------------------------------------------------------------
+    def on_load(self, listener: Callable[[LoadedModel], None]) -> None:
+        """Call `listener(model)` after every load (e.g. embeddings re-filter for the new model's width)."""
+        self._load_listeners.append(listener)
+        if self._loaded is not None:
+            listener(self._loaded)
+
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
@@ -134,6 +142,8 @@ class ModelManager:
             encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
             self._loaded = LoadedModel(info, pipe, self.device, self.dtype, self.vae_dtype, encoder)
             log.info("Loaded %s on %s (%s)", info.title, self.device, self.dtype)
+            for listener in self._load_listeners:
+                listener(self._loaded)
             return self._loaded
 
     def unload(self) -> None:

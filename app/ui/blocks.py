@@ -7,6 +7,7 @@ import gradio as gr
 from app.errors import UserError
 from app.services import Services
 from app.ui.pnginfo_tab import build_pnginfo_tab
+from app.ui.textual_inversion_tab import build_textual_inversion_tab
 from app.ui.txt2img_tab import build_txt2img_tab
 
 CSS = """
@@ -67,7 +68,17 @@ def build_ui(services: Services) -> gr.Blocks:
 
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                txt2img_fields = build_txt2img_tab(services)
+                txt2img_fields, embedding_list = build_txt2img_tab(services)
+            with gr.Tab("Textual Inversion", id="textual_inversion"), gr.Tabs():
+                build_textual_inversion_tab(services, embedding_list)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
+
+        # The page is built once; what changed since (new files, a model picked through the API) shows on load.
+        def on_page_load():
+            current = services.options["sd_model_checkpoint"]
+            choices = [c.title for c in services.models.checkpoints]
+            return [gr.update(choices=choices, value=current), *embedding_list.refreshed(False)]
+
+        demo.load(on_page_load, outputs=[checkpoint, *embedding_list.outputs])
     return demo

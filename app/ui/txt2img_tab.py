@@ -12,6 +12,7 @@ from app.generation.samplers import sampler_names, schedule_labels
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MAX_STEPS, MIN_SIZE, Txt2ImgParams
 from app.jobs import Job
 from app.services import Services
+from app.ui.extra_networks import EmbeddingList
 
 POLL_SECONDS = 0.25
 
@@ -39,7 +40,7 @@ def info_html(infotext: str, seconds: float, notes: list[str], interrupted: bool
     return "".join(lines)
 
 
-def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
+def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Component], EmbeddingList]:
     size = services.models.get().native_size
     with gr.Row():
         with gr.Column(scale=6):
@@ -83,6 +84,7 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
                 label="Output", elem_id="txt2img_gallery", columns=4, height="auto", object_fit="contain", format="png"
             )
             info = gr.HTML(elem_id="html_info_txt2img")
+    embedding_list = EmbeddingList(services.embeddings, prompt)
     last_seed = gr.State(-1)
 
     inputs = [prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch_count, batch_size]
@@ -152,7 +154,7 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
     random_seed.click(lambda: -1, outputs=seed, queue=False)
     reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
 
-    return {
+    fields = {
         "prompt": prompt,
         "negative_prompt": negative,
         "sampler": sampler,
@@ -163,3 +165,4 @@ def build_txt2img_tab(services: Services) -> dict[str, gr.components.Component]:
         "height": height,
         "seed": seed,
     }
+    return fields, embedding_list

@@ -1,0 +1,1 @@
+"""Textual Inversion embeddings: file formats, the database (hot reload), creating and saving."""

@@ -1,0 +1,105 @@
+"""Embedding operations the UI and the API call: list, refresh, create."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.embeddings.database import EmbeddingDatabase
+from app.embeddings.writer import a1111_dict, save_pt
+from app.errors import UserError
+from app.models.manager import ModelManager
+
+MAX_VECTORS = 75
+
+
+def clean_name(name: str) -> str:
+    """A1111's filter: letters, digits and `._- ` only."""
+    return "".join(c for c in (name or "") if c.isalnum() or c in "._- ").strip()
+
+
+def initial_vectors(tokenizer, token_embedding: torch.nn.Embedding, init_text: str, count: int) -> torch.Tensor:
+    """The init text's token embeddings spread over `count` rows, as A1111: row i = token[i * ntok // count]."""
+    width = token_embedding.weight.shape[1]
+    vectors = torch.zeros(count, width, dtype=torch.float32)
+    ids = tokenizer(init_text or "", add_special_tokens=False)["input_ids"] if init_text else []
+    if ids:
+        with torch.no_grad():
+            embedded = token_embedding.weight[torch.tensor(ids, device=token_embedding.weight.device)].float().cpu()
+        for i in range(count):
+            vectors[i] = embedded[i * len(ids) // count]
+    return vectors
+
+
+class EmbeddingService:
+    def __init__(self, db: EmbeddingDatabase, models: ModelManager):
+        self.db = db
+        self.models = models
+
+    def refresh(self) -> None:
+        self.db.refresh()
+
+    def names(self) -> list[str]:
+        self.db.refresh_if_changed()
+        return sorted(self.db.loaded, key=str.lower)
+
+    def listing(self) -> dict[str, Any]:
+        """`GET /sdapi/v1/embeddings`: A1111's shape, plus `path` and, for skipped files, `reason`."""
+        self.db.refresh_if_changed()
+
+        def entry(e) -> dict[str, Any]:
+            return {
+                "step": e.step,
+                "sd_checkpoint": e.sd_checkpoint,
+                "sd_checkpoint_name": e.sd_checkpoint_name,
+                "shape": e.shape,
+                "vectors": e.count if hasattr(e, "count") else e.vectors,
+                "path": str(e.path),
+            }
+
+        loaded = {name: entry(e) for name, e in sorted(self.db.loaded.items())}
+        skipped = {
+            name: {
+                "step": s.step,
+                "sd_checkpoint": s.sd_checkpoint,
+                "sd_checkpoint_name": s.sd_checkpoint_name,
+                "shape": s.shape,
+                "vectors": s.vectors,
+                "path": str(s.path),
+                "reason": s.reason,
+            }
+            for name, s in sorted(self.db.skipped.items())
+        }
+        return {"loaded": loaded, "skipped": skipped}
+
+    def create(self, name: str, num_vectors: int = 1, init_text: str = "*", overwrite: bool = False) -> Path:
+        """Write `embeddings/<name>.pt` (A1111 layout, step 0) initialised from `init_text`."""
+        cleaned = clean_name(name)
+        if not cleaned:
+            raise UserError(f"Embedding name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.")
+        try:
+            count = int(num_vectors)
+        except (TypeError, ValueError):
+            raise UserError(f"Number of vectors per token must be a whole number, got {num_vectors!r}.") from None
+        if not 1 <= count <= MAX_VECTORS:
+            raise UserError(f"Number of vectors per token must be between 1 and {MAX_VECTORS}, got {count}.")
+        path = self.db.folder / f"{cleaned}.pt"
+        self.db.refresh_if_changed()
+        other = self.db.get(cleaned) or self.db.skipped.get(cleaned)
+        if other is not None and other.path.resolve() != path.resolve():
+            raise UserError(
+                f"An embedding named '{cleaned}' already exists in {other.path}; remove it or pick another name."
+            )
+        if path.exists() and not overwrite:
+            raise UserError(
+                f"Embedding '{cleaned}' already exists ({path}); tick 'Overwrite Old Embedding' to replace it."
+            )
+        model = self.models.get()
+        vectors = initial_vectors(
+            model.pipe.tokenizer, model.pipe.text_encoder.get_input_embeddings(), init_text, count
+        )
+        save_pt(path, a1111_dict(cleaned, vectors, 0, None, None))
+        self.db.refresh_if_changed()
+        return path

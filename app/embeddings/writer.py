@@ -1,0 +1,49 @@
+"""Writing embeddings in A1111's layouts (`.pt`, `.safetensors` with `emb_params`, PNG chunk), atomically."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
+
+from app.embeddings.formats import PNG_CHUNK, encode_tensors
+from app.fileio import atomic_write
+
+# The placeholder token A1111 writes; 265 is the id of '*' in CLIP's vocabulary.
+PLACEHOLDER = "*"
+PLACEHOLDER_ID = 265
+
+
+def a1111_dict(
+    name: str, vectors: torch.Tensor, step: int | None, sd_checkpoint: str | None, sd_checkpoint_name: str | None
+) -> dict:
+    return {
+        "string_to_token": {PLACEHOLDER: PLACEHOLDER_ID},
+        "string_to_param": {PLACEHOLDER: vectors.detach().cpu().float().contiguous()},
+        "name": name,
+        "step": step,
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    }
+
+
+def save_pt(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def save_safetensors(path: Path, vectors: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+    tensor = vectors.detach().cpu().float().contiguous()
+    atomic_write(path, lambda tmp: save_file({"emb_params": tensor}, str(tmp), metadata=metadata))
+
+
+def save_png(path: Path, image: Image.Image, data: dict, infotext: str | None = None) -> None:
+    """An image carrying the embedding in its `sd-ti-embedding` text chunk (uncompressed base64 JSON)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_CHUNK, base64.b64encode(json.dumps(encode_tensors(data)).encode()).decode("ascii"))
+    if infotext:
+        info.add_text("parameters", infotext)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
