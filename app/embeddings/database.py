@@ -102,7 +102,14 @@ class EmbeddingDatabase:
     def set_model(self, tokenizer, width: int) -> None:
         """Re-filter for a newly loaded model: its tokenizer splits names, its width decides what fits."""
         with self._lock:
-            self._tokenize = lambda text: tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+            cache: dict[str, tuple[int, ...]] = {}
+
+            def tokenize(text: str) -> tuple[int, ...]:
+                if text not in cache:
+                    cache[text] = tuple(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+                return cache[text]
+
+            self._tokenize = tokenize
             self._width = width
             self._signature = None
             self.refresh_if_changed()
@@ -188,7 +195,7 @@ class EmbeddingDatabase:
         index: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
         if self._tokenize is not None:
             for embedding in self.loaded.values():
-                ids = tuple(self._tokenize(embedding.name))
+                ids = self._tokenize(embedding.name)
                 index.setdefault(ids[0], []).append((ids, embedding))
             for candidates in index.values():
                 candidates.sort(key=lambda item: len(item[0]), reverse=True)

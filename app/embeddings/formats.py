@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,17 @@ def _load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals([torch.nn.ParameterDict]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Unsupported global" in text:
+            what = f" ({found.group(1)})" if found else ""
             raise EmbeddingFileError(
-                "refused: the file holds Python objects other than tensors, which could run code when loaded; "
-                "only plain tensor files are accepted"
+                f"refused: the file holds Python objects other than tensors{what}, which could run code when "
+                "loaded; only plain tensor files are accepted"
             ) from None
-        raise EmbeddingFileError(f"not a readable torch file ({_first_line(e)})") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        reason = detail.group(1).strip() if detail else _first_line(e)
+        raise EmbeddingFileError(f"not a readable torch file, perhaps truncated or corrupt ({reason})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
         raise EmbeddingFileError(f"not a readable torch file, perhaps truncated ({_first_line(e)})") from None
 

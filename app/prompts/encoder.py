@@ -94,14 +94,13 @@ class PromptEncoder:
             return
 
         def replace(module, args, output):
-            rows = []
-            for row, fixes in zip(output, fixes_per_row, strict=False):
+            output = output.clone()  # one copy, then rows written in place (autograd tracks the writes)
+            for row, fixes in enumerate(fixes_per_row):
                 for fix in fixes:
-                    vectors = fix.embedding.vectors.to(device=row.device, dtype=row.dtype)
-                    n = min(vectors.shape[0], row.shape[0] - fix.offset)
-                    row = torch.cat([row[: fix.offset], vectors[:n], row[fix.offset + n :]])
-                rows.append(row)
-            return torch.stack(rows)
+                    n = min(fix.embedding.vectors.shape[0], output.shape[1] - fix.offset)
+                    vectors = fix.embedding.vectors[:n].to(device=output.device, dtype=output.dtype)
+                    output[row, fix.offset : fix.offset + n] = vectors
+            return output
 
         layer = self.text_encoder.get_input_embeddings()
         handle = layer.register_forward_hook(replace)

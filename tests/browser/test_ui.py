@@ -112,3 +112,21 @@ def test_png_info_reads_parameters_and_sends_them_to_txt2img(page, server):
         "DDIM", page.locator("#txt2img_sampling").inner_text() + page.locator("#txt2img_sampling input").input_value()
     )
     assert page.external_requests == []
+
+
+def test_create_embedding_in_the_tab_then_click_its_card(page, server):
+    open_ui(page, server)
+    page.get_by_role("tab", name="Textual Inversion").click()
+    page.locator("#train_embedding_name textarea, #train_embedding_name input").first.fill("uiemb")
+    page.locator("#train_initialization_text textarea, #train_initialization_text input").first.fill("red circle")
+    page.locator("#train_create_embedding").click()
+    assert "uiemb.pt" in page.locator("#ti_create_ok").inner_text()
+    # The same name again without overwrite: refused, with the reason on the page.
+    page.locator("#train_create_embedding").click()
+    assert "already exists" in page.locator("#ti_create_error").inner_text()
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a photo of")
+    page.locator("#ti_cards").get_by_text("uiemb", exact=True).click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a photo of uiemb'")
+    page.locator("#txt2img_generate").click()
+    assert 'TI hashes: "uiemb: ' in page.locator("#generation_info_text").inner_text()
