@@ -33,6 +33,8 @@ class Progress:
     text: str = ""
     preview: Callable[[], Any] | None = None  # builds a PIL preview on demand, so nobody pays unless polled
     preview_id: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for live plots
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:

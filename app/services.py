@@ -15,6 +15,7 @@ from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
 from app.options import Options
 from app.settings import Settings
+from app.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class Services:
     jobs: JobRunner
     txt2img: Txt2ImgService
     embeddings: EmbeddingService
+    training: TrainingService
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -65,7 +67,8 @@ def build_services(settings: Settings) -> Services:
     jobs = JobRunner()
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
     txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db)
-    services = Services(settings, options, models, jobs, txt2img, EmbeddingService(embedding_db, models))
+    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img)
+    services = Services(settings, options, models, jobs, txt2img, EmbeddingService(embedding_db, models), training)
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
     options.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".pt", ".bin")
@@ -66,7 +66,12 @@ def read_embedding_file(path: Path) -> EmbeddingData:
         default_name = path.stem
     elif suffix == ".safetensors":
         try:
-            data = load_file(str(path))
+            data: dict[str, Any] = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):  # what our trainer writes there
+                if key in metadata and key not in data:
+                    data[key] = metadata[key]
         except (SafetensorError, OSError, ValueError) as e:
             raise EmbeddingFileError(f"not a readable safetensors file ({e})") from None
         default_name = path.stem

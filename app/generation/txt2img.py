@@ -23,6 +23,7 @@ from app.jobs import Interrupted, Job, JobRunner
 from app.models.manager import LoadedModel, ModelManager
 from app.options import Options
 from app.prompts.chunking import CHUNK_LENGTH
+from app.prompts.encoder import PromptEncoder
 
 MAX_PROMPT_CHUNKS = 64  # 4800 tokens: far beyond any real prompt, short of tying the job thread up for minutes
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -167,9 +168,13 @@ class Txt2ImgService:
     def run(self, p: Txt2ImgParams, job: Job | None = None) -> Txt2ImgResult:
         with self.models.lock:
             model = self.models.get()
-            return self._run_locked(model, p, job)
+            return self.run_on_model(model, p, job)
 
-    def _run_locked(self, model: LoadedModel, p: Txt2ImgParams, job: Job | None) -> Txt2ImgResult:
+    def run_on_model(
+        self, model: LoadedModel, p: Txt2ImgParams, job: Job | None = None, encoder: PromptEncoder | None = None
+    ) -> Txt2ImgResult:
+        """Generate with `model` (the caller holds the model lock); `encoder` overrides the model's prompt encoder
+        (training previews use the embedding being trained)."""
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()  # files dropped in since the request was queued
         sampler, implied_schedule = find_sampler(p.sampler_name)
@@ -178,8 +183,9 @@ class Txt2ImgService:
         base_seed = resolve_seed(p.seed)
         f = model.vae_scale_factor
         shape = (model.pipe.unet.config.in_channels, p.height // f, p.width // f)
-        cond = ScheduledConditioning(model.encoder, p.prompt, p.steps, clip_skip)
-        uncond = ScheduledConditioning(model.encoder, p.negative_prompt, p.steps, clip_skip)
+        encoder = encoder or model.encoder
+        cond = ScheduledConditioning(encoder, p.prompt, p.steps, clip_skip)
+        uncond = ScheduledConditioning(encoder, p.negative_prompt, p.steps, clip_skip)
         used = {e.name: e for e in cond.embeddings_used() + uncond.embeddings_used()}
         ti_hashes = ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None
         result = Txt2ImgResult(

@@ -71,6 +71,10 @@ class PromptEncoder:
         tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
         with self._substituted_embeddings([c.fixes for c in chunks]):
             z = self._hidden_states(tokens, clip_skip)
+        if all(m == 1.0 for c in chunks for m in c.multipliers):
+            # The rescale below is the identity then; skipping it also keeps its 1/mean out of the gradient
+            # (a mean near zero would blow gradients up in training).
+            return z
         weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=device)
         original_mean = z.mean()
         z = z * weights.unsqueeze(-1)

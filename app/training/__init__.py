@@ -1,0 +1,1 @@
+"""One training engine for embeddings and hypernetworks: dataset, LR schedule, loop, checkpoints, previews."""

@@ -1,0 +1,63 @@
+"""Optimizer checkpoints (`<name>.optim` beside the trained file): resume exactly, or not at all.
+
+The file holds the AdamW state, the step, the run's seed and a hash of the trained tensors at that step. A file
+whose hash does not match the tensors it sits beside (an older run, a file copied from elsewhere) is ignored with
+a warning, never applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def tensors_hash(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_optim(
+    path: Path, optimizer: torch.optim.Optimizer, step: int, seed: int, tensors_digest: str, kind: str
+) -> None:
+    data = {
+        "hash": tensors_digest,
+        "optimizer_state_dict": optimizer.state_dict(),
+        "step": step,
+        "seed": seed,
+        "kind": kind,
+    }
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def load_optim(path: Path, expected_hash: str, kind: str) -> dict[str, Any] | None:
+    """The stored state if it belongs to these tensors, else None (with a warning saying why)."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        log.warning("Ignoring unreadable optimizer state %s: %s", path, str(e).splitlines()[0][:200])
+        return None
+    if not isinstance(data, dict) or data.get("kind", kind) != kind or "optimizer_state_dict" not in data:
+        log.warning("Ignoring %s: it is not a %s optimizer state", path, kind)
+        return None
+    if data.get("hash") != expected_hash:
+        log.warning(
+            "Ignoring %s: it belongs to other weights (hash %s, expected %s); starting a fresh optimizer",
+            path,
+            data.get("hash"),
+            expected_hash,
+        )
+        return None
+    return data

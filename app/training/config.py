@@ -1,0 +1,47 @@
+"""The settings of one training run, with A1111's field names and defaults (UI and API share them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LATENT_SAMPLING = ("once", "deterministic", "random")
+CLIP_GRAD_MODES = ("disabled", "value", "norm")
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # the embedding or hypernetwork being trained
+    learn_rate: str = "0.005"
+    batch_size: int = 1
+    gradient_step: int = 1
+    data_root: str = ""
+    log_directory: str = "log"
+    template_filename: str = "style_filewords.txt"
+    training_width: int = 512
+    training_height: int = 512
+    varsize: bool = False
+    steps: int = 100000
+    clip_grad_mode: str = "disabled"
+    clip_grad_value: str = "0.1"
+    shuffle_tags: bool = False
+    tag_drop_out: float = 0.0
+    latent_sampling_method: str = "once"
+    use_weight: bool = False
+    create_image_every: int = 500
+    save_every: int = 500  # save_embedding_every / save_hypernetwork_every
+    save_image_with_stored_embedding: bool = True
+    preview_from_txt2img: bool = False
+    preview_prompt: str = ""
+    preview_negative_prompt: str = ""
+    preview_steps: int = 20
+    preview_sampler_name: str = "Euler a"
+    preview_cfg_scale: float = 7.0
+    preview_seed: int = -1
+    preview_width: int = 512
+    preview_height: int = 512
+    seed: int | None = None  # data order, noise and timesteps; None = keep the run's stored seed (or 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,114 @@
+"""Training images: loading any image the user has, captions, and the per-image template choice."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import UserError
+from app.training.templates import fill
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_LEADING_NUMBER = re.compile(r"^[-\d]+\s*")
+
+
+@dataclass
+class TrainingImage:
+    path: Path
+    image: Image.Image  # RGB, the training size (or its own size rounded to 8 with "do not resize")
+    filewords: str
+    template: str  # the template line picked for this image when the dataset was built
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB: EXIF rotation applied, transparency over white, 16-bit and float scaled to 8-bit."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Center-crop to the target aspect ratio, then resize (no distortion)."""
+    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def round_to_8(image: Image.Image) -> Image.Image:
+    w, h = image.width - image.width % 8, image.height - image.height % 8
+    if w < 8 or h < 8:
+        raise ValueError(f"{image.width}x{image.height} is too small")
+    return ImageOps.fit(image, (w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image
+
+
+def caption_for(path: Path) -> str:
+    """The `<stem>.txt` beside the image, else the file name without a leading number (A1111)."""
+    text_file = path.with_suffix(".txt")
+    if text_file.is_file():
+        return text_file.read_text(encoding="utf-8").strip()
+    return _LEADING_NUMBER.sub("", path.stem)
+
+
+def load_dataset(
+    folder: str | Path,
+    width: int,
+    height: int,
+    templates: list[str],
+    seed: int,
+    varsize: bool = False,
+) -> tuple[list[TrainingImage], list[str]]:
+    """All usable images in `folder` (sorted), and a warning line per file that could not be used."""
+    root = Path(folder) if folder else None
+    if root is None or not str(folder).strip():
+        raise UserError("Dataset directory is empty: give the folder that holds your training images.")
+    if not root.is_dir():
+        raise UserError(f"Dataset directory {root} does not exist or is not a folder.")
+    rng = random.Random(seed)
+    images: list[TrainingImage] = []
+    problems: list[str] = []
+    for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as raw:
+                raw.load()
+                rgb = to_rgb(raw)
+            rgb = round_to_8(rgb) if varsize else fit(rgb, width, height)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            problems.append(f"{path.name}: {e}")
+            continue
+        images.append(TrainingImage(path, rgb, caption_for(path), rng.choice(templates)))
+    for problem in problems:
+        log.warning("Skipped training image %s", problem)
+    if not images:
+        detail = f" ({len(problems)} unreadable: {'; '.join(problems[:5])})" if problems else ""
+        raise UserError(
+            f"Dataset directory {root} has no usable images{detail}. Supported: {', '.join(IMAGE_SUFFIXES)}."
+        )
+    return images, problems
+
+
+def prompt_for(
+    item: TrainingImage, name: str, templates: list[str], rng: random.Random, shuffle_tags: bool, tag_drop_out: float
+) -> str:
+    """The training prompt of one sample. With shuffle/drop-out a line and the tags are drawn per sample (A1111)."""
+    if not shuffle_tags and not tag_drop_out:
+        return fill(item.template, name, item.filewords)
+    tags = item.filewords.split(",")
+    if tag_drop_out:
+        tags = [t for t in tags if rng.random() > tag_drop_out]
+    if shuffle_tags:
+        rng.shuffle(tags)
+    return fill(rng.choice(templates), name, ",".join(tags))

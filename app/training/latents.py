@@ -1,0 +1,46 @@
+"""VAE latents of the training images, computed once per run: where training speed comes from.
+
+"once": one sample per image drawn at the start (seeded), reused every epoch. "deterministic": the
+distribution's mean. "random": the mean and std are kept and a new sample is drawn for every use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class LatentCache:
+    def __init__(self, vae: torch.nn.Module, images: list[Image.Image], method: str, seed: int, device: torch.device):
+        self.method = method
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        dtype = next(vae.parameters()).dtype
+        self.means: list[torch.Tensor] = []
+        self.stds: list[torch.Tensor] = []
+        with torch.no_grad():
+            for index, image in enumerate(images):
+                pixels = image_tensor(image).unsqueeze(0).to(device=device, dtype=dtype)
+                dist = vae.encode(pixels).latent_dist
+                mean, std = dist.mean.float()[0], dist.std.float()[0]
+                if method == "once":
+                    g = torch.Generator("cpu").manual_seed(seed * 7919 + index)
+                    mean = mean + std * torch.randn(mean.shape, generator=g).to(mean.device)
+                    std = torch.zeros_like(std)
+                elif method == "deterministic":
+                    std = torch.zeros_like(std)
+                self.means.append(mean)
+                self.stds.append(std)
+
+    def get(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        """The scaled latent of image `index`; `generator` is only used for "random" sampling."""
+        latent = self.means[index]
+        if self.method == "random":
+            latent = latent + self.stds[index] * torch.randn(latent.shape, generator=generator).to(latent.device)
+        return (latent - self.shift) * self.scale

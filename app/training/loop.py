@@ -1,0 +1,245 @@
+"""The training loop, shared by every target. Read top to bottom: data, optimizer, schedule, steps, saving.
+
+Determinism: the data order, noise and timesteps of step s depend only on (seed, s), and the optimizer state is
+saved with every checkpoint, so N steps in one go equal N/2 + interrupt + N/2 bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from app.errors import UserError
+from app.jobs import Job
+from app.models.manager import LoadedModel
+from app.training.checkpoint import load_optim, save_optim
+from app.training.config import TrainConfig
+from app.training.dataset import TrainingImage, prompt_for
+from app.training.latents import LatentCache
+from app.training.lr_schedule import LearnRateSchedule
+from app.training.targets import TrainingTarget
+
+log = logging.getLogger(__name__)
+
+PreviewFn = Callable[[str, int], tuple[Image.Image, str]]  # (prompt, step) -> (image, infotext)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    name: str
+    path: Path
+    step: int
+    log_dir: Path
+    interrupted: bool = False
+    error: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, sample: int) -> torch.Generator:
+    """The RNG of one sample of one step: the same (seed, step, sample) always draws the same numbers."""
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 1_009 + sample)
+
+
+def sample_indices(n_images: int, seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
+    """(image index, epoch) of each sample of `step`: a fresh seeded shuffle per epoch, read as one stream."""
+    picks = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, n_images)
+        order = torch.randperm(n_images, generator=torch.Generator("cpu").manual_seed(seed * 100_003 + epoch))
+        picks.append((int(order[offset]), epoch))
+    return picks
+
+
+class LossLog:
+    """`<kind>_loss.csv`: one row per step; rows past the resume point (left by a kill) are dropped first."""
+
+    FIELDS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step: int, epoch: int, epoch_step: int, loss: float, rate: float) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
+
+
+def train(
+    target: TrainingTarget,
+    model: LoadedModel,
+    cfg: TrainConfig,
+    images: list[TrainingImage],
+    templates: list[str],
+    log_dir: Path,
+    clip_skip: int,
+    job: Job | None = None,
+    preview: PreviewFn | None = None,
+) -> TrainResult:
+    # -- schedule, seed, optimizer -----------------------------------------------------------------------------
+    schedule = LearnRateSchedule(cfg.learn_rate, cfg.steps)
+    clip_values = (
+        LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
+        if (cfg.clip_grad_mode != "disabled")
+        else None
+    )
+    end_step, step = schedule.end_step, target.initial_step
+    if step >= end_step:
+        raise UserError(
+            f"'{target.name}' is already at step {step}; max steps is {end_step}. Raise max steps to train further."
+        )
+    params = target.parameters()
+    optimizer = torch.optim.AdamW(params, lr=schedule.rate_at(step), weight_decay=target.weight_decay)
+    stored = load_optim(target.optim_path, target.digest(), target.kind)
+    seed = cfg.seed if cfg.seed is not None else 0
+    if stored is not None:
+        optimizer.load_state_dict(stored["optimizer_state_dict"])
+        seed = int(stored.get("seed", seed)) if cfg.seed is None else seed
+        log.info("Resuming %s '%s' at step %d with its optimizer state", target.kind, target.name, step)
+
+    # -- data: latents once, prompts per image -----------------------------------------------------------------
+    latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, model.device)
+    noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
+    prediction = noise_schedule.config.prediction_type
+    per_step = cfg.batch_size * cfg.gradient_step
+    steps_per_epoch = max(1, len(images) // per_step)
+    unet_dtype = next(model.pipe.unet.parameters()).dtype
+
+    # -- logging -----------------------------------------------------------------------------------------------
+    (log_dir / "images").mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{target.kind}s").mkdir(parents=True, exist_ok=True)
+    (log_dir / "settings.json").write_text(
+        json.dumps(
+            {**cfg.as_dict(), "seed": seed, "start_step": step, "model": model.info.title, "images": len(images)},
+            indent=2,
+            default=str,
+        ),
+        encoding="utf-8",
+    )
+    loss_log = LossLog(log_dir / f"{'textual_inversion' if target.kind == 'embedding' else target.kind}_loss.csv", step)
+    recent: deque[float] = deque(maxlen=max(1, 3 * len(images)))
+    result = TrainResult(target.name, target.path, step, log_dir)
+    started, start_step = time.time(), step
+
+    def checkpoint(at: int, copy: bool) -> None:
+        # The optimizer state first, then the trained file: a kill between the two leaves a hash mismatch that
+        # resume detects, never a silently wrong pairing.
+        save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind)
+        copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}.pt" if copy else None
+        target.save(at, model, copy_to)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    while step < end_step:
+        rate = schedule.rate_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        optimizer.zero_grad(set_to_none=True)
+        picks = sample_indices(len(images), seed, step, per_step)
+        step_loss = 0.0
+        first_prompt = ""
+        for micro in range(cfg.gradient_step):
+            batch = range(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+            gens = [step_generator(seed, step, k) for k in batch]
+            texts = [
+                prompt_for(
+                    images[picks[k][0]],
+                    target.name,
+                    templates,
+                    random.Random(gens[i].initial_seed()),
+                    cfg.shuffle_tags,
+                    cfg.tag_drop_out,
+                )
+                for i, k in enumerate(batch)
+            ]
+            first_prompt = first_prompt or texts[0]
+            x0 = torch.stack([latents.get(picks[k][0], g) for k, g in zip(batch, gens, strict=True)])
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device)
+            t = torch.tensor(
+                [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens],
+                device=x0.device,
+            )
+            noisy = noise_schedule.add_noise(x0, noise, t)
+            wanted = noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+            cond = target.conditioning(texts, clip_skip).to(unet_dtype)
+            with target.unet_context():
+                pred = model.pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), wanted.float())
+            (loss / cfg.gradient_step).backward()
+            step_loss += loss.item() / cfg.gradient_step
+
+        grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not math.isfinite(step_loss) or not grads_finite:
+            what = "loss" if not math.isfinite(step_loss) else "gradient"
+            result.error = (
+                f"Training stopped at step {step + 1}: the {what} became {step_loss if what == 'loss' else 'NaN/inf'}"
+                f". The last good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower "
+                "learning rate, gradient clipping, or --no-half."
+            )
+            log.error(result.error)
+            break
+        if clip_values is not None:
+            limit = clip_values.rate_at(step)
+            if cfg.clip_grad_mode == "value":
+                torch.nn.utils.clip_grad_value_(params, limit)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, limit)
+        optimizer.step()
+        step += 1
+        result.step = step
+
+        # -- bookkeeping: loss, progress, checkpoints, previews --------------------------------------------
+        recent.append(step_loss)
+        mean_loss = sum(recent) / len(recent)
+        result.losses.append((step, step_loss))
+        epoch, epoch_step = divmod(step - 1, steps_per_epoch)
+        loss_log.write(step, epoch, epoch_step + 1, step_loss, rate)
+        if job is not None:
+            elapsed = time.time() - started
+            p = job.progress
+            p.sampling_step, p.sampling_steps = step - start_step, end_step - start_step
+            p.text = (
+                f"Training {target.kind} '{target.name}' step {step}/{end_step} [Epoch {epoch}: "
+                f"{epoch_step + 1}/{steps_per_epoch}] loss: {mean_loss:.7f} "
+                f"{elapsed / max(1, step - start_step):.3f} s/it"
+            )
+            p.history.append((step, mean_loss))
+        if cfg.save_every and step % cfg.save_every == 0:
+            checkpoint(step, copy=True)
+        if preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0:
+            image, infotext = preview(first_prompt, step)
+            path = log_dir / "images" / f"{target.name}-{step}.png"
+            target.save_preview(path, image, step, infotext, cfg.save_image_with_stored_embedding, model)
+            if job is not None:
+                job.progress.preview = lambda image=image: image
+                job.progress.preview_id += 1
+                job.progress.extra["last_preview_path"] = str(path)
+        if job is not None and job.interrupted:
+            result.interrupted = True
+            break
+
+    if result.error is None or result.step > target.initial_step:
+        checkpoint(result.step, copy=False)
+    return result

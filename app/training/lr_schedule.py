@@ -1,0 +1,76 @@
+"""A1111's learning-rate schedule syntax: `0.005` or `0.005:100, 1e-3:1000, 1e-5` (also used for clip values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.errors import UserError
+
+_EXAMPLE = "e.g. 0.005:100, 1e-3:1000, 1e-5"
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    rate: float
+    end_step: int  # exclusive; -1 = until max steps
+
+
+class LearnRateSchedule:
+    """Rate per step. Steps are global: a resumed run at step 500 continues the schedule at 500."""
+
+    def __init__(self, text: str | float, max_steps: int, what: str = "Learning rate"):
+        self.text = str(text)
+        self.entries = parse_schedule(self.text, what)
+        self.max_steps = int(max_steps)
+
+    @property
+    def end_step(self) -> int:
+        """Training ends at min(max steps, the last entry's step when it has one)."""
+        last = self.entries[-1].end_step
+        return self.max_steps if last < 0 else min(last, self.max_steps)
+
+    def rate_at(self, step: int) -> float:
+        for entry in self.entries:
+            if entry.end_step < 0 or step < entry.end_step:
+                return entry.rate
+        return self.entries[-1].rate
+
+
+def parse_schedule(text: str, what: str = "Learning rate") -> list[ScheduleEntry]:
+    """Parse and validate; the error quotes the bad part and shows the expected form."""
+    entries: list[ScheduleEntry] = []
+    for raw in str(text).split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        rate_text, sep, step_text = part.partition(":")
+        try:
+            rate = float(rate_text.strip())
+        except ValueError:
+            raise UserError(
+                f"{what} schedule '{text}' is invalid: '{part}' does not start with a number. Expected RATE or "
+                f"RATE:STEP, separated by commas, {_EXAMPLE}"
+            ) from None
+        if rate != rate or rate in (float("inf"), float("-inf")) or rate < 0:
+            raise UserError(f"{what} schedule '{text}' is invalid: '{part}' must be a finite rate >= 0.")
+        step = -1
+        if sep:
+            try:
+                step = int(step_text.strip())
+            except ValueError:
+                raise UserError(
+                    f"{what} schedule '{text}' is invalid: the step in '{part}' must be a whole number (like "
+                    f"1000, not 1e3) or -1. Expected RATE or RATE:STEP, separated by commas, {_EXAMPLE}"
+                ) from None
+            if step < -1 or step == 0:
+                raise UserError(f"{what} schedule '{text}' is invalid: the step in '{part}' must be > 0 or -1.")
+        if entries and entries[-1].end_step < 0:
+            raise UserError(
+                f"{what} schedule '{text}' is invalid: '{part}' comes after an entry that already runs to the end."
+            )
+        if entries and 0 <= step <= entries[-1].end_step:
+            raise UserError(f"{what} schedule '{text}' is invalid: steps must increase, but '{part}' does not.")
+        entries.append(ScheduleEntry(rate, step))
+    if not entries:
+        raise UserError(f"{what} schedule is empty. Expected RATE or RATE:STEP, separated by commas, {_EXAMPLE}")
+    return entries

@@ -1,0 +1,173 @@
+"""Training as the UI and the API ask for it: validate everything first, then run on the job thread."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.embeddings.database import EmbeddingDatabase
+from app.errors import UserError
+from app.generation.txt2img import Txt2ImgParams, Txt2ImgService
+from app.jobs import Job, JobRunner
+from app.models.manager import LoadedModel, ModelManager
+from app.options import Options
+from app.settings import Settings
+from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
+from app.training.dataset import TrainingImage, load_dataset
+from app.training.loop import TrainResult, train
+from app.training.lr_schedule import LearnRateSchedule
+from app.training.targets import EmbeddingTarget, TrainingTarget
+from app.training.templates import list_templates, read_template
+
+log = logging.getLogger(__name__)
+
+LOWVRAM_REASON = "Training models with lowvram not possible"
+
+
+@dataclass
+class PreparedRun:
+    cfg: TrainConfig
+    images: list[TrainingImage]
+    problems: list[str]
+    templates: list[str]
+    log_dir: Path
+
+
+class TrainingService:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelManager,
+        options: Options,
+        jobs: JobRunner,
+        embeddings: EmbeddingDatabase,
+        txt2img: Txt2ImgService,
+    ):
+        self.settings = settings
+        self.models = models
+        self.options = options
+        self.jobs = jobs
+        self.embeddings = embeddings
+        self.txt2img = txt2img
+
+    def templates(self) -> list[str]:
+        return list_templates(self.settings.templates_dir)
+
+    def running(self) -> Job | None:
+        job = self.jobs.last
+        return job if job is not None and job.kind.startswith("train") else None
+
+    # -- validation ------------------------------------------------------------------------------------------------
+    def prepare(self, cfg: TrainConfig, kind: str, require_name: bool) -> PreparedRun:
+        """Check every input and load the dataset; any problem is a UserError before anything starts."""
+        if self.settings.lowvram:
+            raise UserError(f"{LOWVRAM_REASON}: start without --lowvram to train (--medvram works).")
+        for label, value in (("Width", cfg.training_width), ("Height", cfg.training_height)):
+            if not 64 <= int(value) <= 2048 or int(value) % 8:
+                raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.")
+        if int(cfg.batch_size) < 1 or int(cfg.gradient_step) < 1:
+            raise UserError("Batch size and gradient accumulation steps must be at least 1.")
+        if cfg.varsize and int(cfg.batch_size) > 1:
+            raise UserError(
+                "'Do not resize images' needs batch size 1: images of different sizes cannot share a batch."
+            )
+        if int(cfg.steps) < 1:
+            raise UserError(f"Max steps must be at least 1, got {cfg.steps}.")
+        if cfg.latent_sampling_method not in LATENT_SAMPLING:
+            raise UserError(f"Latent sampling method must be one of {', '.join(LATENT_SAMPLING)}.")
+        if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
+            raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.")
+        if not 0 <= float(cfg.tag_drop_out) < 1:
+            raise UserError(f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.")
+        for name, value in (("save every", cfg.save_every), ("image every", cfg.create_image_every)):
+            if int(value) < 0:
+                raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.")
+        LearnRateSchedule(cfg.learn_rate, cfg.steps)
+        if cfg.clip_grad_mode != "disabled":
+            LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
+        templates = read_template(self.settings.templates_dir, cfg.template_filename, require_name)
+        seed = cfg.seed if cfg.seed is not None else 0
+        images, problems = load_dataset(
+            cfg.data_root, int(cfg.training_width), int(cfg.training_height), templates, seed, bool(cfg.varsize)
+        )
+        base = Path(cfg.log_directory or "log")
+        base = base if base.is_absolute() else self.settings.data_dir / base
+        log_dir = base / dt.date.today().isoformat() / cfg.name
+        return PreparedRun(cfg, images, problems, templates, log_dir)
+
+    # -- embeddings ------------------------------------------------------------------------------------------------
+    def train_embedding(self, cfg: TrainConfig) -> Job:
+        """Validate, then queue the run; the job's result is a TrainResult."""
+        self.embeddings.refresh_if_changed()
+        embedding = self.embeddings.get(cfg.name)
+        if embedding is None:
+            skipped = self.embeddings.skipped.get(cfg.name)
+            why = f" It was skipped: {skipped.reason}." if skipped else " Create it first (Create embedding)."
+            raise UserError(f"Embedding '{cfg.name}' is not loaded.{why}")
+        run = self.prepare(cfg, "embedding", require_name=True)
+        if (embedding.step or 0) >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
+            raise UserError(
+                f"Embedding '{cfg.name}' is already at step {embedding.step}; raise max steps above "
+                "that to train further."
+            )
+
+        def run_job(job: Job) -> TrainResult:
+            with self.models.lock:
+                model = self.models.get()
+                target = EmbeddingTarget(embedding, model, self.embeddings)
+                try:
+                    return self._run(target, model, run, job)
+                finally:
+                    self.embeddings.refresh()
+
+        return self.jobs.submit("train embedding", run_job, description=cfg.name)
+
+    def _run(self, target: TrainingTarget, model: LoadedModel, run: PreparedRun, job: Job) -> TrainResult:
+        cfg = run.cfg
+        clip_skip = int(self.options["CLIP_stop_at_last_layers"] or 1)
+        job.progress.job_count = 1
+        if run.problems:
+            job.progress.extra["skipped_images"] = run.problems
+
+        def preview(prompt: str, step: int):
+            if cfg.preview_from_txt2img:
+                params = Txt2ImgParams(
+                    prompt=cfg.preview_prompt,
+                    negative_prompt=cfg.preview_negative_prompt,
+                    steps=int(cfg.preview_steps),
+                    sampler_name=cfg.preview_sampler_name,
+                    cfg_scale=float(cfg.preview_cfg_scale),
+                    seed=int(cfg.preview_seed),
+                    width=int(cfg.preview_width),
+                    height=int(cfg.preview_height),
+                    save_images=False,
+                )
+            else:
+                params = Txt2ImgParams(
+                    prompt=prompt,
+                    negative_prompt="",
+                    steps=20,
+                    sampler_name="Euler a",
+                    cfg_scale=7.0,
+                    seed=cfg.seed if cfg.seed is not None else 0,
+                    width=int(cfg.training_width),
+                    height=int(cfg.training_height),
+                    save_images=False,
+                )
+            result = self.txt2img.run_on_model(model, params, None, target.preview_encoder())
+            return result.images[0], result.infotexts[0]
+
+        return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview)
+
+
+def result_message(result: TrainResult, kind: str) -> str:
+    """What the UI shows when a run ends."""
+    if result.error:
+        return result.error
+    how = "interrupted" if result.interrupted else "finished"
+    return (
+        f"Training {how} at step {result.step}. {kind.capitalize()} saved to {result.path}; log, previews and "
+        f"copies in {result.log_dir}."
+    )
