@@ -78,6 +78,47 @@ class CreateEmbeddingRequest(BaseModel):
     init_text: str = "*"
 
 
+class TrainRequest(BaseModel):
+    """A1111's train payload (A1111 requires every field; we default the missing ones)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id_task: str | None = None
+    learn_rate: str | float = "0.005"
+    batch_size: int = 1
+    gradient_step: int = 1
+    data_root: str = ""
+    log_directory: str = "log"
+    training_width: int = 512
+    training_height: int = 512
+    varsize: bool = False
+    steps: int = 100000
+    clip_grad_mode: str = "disabled"
+    clip_grad_value: str | float = "0.1"
+    shuffle_tags: bool = False
+    tag_drop_out: float = 0.0
+    latent_sampling_method: str = "once"
+    use_weight: bool = False
+    create_image_every: int = 500
+    template_filename: str = "style_filewords.txt"
+    preview_from_txt2img: bool = False
+    preview_prompt: str = ""
+    preview_negative_prompt: str = ""
+    preview_steps: int = 20
+    preview_sampler_name: str | None = "Euler a"
+    preview_sampler_index: int | None = None
+    preview_cfg_scale: float = 7.0
+    preview_seed: int = -1
+    preview_width: int = 512
+    preview_height: int = 512
+
+
+class TrainEmbeddingRequest(TrainRequest):
+    embedding_name: str
+    save_embedding_every: int = 500
+    save_image_with_stored_embedding: bool = True
+
+
 class PNGInfoRequest(BaseModel):
     image: str
 

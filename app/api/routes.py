@@ -16,6 +16,8 @@ from app.api.models import (
     PNGInfoRequest,
     ProgressResponse,
     ProgressState,
+    TrainEmbeddingRequest,
+    TrainRequest,
     Txt2ImgRequest,
     Txt2ImgResponse,
 )
@@ -25,6 +27,7 @@ from app.generation.samplers import SAMPLERS, SCHEDULES
 from app.generation.txt2img import Txt2ImgParams
 from app.services import Services
 from app.settings import parse_credentials
+from app.training.config import TrainConfig
 
 # Request fields we accept but do not act on yet; a request that switches one on gets a note in `info`.
 _NOT_YET = {
@@ -84,6 +87,27 @@ def params_from_request(req: Txt2ImgRequest) -> Txt2ImgParams:
         save_images=req.save_images and not req.do_not_save_samples,
         notes=notes,
     )
+
+
+def train_config(req: TrainRequest, name: str, save_every: int) -> TrainConfig:
+    """Map A1111's payload onto our TrainConfig (field names match, but for the target's name and save_every)."""
+    fields = {f: getattr(req, f) for f in TrainConfig.__dataclass_fields__ if f in type(req).model_fields}
+    fields["learn_rate"] = str(req.learn_rate)
+    fields["clip_grad_value"] = str(req.clip_grad_value)
+    if req.preview_sampler_name is None:
+        fields.pop("preview_sampler_name", None)
+    return TrainConfig(name=name, save_every=save_every, **fields)
+
+
+def train_info(job, kind: str) -> str:
+    """Wait for the run and answer as A1111 does: `train <kind> complete: filename: <f> error: <e or None>`."""
+    try:
+        result = job.wait()
+    except UserError as e:
+        return f"train {kind} complete: filename: None error: {e}"
+    if job.status == "interrupted" and result is None:
+        return f"train {kind} complete: filename: None error: interrupted before it started"
+    return f"train {kind} complete: filename: {result.path} error: {result.error}"
 
 
 def register_api(app: FastAPI, services: Services) -> None:
@@ -216,5 +240,17 @@ def register_api(app: FastAPI, services: Services) -> None:
                 status_code=e.status_code, content={"detail": str(e), "info": f"create embedding error: {e}"}
             )
         return {"info": f"create embedding filename: {path}"}
+
+    @router.post("/train/embedding")
+    def train_embedding(req: TrainEmbeddingRequest) -> Any:
+        cfg = train_config(req, req.embedding_name, req.save_embedding_every)
+        cfg.save_image_with_stored_embedding = req.save_image_with_stored_embedding
+        try:
+            job = services.training.train_embedding(cfg)
+        except UserError as e:
+            return JSONResponse(
+                status_code=e.status_code, content={"detail": str(e), "info": f"train embedding error: {e}"}
+            )
+        return {"info": train_info(job, "embedding")}
 
     app.include_router(router)

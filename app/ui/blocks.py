@@ -70,7 +70,7 @@ def build_ui(services: Services) -> gr.Blocks:
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img_fields, embedding_list = build_txt2img_tab(services)
             with gr.Tab("Textual Inversion", id="textual_inversion"), gr.Tabs():
-                build_textual_inversion_tab(services, embedding_list)
+                build_textual_inversion_tab(services, embedding_list, txt2img_fields)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
 

@@ -1,0 +1,81 @@
+"""The live view of a training run, shared by the Textual Inversion and Hypernetwork tabs.
+
+It polls the job runner (not the browser session), so closing the page never stops training and reopening it
+shows the run where it is.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from app.services import Services
+from app.training.service import result_message
+
+POLL_SECONDS = 1.0
+
+
+def _progress_html(job) -> str:
+    p = job.progress
+    percent = int(p.fraction * 100)
+    eta = job.eta_seconds()
+    eta_text = f" · ETA {eta:.0f}s" if eta is not None and job.status == "running" else ""
+    skipped = p.extra.get("skipped_images")
+    note = (
+        f"<div class='gen-note'>Skipped unreadable images: {html.escape('; '.join(skipped))}</div>" if (skipped) else ""
+    )
+    return (
+        "<div style='width:100%;background:#eee;border-radius:4px'>"
+        f"<div class='train-progress-bar' style='width:{percent}%;background:#f97316;height:8px;border-radius:4px'>"
+        f"</div></div><div class='train-progress-text'>{html.escape(p.text)}{eta_text}</div>{note}"
+    )
+
+
+class TrainingPanel:
+    def __init__(self, services: Services, kind: str, elem_prefix: str):
+        self.services = services
+        self.kind = kind  # "embedding" or "hypernetwork"
+        with gr.Column():
+            self.message = gr.HTML(elem_id=f"{elem_prefix}_message")
+            self.progress = gr.HTML(elem_id=f"{elem_prefix}_progress")
+            self.preview = gr.Image(
+                label="Latest preview", interactive=False, height=256, elem_id=f"{elem_prefix}_preview"
+            )
+            self.plot = gr.LinePlot(
+                pd.DataFrame({"step": [], "loss": []}),
+                x="step",
+                y="loss",
+                title="Loss (mean of recent steps)",
+                elem_id=f"{elem_prefix}_loss_plot",
+                height=240,
+            )
+        shown_preview = gr.State(-1)  # per browser session: which preview this page already shows
+        timer = gr.Timer(POLL_SECONDS)
+        timer.tick(self.poll, inputs=shown_preview, outputs=[*self.outputs, shown_preview], show_progress="hidden")
+
+    @property
+    def outputs(self) -> list:
+        return [self.message, self.progress, self.preview, self.plot]
+
+    def poll(self, shown_preview: int):
+        job = self.services.training.running()
+        if job is None or not job.kind.endswith(self.kind):
+            return [gr.update()] * 4 + [shown_preview]
+        message = gr.update()
+        if job.finished:
+            if job.error is not None:
+                message = f"<p class='gen-error' id='train_error'>{html.escape(str(job.error))}</p>"
+            elif job.result is not None:
+                text = result_message(job.result, self.kind)
+                css = "gen-error" if job.result.error else "train-done"
+                message = f"<p class='{css}' id='train_result'>{html.escape(text)}</p>"
+        preview = gr.update()
+        p = job.progress
+        if p.preview is not None and p.preview_id != shown_preview:
+            shown_preview = p.preview_id
+            preview = p.preview()
+        history = list(p.history)
+        plot = pd.DataFrame(history, columns=["step", "loss"]) if history else gr.update()
+        return [message, _progress_html(job), preview, plot, shown_preview]
