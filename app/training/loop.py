@@ -152,6 +152,7 @@ def train(
         target.save(at, model, copy_to)
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    optimizer_broken = False
     while step < end_step:
         rate = schedule.rate_at(step)
         for group in optimizer.param_groups:
@@ -206,7 +207,25 @@ def train(
                 torch.nn.utils.clip_grad_value_(params, limit)
             else:
                 torch.nn.utils.clip_grad_norm_(params, limit)
-        optimizer.step()
+        good = [p.detach().clone() for p in params]
+        try:
+            optimizer.step()
+            stepped_ok = all(torch.isfinite(p).all() for p in params)
+        except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update
+            log.error("Optimizer step failed: %s", e)
+            stepped_ok = False
+        if not stepped_ok:
+            with torch.no_grad():
+                for p, g in zip(params, good, strict=True):
+                    p.copy_(g)
+            optimizer_broken = True
+            result.error = (
+                f"Training stopped at step {step + 1}: the update made the {target.kind} NaN or infinite. The last "
+                f"good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower learning rate, "
+                "gradient clipping, or --no-half."
+            )
+            log.error(result.error)
+            break
         step += 1
         result.step = step
 
@@ -240,6 +259,11 @@ def train(
             result.interrupted = True
             break
 
-    if result.error is None or result.step > target.initial_step:
+    if optimizer_broken:
+        # The moments may be half-updated: keep the good tensors; the old .optim no longer matches them, so a
+        # resume starts a fresh optimizer (with a warning) instead of using a broken one.
+        if result.step > target.initial_step:
+            target.save(result.step, model)
+    elif result.error is None or result.step > target.initial_step:
         checkpoint(result.step, copy=False)
     return result

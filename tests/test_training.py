@@ -1,0 +1,220 @@
+"""Real Textual Inversion training on the tiny model: files, resume bit for bit, NaN guard, accumulation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from app.embeddings.formats import read_embedding_file
+from app.errors import UserError
+from app.generation.infotext import parse_infotext
+from app.generation.txt2img import Txt2ImgParams
+from app.settings import Settings
+from app.training.config import TrainConfig
+from app.training.service import TrainingService
+
+
+def make_dataset(folder, n=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (72, 80), (40 * i, 200, 90))
+        ImageDraw.Draw(im).regular_polygon((36, 40, 25), 5, fill=(250, 220, 0))
+        im.save(folder / f"{i:02d}-a yellow star.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("stars"))
+
+
+@pytest.fixture(scope="module")
+def templates(services):
+    target = services.settings.templates_dir
+    if not target.exists():
+        shutil.copytree(
+            __import__("pathlib").Path(__file__).resolve().parents[1] / "textual_inversion_templates", target
+        )
+    return target
+
+
+def cfg(name, dataset, **kw) -> TrainConfig:
+    base = dict(
+        name=name,
+        data_root=str(dataset),
+        training_width=64,
+        training_height=64,
+        steps=10,
+        save_every=0,
+        create_image_every=0,
+        template_filename="subject_filewords.txt",
+        learn_rate="0.005",
+        seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fresh(services, name, n=2, init="star"):
+    path = services.embeddings.create(name, n, init, overwrite=True)
+    path.with_suffix(".optim").unlink(missing_ok=True)
+    return path
+
+
+def vectors(path):
+    return read_embedding_file(path).vectors
+
+
+def state_hash(module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_training_writes_checkpoints_previews_loss_log_and_settings(services, dataset, templates):
+    path = fresh(services, "zqtrain")
+    model = services.models.get()
+    before = {name: state_hash(getattr(model.pipe, name)) for name in ("unet", "text_encoder", "vae")}
+    initial = vectors(path)
+    result = services.training.train_embedding(
+        cfg("zqtrain", dataset, steps=12, save_every=4, create_image_every=4)
+    ).wait()
+    assert result.error is None and result.step == 12 and not result.interrupted
+    log_dir = result.log_dir
+    assert log_dir.parent.name == __import__("datetime").date.today().isoformat()
+    assert sorted(p.name for p in (log_dir / "embeddings").iterdir()) == [
+        "zqtrain-12.pt",
+        "zqtrain-4.pt",
+        "zqtrain-8.pt",
+    ]
+    assert read_embedding_file(log_dir / "embeddings" / "zqtrain-8.pt").step == 8
+    preview = log_dir / "images" / "zqtrain-4.png"
+    with Image.open(preview) as image:
+        assert "sd-ti-embedding" in image.info and "parameters" in image.info
+        assert "TI hashes" in image.info["parameters"] or "zqtrain" in image.info["parameters"]
+    assert read_embedding_file(preview).name == "zqtrain-4"
+    rows = (log_dir / "textual_inversion_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,epoch_step,loss,learn_rate"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 13))
+    assert all(r.split(",")[4] == "0.005" for r in rows[1:])
+    assert (log_dir / "settings.json").is_file()
+    # The main file moved on, carries the model's hash, and only the embedding changed.
+    saved = read_embedding_file(path)
+    assert saved.step == 12
+    assert saved.sd_checkpoint == model.info.short_hash and saved.sd_checkpoint_name == model.info.model_name
+    assert not torch.equal(saved.vectors, initial)
+    assert before == {name: state_hash(getattr(model.pipe, name)) for name in ("unet", "text_encoder", "vae")}
+    # Usable in txt2img right away.
+    image = services.txt2img.generate(
+        Txt2ImgParams(prompt="a photo of zqtrain", width=64, height=64, steps=3, save_images=False)
+    )
+    assert "zqtrain: " in parse_infotext(image.infotexts[0])["TI hashes"]
+
+
+def test_resume_after_interrupt_is_bitwise_identical(services, dataset, templates):
+    path = fresh(services, "zqresume")
+    services.training.train_embedding(cfg("zqresume", dataset, steps=14)).wait()
+    straight = vectors(path)
+
+    fresh(services, "zqresume")
+    job = services.training.train_embedding(cfg("zqresume", dataset, steps=14))
+    event = threading.Event()
+    while not job.finished and job.progress.sampling_step < 4:
+        event.wait(0.001)
+    services.jobs.interrupt(job)
+    first = job.wait()
+    assert first.interrupted and 4 <= first.step < 14
+    assert read_embedding_file(path).step == first.step
+    second = services.training.train_embedding(cfg("zqresume", dataset, steps=14)).wait()
+    assert second.step == 14 and not second.interrupted
+    assert torch.equal(vectors(path), straight)
+
+
+def test_split_run_without_interrupt_equals_straight_run(services, dataset, templates):
+    path = fresh(services, "zqsplit")
+    services.training.train_embedding(cfg("zqsplit", dataset, steps=8, latent_sampling_method="random")).wait()
+    straight = vectors(path)
+    fresh(services, "zqsplit")
+    services.training.train_embedding(cfg("zqsplit", dataset, steps=5, latent_sampling_method="random")).wait()
+    services.training.train_embedding(cfg("zqsplit", dataset, steps=8, latent_sampling_method="random")).wait()
+    assert torch.equal(vectors(path), straight)
+
+
+def test_optimizer_state_of_other_weights_is_ignored_with_a_warning(services, dataset, templates, caplog):
+    path = fresh(services, "zqstale")
+    services.training.train_embedding(cfg("zqstale", dataset, steps=3)).wait()
+    optim = path.with_suffix(".optim").read_bytes()
+    fresh(services, "zqstale", init="moon")  # other vectors at step 0 ...
+    path.with_suffix(".optim").write_bytes(optim)  # ... beside the old run's optimizer state
+    with caplog.at_level(logging.WARNING):
+        result = services.training.train_embedding(cfg("zqstale", dataset, steps=2)).wait()
+    assert result.error is None
+    assert "belongs to other weights" in caplog.text
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_last_good_embedding(services, dataset, templates):
+    path = fresh(services, "zqnan")
+    result = services.training.train_embedding(cfg("zqnan", dataset, steps=50, learn_rate="1e38")).wait()
+    assert result.error is not None
+    assert "NaN" in result.error or "nan" in result.error or "inf" in result.error
+    assert "lower learning rate" in result.error
+    assert result.step < 50
+    saved = read_embedding_file(path)  # raises if the file held NaN (the reader refuses NaN)
+    assert saved.step == result.step
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(services, dataset, templates):
+    path = fresh(services, "zqaccum")
+    services.training.train_embedding(cfg("zqaccum", dataset, steps=3, batch_size=4, gradient_step=1)).wait()
+    big_batch = vectors(path)
+    fresh(services, "zqaccum")
+    services.training.train_embedding(cfg("zqaccum", dataset, steps=3, batch_size=2, gradient_step=2)).wait()
+    torch.testing.assert_close(vectors(path), big_batch, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(data_root="/no/such/folder"), "does not exist"),
+        (dict(template_filename="hypernetwork.txt"), "never uses \\[name\\]"),
+        (dict(template_filename="missing.txt"), "not found"),
+        (dict(learn_rate="0.01:oops"), "'0.01:oops'"),
+        (dict(training_width=100), "multiple of 8"),
+        (dict(varsize=True, batch_size=2), "needs batch size 1"),
+        (dict(latent_sampling_method="sometimes"), "once, deterministic, random"),
+        (dict(name="zqnobody"), "not loaded"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(services, dataset, templates, change, message):
+    fresh(services, "zqbad")
+    with pytest.raises(UserError, match=message):
+        services.training.train_embedding(cfg(change.pop("name", "zqbad"), dataset, **change))
+
+
+def test_max_steps_at_or_below_current_step_is_refused(services, dataset, templates):
+    fresh(services, "zqdone")
+    services.training.train_embedding(cfg("zqdone", dataset, steps=2)).wait()
+    with pytest.raises(UserError, match="already at step 2"):
+        services.training.train_embedding(cfg("zqdone", dataset, steps=2))
+
+
+def test_lowvram_refuses_training_with_a1111s_reason(services, dataset, templates):
+    lowvram = TrainingService(
+        Settings(data_dir=services.settings.data_dir, lowvram=True),
+        services.models,
+        services.options,
+        services.jobs,
+        services.embeddings.db,
+        services.txt2img,
+    )
+    fresh(services, "zqlow")
+    with pytest.raises(UserError, match="Training models with lowvram not possible"):
+        lowvram.train_embedding(cfg("zqlow", dataset))
