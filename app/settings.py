@@ -43,9 +43,8 @@ class Settings:
         self.hypernetwork_dir = (
             Path(self.hypernetwork_dir) if self.hypernetwork_dir else self.models_dir / "hypernetworks"
         )
-        self.templates_dir = (
-            Path(self.templates_dir) if self.templates_dir else self.data_dir / "textual_inversion_templates"
-        )
+        # A1111 keeps templates beside the program, not in the data dir.
+        self.templates_dir = Path(self.templates_dir) if self.templates_dir else ROOT / "textual_inversion_templates"
         if self.precision not in ("autocast", "full", "half"):
             raise ValueError(f"--precision must be autocast, full or half, not {self.precision!r}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +27,6 @@ def start(data_dir: Path, dataset: Path, steps: int) -> subprocess.Popen:
 
 def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model_store):
     data_dir = make_data_dir(tmp_path / "data", model_store)
-    shutil.copytree(ROOT / "textual_inversion_templates", data_dir / "textual_inversion_templates")
     dataset = make_dataset(tmp_path / "stars")
     path = data_dir / "embeddings" / "zqkill.pt"
     rng = random.Random(1234)

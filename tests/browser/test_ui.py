@@ -130,3 +130,59 @@ def test_create_embedding_in_the_tab_then_click_its_card(page, server):
     page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a photo of uiemb'")
     page.locator("#txt2img_generate").click()
     assert 'TI hashes: "uiemb: ' in page.locator("#generation_info_text").inner_text()
+
+
+def fill_field(page, elem_id: str, value) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
+
+
+def test_train_an_embedding_from_the_ui_interrupt_and_resume(page, server, tmp_path):
+    from tests.test_training import make_dataset
+
+    dataset = make_dataset(tmp_path / "stars")
+    open_ui(page, server)
+    page.get_by_role("tab", name="Textual Inversion").click()
+    fill_field(page, "train_embedding_name", "uitrain")
+    page.locator("#train_create_embedding").click()
+    page.locator("#ti_create_ok").wait_for()
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train_embedding input").click()
+    page.get_by_role("option", name="uitrain", exact=True).click()
+    fill_field(page, "train_dataset_directory", dataset)
+    fill_field(page, "train_steps", 20)
+    fill_field(page, "train_create_image_every", 5)
+    fill_field(page, "train_save_embedding_every", 10)
+    page.locator("#train_train_embedding").click()
+    done = page.locator("#train_result")
+    done.wait_for(timeout=60000)
+    assert "Training finished at step 20" in done.inner_text()
+    page.locator("#ti_train_preview img").wait_for()
+    page.locator("#ti_train_loss_plot canvas, #ti_train_loss_plot svg").first.wait_for()
+    (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_embedding.png"), full_page=True)
+
+    # A long run, interrupted from the page: it stops and saves where it is.
+    fill_field(page, "train_steps", 100000)
+    page.locator("#train_train_embedding").click()
+    page.wait_for_function(
+        "(() => { const t = document.querySelector('#ti_train_progress'); "
+        "const m = t && t.innerText.match(/step (\\d+)\\//); return m && +m[1] >= 25; })()",
+        timeout=60000,
+    )
+    page.locator("#train_interrupt_training").click()
+    page.wait_for_function(
+        "document.querySelector('#train_result') && "
+        "document.querySelector('#train_result').innerText.includes('interrupted')",
+        timeout=60000,
+    )
+    stopped = int(re.search(r"at step (\d+)", page.locator("#train_result").inner_text()).group(1))
+    assert 25 <= stopped < 100000
+    # Train again: it resumes from the saved step.
+    fill_field(page, "train_steps", stopped + 5)
+    page.locator("#train_train_embedding").click()
+    page.wait_for_function(
+        f"document.querySelector('#train_result') && "
+        f"document.querySelector('#train_result').innerText.includes('finished at step {stopped + 5}')",
+        timeout=60000,
+    )
+    assert page.external_requests == []
