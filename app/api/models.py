@@ -119,6 +119,28 @@ class TrainEmbeddingRequest(TrainRequest):
     save_image_with_stored_embedding: bool = True
 
 
+class PreprocessRequest(BaseModel):
+    """A1111's (pre-1.6) preprocess payload; the caption models it offered are not available offline."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id_task: str | None = None
+    process_src: str
+    process_dst: str
+    process_width: int = 512
+    process_height: int = 512
+    preprocess_txt_action: str = "ignore"  # ignore | copy (we also accept prepend/append as copy)
+    process_keep_original_size: bool = False
+    process_flip: bool = False
+    process_split: bool = False
+    process_caption: bool = False
+    process_caption_deepbooru: bool = False
+    process_split_threshold: float = 0.5
+    process_overlap_ratio: float = 0.2
+    process_focal_crop: bool = False
+    process_multicrop: bool = False
+
+
 class PNGInfoRequest(BaseModel):
     image: str
 

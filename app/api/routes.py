@@ -14,6 +14,7 @@ from app.api.imagecodec import decode_image, encode_png
 from app.api.models import (
     CreateEmbeddingRequest,
     PNGInfoRequest,
+    PreprocessRequest,
     ProgressResponse,
     ProgressState,
     TrainEmbeddingRequest,
@@ -28,6 +29,7 @@ from app.generation.txt2img import Txt2ImgParams
 from app.services import Services
 from app.settings import parse_credentials
 from app.training.config import TrainConfig
+from app.training.preprocess import PreprocessOptions, preprocess
 
 # Request fields we accept but do not act on yet; a request that switches one on gets a note in `info`.
 _NOT_YET = {
@@ -252,5 +254,27 @@ def register_api(app: FastAPI, services: Services) -> None:
                 status_code=e.status_code, content={"detail": str(e), "info": f"train embedding error: {e}"}
             )
         return {"info": train_info(job, "embedding")}
+
+    @router.post("/preprocess")
+    def preprocess_images(req: PreprocessRequest) -> dict[str, str]:
+        options = PreprocessOptions(
+            src=req.process_src,
+            dst=req.process_dst,
+            width=req.process_width,
+            height=req.process_height,
+            crop="auto" if req.process_focal_crop else "center",
+            flip=req.process_flip,
+            split=req.process_split,
+            split_threshold=req.process_split_threshold,
+            overlap_ratio=req.process_overlap_ratio,
+            keep_captions=req.preprocess_txt_action != "ignore",
+        )
+        result = preprocess(options)
+        notes = (
+            " Captioning models (BLIP, deepbooru) are not available; captions were not generated."
+            if (req.process_caption or req.process_caption_deepbooru)
+            else ""
+        )
+        return {"info": f"Preprocess complete: {len(result.written)} images written.{notes}"}
 
     app.include_router(router)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
 
 from app.errors import UserError
 from app.services import Services
 from app.training.config import TrainConfig
+from app.training.preprocess import PreprocessOptions, preprocess
 from app.ui.extra_networks import EmbeddingList
 from app.ui.training_panel import TrainingPanel
 
@@ -23,6 +25,9 @@ def build_textual_inversion_tab(
         overwrite = gr.Checkbox(value=False, label="Overwrite Old Embedding", elem_id="train_overwrite_old")
         create = gr.Button("Create embedding", variant="primary", elem_id="train_create_embedding")
         result = gr.HTML(elem_id="ti_create_result")
+
+    with gr.Tab("Preprocess images", id="ti_preprocess"):
+        build_preprocess_section()
 
     with gr.Tab("Train", id="ti_train"), gr.Row():
         with gr.Column():
@@ -98,6 +103,61 @@ def build_textual_inversion_tab(
     fields["name_refresh"].click(lambda: gr.update(choices=services.embeddings.names()), outputs=fields["name"])
     fields["template_refresh"].click(
         lambda: gr.update(choices=services.training.templates()), outputs=fields["template_filename"]
+    )
+
+
+def build_preprocess_section() -> None:
+    with gr.Column():
+        src = gr.Textbox(label="Source directory", elem_id="preprocess_src")
+        dst = gr.Textbox(label="Destination directory", elem_id="preprocess_dst")
+        with gr.Row():
+            width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="preprocess_width")
+            height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="preprocess_height")
+        crop = gr.Radio(
+            [("Center crop", "center"), ("Auto focal point crop", "auto"), ("No crop (stretch)", "none")],
+            value="center",
+            label="Crop",
+            elem_id="preprocess_crop",
+        )
+        with gr.Row():
+            flip = gr.Checkbox(False, label="Create flipped copies", elem_id="preprocess_flip")
+            split = gr.Checkbox(False, label="Split oversized images", elem_id="preprocess_split")
+            captions = gr.Checkbox(True, label="Use existing caption text files", elem_id="preprocess_captions")
+        with gr.Row():
+            threshold = gr.Slider(
+                0, 1, value=0.5, step=0.05, label="Split image threshold", elem_id="preprocess_split_threshold"
+            )
+            overlap = gr.Slider(
+                0, 0.9, value=0.2, step=0.05, label="Split image overlap ratio", elem_id="preprocess_overlap_ratio"
+            )
+        run = gr.Button("Preprocess", variant="primary", elem_id="preprocess_run")
+        message = gr.HTML(elem_id="preprocess_message")
+
+    def on_run(src_v, dst_v, w, h, crop_v, flip_v, split_v, captions_v, threshold_v, overlap_v):
+        options = PreprocessOptions(
+            src_v,
+            dst_v,
+            int(w),
+            int(h),
+            crop_v,
+            bool(flip_v),
+            bool(split_v),
+            float(threshold_v),
+            float(overlap_v),
+            bool(captions_v),
+        )
+        try:
+            result = preprocess(options)
+        except UserError as e:
+            return f"<p class='gen-error' id='preprocess_error'>{html.escape(str(e))}</p>"
+        skipped = f" Skipped: {html.escape('; '.join(result.skipped))}" if result.skipped else ""
+        return (
+            f"<p id='preprocess_done'>Preprocessing finished: {len(result.written)} images written to "
+            f"{html.escape(str(Path(dst_v).resolve()))}.{skipped}</p>"
+        )
+
+    run.click(
+        on_run, inputs=[src, dst, width, height, crop, flip, split, captions, threshold, overlap], outputs=message
     )
 
 

@@ -186,3 +186,25 @@ def test_train_an_embedding_from_the_ui_interrupt_and_resume(page, server, tmp_p
         timeout=60000,
     )
     assert page.external_requests == []
+
+
+def test_preprocess_images_from_the_ui(page, server, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    Image.new("RGB", (300, 120), "orange").save(src / "photo.jpg")
+    open_ui(page, server)
+    page.get_by_role("tab", name="Textual Inversion").click()
+    page.get_by_role("tab", name="Preprocess images").click()
+    fill_field(page, "preprocess_src", src)
+    fill_field(page, "preprocess_dst", tmp_path / "ready")
+    set_number(page, "preprocess_width", 64)
+    set_number(page, "preprocess_height", 64)
+    page.locator("#preprocess_flip input").check()
+    page.locator("#preprocess_run").click()
+    assert "2 images written" in page.locator("#preprocess_done").inner_text()
+    assert sorted(p.name for p in (tmp_path / "ready").iterdir()) == ["00000-0-photo-flipped.png", "00000-0-photo.png"]
+    fill_field(page, "preprocess_dst", src)
+    page.locator("#preprocess_run").click()
+    assert "outside the source" in page.locator("#preprocess_error").inner_text()
