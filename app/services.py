@@ -10,6 +10,10 @@ from app.embeddings.service import EmbeddingService
 from app.errors import UserError
 from app.generation.outputs import ImageSaver
 from app.generation.txt2img import Txt2ImgService
+from app.hypernetworks.attention import HypernetworkStack
+from app.hypernetworks.attention import install as install_hypernetwork_attention
+from app.hypernetworks.database import HypernetworkDatabase
+from app.hypernetworks.service import HypernetworkService
 from app.jobs import JobRunner
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
@@ -29,6 +33,7 @@ class Services:
     txt2img: Txt2ImgService
     embeddings: EmbeddingService
     training: TrainingService
+    hypernetworks: HypernetworkService
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -64,11 +69,16 @@ def build_services(settings: Settings) -> Services:
     embedding_db = EmbeddingDatabase(settings.embeddings_dir)
     models.embedding_finder = embedding_db.find_embedding
     models.on_load(lambda model: embedding_db.set_model(model.pipe.tokenizer, model.text_width))
+    stack = HypernetworkStack()
+    slice_size = 1 if settings.opt_split_attention else None
+    models.on_load(lambda model: install_hypernetwork_attention(model.pipe.unet, stack, slice_size))
+    hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models)
     jobs = JobRunner()
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
-    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db)
-    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img)
-    services = Services(settings, options, models, jobs, txt2img, EmbeddingService(embedding_db, models), training)
+    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db, hypernetworks, stack)
+    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack)
+    embeddings = EmbeddingService(embedding_db, models)
+    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks)
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
     options.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})

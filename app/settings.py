@@ -34,6 +34,7 @@ class Settings:
     device_id: str | None = None
     use_cpu: list[str] = field(default_factory=list)
     no_hashing: bool = False
+    opt_split_attention: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", default=None, help="CUDA device index")
     p.add_argument("--use-cpu", nargs="+", default=[], help="'all' runs everything on the CPU")
     p.add_argument("--no-hashing", action="store_true", help="do not hash checkpoints")
+    p.add_argument(
+        "--opt-split-attention",
+        action="store_true",
+        help="compute attention a head at a time (less memory, a little slower)",
+    )
     return p
 
 

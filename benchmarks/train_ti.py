@@ -50,8 +50,16 @@ def run_ours(args, tmp: Path) -> dict:
     make_images(tmp / "data", args.size)
     services = build_services(Settings(data_dir=tmp))
     services.embeddings.create("zqbench", 1, "star")
-    base = dict(name="zqbench", data_root=str(tmp / "data"), training_width=args.size, training_height=args.size,
-                batch_size=args.batch, save_every=0, create_image_every=0, template_filename="subject.txt")
+    base = dict(
+        name="zqbench",
+        data_root=str(tmp / "data"),
+        training_width=args.size,
+        training_height=args.size,
+        batch_size=args.batch,
+        save_every=0,
+        create_image_every=0,
+        template_filename="subject.txt",
+    )
     services.training.train_embedding(TrainConfig(steps=5, **base)).wait()  # warm-up
     start = time.perf_counter()
     result = services.training.train_embedding(TrainConfig(steps=5 + args.steps, **base)).wait()
@@ -99,8 +107,15 @@ def run_baseline(args, tmp: Path) -> dict:
 
     def step(i: int) -> None:
         picks = [files[(i * args.batch + k) % len(files)] for k in range(args.batch)]
-        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(
-            (args.size, args.size)), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for p in picks]).to(device)
+        pixels = torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(Image.open(p).convert("RGB").resize((args.size, args.size)), dtype=np.float32) / 127.5
+                    - 1
+                ).permute(2, 0, 1)
+                for p in picks
+            ]
+        ).to(device)
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
@@ -138,16 +153,33 @@ def main() -> None:
         return
     results = {}
     for mode in ("baseline", "ours"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--batch",
-                              str(args.batch), "--size", str(args.size)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(args.size),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     b, o = results["baseline"], results["ours"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, size {args.size}px, batch {args.batch}, {args.steps} timed steps after 5 warm-up")
     print(f"baseline (diffusers-example style): {b['steps_per_s']:.2f} steps/s, peak {b['peak_mb']:.0f} MB")
     print(f"ours:                               {o['steps_per_s']:.2f} steps/s, peak {o['peak_mb']:.0f} MB")
-    print(f"speed ratio ours/baseline: {o['steps_per_s'] / b['steps_per_s']:.2f}x; "
-          f"peak memory ratio: {o['peak_mb'] / b['peak_mb']:.2f}")
+    print(
+        f"speed ratio ours/baseline: {o['steps_per_s'] / b['steps_per_s']:.2f}x; "
+        f"peak memory ratio: {o['peak_mb'] / b['peak_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,14 @@ from app.generation.outputs import ImageSaver
 from app.generation.preview import approx_preview
 from app.generation.samplers import build_scheduler, effective_schedule, find_sampler, find_schedule
 from app.generation.seeds import cpu_generators, resolve_seed
+from app.hypernetworks.attention import HypernetworkStack, attention_widths
+from app.hypernetworks.service import HypernetworkService
 from app.jobs import Interrupted, Job, JobRunner
 from app.models.manager import LoadedModel, ModelManager
 from app.options import Options
 from app.prompts.chunking import CHUNK_LENGTH
 from app.prompts.encoder import PromptEncoder
+from app.prompts.extra_networks import extract_extra_networks
 
 MAX_PROMPT_CHUNKS = 64  # 4800 tokens: far beyond any real prompt, short of tying the job thread up for minutes
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -64,6 +67,7 @@ class Txt2ImgResult:
     schedule: str
     interrupted: bool = False
     job_timestamp: str = ""
+    notes: list[str] = field(default_factory=list)  # what the request asked for that was not done, and why
 
     def info(self) -> dict[str, Any]:
         """The `info` object of A1111's txt2img response."""
@@ -103,7 +107,7 @@ class Txt2ImgResult:
             "is_using_inpainting_conditioning": False,
             "version": __version__,
             "interrupted": self.interrupted,
-            "notes": p.notes,
+            "notes": self.notes,
         }
 
     def info_json(self) -> str:
@@ -123,12 +127,16 @@ class Txt2ImgService:
         jobs: JobRunner,
         saver: ImageSaver,
         embeddings: EmbeddingDatabase | None = None,
+        hypernetworks: HypernetworkService | None = None,
+        stack: HypernetworkStack | None = None,
     ):
         self.models = models
         self.options = options
         self.jobs = jobs
         self.saver = saver
         self.embeddings = embeddings
+        self.hypernetworks = hypernetworks
+        self.stack = stack or HypernetworkStack()
 
     # -- validation ------------------------------------------------------------------------------------------------
     def validate(self, p: Txt2ImgParams) -> None:
@@ -148,7 +156,7 @@ class Txt2ImgService:
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()
         encoder = self.models.get().encoder
-        for label, text in (("Prompt", p.prompt), ("Negative prompt", p.negative_prompt)):
+        for label, text in (("Prompt", extract_extra_networks(p.prompt)[0]), ("Negative prompt", p.negative_prompt)):
             tokens = encoder.token_count(text)
             if tokens > MAX_PROMPT_CHUNKS * CHUNK_LENGTH:
                 raise UserError(
@@ -171,7 +179,12 @@ class Txt2ImgService:
             return self.run_on_model(model, p, job)
 
     def run_on_model(
-        self, model: LoadedModel, p: Txt2ImgParams, job: Job | None = None, encoder: PromptEncoder | None = None
+        self,
+        model: LoadedModel,
+        p: Txt2ImgParams,
+        job: Job | None = None,
+        encoder: PromptEncoder | None = None,
+        networks: list | None = None,
     ) -> Txt2ImgResult:
         """Generate with `model` (the caller holds the model lock); `encoder` overrides the model's prompt encoder
         (training previews use the embedding being trained)."""
@@ -184,7 +197,14 @@ class Txt2ImgService:
         f = model.vae_scale_factor
         shape = (model.pipe.unet.config.in_channels, p.height // f, p.width // f)
         encoder = encoder or model.encoder
-        cond = ScheduledConditioning(encoder, p.prompt, p.steps, clip_skip)
+        prompt_text, tags = extract_extra_networks(p.prompt)
+        networks, notes = list(networks or []), []
+        if tags and self.hypernetworks is not None:
+            resolved, notes = self.hypernetworks.resolve(tags, attention_widths(model.pipe.unet))
+            networks += resolved
+        elif tags:
+            notes = [f"{t.text}: extra networks are not available here; removed from the prompt" for t in tags]
+        cond = ScheduledConditioning(encoder, prompt_text, p.steps, clip_skip)
         uncond = ScheduledConditioning(encoder, p.negative_prompt, p.steps, clip_skip)
         used = {e.name: e for e in cond.embeddings_used() + uncond.embeddings_used()}
         ti_hashes = ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None
@@ -200,6 +220,7 @@ class Txt2ImgService:
             sampler_name=sampler.name,
             schedule=schedule,
             job_timestamp=time.strftime("%Y%m%d%H%M%S"),
+            notes=[*p.notes, *notes],
         )
         if job is not None:
             job.progress.job_count = p.n_iter
@@ -223,9 +244,10 @@ class Txt2ImgService:
                     job.check_interrupt()
 
             try:
-                latents = sample(
-                    model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps, generators, on_step
-                )
+                with self.stack.using(networks):
+                    latents = sample(
+                        model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps, generators, on_step
+                    )
             except Interrupted:
                 latents = current["latents"]
                 result.interrupted = True

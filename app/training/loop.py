@@ -184,11 +184,14 @@ def train(
             )
             noisy = noise_schedule.add_noise(x0, noise, t)
             wanted = noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-            cond = target.conditioning(texts, clip_skip).to(unet_dtype)
-            with target.unet_context():
-                pred = model.pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), wanted.float())
-            (loss / cfg.gradient_step).backward()
+            # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(gens[0].initial_seed())
+                cond = target.conditioning(texts, clip_skip).to(unet_dtype)
+                with target.unet_context():
+                    pred = model.pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
+                loss = F.mse_loss(pred.float(), wanted.float())
+                (loss / cfg.gradient_step).backward()
             step_loss += loss.item() / cfg.gradient_step
 
         grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)

@@ -10,6 +10,9 @@ from pathlib import Path
 from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
 from app.generation.txt2img import Txt2ImgParams, Txt2ImgService
+from app.hypernetworks.attention import HypernetworkStack
+from app.hypernetworks.hypernetwork import HypernetworkFormatError
+from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
 from app.models.manager import LoadedModel, ModelManager
 from app.options import Options
@@ -18,7 +21,7 @@ from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, load_dataset
 from app.training.loop import TrainResult, train
 from app.training.lr_schedule import LearnRateSchedule
-from app.training.targets import EmbeddingTarget, TrainingTarget
+from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget
 from app.training.templates import list_templates, read_template
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class TrainingService:
         jobs: JobRunner,
         embeddings: EmbeddingDatabase,
         txt2img: Txt2ImgService,
+        hypernetworks: HypernetworkService | None = None,
+        stack: HypernetworkStack | None = None,
     ):
         self.settings = settings
         self.models = models
@@ -51,6 +56,8 @@ class TrainingService:
         self.jobs = jobs
         self.embeddings = embeddings
         self.txt2img = txt2img
+        self.hypernetworks = hypernetworks
+        self.stack = stack or HypernetworkStack()
 
     def templates(self) -> list[str]:
         return list_templates(self.settings.templates_dir)
@@ -124,6 +131,36 @@ class TrainingService:
 
         return self.jobs.submit("train embedding", run_job, description=cfg.name)
 
+    # -- hypernetworks -----------------------------------------------------------------------------------------------
+    def train_hypernetwork(self, cfg: TrainConfig) -> Job:
+        """Validate, then queue the run; the job's result is a TrainResult."""
+        entry = self.hypernetworks.db.files().get(cfg.name) if self.hypernetworks else None
+        if entry is None:
+            raise UserError(
+                f"Hypernetwork '{cfg.name}' not found in {self.settings.hypernetwork_dir}. Create it "
+                "first (Create hypernetwork)."
+            )
+        try:
+            step = self.hypernetworks.db.load_path(entry.path).step
+        except HypernetworkFormatError as e:
+            raise UserError(str(e)) from None
+        run = self.prepare(cfg, "hypernetwork", require_name=False)
+        if (step or 0) >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
+            raise UserError(
+                f"Hypernetwork '{cfg.name}' is already at step {step}; raise max steps above that to train further."
+            )
+
+        def run_job(job: Job) -> TrainResult:
+            with self.models.lock:
+                model = self.models.get()
+                target = HypernetworkTarget(entry.path, model, self.stack)
+                try:
+                    return self._run(target, model, run, job)
+                finally:
+                    self.hypernetworks.db.forget(entry.path)
+
+        return self.jobs.submit("train hypernetwork", run_job, description=cfg.name)
+
     def _run(self, target: TrainingTarget, model: LoadedModel, run: PreparedRun, job: Job) -> TrainResult:
         cfg = run.cfg
         clip_skip = int(self.options["CLIP_stop_at_last_layers"] or 1)
@@ -156,7 +193,7 @@ class TrainingService:
                     height=int(cfg.training_height),
                     save_images=False,
                 )
-            result = self.txt2img.run_on_model(model, params, None, target.preview_encoder())
+            result = self.txt2img.run_on_model(model, params, None, target.preview_encoder(), target.preview_networks())
             return result.images[0], result.infotexts[0]
 
         return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview)

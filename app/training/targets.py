@@ -3,7 +3,7 @@ prompts, a context to run the UNet in, and how to save itself; it knows nothing 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +15,8 @@ from app.embeddings.writer import a1111_dict, save_png, save_pt, save_safetensor
 from app.errors import UserError
 from app.fileio import atomic_write
 from app.generation.infotext import pnginfo_for
+from app.hypernetworks.attention import HypernetworkStack, attention_widths
+from app.hypernetworks.files import read_hypernetwork_file, save_hypernetwork
 from app.models.manager import LoadedModel
 from app.prompts.encoder import PromptEncoder
 from app.training.checkpoint import tensors_hash
@@ -35,6 +37,8 @@ class TrainingTarget(Protocol):
     def unet_context(self) -> AbstractContextManager: ...
 
     def preview_encoder(self) -> PromptEncoder: ...
+
+    def preview_networks(self) -> list: ...
 
     def digest(self) -> str: ...
 
@@ -91,6 +95,9 @@ class EmbeddingTarget:
     def preview_encoder(self) -> PromptEncoder:
         return self._encoder
 
+    def preview_networks(self) -> list:
+        return []
+
     def digest(self) -> str:
         return tensors_hash([self.vectors])
 
@@ -127,3 +134,71 @@ class EmbeddingTarget:
 
 def save_image(path: Path, image: Image.Image, infotext: str) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=pnginfo_for(infotext)))
+
+
+class HypernetworkTarget:
+    """Trains a hypernetwork's modules for the widths the loaded model has; UNet and text encoder stay frozen."""
+
+    kind = "hypernetwork"
+    weight_decay = 0.01  # A1111's AdamW weight decay for hypernetworks
+    requires_name_in_template = False
+
+    def __init__(self, path: Path, model: LoadedModel, stack: HypernetworkStack):
+        self.path = path
+        self.hn = read_hypernetwork_file(path).to(model.device)
+        self.name = self.hn.name = path.stem
+        self.initial_step = int(self.hn.step or 0)
+        self.widths = attention_widths(model.pipe.unet) & set(self.hn.widths)
+        if not self.widths:
+            raise UserError(
+                f"Hypernetwork '{self.name}' has modules for widths {self.hn.widths}, none of which the "
+                f"loaded model uses ({sorted(attention_widths(model.pipe.unet))}); nothing would train."
+            )
+        self._params = self.hn.parameters_for(self.widths)
+        for p in self._params:
+            p.requires_grad_(True)
+        self._stack = stack
+        self._encoder = model.encoder
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self._encoder.encode(texts, clip_skip)
+
+    @contextmanager
+    def unet_context(self):
+        self.hn.train(True)
+        with self._stack.using([(self.hn, 1.0)]):
+            yield
+
+    def preview_encoder(self) -> PromptEncoder:
+        return self._encoder
+
+    def preview_networks(self) -> list:
+        self.hn.train(False)
+        return [(self.hn, 1.0)]
+
+    def digest(self) -> str:
+        return tensors_hash(self._params)
+
+    @property
+    def optim_path(self) -> Path:
+        return self.path.with_suffix(".optim")
+
+    def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
+        self.hn.step = step
+        self.hn.sd_checkpoint, self.hn.sd_checkpoint_name = model.info.short_hash, model.info.model_name
+        save_hypernetwork(self.hn, self.path)
+        if copy_to is not None:
+            self.hn.name = f"{self.name}-{step}"
+            try:
+                save_hypernetwork(self.hn, copy_to)
+            finally:
+                self.hn.name = self.name
+
+    def save_preview(
+        self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel
+    ) -> None:
+        save_image(path, image, infotext)

@@ -143,7 +143,7 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
             yield done
             return
         done[gallery] = result.paths or result.images
-        done[info] = info_html(result.infotexts[0], time.time() - started, result.params.notes, result.interrupted)
+        done[info] = info_html(result.infotexts[0], time.time() - started, result.notes, result.interrupted)
         done[last_seed] = result.seeds[0]
         yield done
 

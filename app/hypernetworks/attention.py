@@ -1,0 +1,119 @@
+"""The attention processor that applies hypernetworks to the k and v inputs of every UNet attention layer.
+
+k_in = x, v_in = x; for each active hypernetwork with a module for x's width, in prompt order (chained, not summed):
+k_in = k_module(k_in, mult), v_in = v_module(v_in, mult). x is the cross-attention context (768/1024 wide) or, in
+self-attention, the hidden states (320/640/1280). Attention itself is SDPA, or sliced SDPA to save memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from app.hypernetworks.hypernetwork import Hypernetwork
+
+
+class HypernetworkStack:
+    """The hypernetworks active for the current generation or training step (set by the job holding the model)."""
+
+    def __init__(self) -> None:
+        self.active: list[tuple[Hypernetwork, float]] = []
+
+    @contextmanager
+    def using(self, networks: list[tuple[Hypernetwork, float]]) -> Iterator[None]:
+        previous = self.active
+        self.active = [(hn, m) for hn, m in networks if m != 0]  # 0 disables: exactly the image without it
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_in = v_in = context
+        for hn, multiplier in self.active:
+            pair = hn.layers.get(context.shape[-1])
+            if pair is not None:
+                k_in = pair[0](k_in, multiplier)
+                v_in = pair[1](v_in, multiplier)
+        return k_in, v_in
+
+
+class HypernetworkAttnProcessor:
+    """SDPA attention with hypernetwork-transformed k/v inputs; `slice_size` heads at a time when set."""
+
+    def __init__(self, stack: HypernetworkStack, slice_size: int | None = None):
+        self.stack = stack
+        self.slice_size = slice_size
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch, _, _ = hidden_states.shape
+        context_length = (encoder_hidden_states if encoder_hidden_states is not None else hidden_states).shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            context = encoder_hidden_states
+        k_in, v_in = self.stack.apply(context) if self.stack.active else (context, context)
+        key, value = attn.to_k(k_in), attn.to_v(v_in)
+
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = self._attention(query, key, value, attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if four_d:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attention(self, q, k, v, mask):
+        if not self.slice_size or self.slice_size >= q.shape[1]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        parts = []
+        for start in range(0, q.shape[1], self.slice_size):
+            heads = slice(start, start + self.slice_size)
+            part_mask = mask[:, heads] if mask is not None and mask.shape[1] > 1 else mask
+            parts.append(F.scaled_dot_product_attention(q[:, heads], k[:, heads], v[:, heads], attn_mask=part_mask))
+        return torch.cat(parts, dim=1)
+
+
+def attention_widths(unet: torch.nn.Module) -> set[int]:
+    """The k/v input widths of the UNet's attention layers (context width for cross-attention, hidden width for
+    self-attention): the widths a hypernetwork needs modules for."""
+    return {int(m.to_k.in_features) for m in unet.modules() if hasattr(m, "to_k") and hasattr(m, "processor")}
+
+
+def install(unet: torch.nn.Module, stack: HypernetworkStack, slice_size: int | None = None) -> None:
+    unet.set_attn_processor(HypernetworkAttnProcessor(stack, slice_size))
