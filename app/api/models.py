@@ -141,6 +141,28 @@ class PreprocessRequest(BaseModel):
     process_multicrop: bool = False
 
 
+class CreateHypernetworkRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    enable_sizes: list[int] = Field(default_factory=lambda: [768, 320, 640, 1280])
+    overwrite_old: bool = False
+    layer_structure: str | list[float] | None = None
+    activation_func: str | None = None
+    weight_init: str | None = None
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: str | list[float] | None = None
+    last_layer_dropout: bool = False
+
+
+class TrainHypernetworkRequest(TrainRequest):
+    hypernetwork_name: str
+    learn_rate: str | float = "0.00001"
+    template_filename: str = "hypernetwork.txt"
+    save_hypernetwork_every: int = 500
+
+
 class PNGInfoRequest(BaseModel):
     image: str
 

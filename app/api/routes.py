@@ -13,11 +13,13 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from app.api.imagecodec import decode_image, encode_png
 from app.api.models import (
     CreateEmbeddingRequest,
+    CreateHypernetworkRequest,
     PNGInfoRequest,
     PreprocessRequest,
     ProgressResponse,
     ProgressState,
     TrainEmbeddingRequest,
+    TrainHypernetworkRequest,
     TrainRequest,
     Txt2ImgRequest,
     Txt2ImgResponse,
@@ -254,6 +256,42 @@ def register_api(app: FastAPI, services: Services) -> None:
                 status_code=e.status_code, content={"detail": str(e), "info": f"train embedding error: {e}"}
             )
         return {"info": train_info(job, "embedding")}
+
+    @router.get("/hypernetworks")
+    def hypernetworks() -> list[dict[str, str]]:
+        return services.hypernetworks.listing()
+
+    @router.post("/create/hypernetwork")
+    def create_hypernetwork(req: CreateHypernetworkRequest) -> Any:
+        try:
+            path, warnings = services.hypernetworks.create(
+                req.name,
+                req.enable_sizes,
+                req.layer_structure or "1, 2, 1",
+                req.activation_func or "linear",
+                req.weight_init or "Normal",
+                req.add_layer_norm,
+                req.use_dropout,
+                req.dropout_structure,
+                req.overwrite_old,
+                req.last_layer_dropout,
+            )
+        except UserError as e:
+            return JSONResponse(
+                status_code=e.status_code, content={"detail": str(e), "info": f"create hypernetwork error: {e}"}
+            )
+        return {"info": f"create hypernetwork filename: {path}", "warnings": warnings}
+
+    @router.post("/train/hypernetwork")
+    def train_hypernetwork(req: TrainHypernetworkRequest) -> Any:
+        cfg = train_config(req, req.hypernetwork_name, req.save_hypernetwork_every)
+        try:
+            job = services.training.train_hypernetwork(cfg)
+        except UserError as e:
+            return JSONResponse(
+                status_code=e.status_code, content={"detail": str(e), "info": f"train hypernetwork error: {e}"}
+            )
+        return {"info": train_info(job, "hypernetwork")}
 
     @router.post("/preprocess")
     def preprocess_images(req: PreprocessRequest) -> dict[str, str]:

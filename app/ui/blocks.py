@@ -6,6 +6,7 @@ import gradio as gr
 
 from app.errors import UserError
 from app.services import Services
+from app.ui.hypernetworks_tab import build_hypernetworks_tab
 from app.ui.pnginfo_tab import build_pnginfo_tab
 from app.ui.textual_inversion_tab import build_textual_inversion_tab
 from app.ui.txt2img_tab import build_txt2img_tab
@@ -68,9 +69,11 @@ def build_ui(services: Services) -> gr.Blocks:
 
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                txt2img_fields, embedding_list = build_txt2img_tab(services)
+                txt2img_fields, embedding_list, hypernetwork_list = build_txt2img_tab(services)
             with gr.Tab("Textual Inversion", id="textual_inversion"), gr.Tabs():
                 build_textual_inversion_tab(services, embedding_list, txt2img_fields)
+            with gr.Tab("Hypernetworks", id="hypernetworks"), gr.Tabs():
+                build_hypernetworks_tab(services, hypernetwork_list, txt2img_fields)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
 
@@ -78,7 +81,11 @@ def build_ui(services: Services) -> gr.Blocks:
         def on_page_load():
             current = services.options["sd_model_checkpoint"]
             choices = [c.title for c in services.models.checkpoints]
-            return [gr.update(choices=choices, value=current), *embedding_list.refreshed(False)]
+            return [
+                gr.update(choices=choices, value=current),
+                *embedding_list.refreshed(False),
+                *hypernetwork_list.refreshed(False),
+            ]
 
-        demo.load(on_page_load, outputs=[checkpoint, *embedding_list.outputs])
+        demo.load(on_page_load, outputs=[checkpoint, *embedding_list.outputs, *hypernetwork_list.outputs])
     return demo

@@ -1,12 +1,12 @@
-"""The "Textual Inversion" list under the txt2img prompt: click a name to insert it; see what was skipped why."""
+"""The extra-network lists under the txt2img prompt (Textual Inversion, Hypernetworks): click a name to insert it
+into the prompt; files that cannot be used are listed with the reason."""
 
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 
 import gradio as gr
-
-from app.embeddings.service import EmbeddingService
 
 
 def insert_into_prompt(prompt: str, text: str) -> str:
@@ -17,37 +17,52 @@ def insert_into_prompt(prompt: str, text: str) -> str:
     return prompt + text
 
 
-def skipped_html(service: EmbeddingService) -> str:
-    skipped = service.listing()["skipped"]
+def skipped_html(skipped: list[tuple[str, str, str]], elem_id: str) -> str:
+    """(name, path, reason) rows as a collapsible list."""
     if not skipped:
         return ""
     rows = "".join(
-        f"<li><b>{html.escape(name)}</b> ({html.escape(info['path'])}): {html.escape(info['reason'])}</li>"
-        for name, info in skipped.items()
+        f"<li><b>{html.escape(name)}</b> ({html.escape(path)}): {html.escape(reason)}</li>"
+        for name, path, reason in skipped
     )
-    return f"<details id='ti_skipped'><summary>{len(skipped)} skipped</summary><ul>{rows}</ul></details>"
+    return f"<details id='{elem_id}'><summary>{len(skipped)} skipped</summary><ul>{rows}</ul></details>"
 
 
-class EmbeddingList:
-    """The clickable list of loaded embeddings and its refresh control."""
+class NetworkList:
+    """A titled, clickable list of names plus a refresh control and the skipped files."""
 
-    def __init__(self, service: EmbeddingService, prompt: gr.Textbox):
-        self.service = service
-        with gr.Accordion("Textual Inversion", open=True, elem_id="txt2img_textual_inversion"):
+    def __init__(
+        self,
+        title: str,
+        elem_prefix: str,
+        prompt: gr.Textbox,
+        names: Callable[[], list[str]],
+        skipped: Callable[[], list[tuple[str, str, str]]],
+        refresh: Callable[[], None],
+        insert_text: Callable[[str], str],
+    ):
+        self._names, self._skipped, self._refresh, self.elem_prefix = names, skipped, refresh, elem_prefix
+        self.noun = title.lower()
+        with gr.Accordion(title, open=True, elem_id=f"txt2img_{elem_prefix}"):
             with gr.Row():
-                self.refresh_button = gr.Button("🔄 Refresh", size="sm", elem_id="ti_refresh", scale=0, min_width=120)
-                self.count = gr.Markdown(self._count_text(), elem_id="ti_count")
+                self.refresh_button = gr.Button(
+                    "🔄 Refresh", size="sm", elem_id=f"{elem_prefix}_refresh", scale=0, min_width=120
+                )
+                self.count = gr.Markdown(self._count_text(), elem_id=f"{elem_prefix}_count")
             self.cards = gr.Dataset(
                 components=[gr.Textbox(visible=False)],
                 samples=self._samples(),
-                label="Embeddings (click to add to the prompt)",
-                elem_id="ti_cards",
+                label=f"{title} (click to add to the prompt)",
+                elem_id=f"{elem_prefix}_cards",
                 samples_per_page=40,
                 type="values",
             )
-            self.skipped = gr.HTML(skipped_html(service), elem_id="ti_skipped_html")
+            self.skipped = gr.HTML(skipped_html(skipped(), f"{elem_prefix}_skipped"))
         self.cards.click(
-            lambda value, p: insert_into_prompt(p, value[0]), inputs=[self.cards, prompt], outputs=prompt, queue=False
+            lambda value, p: insert_into_prompt(p, insert_text(value[0])),
+            inputs=[self.cards, prompt],
+            outputs=prompt,
+            queue=False,
         )
         self.refresh_button.click(self.refreshed, outputs=self.outputs)
 
@@ -56,13 +71,17 @@ class EmbeddingList:
         return [self.cards, self.count, self.skipped]
 
     def _samples(self) -> list[list[str]]:
-        return [[name] for name in self.service.names()]
+        return [[name] for name in self._names()]
 
     def _count_text(self) -> str:
-        n = len(self.service.names())
-        return f"{n} embedding{'s' if n != 1 else ''} loaded" if n else "No embeddings loaded yet."
+        n = len(self._names())
+        return f"{n} loaded" if n else f"No {self.noun} yet."
 
     def refreshed(self, force: bool = True) -> list:
         if force:
-            self.service.refresh()
-        return [gr.Dataset(samples=self._samples()), self._count_text(), skipped_html(self.service)]
+            self._refresh()
+        return [
+            gr.Dataset(samples=self._samples()),
+            self._count_text(),
+            skipped_html(self._skipped(), f"{self.elem_prefix}_skipped"),
+        ]

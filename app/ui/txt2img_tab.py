@@ -12,7 +12,7 @@ from app.generation.samplers import sampler_names, schedule_labels
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MAX_STEPS, MIN_SIZE, Txt2ImgParams
 from app.jobs import Job
 from app.services import Services
-from app.ui.extra_networks import EmbeddingList
+from app.ui.extra_networks import NetworkList
 
 POLL_SECONDS = 0.25
 
@@ -40,7 +40,7 @@ def info_html(infotext: str, seconds: float, notes: list[str], interrupted: bool
     return "".join(lines)
 
 
-def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Component], EmbeddingList]:
+def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Component], NetworkList, NetworkList]:
     size = services.models.get().native_size
     with gr.Row():
         with gr.Column(scale=6):
@@ -84,7 +84,24 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
                 label="Output", elem_id="txt2img_gallery", columns=4, height="auto", object_fit="contain", format="png"
             )
             info = gr.HTML(elem_id="html_info_txt2img")
-    embedding_list = EmbeddingList(services.embeddings, prompt)
+    embedding_list = NetworkList(
+        "Textual Inversion",
+        "ti",
+        prompt,
+        services.embeddings.names,
+        lambda: [(n, i["path"], i["reason"]) for n, i in services.embeddings.listing()["skipped"].items()],
+        services.embeddings.refresh,
+        lambda name: name,
+    )
+    hypernetwork_list = NetworkList(
+        "Hypernetworks",
+        "hn",
+        prompt,
+        lambda: [d["name"] for d in services.hypernetworks.details() if d["usable"]],
+        lambda: [(d["name"], d["path"], d["reason"]) for d in services.hypernetworks.details() if not d["usable"]],
+        lambda: None,
+        lambda name: f"<hypernet:{name}:1>",
+    )
     last_seed = gr.State(-1)
 
     inputs = [prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch_count, batch_size]
@@ -165,4 +182,4 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         "height": height,
         "seed": seed,
     }
-    return fields, embedding_list
+    return fields, embedding_list, hypernetwork_list

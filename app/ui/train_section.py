@@ -1,0 +1,178 @@
+"""The Train section shared by the Textual Inversion and Hypernetworks tabs (A1111's fields and defaults)."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from app.errors import UserError
+from app.services import Services
+from app.training.config import TrainConfig
+from app.ui.training_panel import TrainingPanel
+
+
+@dataclass(frozen=True)
+class TrainKind:
+    kind: str  # "embedding" | "hypernetwork"
+    prefix: str  # elem_id prefix
+    learn_rate: str
+    template: str
+    button: str
+    panel: str  # elem_id prefix of the live panel
+
+
+EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Train Embedding", "ti_train")
+HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
+
+
+class TrainSection:
+    def __init__(self, services: Services, spec: TrainKind, txt2img: dict[str, gr.components.Component]):
+        self.services, self.spec = services, spec
+        with gr.Row():
+            with gr.Column():
+                self.fields = self._fields()
+            with gr.Column():
+                self.panel = TrainingPanel(services, spec.kind, spec.panel)
+        f = self.fields
+        self.order = [k for k in f if k not in ("name_refresh", "template_refresh", "train", "interrupt")]
+        preview_inputs = [
+            txt2img[k]
+            for k in ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "seed", "width", "height")
+        ]
+        f["train"].click(self.on_train, inputs=[f[k] for k in self.order] + preview_inputs, outputs=self.panel.message)
+        f["interrupt"].click(lambda: services.jobs.interrupt(services.training.running()), queue=False)
+        f["name_refresh"].click(lambda: gr.update(choices=self.names()), outputs=f["name"])
+        f["template_refresh"].click(
+            lambda: gr.update(choices=services.training.templates()), outputs=f["template_filename"]
+        )
+
+    def names(self) -> list[str]:
+        if self.spec.kind == "embedding":
+            return self.services.embeddings.names()
+        return self.services.hypernetworks.names()
+
+    def _fields(self) -> dict[str, gr.components.Component]:
+        spec, services = self.spec, self.services
+        p = spec.prefix
+        templates = services.training.templates()
+        label = "Embedding" if spec.kind == "embedding" else "Hypernetwork"
+        f: dict[str, gr.components.Component] = {}
+        with gr.Row(equal_height=True):
+            f["name"] = gr.Dropdown(self.names(), label=label, elem_id=f"{p}_{spec.kind}", scale=4)
+            f["name_refresh"] = gr.Button("🔄", elem_id=f"{p}_{spec.kind}_refresh", scale=0, min_width=48)
+        f["learn_rate"] = gr.Textbox(
+            label=f"{label} Learning rate", value=spec.learn_rate, elem_id=f"{p}_{spec.kind}_lr"
+        )
+        with gr.Row():
+            f["clip_grad_mode"] = gr.Dropdown(
+                ["disabled", "value", "norm"],
+                value="disabled",
+                label="Gradient Clipping",
+                elem_id=f"{p}_clip_grad_mode",
+            )
+            f["clip_grad_value"] = gr.Textbox(value="0.1", label="Clipping value", elem_id=f"{p}_clip_grad_value")
+        with gr.Row():
+            f["batch_size"] = gr.Number(value=1, precision=0, label="Batch size", elem_id=f"{p}_batch_size")
+            f["gradient_step"] = gr.Number(
+                value=1, precision=0, label="Gradient accumulation steps", elem_id=f"{p}_gradient_step"
+            )
+        f["data_root"] = gr.Textbox(
+            label="Dataset directory",
+            placeholder="Path to directory with input images",
+            elem_id=f"{p}_dataset_directory",
+        )
+        f["log_directory"] = gr.Textbox(label="Log directory", value="log", elem_id=f"{p}_log_directory")
+        with gr.Row(equal_height=True):
+            f["template_filename"] = gr.Dropdown(
+                templates,
+                value=spec.template if spec.template in templates else None,
+                label="Prompt template",
+                elem_id=f"{p}_template_file",
+                scale=4,
+            )
+            f["template_refresh"] = gr.Button("🔄", elem_id=f"{p}_template_refresh", scale=0, min_width=48)
+        size = services.models.get().native_size
+        f["training_width"] = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id=f"{p}_width")
+        f["training_height"] = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id=f"{p}_height")
+        f["varsize"] = gr.Checkbox(False, label="Do not resize images", elem_id=f"{p}_varsize")
+        f["steps"] = gr.Number(value=100000, precision=0, label="Max steps", elem_id=f"{p}_steps")
+        with gr.Row():
+            f["create_image_every"] = gr.Number(
+                value=500,
+                precision=0,
+                label="Save an image to log directory every N steps, 0 to disable",
+                elem_id=f"{p}_create_image_every",
+            )
+            f["save_every"] = gr.Number(
+                value=500,
+                precision=0,
+                label=f"Save a copy of {spec.kind} to log directory every N steps, 0 to disable",
+                elem_id=f"{p}_save_{spec.kind}_every",
+            )
+        if spec.kind == "embedding":
+            f["save_image_with_stored_embedding"] = gr.Checkbox(
+                True, label="Save images with embedding in PNG chunks", elem_id=f"{p}_save_image_with_stored_embedding"
+            )
+        f["preview_from_txt2img"] = gr.Checkbox(
+            False,
+            label="Read parameters (prompt, etc...) from txt2img tab when making previews",
+            elem_id=f"{p}_preview_from_txt2img",
+        )
+        f["shuffle_tags"] = gr.Checkbox(
+            False, label="Shuffle tags by ',' when creating prompts.", elem_id=f"{p}_shuffle_tags"
+        )
+        f["tag_drop_out"] = gr.Slider(
+            0, 0.99, value=0, step=0.01, label="Drop out tags when creating prompts.", elem_id=f"{p}_tag_drop_out"
+        )
+        f["latent_sampling_method"] = gr.Radio(
+            ["once", "deterministic", "random"],
+            value="once",
+            label="Choose latent sampling method",
+            elem_id=f"{p}_latent_sampling_method",
+        )
+        with gr.Row():
+            f["interrupt"] = gr.Button("Interrupt", elem_id=f"{p}_interrupt_training")
+            f["train"] = gr.Button(spec.button, variant="primary", elem_id=f"{p}_train_{spec.kind}")
+        return f
+
+    def config(self, values: tuple[Any, ...]) -> TrainConfig:
+        given = dict(zip(self.order, values[: len(self.order)], strict=True))
+        prompt, negative, steps, sampler, cfg_scale, seed, width, height = values[len(self.order) :]
+        numbers = (
+            "batch_size",
+            "gradient_step",
+            "training_width",
+            "training_height",
+            "steps",
+            "create_image_every",
+            "save_every",
+        )
+        fields = {k: (int(v) if k in numbers else v) for k, v in given.items()}
+        fields["name"] = fields["name"] or ""
+        fields["template_filename"] = fields["template_filename"] or ""
+        fields["tag_drop_out"] = float(fields["tag_drop_out"])
+        return TrainConfig(
+            **fields,
+            preview_prompt=prompt or "",
+            preview_negative_prompt=negative or "",
+            preview_steps=int(steps),
+            preview_sampler_name=sampler,
+            preview_cfg_scale=float(cfg_scale),
+            preview_seed=int(seed if seed is not None else -1),
+            preview_width=int(width),
+            preview_height=int(height),
+        )
+
+    def on_train(self, *values) -> str:
+        try:
+            cfg = self.config(values)
+            if self.spec.kind == "embedding":
+                self.services.training.train_embedding(cfg)
+            else:
+                self.services.training.train_hypernetwork(cfg)
+        except (UserError, ValueError, TypeError) as e:
+            return f"<p class='gen-error' id='train_error'>{html.escape(str(e))}</p>"
+        return f"<p id='train_started'>Training {self.spec.kind} '{html.escape(cfg.name)}' started.</p>"
