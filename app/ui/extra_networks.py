@@ -40,9 +40,10 @@ class NetworkList:
         skipped: Callable[[], list[tuple[str, str, str]]],
         refresh: Callable[[], None],
         insert_text: Callable[[str], str],
+        noun: str,
     ):
         self._names, self._skipped, self._refresh, self.elem_prefix = names, skipped, refresh, elem_prefix
-        self.noun = title.lower()
+        self.noun = noun
         with gr.Accordion(title, open=True, elem_id=f"txt2img_{elem_prefix}"):
             with gr.Row():
                 self.refresh_button = gr.Button(

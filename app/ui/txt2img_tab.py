@@ -92,6 +92,7 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         lambda: [(n, i["path"], i["reason"]) for n, i in services.embeddings.listing()["skipped"].items()],
         services.embeddings.refresh,
         lambda name: name,
+        "embeddings",
     )
     hypernetwork_list = NetworkList(
         "Hypernetworks",
@@ -101,6 +102,7 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         lambda: [(d["name"], d["path"], d["reason"]) for d in services.hypernetworks.details() if not d["usable"]],
         lambda: None,
         lambda name: f"<hypernet:{name}:1>",
+        "hypernetworks",
     )
     last_seed = gr.State(-1)
 
