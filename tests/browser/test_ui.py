@@ -208,3 +208,26 @@ def test_preprocess_images_from_the_ui(page, server, tmp_path):
     fill_field(page, "preprocess_dst", src)
     page.locator("#preprocess_run").click()
     assert "outside the source" in page.locator("#preprocess_error").inner_text()
+
+
+def test_create_a_hypernetwork_and_use_it_from_its_card(page, server):
+    open_ui(page, server)
+    page.get_by_role("tab", name="Hypernetworks").click()
+    fill_field(page, "hypernetwork_name", "uihn")
+    page.locator("#create_hypernetwork").click()
+    assert "uihn.pt" in page.locator("#hn_create_ok").inner_text()
+    page.locator("#create_hypernetwork").click()
+    assert "already exists" in page.locator("#hn_create_error").inner_text()
+    fill_field(page, "hypernetwork_name", "uibad")
+    fill_field(page, "hypernetwork_layer_structure", "1, 0, 1")
+    page.locator("#create_hypernetwork").click()
+    page.wait_for_function("document.querySelector('#hn_create_error').innerText.includes('zero or negative')")
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#hn_cards").get_by_text("uihn", exact=True).click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === 'a red circle <hypernet:uihn:1>'"
+    )
+    page.locator("#txt2img_generate").click()
+    assert page.locator("#generation_info_text").inner_text().startswith("a red circle <hypernet:uihn:1>")
+    assert page.locator(".gen-note").count() == 0
