@@ -426,3 +426,16 @@ def test_train_hypernetwork_refusals(services, hn_dataset):
 
 def test_hypernetwork_format_error_is_a_user_error():
     assert issubclass(HypernetworkFormatError, UserError)
+
+
+def test_cross_attention_cache_returns_the_uncached_result_and_follows_changes():
+    a = Hypernetwork.create("a", [W], [1, 2, 1], "relu", "XavierNormal", False, False, None, seed=4)
+    stack = HypernetworkStack()
+    context = rand(2, 77, W, seed=5)
+    with torch.no_grad(), stack.using([(a, 0.6)]):
+        first = stack.apply(context, cross_attention=True)
+        again = stack.apply(context, cross_attention=True)
+        assert again[0] is first[0]  # reused, not recomputed
+        torch.testing.assert_close(first[0], a.layers[W][0](context, 0.6))
+        context.mul_(2)  # changed in place: the cache must not answer for the old values
+        torch.testing.assert_close(stack.apply(context, cross_attention=True)[1], a.layers[W][1](context, 0.6))

@@ -74,16 +74,28 @@ def sample(
     # Second-order samplers (Heun, DPM2) take about two model calls per step: map calls back onto steps.
     per_step = len(timesteps) / steps
 
+    contexts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+    def context_for(step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond, both) for a step, built once per distinct pair so the same tensors recur across steps
+        (attention processors may then reuse work done on them)."""
+        c_raw, u_raw = cond.at(step_index), uncond.at(step_index)
+        key = (id(c_raw), id(u_raw))
+        if key not in contexts:
+            c = c_raw.to(dtype).expand(batch, -1, -1)
+            u = u_raw.to(dtype).expand(batch, -1, -1)
+            contexts[key] = (c, u, torch.cat([u, c]) if c.shape[1] == u.shape[1] else None)
+        return contexts[key]
+
     for i, t in enumerate(timesteps):
         step_index = min(steps - 1, int(i / per_step))
         model_in = scheduler.scale_model_input(latents, t).to(dtype)
-        c = cond.at(step_index).to(dtype).expand(batch, -1, -1)
+        c, u, both_context = context_for(step_index)
         if cfg_scale == 1.0:
             noise = unet(model_in, t, encoder_hidden_states=c).sample.float()
         else:
-            u = uncond.at(step_index).to(dtype).expand(batch, -1, -1)
-            if c.shape[1] == u.shape[1]:
-                both = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=torch.cat([u, c])).sample
+            if both_context is not None:
+                both = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=both_context).sample
                 noise_u, noise_c = both.float().chunk(2)
             else:
                 noise_u = unet(model_in, t, encoder_hidden_states=u).sample.float()

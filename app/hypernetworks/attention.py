@@ -21,17 +21,34 @@ class HypernetworkStack:
 
     def __init__(self) -> None:
         self.active: list[tuple[Hypernetwork, float]] = []
+        # Cross-attention contexts repeat across layers and steps; without autograd their k/v inputs are kept
+        # here (with the context itself, so its memory cannot be reused by another tensor while cached).
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @contextmanager
     def using(self, networks: list[tuple[Hypernetwork, float]]) -> Iterator[None]:
         previous = self.active
         self.active = [(hn, m) for hn, m in networks if m != 0]  # 0 disables: exactly the image without it
+        self._cache = {}
         try:
             yield
         finally:
             self.active = previous
+            self._cache = {}
 
-    def apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, context: torch.Tensor, cross_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v inputs for `context`. Cross-attention contexts (the prompt) are cached outside autograd."""
+        if not cross_attention or torch.is_grad_enabled():
+            return self._apply(context)
+        key = (context.data_ptr(), tuple(context.shape), context.dtype, context._version)
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) >= 16:  # a few distinct prompts per generation at most (prompt editing)
+                self._cache.clear()
+            hit = self._cache[key] = (context, *self._apply(context))
+        return hit[1], hit[2]
+
+    def _apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_in = v_in = context
         for hn, multiplier in self.active:
             pair = hn.layers.get(context.shape[-1])
@@ -80,7 +97,10 @@ class HypernetworkAttnProcessor:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         else:
             context = encoder_hidden_states
-        k_in, v_in = self.stack.apply(context) if self.stack.active else (context, context)
+        if self.stack.active:
+            k_in, v_in = self.stack.apply(context, cross_attention=encoder_hidden_states is not None)
+        else:
+            k_in = v_in = context
         key, value = attn.to_k(k_in), attn.to_v(v_in)
 
         head_dim = key.shape[-1] // attn.heads
