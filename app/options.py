@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "sd_model_checkpoint": None,
     "sd_checkpoint_hash": None,
+    "sd_vae": "Automatic",
     "CLIP_stop_at_last_layers": 1,
     "comma_padding_backtrack": 20,
     "samples_save": True,

@@ -9,6 +9,7 @@ from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import EmbeddingService
 from app.errors import UserError
 from app.generation.outputs import ImageSaver
+from app.generation.styles import StyleDatabase
 from app.generation.txt2img import Txt2ImgService
 from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.attention import install as install_hypernetwork_attention
@@ -34,6 +35,7 @@ class Services:
     embeddings: EmbeddingService
     training: TrainingService
     hypernetworks: HypernetworkService
+    styles: StyleDatabase
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -42,6 +44,31 @@ class Services:
         loaded = job.wait()
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
+
+    def select_vae(self, choice: str | None) -> str:
+        """Switch the VAE (queued like a checkpoint swap); saves the choice."""
+        job = self.jobs.submit("load VAE", lambda job: self.models.apply_vae(choice), description=str(choice))
+        used = job.wait()
+        self.options.update({"sd_vae": used})
+        return used
+
+    def generate_with_overrides(self, params, overrides: dict, restore: bool = True):
+        """txt2img with A1111's `override_settings` (checkpoint, VAE, Clip skip), restored afterwards if asked."""
+        before = {"sd_model_checkpoint": self.options["sd_model_checkpoint"], "sd_vae": self.options["sd_vae"]}
+        checkpoint, vae = overrides.get("sd_model_checkpoint"), overrides.get("sd_vae")
+        if checkpoint:
+            self.models.find(str(checkpoint))
+        if checkpoint:
+            self.select_checkpoint(str(checkpoint))
+        if vae is not None:
+            self.select_vae(str(vae))
+        try:
+            return self.txt2img.generate(params)
+        finally:
+            if restore and checkpoint and before["sd_model_checkpoint"] != self.options["sd_model_checkpoint"]:
+                self.select_checkpoint(str(before["sd_model_checkpoint"]))
+            if restore and vae is not None and before["sd_vae"] != self.options["sd_vae"]:
+                self.select_vae(before["sd_vae"])
 
     def set_options(self, values: dict) -> None:
         """Apply option changes; checkpoint and Clip skip are checked before anything is kept."""
@@ -55,12 +82,17 @@ class Services:
                 raise UserError("CLIP_stop_at_last_layers must be an integer from 1 to 12.")
             values["CLIP_stop_at_last_layers"] = clip_skip
         checkpoint = values.pop("sd_model_checkpoint", None)
+        vae = values.pop("sd_vae", None)
         if checkpoint:
             self.models.find(str(checkpoint))  # refuse an unknown name before changing anything
+        if vae and vae not in ("Automatic", "None") and vae not in self.models.vae_files():
+            self.models.apply_vae(vae)  # raises the not-found message
         if values:
             self.options.update(values)
         if checkpoint:
             self.select_checkpoint(str(checkpoint))
+        if vae is not None:
+            self.select_vae(str(vae))
 
 
 def build_services(settings: Settings) -> Services:
@@ -75,11 +107,24 @@ def build_services(settings: Settings) -> Services:
     hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models)
     jobs = JobRunner()
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
-    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db, hypernetworks, stack)
+    styles = StyleDatabase(settings.data_dir / "styles.csv")
+    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db, hypernetworks, stack, styles)
     training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack)
     embeddings = EmbeddingService(embedding_db, models)
-    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks)
+    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles)
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
+    models.on_load(lambda model: _reapply_vae(models, options))
     options.update({"sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256})
     return services
+
+
+def _reapply_vae(models: ModelManager, options: Options) -> None:
+    """A newly loaded checkpoint keeps the VAE the user chose, or falls back to its own with a warning."""
+    choice = options["sd_vae"]
+    if choice and choice not in ("Automatic", "None"):
+        try:
+            models.apply_vae(choice)
+        except UserError as e:
+            log.warning("Using the checkpoint's own VAE: %s", e)
+            options.update({"sd_vae": "Automatic"})

@@ -37,8 +37,16 @@ def main() -> None:
         services.hypernetworks.create("bench", widths, "1, 2, 1", "relu", "XavierNormal")
 
         def params(prompt: str) -> Txt2ImgParams:
-            return Txt2ImgParams(prompt=prompt, negative_prompt="blurry", sampler_name="Euler a", steps=args.steps,
-                                 width=64, height=64, seed=1, save_images=False)
+            return Txt2ImgParams(
+                prompt=prompt,
+                negative_prompt="blurry",
+                sampler_name="Euler a",
+                steps=args.steps,
+                width=64,
+                height=64,
+                seed=1,
+                save_images=False,
+            )
 
         plain, with_hn = params("a red circle"), params("a red circle <hypernet:bench:1>")
         for p in (plain, with_hn, plain, with_hn):
@@ -50,8 +58,10 @@ def main() -> None:
                 services.txt2img.run(p)
                 times[name].append(time.perf_counter() - start)
         b, h = statistics.median(times["plain"]), statistics.median(times["hn"])
-        print(f"device: {model.device}, threads: {torch.get_num_threads()}, widths {widths}, {args.steps} steps, "
-              f"64x64, {args.repeats} alternating runs")
+        print(
+            f"device: {model.device}, threads: {torch.get_num_threads()}, widths {widths}, {args.steps} steps, "
+            f"64x64, {args.repeats} alternating runs"
+        )
         print(f"without hypernetwork (baseline): median {b * 1000:.1f} ms")
         print(f"with <hypernet:bench:1>:          median {h * 1000:.1f} ms")
         print(f"ratio: {h / b:.3f}  (overhead {100 * (h / b - 1):+.1f}%)")

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -115,9 +116,11 @@ def test_bad_png_info_payload(server):
 
 
 def test_unknown_fields_are_accepted_and_unsupported_features_noted(server):
-    response = post(server, "txt2img", prompt="cat", enable_hr=True, some_future_field=[1, 2], **SMALL)
+    response = post(server, "txt2img", prompt="cat", script_name="x/y/z plot", some_future_field=[1, 2], **SMALL)
     assert response.status_code == 200
-    assert "hires fix" in response.json()["info"]
+    notes = json.loads(response.json()["info"])["notes"]
+    assert "some_future_field: not a field of A1111's txt2img API; ignored" in notes
+    assert "script_name: scripts are not supported; ignored" in notes
 
 
 def test_two_clients_at_once_both_get_images(server):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from app.api.imagecodec import decode_image, encode_png
+from app.api.memory import memory_report
 from app.api.models import (
     CreateEmbeddingRequest,
     CreateHypernetworkRequest,
@@ -25,6 +26,7 @@ from app.api.models import (
     Txt2ImgResponse,
 )
 from app.errors import UserError
+from app.generation.hires import LATENT_MODES
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
 from app.generation.txt2img import Txt2ImgParams
@@ -33,15 +35,15 @@ from app.settings import parse_credentials
 from app.training.config import TrainConfig
 from app.training.preprocess import PreprocessOptions, preprocess
 
-# Request fields we accept but do not act on yet; a request that switches one on gets a note in `info`.
-_NOT_YET = {
-    "enable_hr": "hires fix",
-    "tiling": "tiling",
-    "restore_faces": "face restoration (not installed)",
-    "subseed_strength": "variation seeds",
-    "styles": "prompt styles",
-    "script_name": "scripts",
+# A1111 request fields we accept but do not act on; a request that sets one gets a note in `info`.
+_IGNORED = {
+    "script_name": "scripts are not supported",
+    "alwayson_scripts": "scripts are not supported",
+    "refiner_checkpoint": "refiner models are not supported",
+    "hr_checkpoint_name": "a separate hires checkpoint is not supported",
+    "firstpass_image": "a first-pass image is not supported",
 }
+_OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint", "sd_vae")
 
 
 def _auth_dependency(credentials_text: str | None):
@@ -65,16 +67,11 @@ def _auth_dependency(credentials_text: str | None):
 
 
 def params_from_request(req: Txt2ImgRequest) -> Txt2ImgParams:
-    notes = []
-    for field_name, label in _NOT_YET.items():
-        value = getattr(req, field_name, None)
-        if value:
-            notes.append(f"{field_name}: {label} is not supported yet; generated without it")
+    notes = [f"{name}: {why}; ignored" for name, why in _IGNORED.items() if getattr(req, name, None)]
+    notes += [f"{name}: not a field of A1111's txt2img API; ignored" for name in sorted(req.model_extra or {})]
     overrides = dict(req.override_settings or {})
-    clip_skip = overrides.pop("CLIP_stop_at_last_layers", None)
-    for key in overrides:
-        if key != "sd_model_checkpoint":
-            notes.append(f"override_settings.{key} is not supported; ignored")
+    notes += [f"override_settings.{key}: not supported; ignored" for key in overrides if key not in _OVERRIDES]
+    clip_skip = overrides.get("CLIP_stop_at_last_layers")
     return Txt2ImgParams(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -90,6 +87,23 @@ def params_from_request(req: Txt2ImgRequest) -> Txt2ImgParams:
         clip_skip=int(clip_skip) if clip_skip is not None else None,
         save_images=req.save_images and not req.do_not_save_samples,
         notes=notes,
+        subseed=req.subseed,
+        subseed_strength=req.subseed_strength,
+        seed_resize_from_w=req.seed_resize_from_w,
+        seed_resize_from_h=req.seed_resize_from_h,
+        tiling=bool(req.tiling),
+        styles=list(req.styles or []),
+        restore_faces=bool(req.restore_faces),
+        enable_hr=req.enable_hr,
+        hr_scale=req.hr_scale,
+        hr_upscaler=req.hr_upscaler or "Latent",
+        hr_second_pass_steps=req.hr_second_pass_steps,
+        hr_resize_x=req.hr_resize_x,
+        hr_resize_y=req.hr_resize_y,
+        denoising_strength=req.denoising_strength,
+        hr_prompt=req.hr_prompt,
+        hr_negative_prompt=req.hr_negative_prompt,
+        hr_sampler_name=req.hr_sampler_name,
     )
 
 
@@ -126,10 +140,9 @@ def register_api(app: FastAPI, services: Services) -> None:
     @router.post("/txt2img", response_model=Txt2ImgResponse)
     def txt2img(req: Txt2ImgRequest) -> Txt2ImgResponse:
         params = params_from_request(req)
-        checkpoint = (req.override_settings or {}).get("sd_model_checkpoint")
-        if checkpoint:
-            services.select_checkpoint(str(checkpoint))
-        result = services.txt2img.generate(params)
+        result = services.generate_with_overrides(
+            params, req.override_settings or {}, req.override_settings_restore_afterwards
+        )
         pairs = zip(result.images, result.infotexts, strict=True)
         images = [encode_png(im, text) for im, text in pairs] if req.send_images else []
         return Txt2ImgResponse(images=images, parameters=req.model_dump(), info=result.info_json())
@@ -216,6 +229,48 @@ def register_api(app: FastAPI, services: Services) -> None:
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info")
+    def script_info() -> list:
+        return []
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        return [
+            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for name in ("None", "Lanczos", "Nearest")
+        ]
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in LATENT_MODES]
+
+    @router.get("/face-restorers")
+    def face_restorers() -> list:
+        return []
+
+    @router.get("/realesrgan-models")
+    def realesrgan_models() -> list:
+        return []
+
+    @router.get("/prompt-styles")
+    def prompt_styles() -> list[dict[str, str]]:
+        return [
+            {"name": st.name, "prompt": st.prompt, "negative_prompt": st.negative_prompt}
+            for st in services.styles.styles().values()
+        ]
+
+    @router.get("/sd-vae")
+    def sd_vae() -> list[dict[str, str]]:
+        return [{"model_name": name, "filename": str(path)} for name, path in services.models.vae_files().items()]
+
+    @router.post("/refresh-vae")
+    def refresh_vae() -> None:
+        return None
+
+    @router.get("/memory")
+    def memory() -> dict[str, Any]:
+        return memory_report()
 
     @router.post("/png-info")
     def png_info(req: PNGInfoRequest) -> dict[str, Any]:

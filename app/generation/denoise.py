@@ -62,15 +62,20 @@ def sample(
     steps: int,
     generators: list[torch.Generator] | None = None,
     on_step: StepCallback | None = None,
+    start_index: int = 0,
 ) -> torch.Tensor:
-    """Denoise `latents` (fp32, already scaled by the scheduler's init sigma); returns the final latents.
+    """Denoise `latents` (fp32; scaled by the init sigma, or noised to the start timestep); returns the result.
 
-    `on_step(step, total, latents)` runs after every scheduler step and may raise to stop (interrupt).
+    `steps` is how many steps run (the prompt schedule spans them). `start_index` skips the first timesteps, as
+    img2img and the hires pass do. `on_step(step, total, latents)` runs after every scheduler step and may raise
+    to stop (interrupt).
     """
     batch = latents.shape[0]
     dtype = next(unet.parameters()).dtype
     step_kwargs = {"generator": generators} if generators and _accepts(scheduler.step, "generator") else {}
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[start_index:]
+    if start_index and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start_index)
     # Second-order samplers (Heun, DPM2) take about two model calls per step: map calls back onto steps.
     per_step = len(timesteps) / steps
 

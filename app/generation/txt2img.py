@@ -14,11 +14,21 @@ from app import __version__
 from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
 from app.generation.denoise import ScheduledConditioning, decode, sample
+from app.generation.hires import (
+    LATENT_MODES,
+    check_upscaler,
+    encode_images,
+    target_size,
+    upscale_images,
+    upscale_latents,
+)
 from app.generation.infotext import build_infotext
 from app.generation.outputs import ImageSaver
 from app.generation.preview import approx_preview
 from app.generation.samplers import build_scheduler, effective_schedule, find_sampler, find_schedule
-from app.generation.seeds import cpu_generators, resolve_seed
+from app.generation.seeds import cpu_generators, initial_noise, resolve_seed
+from app.generation.styles import StyleDatabase
+from app.generation.tiling import circular_padding
 from app.hypernetworks.attention import HypernetworkStack, attention_widths
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import Interrupted, Job, JobRunner
@@ -27,6 +37,37 @@ from app.options import Options
 from app.prompts.chunking import CHUNK_LENGTH
 from app.prompts.encoder import PromptEncoder
 from app.prompts.extra_networks import extract_extra_networks
+
+
+@dataclass
+class HiresPlan:
+    """The second pass of hires fix, resolved from the request."""
+
+    size: tuple[int, int]
+    upscaler: str
+    steps: int
+    strength: float
+    sampler: str
+    cond: ScheduledConditioning
+    uncond: ScheduledConditioning
+
+    def infotext(self, p: Txt2ImgParams) -> dict[str, Any]:
+        fields: dict[str, Any] = {"Denoising strength": self.strength}
+        if p.hr_resize_x > 0 or p.hr_resize_y > 0:
+            fields["Hires resize"] = f"{self.size[0]}x{self.size[1]}"
+        else:
+            fields["Hires upscale"] = p.hr_scale
+        if p.hr_second_pass_steps:
+            fields["Hires steps"] = p.hr_second_pass_steps
+        fields["Hires upscaler"] = self.upscaler
+        if p.hr_sampler_name:
+            fields["Hires sampler"] = p.hr_sampler_name
+        if p.hr_prompt:
+            fields["Hires prompt"] = p.hr_prompt
+        if p.hr_negative_prompt:
+            fields["Hires negative prompt"] = p.hr_negative_prompt
+        return fields
+
 
 MAX_PROMPT_CHUNKS = 64  # 4800 tokens: far beyond any real prompt, short of tying the job thread up for minutes
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -51,6 +92,25 @@ class Txt2ImgParams:
     clip_skip: int | None = None  # None: the CLIP_stop_at_last_layers option
     save_images: bool = True
     notes: list[str] = field(default_factory=list)  # things the request asked for that we did not do
+    # Variation seeds
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = -1
+    tiling: bool = False
+    styles: list[str] = field(default_factory=list)
+    restore_faces: bool = False
+    # Hires fix
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    denoising_strength: float | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str | None = None
 
 
 @dataclass
@@ -68,40 +128,44 @@ class Txt2ImgResult:
     interrupted: bool = False
     job_timestamp: str = ""
     notes: list[str] = field(default_factory=list)  # what the request asked for that was not done, and why
+    subseeds: list[int] = field(default_factory=list)
+    prompt: str = ""  # after styles
+    negative_prompt: str = ""
+    size: tuple[int, int] = (0, 0)  # of the images returned (the hires size with hires fix)
 
     def info(self) -> dict[str, Any]:
         """The `info` object of A1111's txt2img response."""
         p = self.params
         return {
-            "prompt": p.prompt,
-            "all_prompts": [p.prompt] * len(self.images),
-            "negative_prompt": p.negative_prompt,
-            "all_negative_prompts": [p.negative_prompt] * len(self.images),
+            "prompt": self.prompt,
+            "all_prompts": [self.prompt] * len(self.images),
+            "negative_prompt": self.negative_prompt,
+            "all_negative_prompts": [self.negative_prompt] * len(self.images),
             "seed": self.seeds[0] if self.seeds else p.seed,
             "all_seeds": self.seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * len(self.seeds),
-            "subseed_strength": 0,
-            "width": p.width,
-            "height": p.height,
+            "subseed": self.subseeds[0] if self.subseeds else -1,
+            "all_subseeds": self.subseeds,
+            "subseed_strength": p.subseed_strength,
+            "width": self.size[0] or p.width,
+            "height": self.size[1] or p.height,
             "sampler_name": self.sampler_name,
             "scheduler": self.schedule,
             "cfg_scale": p.cfg_scale,
             "steps": p.steps,
             "batch_size": p.batch_size,
-            "restore_faces": False,
+            "restore_faces": p.restore_faces,
             "face_restoration_model": None,
             "sd_model_name": self.model_name,
             "sd_model_hash": self.model_hash,
             "sd_vae_name": None,
             "sd_vae_hash": None,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
-            "denoising_strength": None,
+            "seed_resize_from_w": p.seed_resize_from_w,
+            "seed_resize_from_h": p.seed_resize_from_h,
+            "denoising_strength": p.denoising_strength if p.enable_hr else None,
             "extra_generation_params": {},
             "index_of_first_image": 0,
             "infotexts": self.infotexts,
-            "styles": [],
+            "styles": p.styles,
             "job_timestamp": self.job_timestamp,
             "clip_skip": self.clip_skip,
             "is_using_inpainting_conditioning": False,
@@ -129,6 +193,7 @@ class Txt2ImgService:
         embeddings: EmbeddingDatabase | None = None,
         hypernetworks: HypernetworkService | None = None,
         stack: HypernetworkStack | None = None,
+        styles: StyleDatabase | None = None,
     ):
         self.models = models
         self.options = options
@@ -137,6 +202,7 @@ class Txt2ImgService:
         self.embeddings = embeddings
         self.hypernetworks = hypernetworks
         self.stack = stack or HypernetworkStack()
+        self.styles = styles
 
     # -- validation ------------------------------------------------------------------------------------------------
     def validate(self, p: Txt2ImgParams) -> None:
@@ -153,6 +219,19 @@ class Txt2ImgService:
             _check_range("Clip skip", p.clip_skip, 1, 12)
         find_sampler(p.sampler_name)
         find_schedule(p.scheduler)
+        _check_range("Variation strength", p.subseed_strength, 0, 1)
+        if p.enable_hr:
+            check_upscaler(p.hr_upscaler)
+            if p.hr_sampler_name:
+                find_sampler(p.hr_sampler_name)
+            _check_range("Hires steps", p.hr_second_pass_steps, 0, MAX_STEPS)
+            _check_range("Denoising strength", p.denoising_strength if p.denoising_strength is not None else 0.7, 0, 1)
+            w, h = target_size(p.width, p.height, p.hr_scale, p.hr_resize_x, p.hr_resize_y)
+            if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
+                raise UserError(
+                    f"Hires fix would make {w}x{h} images; the size must stay between {MIN_SIZE} and "
+                    f"{MAX_SIZE}. Lower the upscale factor or the resize target."
+                )
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()
         encoder = self.models.get().encoder
@@ -190,24 +269,57 @@ class Txt2ImgService:
         (training previews use the embedding being trained)."""
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()  # files dropped in since the request was queued
+        notes = list(p.notes)
+        prompt, negative = p.prompt, p.negative_prompt
+        if p.styles:
+            if self.styles is None:
+                notes.append("styles: no styles file is available; generated without them")
+            else:
+                prompt, negative, missing = self.styles.apply(prompt, negative, p.styles)
+                notes += [f"style '{name}' not found in styles.csv; ignored" for name in missing]
+        if p.restore_faces:
+            notes.append(
+                "restore_faces: face restoration is not installed (no model can be downloaded here); "
+                "generated without it"
+            )
         sampler, implied_schedule = find_sampler(p.sampler_name)
         schedule = effective_schedule(sampler, implied_schedule or p.scheduler)
         clip_skip = int(p.clip_skip or self.options["CLIP_stop_at_last_layers"] or 1)
         base_seed = resolve_seed(p.seed)
+        base_subseed = resolve_seed(p.subseed) if p.subseed_strength > 0 else -1
         f = model.vae_scale_factor
         shape = (model.pipe.unet.config.in_channels, p.height // f, p.width // f)
+        resize_from = None
+        if p.seed_resize_from_w > 0 and p.seed_resize_from_h > 0:
+            resize_from = (p.seed_resize_from_h // f, p.seed_resize_from_w // f)
         encoder = encoder or model.encoder
-        prompt_text, tags = extract_extra_networks(p.prompt)
-        networks, notes = list(networks or []), []
+        prompt_text, tags = extract_extra_networks(prompt)
+        networks = list(networks or [])
         if tags and self.hypernetworks is not None:
-            resolved, notes = self.hypernetworks.resolve(tags, attention_widths(model.pipe.unet))
+            resolved, tag_notes = self.hypernetworks.resolve(tags, attention_widths(model.pipe.unet))
             networks += resolved
+            notes += tag_notes
         elif tags:
-            notes = [f"{t.text}: extra networks are not available here; removed from the prompt" for t in tags]
+            notes += [f"{t.text}: extra networks are not available here; removed from the prompt" for t in tags]
         cond = ScheduledConditioning(encoder, prompt_text, p.steps, clip_skip)
-        uncond = ScheduledConditioning(encoder, p.negative_prompt, p.steps, clip_skip)
-        used = {e.name: e for e in cond.embeddings_used() + uncond.embeddings_used()}
-        ti_hashes = ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None
+        uncond = ScheduledConditioning(encoder, negative, p.steps, clip_skip)
+        conditionings = [cond, uncond]
+        hires = None
+        if p.enable_hr:
+            hr_steps = p.hr_second_pass_steps or p.steps
+            hr_prompt = extract_extra_networks(p.hr_prompt)[0] if p.hr_prompt else prompt_text
+            hires = HiresPlan(
+                size=target_size(p.width, p.height, p.hr_scale, p.hr_resize_x, p.hr_resize_y),
+                upscaler=check_upscaler(p.hr_upscaler),
+                steps=hr_steps,
+                strength=p.denoising_strength if p.denoising_strength is not None else 0.7,
+                sampler=p.hr_sampler_name or sampler.name,
+                cond=ScheduledConditioning(encoder, hr_prompt, hr_steps, clip_skip),
+                uncond=ScheduledConditioning(encoder, p.hr_negative_prompt or negative, hr_steps, clip_skip),
+            )
+            conditionings += [hires.cond, hires.uncond]
+        used = {e.name: e for c in conditionings for e in c.embeddings_used()}
+        extra = {"TI hashes": ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None}
         result = Txt2ImgResult(
             images=[],
             seeds=[],
@@ -220,16 +332,21 @@ class Txt2ImgService:
             sampler_name=sampler.name,
             schedule=schedule,
             job_timestamp=time.strftime("%Y%m%d%H%M%S"),
-            notes=[*p.notes, *notes],
+            notes=notes,
+            prompt=prompt,
+            negative_prompt=negative,
+            size=hires.size if hires else (p.width, p.height),
         )
         if job is not None:
             job.progress.job_count = p.n_iter
         for iteration in range(p.n_iter):
-            seeds = [base_seed + iteration * p.batch_size + j for j in range(p.batch_size)]
+            first = iteration * p.batch_size
+            seeds = [base_seed + first + j for j in range(p.batch_size)]
+            subseeds = [base_subseed + first + j for j in range(p.batch_size)] if p.subseed_strength > 0 else None
+            generators = cpu_generators(seeds)
+            noise = initial_noise(generators, shape, subseeds, p.subseed_strength, resize_from)
             scheduler = build_scheduler(sampler.name, schedule, dict(model.pipe.scheduler.config), seeds[0])
             scheduler.set_timesteps(p.steps, device=model.device)
-            generators = cpu_generators(seeds)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
             latents = noise.to(model.device) * scheduler.init_noise_sigma
             current = {"latents": latents}
 
@@ -243,36 +360,91 @@ class Txt2ImgService:
                     pr.preview_id += 1
                     job.check_interrupt()
 
-            try:
-                with self.stack.using(networks):
+            with circular_padding(model.pipe.unet, model.pipe.vae, enabled=p.tiling), self.stack.using(networks):
+                try:
                     latents = sample(
                         model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps, generators, on_step
                     )
-            except Interrupted:
-                latents = current["latents"]
-                result.interrupted = True
-            images = decode(model.pipe.vae, latents)
-            for image_tensor, seed in zip(images, seeds, strict=False):
+                    if hires is not None:
+                        latents = self._hires_pass(model, p, hires, latents, generators, schedule, seeds[0], on_step)
+                except Interrupted:
+                    latents = current["latents"]
+                    result.interrupted = True
+                images = decode(model.pipe.vae, latents)
+            for index, (image_tensor, seed) in enumerate(zip(images, seeds, strict=True)):
                 image = Image.fromarray((image_tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-                infotext = self._infotext(p, model, seed, sampler.name, schedule, clip_skip, ti_hashes)
+                fields = dict(extra)
+                if subseeds:
+                    fields.update({"Variation seed": subseeds[index], "Variation seed strength": p.subseed_strength})
+                if resize_from:
+                    fields["Seed resize from"] = f"{p.seed_resize_from_w}x{p.seed_resize_from_h}"
+                if hires is not None:
+                    fields.update(hires.infotext(p))
+                if p.tiling:
+                    fields["Tiling"] = True
+                infotext = self._infotext(p, prompt, negative, model, seed, sampler.name, schedule, clip_skip, fields)
                 result.images.append(image)
                 result.seeds.append(seed)
+                if subseeds:
+                    result.subseeds.append(subseeds[index])
                 result.infotexts.append(infotext)
                 if p.save_images and self.options["samples_save"]:
-                    result.paths.append(str(self.saver.save(image, seed, p.prompt, infotext)))
+                    result.paths.append(str(self.saver.save(image, seed, prompt, infotext)))
             if result.interrupted:
                 break
         return result
 
+    def _hires_pass(
+        self,
+        model: LoadedModel,
+        p: Txt2ImgParams,
+        plan: HiresPlan,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        schedule: str,
+        seed: int,
+        on_step,
+    ) -> torch.Tensor:
+        """Upscale the first pass and denoise it again at the hires size (A1111's second, img2img-like pass)."""
+        f = model.vae_scale_factor
+        if plan.upscaler in LATENT_MODES:
+            x0 = upscale_latents(latents, plan.upscaler, plan.size, f)
+        else:
+            images = upscale_images(decode(model.pipe.vae, latents), plan.upscaler, plan.size)
+            x0 = encode_images(model.pipe.vae, images, generators).to(latents.device)
+        scheduler = build_scheduler(plan.sampler, schedule, dict(model.pipe.scheduler.config), seed)
+        scheduler.set_timesteps(plan.steps, device=model.device)
+        run = min(plan.steps, max(1, int(plan.steps * plan.strength)))
+        start = (plan.steps - run) * getattr(scheduler, "order", 1)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        t0 = scheduler.timesteps[start : start + 1].repeat(x0.shape[0])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, t0)
+        return sample(
+            model.pipe.unet,
+            scheduler,
+            noisy,
+            plan.cond,
+            plan.uncond,
+            p.cfg_scale,
+            run,
+            generators,
+            on_step,
+            start_index=start,
+        )
+
     def _infotext(
         self,
         p: Txt2ImgParams,
+        prompt: str,
+        negative: str,
         model: LoadedModel,
         seed: int,
         sampler: str,
         schedule: str,
         clip_skip: int,
-        ti_hashes: str | None = None,
+        extra: dict[str, Any],
     ) -> str:
         params: dict[str, Any] = {
             "Steps": p.steps,
@@ -283,9 +455,14 @@ class Txt2ImgService:
             "Size": f"{p.width}x{p.height}",
             "Model hash": model.info.short_hash,
             "Model": model.info.model_name,
+            "Variation seed": extra.pop("Variation seed", None),
+            "Variation seed strength": extra.pop("Variation seed strength", None),
+            "Seed resize from": extra.pop("Seed resize from", None),
+            "Denoising strength": extra.pop("Denoising strength", None),
             "Clip skip": clip_skip if clip_skip > 1 else None,
+            "Tiling": extra.pop("Tiling", None),
             "RNG": "CPU",
-            "TI hashes": ti_hashes,
+            **extra,
             "Version": f"sdp-{__version__}",
         }
-        return build_infotext(p.prompt, p.negative_prompt, params)
+        return build_infotext(prompt, negative, params)

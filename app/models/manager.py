@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from app.errors import UserError
+from app.errors import NotFoundError, UserError
 from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
 from app.models.default_model import ensure_default_model
 from app.models.hashes import HashCache
 from app.models.tokenizer import load_clip_tokenizer
+from app.models.vae import load_vae, scan_vae_files
 from app.prompts.chunking import EmbeddingFinder
 from app.prompts.encoder import PromptEncoder
 from app.settings import Settings
@@ -35,6 +36,7 @@ class LoadedModel:
     dtype: torch.dtype
     vae_dtype: torch.dtype
     encoder: PromptEncoder
+    own_vae: torch.nn.Module | None = None  # the checkpoint's VAE while another is selected
 
     @property
     def vae_scale_factor(self) -> int:
@@ -145,6 +147,27 @@ class ModelManager:
             for listener in self._load_listeners:
                 listener(self._loaded)
             return self._loaded
+
+    # -- VAE ---------------------------------------------------------------------------------------------------------
+    def vae_files(self) -> dict[str, Path]:
+        return scan_vae_files(self.settings.models_dir / "VAE")
+
+    def apply_vae(self, choice: str | None) -> str:
+        """Use the VAE named `choice` ("Automatic"/"None"/None: the model's own); returns what is in use."""
+        with self.lock:
+            model = self.get()
+            own = getattr(model, "own_vae", None) or model.pipe.vae
+            model.own_vae = own
+            if not choice or choice in ("Automatic", "None"):
+                model.pipe.vae = own
+                return "Automatic"
+            path = self.vae_files().get(choice)
+            if path is None:
+                names = ", ".join(["Automatic", "None", *self.vae_files()])
+                raise NotFoundError(f"VAE '{choice}' not found in {self.settings.models_dir / 'VAE'}. Available: "
+                                    f"{names}.")
+            model.pipe.vae = load_vae(path, own, self.vae_dtype, self.device)
+            return choice
 
     def unload(self) -> None:
         with self.lock:

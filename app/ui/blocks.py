@@ -82,10 +82,14 @@ def build_ui(services: Services) -> gr.Blocks:
             current = services.options["sd_model_checkpoint"]
             choices = [c.title for c in services.models.checkpoints]
             return [
+                gr.update(choices=sorted(services.styles.styles())),
                 gr.update(choices=choices, value=current),
                 *embedding_list.refreshed(False),
                 *hypernetwork_list.refreshed(False),
             ]
 
-        demo.load(on_page_load, outputs=[checkpoint, *embedding_list.outputs, *hypernetwork_list.outputs])
+        demo.load(
+            on_page_load,
+            outputs=[txt2img_fields["styles"], checkpoint, *embedding_list.outputs, *hypernetwork_list.outputs],
+        )
     return demo

@@ -8,6 +8,7 @@ import time
 import gradio as gr
 
 from app.errors import UserError
+from app.generation.hires import upscaler_names
 from app.generation.samplers import sampler_names, schedule_labels
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MAX_STEPS, MIN_SIZE, Txt2ImgParams
 from app.jobs import Job
@@ -51,6 +52,16 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         with gr.Column(scale=1, elem_id="generate_box"):
             generate_btn = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
             interrupt_btn = gr.Button("Interrupt", variant="stop", visible=False, elem_id="txt2img_interrupt")
+            with gr.Row(equal_height=True):
+                styles = gr.Dropdown(
+                    sorted(services.styles.styles()),
+                    value=[],
+                    multiselect=True,
+                    label="Styles",
+                    elem_id="txt2img_styles",
+                    scale=4,
+                )
+                apply_styles = gr.Button("📋", elem_id="txt2img_style_apply", scale=0, min_width=48)
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
@@ -77,6 +88,52 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
                 seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed", scale=4)
                 random_seed = gr.Button("🎲", elem_id="txt2img_random_seed", scale=0, min_width=48)
                 reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
+                extra_seed = gr.Checkbox(False, label="Extra", elem_id="txt2img_subseed_show", scale=1)
+            with gr.Group(visible=False) as variation_group:
+                with gr.Row():
+                    subseed = gr.Number(value=-1, precision=0, label="Variation seed", elem_id="txt2img_subseed")
+                    subseed_strength = gr.Slider(
+                        0, 1, value=0, step=0.01, label="Variation strength", elem_id="txt2img_subseed_strength"
+                    )
+                with gr.Row():
+                    seed_resize_w = gr.Slider(
+                        0,
+                        MAX_SIZE,
+                        value=0,
+                        step=8,
+                        label="Resize seed from width",
+                        elem_id="txt2img_seed_resize_from_w",
+                    )
+                    seed_resize_h = gr.Slider(
+                        0,
+                        MAX_SIZE,
+                        value=0,
+                        step=8,
+                        label="Resize seed from height",
+                        elem_id="txt2img_seed_resize_from_h",
+                    )
+            extra_seed.change(lambda on: gr.update(visible=on), inputs=extra_seed, outputs=variation_group, queue=False)
+            tiling = gr.Checkbox(False, label="Tiling", elem_id="txt2img_tiling")
+            with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+                enable_hr = gr.Checkbox(False, label="Enable hires. fix", elem_id="txt2img_enable_hr")
+                with gr.Row():
+                    hr_upscaler = gr.Dropdown(
+                        upscaler_names(), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
+                    )
+                    hr_steps = gr.Slider(
+                        0, MAX_STEPS, value=0, step=1, label="Hires steps", elem_id="txt2img_hires_steps"
+                    )
+                    denoising = gr.Slider(
+                        0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_denoising_strength"
+                    )
+                with gr.Row():
+                    hr_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+                    hr_resize_x = gr.Slider(
+                        0, MAX_SIZE, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x"
+                    )
+                    hr_resize_y = gr.Slider(
+                        0, MAX_SIZE, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y"
+                    )
         with gr.Column(scale=1):
             progress = gr.HTML(elem_id="progress_text")
             preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview", height=256)
@@ -106,25 +163,58 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
     )
     last_seed = gr.State(-1)
 
-    inputs = [prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch_count, batch_size]
+    named_inputs = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "sampler_name": sampler,
+        "scheduler": schedule,
+        "steps": steps,
+        "cfg_scale": cfg,
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "n_iter": batch_count,
+        "batch_size": batch_size,
+        "styles": styles,
+        "tiling": tiling,
+        "subseed": subseed,
+        "subseed_strength": subseed_strength,
+        "seed_resize_from_w": seed_resize_w,
+        "seed_resize_from_h": seed_resize_h,
+        "enable_hr": enable_hr,
+        "hr_upscaler": hr_upscaler,
+        "hr_second_pass_steps": hr_steps,
+        "denoising_strength": denoising,
+        "hr_scale": hr_scale,
+        "hr_resize_x": hr_resize_x,
+        "hr_resize_y": hr_resize_y,
+    }
+    inputs = list(named_inputs.values())
+    integers = {
+        "steps",
+        "width",
+        "height",
+        "seed",
+        "n_iter",
+        "batch_size",
+        "subseed",
+        "seed_resize_from_w",
+        "seed_resize_from_h",
+        "hr_second_pass_steps",
+        "hr_resize_x",
+        "hr_resize_y",
+    }
 
-    def generate(
-        prompt_text, negative_text, sampler_name, schedule_type, n_steps, cfg_scale, w, h, seed_value, n_iter, n_batch
-    ):
+    def generate(*values):
         started = time.time()
-        params = Txt2ImgParams(
-            prompt=prompt_text or "",
-            negative_prompt=negative_text or "",
-            sampler_name=sampler_name,
-            scheduler=schedule_type,
-            steps=int(n_steps),
-            cfg_scale=float(cfg_scale),
-            width=int(w),
-            height=int(h),
-            seed=int(seed_value if seed_value is not None else -1),
-            n_iter=int(n_iter),
-            batch_size=int(n_batch),
-        )
+        given = dict(zip(named_inputs, values, strict=True))
+        for key in integers:
+            given[key] = int(given[key] if given[key] is not None else -1)
+        given["prompt"], given["negative_prompt"] = given["prompt"] or "", given["negative_prompt"] or ""
+        given["styles"] = list(given["styles"] or [])
+        if given["seed_resize_from_w"] <= 0 or given["seed_resize_from_h"] <= 0:
+            given["seed_resize_from_w"] = given["seed_resize_from_h"] = -1
+        params = Txt2ImgParams(**given)
         try:
             job = services.txt2img.submit(params)
         except UserError as e:
@@ -171,6 +261,14 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
     prompt.submit(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
     interrupt_btn.click(lambda: services.jobs.interrupt(), queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
+
+    def on_apply_styles(prompt_text, negative_text, chosen):
+        text, negative_text, _ = services.styles.apply(prompt_text or "", negative_text or "", chosen or [])
+        return text, negative_text, []
+
+    apply_styles.click(
+        on_apply_styles, inputs=[prompt, negative, styles], outputs=[prompt, negative, styles], queue=False
+    )
     reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
 
     fields = {
@@ -183,5 +281,6 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         "width": width,
         "height": height,
         "seed": seed,
+        "styles": styles,
     }
     return fields, embedding_list, hypernetwork_list
