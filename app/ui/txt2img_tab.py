@@ -212,6 +212,8 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
             given[key] = int(given[key] if given[key] is not None else -1)
         given["prompt"], given["negative_prompt"] = given["prompt"] or "", given["negative_prompt"] or ""
         given["styles"] = list(given["styles"] or [])
+        for key in ("cfg_scale", "subseed_strength", "denoising_strength", "hr_scale"):
+            given[key] = float(given[key])
         if given["seed_resize_from_w"] <= 0 or given["seed_resize_from_h"] <= 0:
             given["seed_resize_from_w"] = given["seed_resize_from_h"] = -1
         params = Txt2ImgParams(**given)

@@ -231,3 +231,25 @@ def test_create_a_hypernetwork_and_use_it_from_its_card(page, server):
     page.locator("#txt2img_generate").click()
     assert page.locator("#generation_info_text").inner_text().startswith("a red circle <hypernet:uihn:1>")
     assert page.locator(".gen-note").count() == 0
+
+
+def test_hires_fix_tiling_and_styles_from_the_page(page, server):
+    (server.data_dir / "styles.csv").write_text(
+        'name,prompt,negative_prompt\ncinematic,"{prompt}, cinematic",dull\n', encoding="utf-8"
+    )
+    open_ui(page, server)
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_styles input").click()
+    page.get_by_role("option", name="cinematic").click()
+    page.locator("#txt2img_style_apply").click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a red circle, cinematic'")
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "dull"
+    page.locator("#txt2img_tiling input").check()
+    page.locator("#txt2img_hr").get_by_text("Hires. fix").click()
+    page.locator("#txt2img_enable_hr input").check()
+    page.locator("#txt2img_generate").click()
+    text = page.locator("#generation_info_text").inner_text()
+    assert "Hires upscale: 2" in text and "Hires upscaler: Latent" in text and "Tiling: True" in text
+    src = page.locator("#txt2img_gallery img").first.get_attribute("src")
+    assert src
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "txt2img_hires.png"), full_page=True)
