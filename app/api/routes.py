@@ -117,6 +117,13 @@ def train_config(req: TrainRequest, name: str, save_every: int) -> TrainConfig:
     return TrainConfig(name=name, save_every=save_every, **fields)
 
 
+def a1111_error(error: UserError, action: str) -> JSONResponse:
+    """A 4xx with `detail` like every error here, plus A1111's `info: "<action> error: ..."` its clients read."""
+    return JSONResponse(
+        status_code=error.status_code, content={"detail": str(error), "info": f"{action} error: {error}"}
+    )
+
+
 def train_info(job, kind: str) -> str:
     """Wait for the run and answer as A1111 does: `train <kind> complete: filename: <f> error: <e or None>`."""
     try:
@@ -294,10 +301,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             path = services.embeddings.create(req.name, req.num_vectors_per_token, req.init_text, req.overwrite_old)
         except UserError as e:
-            # A1111 clients read `info`; we also answer 4xx with `detail` like every other error.
-            return JSONResponse(
-                status_code=e.status_code, content={"detail": str(e), "info": f"create embedding error: {e}"}
-            )
+            return a1111_error(e, "create embedding")
         return {"info": f"create embedding filename: {path}"}
 
     @router.post("/train/embedding")
@@ -307,9 +311,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             job = services.training.train_embedding(cfg)
         except UserError as e:
-            return JSONResponse(
-                status_code=e.status_code, content={"detail": str(e), "info": f"train embedding error: {e}"}
-            )
+            return a1111_error(e, "train embedding")
         return {"info": train_info(job, "embedding")}
 
     @router.get("/hypernetworks")
@@ -332,9 +334,7 @@ def register_api(app: FastAPI, services: Services) -> None:
                 req.last_layer_dropout,
             )
         except UserError as e:
-            return JSONResponse(
-                status_code=e.status_code, content={"detail": str(e), "info": f"create hypernetwork error: {e}"}
-            )
+            return a1111_error(e, "create hypernetwork")
         return {"info": f"create hypernetwork filename: {path}", "warnings": warnings}
 
     @router.post("/train/hypernetwork")
@@ -343,9 +343,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             job = services.training.train_hypernetwork(cfg)
         except UserError as e:
-            return JSONResponse(
-                status_code=e.status_code, content={"detail": str(e), "info": f"train hypernetwork error: {e}"}
-            )
+            return a1111_error(e, "train hypernetwork")
         return {"info": train_info(job, "hypernetwork")}
 
     @router.post("/preprocess")

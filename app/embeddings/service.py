@@ -11,13 +11,9 @@ from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.writer import a1111_dict, save_pt
 from app.errors import UserError
 from app.models.manager import ModelManager
+from app.naming import check_new_file, clean_name
 
 MAX_VECTORS = 75
-
-
-def clean_name(name: str) -> str:
-    """A1111's filter: letters, digits and `._- ` only."""
-    return "".join(c for c in (name or "") if c.isalnum() or c in "._- ").strip()
 
 
 def initial_vectors(tokenizer, token_embedding: torch.nn.Embedding, init_text: str, count: int) -> torch.Tensor:
@@ -88,14 +84,7 @@ class EmbeddingService:
         path = self.db.folder / f"{cleaned}.pt"
         self.db.refresh_if_changed()
         other = self.db.get(cleaned) or self.db.skipped.get(cleaned)
-        if other is not None and other.path.resolve() != path.resolve():
-            raise UserError(
-                f"An embedding named '{cleaned}' already exists in {other.path}; remove it or pick another name."
-            )
-        if path.exists() and not overwrite:
-            raise UserError(
-                f"Embedding '{cleaned}' already exists ({path}); tick 'Overwrite Old Embedding' to replace it."
-            )
+        check_new_file("embedding", cleaned, path, other.path if other else None, overwrite, "Overwrite Old Embedding")
         model = self.models.get()
         vectors = initial_vectors(
             model.pipe.tokenizer, model.pipe.text_encoder.get_input_embeddings(), init_text, count

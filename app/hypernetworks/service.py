@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.embeddings.service import clean_name
 from app.errors import UserError
 from app.hypernetworks.attention import attention_widths
 from app.hypernetworks.database import HypernetworkDatabase
 from app.hypernetworks.files import save_hypernetwork
 from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
 from app.models.manager import ModelManager
+from app.naming import check_new_file, clean_name
 from app.prompts.extra_networks import ExtraNetworkTag
 
 STANDARD_WIDTHS = [768, 320, 640, 1024, 1280]
@@ -118,14 +118,9 @@ class HypernetworkService:
         dropout = parse_numbers(dropout_structure, "Dropout structure") if use_dropout and dropout_structure else None
         path = self.db.folder / f"{cleaned}.pt"
         existing = self.db.files().get(cleaned)
-        if existing is not None and existing.path.resolve() != path.resolve():
-            raise UserError(
-                f"A hypernetwork named '{cleaned}' already exists in {existing.path}; remove it or pick another name."
-            )
-        if path.exists() and not overwrite:
-            raise UserError(
-                f"Hypernetwork '{cleaned}' already exists ({path}); tick 'Overwrite Old Hypernetwork' to replace it."
-            )
+        check_new_file(
+            "hypernetwork", cleaned, path, existing.path if existing else None, overwrite, "Overwrite Old Hypernetwork"
+        )
         hn = Hypernetwork.create(
             cleaned,
             sizes,
