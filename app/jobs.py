@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._last: Job | None = None
+        self._by_id: weakref.WeakValueDictionary[str, Job] = weakref.WeakValueDictionary()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -110,6 +112,7 @@ class JobRunner:
         job = Job(kind=kind, fn=fn, description=description)
         with self._lock:
             self._pending.append(job)
+            self._by_id[job.id] = job
         self._queue.put(job)
         return job
 
@@ -135,6 +138,11 @@ class JobRunner:
         with self._lock:
             waiting = self._pending.index(job) if job in self._pending else 0
         return waiting + (1 if self._current else 0)
+
+    def find(self, job_id: str | None) -> Job | None:
+        """A job submitted here that is still referenced somewhere (running, queued, or held by a caller)."""
+        with self._lock:
+            return self._by_id.get(job_id) if job_id else None
 
     def interrupt(self, job: Job | None = None) -> bool:
         """Interrupt `job` (default: the running one). A queued job is dropped before it starts."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import EmbeddingService
-from app.errors import UserError
+from app.errors import BusyError, UserError
 from app.generation.outputs import ImageSaver
 from app.generation.styles import StyleDatabase
 from app.generation.txt2img import Txt2ImgService
@@ -40,13 +40,22 @@ class Services:
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
         info = self.models.find(query)
+        self._refuse_during_training("switch checkpoints")
         job = self.jobs.submit("load checkpoint", lambda job: self.models.load(info), description=info.title)
         loaded = job.wait()
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
 
+    def _refuse_during_training(self, what: str) -> None:
+        job = self.training.running()
+        if job is not None and not job.finished:
+            raise BusyError(
+                f"A training run ({job.description}) is using the model; {what} after it ends, or interrupt it first."
+            )
+
     def select_vae(self, choice: str | None) -> str:
         """Switch the VAE (queued like a checkpoint swap); saves the choice."""
+        self._refuse_during_training("change the VAE")
         job = self.jobs.submit("load VAE", lambda job: self.models.apply_vae(choice), description=str(choice))
         used = job.wait()
         self.options.update({"sd_vae": used})

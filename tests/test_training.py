@@ -214,3 +214,21 @@ def test_lowvram_refuses_training_with_a1111s_reason(services, dataset, template
     fresh(services, "zqlow")
     with pytest.raises(UserError, match="Training models with lowvram not possible"):
         lowvram.train_embedding(cfg("zqlow", dataset))
+
+
+def test_switching_checkpoints_during_training_is_refused_with_a_message(services, dataset, templates):
+    from app.errors import BusyError
+
+    fresh(services, "zqbusy")
+    job = services.training.train_embedding(cfg("zqbusy", dataset, steps=100000))
+    event = threading.Event()
+    while not job.finished and job.progress.sampling_step < 1:
+        event.wait(0.01)
+    try:
+        with pytest.raises(BusyError, match="training run"):
+            services.select_checkpoint(services.models.get().info.title)
+        with pytest.raises(BusyError, match="training run"):
+            services.select_vae("Automatic")
+    finally:
+        services.jobs.interrupt(job)
+        job.wait(30)

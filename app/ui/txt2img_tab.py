@@ -162,6 +162,7 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         "hypernetworks",
     )
     last_seed = gr.State(-1)
+    running_job = gr.State("")  # this page's job id, so Interrupt never stops someone else's job
 
     named_inputs = {
         "prompt": prompt,
@@ -223,6 +224,7 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
             yield {info: f"<p class='gen-error' id='generation_error'>{html.escape(str(e))}</p>", progress: ""}
             return
         yield {
+            running_job: job.id,
             generate_btn: gr.update(visible=False),
             interrupt_btn: gr.update(visible=True),
             progress: progress_html(job, services.jobs.queue_position(job)),
@@ -258,10 +260,16 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         done[last_seed] = result.seeds[0]
         yield done
 
-    outputs = [generate_btn, interrupt_btn, progress, preview, gallery, info, last_seed]
+    outputs = [generate_btn, interrupt_btn, progress, preview, gallery, info, last_seed, running_job]
     generate_btn.click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
     prompt.submit(generate, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    interrupt_btn.click(lambda: services.jobs.interrupt(), queue=False)
+
+    def on_interrupt(job_id: str) -> None:
+        job = services.jobs.find(job_id)
+        if job is not None:
+            services.jobs.interrupt(job)
+
+    interrupt_btn.click(on_interrupt, inputs=running_job, queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
 
     def on_apply_styles(prompt_text, negative_text, chosen):
