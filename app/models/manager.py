@@ -126,7 +126,13 @@ class ModelManager:
         return self._loaded
 
     def get(self) -> LoadedModel:
-        """The loaded model, loading the first checkpoint if none is loaded yet."""
+        """The loaded model, loading the first checkpoint if none is loaded yet.
+
+        Reading the loaded model takes no lock, so the UI stays responsive while a job holds the model.
+        """
+        loaded = self._loaded
+        if loaded is not None:
+            return loaded
         with self.lock:
             if self._loaded is None:
                 self.load(self._checkpoints[0])

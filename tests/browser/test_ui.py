@@ -169,6 +169,15 @@ def test_train_an_embedding_from_the_ui_interrupt_and_resume(page, server, tmp_p
         "const m = t && t.innerText.match(/step (\\d+)\\//); return m && +m[1] >= 25; })()",
         timeout=60000,
     )
+    # Closing the page does not stop training, and a newly opened page shows the running job.
+    other = page.context.new_page()
+    other.goto(server.url + "/")
+    other.get_by_role("tab", name="Textual Inversion").click()
+    other.get_by_role("tab", name="Train").click()
+    other.wait_for_function(
+        "document.querySelector('#ti_train_progress').innerText.includes(\"'uitrain' step\")", timeout=30000
+    )
+    other.close()
     page.locator("#train_interrupt_training").click()
     page.wait_for_function(
         "document.querySelector('#train_result') && "
