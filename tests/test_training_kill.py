@@ -47,7 +47,15 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
         proc = start(data_dir, dataset, 100000, kind)
         while not proc.stdout.readline().startswith("READY"):  # model loaded; training starts now
             assert proc.poll() is None, "worker exited before training"
-        time.sleep(rng.uniform(0.3, 1.5))  # somewhere inside the stream of per-step saves
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait for a save past the last one (slow machines too), then some more
+            try:
+                if read_step(path, kind) > last_step:
+                    break
+            except Exception:  # not there yet, or being replaced right now
+                pass
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.8))  # somewhere inside the stream of per-step saves
         proc.kill()  # SIGKILL: no cleanup runs
         proc.wait(10)
         step = read_step(path, kind)
