@@ -232,3 +232,17 @@ def test_switching_checkpoints_during_training_is_refused_with_a_message(service
     finally:
         services.jobs.interrupt(job)
         job.wait(30)
+
+
+def test_png_embeddings_are_refused_for_training_before_anything_starts(services, dataset, templates):
+    from app.embeddings.writer import a1111_dict, save_png
+
+    folder = services.settings.embeddings_dir
+    save_png(
+        folder / "zqpicture.png",
+        Image.new("RGB", (8, 8)),
+        a1111_dict("zqpicture", torch.zeros(1, services.models.get().text_width), 0, None, None),
+    )
+    services.embeddings.refresh()
+    with pytest.raises(UserError, match="training saves .pt or .safetensors"):
+        services.training.train_embedding(cfg("zqpicture", dataset))

@@ -21,7 +21,7 @@ from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, load_dataset
 from app.training.loop import TrainResult, train
 from app.training.lr_schedule import LearnRateSchedule
-from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget
+from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
 from app.training.templates import list_templates, read_template
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TrainingService:
         return job if job is not None and job.kind.startswith("train") else None
 
     # -- validation ------------------------------------------------------------------------------------------------
-    def prepare(self, cfg: TrainConfig, kind: str, require_name: bool) -> PreparedRun:
+    def prepare(self, cfg: TrainConfig, require_name: bool) -> PreparedRun:
         """Check every input and load the dataset; any problem is a UserError before anything starts."""
         if self.settings.lowvram:
             raise UserError(f"{LOWVRAM_REASON}: start without --lowvram to train (--medvram works).")
@@ -113,7 +113,8 @@ class TrainingService:
             skipped = self.embeddings.skipped.get(cfg.name)
             why = f" It was skipped: {skipped.reason}." if skipped else " Create it first (Create embedding)."
             raise UserError(f"Embedding '{cfg.name}' is not loaded.{why}")
-        run = self.prepare(cfg, "embedding", require_name=True)
+        check_trainable(embedding)
+        run = self.prepare(cfg, require_name=True)
         if (embedding.step or 0) >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
             raise UserError(
                 f"Embedding '{cfg.name}' is already at step {embedding.step}; raise max steps above "
@@ -144,7 +145,7 @@ class TrainingService:
             step = self.hypernetworks.db.load_path(entry.path).step
         except HypernetworkFormatError as e:
             raise UserError(str(e)) from None
-        run = self.prepare(cfg, "hypernetwork", require_name=False)
+        run = self.prepare(cfg, require_name=False)
         if (step or 0) >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
             raise UserError(
                 f"Hypernetwork '{cfg.name}' is already at step {step}; raise max steps above that to train further."

@@ -28,7 +28,6 @@ class TrainingTarget(Protocol):
     path: Path  # the trained file, updated at every save
     initial_step: int
     weight_decay: float
-    requires_name_in_template: bool
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -55,19 +54,23 @@ class TrainingTarget(Protocol):
 TRAINABLE_EMBEDDING_SUFFIXES = (".pt", ".safetensors")
 
 
+def check_trainable(embedding: Embedding) -> None:
+    """Training writes the embedding back in its own format: .pt or .safetensors only."""
+    if embedding.path.suffix.lower() not in TRAINABLE_EMBEDDING_SUFFIXES:
+        raise UserError(
+            f"Embedding '{embedding.name}' comes from {embedding.path.name}; training saves .pt or .safetensors "
+            "files. Create a new embedding (Create embedding) or convert this one first."
+        )
+
+
 class EmbeddingTarget:
     """Trains an embedding's vectors; everything else stays frozen."""
 
     kind = "embedding"
     weight_decay = 0.0
-    requires_name_in_template = True
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
-        if embedding.path.suffix.lower() not in TRAINABLE_EMBEDDING_SUFFIXES:
-            raise UserError(
-                f"Embedding '{embedding.name}' comes from {embedding.path.name}; training saves .pt or .safetensors "
-                "files. Create a new embedding (Create embedding) or convert this one first."
-            )
+        check_trainable(embedding)
         self.name = embedding.name
         self.path = embedding.path
         self.initial_step = int(embedding.step or 0)
@@ -141,7 +144,6 @@ class HypernetworkTarget:
 
     kind = "hypernetwork"
     weight_decay = 0.01  # A1111's AdamW weight decay for hypernetworks
-    requires_name_in_template = False
 
     def __init__(self, path: Path, model: LoadedModel, stack: HypernetworkStack):
         self.path = path
