@@ -244,5 +244,5 @@ def test_png_embeddings_are_refused_for_training_before_anything_starts(services
         a1111_dict("zqpicture", torch.zeros(1, services.models.get().text_width), 0, None, None),
     )
     services.embeddings.refresh()
-    with pytest.raises(UserError, match="training saves .pt or .safetensors"):
+    with pytest.raises(UserError, match=r"training saves \.pt or \.safetensors"):
         services.training.train_embedding(cfg("zqpicture", dataset))
