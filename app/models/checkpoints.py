@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import NotFoundError
-from app.models.hashes import HashCache, short_hash
+from app.models.hashes import HashCache, old_hash, short_hash
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Files whose bytes make up a diffusers folder's hash (weights and configs, in a fixed order).
@@ -44,8 +44,11 @@ class CheckpointInfo:
         query = query.strip()
         candidates = {self.title, self.name, self.model_name, str(self.path)}
         if self.sha256:
-            candidates |= {self.sha256, self.short_hash, self.sha256[:8]}
-        return query in candidates
+            candidates |= {self.sha256, self.short_hash}
+        if query in candidates:
+            return True
+        # Pre-2023 infotexts name models by A1111's old 8-hex hash (cheap: 64 KiB of the file).
+        return self.kind == "single_file" and len(query) == 8 and self.path.is_file() and old_hash(self.path) == query
 
 
 def scan_checkpoints(folders: list[Path], extra: Path | None = None) -> list[CheckpointInfo]:

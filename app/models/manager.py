@@ -17,6 +17,7 @@ from app.errors import NotFoundError, UserError
 from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
 from app.models.default_model import ensure_default_model
 from app.models.hashes import HashCache
+from app.models.single_file import check_checkpoint, load_single_file
 from app.models.tokenizer import load_clip_tokenizer
 from app.models.vae import load_vae, scan_vae_files
 from app.prompts.chunking import EmbeddingFinder
@@ -143,10 +144,18 @@ class ModelManager:
         with self.lock:
             if self._loaded is not None and self._loaded.info.path == info.path:
                 return self._loaded
+            self._preflight(info)  # a file that cannot load is refused while the current model stays loaded
+            previous = self._loaded.info if self._loaded is not None else None
             self.unload()
-            if not self.settings.no_hashing and info.sha256 is None:
-                info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
-            pipe = self._load_pipeline(info)
+            try:
+                if not self.settings.no_hashing and info.sha256 is None:
+                    info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
+                pipe = self._load_pipeline(info)
+            except Exception:
+                if previous is not None:
+                    log.warning("Loading %s failed; reloading %s", info.title, previous.title)
+                    self.load(previous)
+                raise
             encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
             self._loaded = LoadedModel(info, pipe, self.device, self.dtype, self.vae_dtype, encoder)
             log.info("Loaded %s on %s (%s)", info.title, self.device, self.dtype)
@@ -182,19 +191,23 @@ class ModelManager:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _load_pipeline(self, info: CheckpointInfo) -> StableDiffusionPipeline:
-        if info.kind != "diffusers":
-            raise UserError(
-                f"'{info.name}' is a single-file checkpoint; this version loads diffusers folders only. "
-                "Convert it to a diffusers folder (a folder with model_index.json) and put that in "
-                f"{self.settings.ckpt_dir}."
-            )
+    def _preflight(self, info: CheckpointInfo) -> None:
+        if not info.path.exists():
+            raise UserError(f"Checkpoint {info.path} no longer exists; refresh the list.")
+        if info.kind == "single_file":
+            check_checkpoint(info.path)
+            return
         index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
         if index.get("_class_name") != "StableDiffusionPipeline":
             raise UserError(
                 f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x pipelines "
                 "(StableDiffusionPipeline) can be loaded so far."
             )
+
+    def _load_pipeline(self, info: CheckpointInfo) -> StableDiffusionPipeline:
+        if info.kind != "diffusers":
+            pipe = load_single_file(info.path, self.dtype)
+            return self._place(pipe)
         pipe = StableDiffusionPipeline.from_pretrained(
             info.path,
             local_files_only=True,
@@ -204,6 +217,9 @@ class ModelManager:
             requires_safety_checker=False,
             tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
         )
+        return self._place(pipe)
+
+    def _place(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         pipe.vae.to(dtype=self.vae_dtype)
         pipe.to(self.device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -262,3 +262,30 @@ def test_hires_fix_tiling_and_styles_from_the_page(page, server):
     src = page.locator("#txt2img_gallery img").first.get_attribute("src")
     assert src
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "txt2img_hires.png"), full_page=True)
+
+
+def test_switch_checkpoint_from_the_dropdown(page, server):
+    from safetensors.torch import save_file
+
+    from app.models.default_model import build_default_pipeline
+    from tests.ldm_export import export_sd1
+
+    save_file(
+        export_sd1(build_default_pipeline()),
+        str(server.data_dir / "models" / "Stable-diffusion" / "uitiny.safetensors"),
+    )
+    open_ui(page, server)
+    page.locator("#refresh_checkpoints").click()
+    page.locator("#sd_model_checkpoint input").click()
+    page.get_by_role("option", name="uitiny.safetensors").click()
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded uitiny')", timeout=60000
+    )
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    assert "Model: uitiny," in page.locator("#generation_info_text").inner_text()
+    page.locator("#sd_model_checkpoint input").click()
+    page.get_by_role("option", name=re.compile("^tiny-sd-default")).click()
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded tiny-sd')", timeout=60000
+    )

@@ -1,0 +1,159 @@
+"""Single-file checkpoints (A1111's `.safetensors`/`.ckpt` in the original LDM key layout), loaded offline.
+
+The architecture is read from the state dict's keys and shapes; the components are built from the configs
+shipped in `app/models/configs/` and filled with the converted weights. Nothing is fetched: diffusers' key
+converters are used for the UNet and the VAE, and the CLIP text encoder's keys are mapped here (its layout in
+transformers 5 has no `text_model.` level, which diffusers' own single-file loader does not expect).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from app.errors import UserError
+from app.generation.samplers import SAMPLERS
+from app.models.tokenizer import load_clip_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+UNET = "model.diffusion_model."
+CLIP = "cond_stage_model.transformer."
+CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+IN_CONV_KEY = UNET + "input_blocks.0.0.weight"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the config folder under app/models/configs
+    label: str
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a single-file checkpoint; `.ckpt` only through weights_only loading."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return load_file(str(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as e:
+        raise UserError(f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
+                        "or still downloading.") from None
+    except pickle.UnpicklingError as e:
+        detail = "it holds Python objects other than tensors, which could run code" if "GLOBAL" in str(e) else (
+            "it is not a readable torch file")
+        raise UserError(f"Checkpoint {path.name} was refused: {detail}. Use a .safetensors version.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"Checkpoint {path.name} could not be read ({str(e).splitlines()[0][:160]}); it may be "
+                        "truncated.") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"Checkpoint {path.name} does not hold a state dict.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+class _Header(dict):
+    """Key -> shape of a checkpoint, read without loading its tensors (safetensors) or from loaded tensors."""
+
+
+def read_header(path: Path) -> _Header:
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                return _Header({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
+                            "or still downloading.") from None
+    return _Header({k: tuple(v.shape) for k, v in read_state_dict(path).items()})
+
+
+def check_checkpoint(path: Path) -> Architecture:
+    """Refuse a file that cannot load, before anything is unloaded to make room for it."""
+    return detect(read_header(path), path.name)
+
+
+def detect(state: dict, name: str) -> Architecture:
+    """Which shipped config fits (`state` maps keys to tensors or shapes); otherwise a UserError that says what
+    the file seems to be."""
+    state = _Header({k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+    keys = state.keys()
+    if any("lora_down" in k or k.startswith("lora_") for k in keys):
+        raise UserError(f"'{name}' looks like a LoRA, not a checkpoint; LoRAs are not supported, and this folder "
+                        "is for full Stable Diffusion models.")
+    if not any(k.startswith(UNET) for k in keys):
+        if any(k.startswith(("encoder.down", "decoder.up", "first_stage_model.")) for k in keys):
+            raise UserError(f"'{name}' looks like a VAE; put it in models/VAE and pick it as the SD VAE.")
+        raise UserError(f"'{name}' has no Stable Diffusion UNet weights ({UNET}...); it is not a checkpoint.")
+    if IN_CONV_KEY in state and state[IN_CONV_KEY][1] != 4:
+        raise UserError(f"'{name}' is an inpainting or other special model ({state[IN_CONV_KEY][1]} input "
+                        "channels); only text-to-image checkpoints can be loaded.")
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        raise UserError(f"'{name}' is an SDXL checkpoint; SDXL single files cannot be loaded yet.")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise UserError(f"'{name}' is an SD 2.x checkpoint (OpenCLIP text encoder); SD 2.x single files cannot be "
+                        "loaded yet.")
+    if CONTEXT_KEY not in state or not any(k.startswith(CLIP) for k in keys):
+        raise UserError(f"'{name}' has an unknown layout; expected an SD 1.x checkpoint.")
+    context = int(state[CONTEXT_KEY][1])
+    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        if unet["cross_attention_dim"] == context and _fits(state, unet):
+            return Architecture(folder.name, "Stable Diffusion 1.x" if folder.name == "sd1" else folder.name)
+    raise UserError(f"'{name}' is SD 1.x-like with {context}-wide text conditioning, which no shipped config "
+                    "matches.")
+
+
+def _fits(state: dict, unet_config: dict) -> bool:
+    conv_in = state.get(IN_CONV_KEY)
+    return conv_in is not None and int(conv_in[0]) == int(unet_config["block_out_channels"][0])
+
+
+def _text_encoder_state(state: dict[str, torch.Tensor], model: CLIPTextModel) -> dict[str, torch.Tensor]:
+    wanted = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(CLIP):
+            continue
+        key = key[len(CLIP):]
+        if key not in wanted and key.startswith("text_model."):
+            key = key[len("text_model."):]
+        if key in wanted:
+            out[key] = value
+    return out
+
+
+def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Build the pipeline of a single-file checkpoint from a shipped config and its converted weights."""
+    state = read_state_dict(path)
+    arch = detect(state, path.name)
+    folder = CONFIG_DIR / arch.name
+    unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
+                           scheduler_config["_class_name"])
+    try:
+        unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True)
+        vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True)
+        text_encoder.load_state_dict(_text_encoder_state(state, text_encoder), strict=False)
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"'{path.name}' looked like {arch.label} but its weights do not fit that architecture "
+                        f"({str(e).splitlines()[0][:200]}).") from None
+    missing = set(text_encoder.state_dict()) - set(_text_encoder_state(state, text_encoder))
+    if missing - {"embeddings.position_ids"}:
+        raise UserError(f"'{path.name}' lacks text encoder weights ({sorted(missing)[:3]}...).")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler_class.from_config(scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(dtype=dtype)
+    return pipe

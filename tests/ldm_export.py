@@ -1,0 +1,125 @@
+"""Test helper: write a diffusers SD1-style pipeline as an original (LDM) single-file checkpoint.
+
+Written from the LDM layout itself (input_blocks / middle_block / output_blocks, encoder.down.N.block.M, ...),
+independently of the app's loader, so a loader bug cannot hide behind a shared mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{RESNET[head]}.{tail}"
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    n = layers_per_block + 1  # LDM input/output block slots per resolution
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.startswith("conv_in."):
+            new = "input_blocks.0.0." + parts[-1]
+        elif key.startswith("time_embedding."):
+            new = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + parts[-1]
+        elif key.startswith("conv_norm_out."):
+            new = "out.0." + parts[-1]
+        elif key.startswith("conv_out."):
+            new = "out.2." + parts[-1]
+        elif key.startswith("down_blocks."):
+            i, kind = int(parts[1]), parts[2]
+            rest = ".".join(parts[4:])
+            if kind == "downsamplers":
+                new = f"input_blocks.{(i + 1) * n}.0.op.{parts[-1]}"
+            else:
+                j = int(parts[3])
+                slot = 1 + i * n + j
+                new = (
+                    f"input_blocks.{slot}.0.{_rename_resnet(rest)}"
+                    if kind == "resnets"
+                    else (f"input_blocks.{slot}.1.{rest}")
+                )
+        elif key.startswith("mid_block."):
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = (
+                f"middle_block.{0 if j == 0 else 2}.{_rename_resnet(rest)}"
+                if kind == "resnets"
+                else f"middle_block.1.{rest}"
+            )
+        elif key.startswith("up_blocks."):
+            i, kind = int(parts[1]), parts[2]
+            rest = ".".join(parts[4:])
+            if kind == "upsamplers":
+                has_attention = any(k.startswith(f"up_blocks.{i}.attentions.") for k in state)
+                new = f"output_blocks.{i * n + n - 1}.{2 if has_attention else 1}.conv.{parts[-1]}"
+            else:
+                j = int(parts[3])
+                slot = i * n + j
+                new = (
+                    f"output_blocks.{slot}.0.{_rename_resnet(rest)}"
+                    if kind == "resnets"
+                    else (f"output_blocks.{slot}.1.{rest}")
+                )
+        else:
+            raise KeyError(key)
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        side = parts[0]
+        if side in ("quant_conv", "post_quant_conv") or parts[1] in ("conv_in", "conv_out"):
+            new = key
+        elif parts[1] == "conv_norm_out":
+            new = f"{side}.norm_out.{parts[-1]}"
+        elif parts[1] in ("down_blocks", "up_blocks"):
+            i = int(parts[2])
+            level = i if side == "encoder" else n_blocks - 1 - i
+            group = "down" if side == "encoder" else "up"
+            if parts[3] == "resnets":
+                name = parts[5].replace("conv_shortcut", "nin_shortcut")
+                new = f"{side}.{group}.{level}.block.{parts[4]}.{name}.{parts[-1]}"
+            else:  # downsamplers / upsamplers
+                new = f"{side}.{group}.{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{parts[-1]}"
+        elif parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                new = (
+                    f"{side}.mid.block_{int(parts[3]) + 1}.{parts[4].replace('conv_shortcut', 'nin_shortcut')}."
+                    f"{parts[-1]}"
+                )
+            else:
+                inner = ".".join(parts[4:-1])
+                new = f"{side}.mid.attn_1.{VAE_ATTN[inner]}.{parts[-1]}"
+                if value.ndim == 2:  # LDM stores the attention projections as 1x1 convolutions
+                    value = value[:, :, None, None]
+        else:
+            raise KeyError(key)
+        out["first_stage_model." + new] = value
+    return out
+
+
+def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The transformers 4 layout A1111 checkpoints carry: cond_stage_model.transformer.text_model.<key>."""
+    return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
+
+
+def export_sd1(pipe) -> dict[str, torch.Tensor]:
+    state = {}
+    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
+    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

@@ -1,0 +1,183 @@
+"""Single-file (LDM layout) checkpoints: exported tiny model loads back and draws the same image; detection; bad
+files refused while the current model stays loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import requests
+import torch
+from safetensors.torch import save_file
+
+from app.errors import UserError
+from app.generation.txt2img import Txt2ImgParams
+from app.models.default_model import build_default_pipeline
+from app.models.single_file import CONFIG_DIR, detect
+from tests.conftest import make_data_dir
+from tests.ldm_export import export_sd1
+
+PARAMS = dict(
+    prompt="a red circle",
+    negative_prompt="blurry",
+    width=64,
+    height=64,
+    steps=6,
+    seed=5,
+    sampler_name="Euler",
+    save_images=False,
+)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory, model_store):
+    """Services of their own (this module switches checkpoints), with the tiny model also as a single file."""
+    from app.services import build_services
+    from app.settings import Settings
+
+    data = make_data_dir(tmp_path_factory.mktemp("single"), model_store)
+    save_file(export_sd1(build_default_pipeline()), str(data / "models" / "Stable-diffusion" / "tiny.safetensors"))
+    return build_services(Settings(data_dir=data))
+
+
+def image(services):
+    return np.asarray(services.txt2img.generate(Txt2ImgParams(**PARAMS)).images[0], dtype=np.int16)
+
+
+def test_exported_single_file_gives_the_folders_image(own):
+    folder_image = image(own)
+    info = own.select_checkpoint("tiny.safetensors")
+    assert info.title.startswith("tiny.safetensors [") and info.model_name == "tiny"
+    single_image = image(own)
+    assert np.abs(folder_image - single_image).max() <= 1
+    result = own.txt2img.generate(Txt2ImgParams(**PARAMS))
+    assert "Model: tiny," in result.infotexts[0] and f"Model hash: {info.short_hash}," in result.infotexts[0]
+    own.select_checkpoint("tiny-sd-default")
+
+
+def test_ckpt_loads_only_through_weights_only(own, tmp_path):
+    ckpt_dir = own.settings.ckpt_dir
+    torch.save({"state_dict": export_sd1(build_default_pipeline())}, ckpt_dir / "plain.ckpt")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {"model.diffusion_model.x": Payload()}}, ckpt_dir / "evil.ckpt")
+    own.models.refresh()
+    own.select_checkpoint("plain.ckpt")
+    assert own.models.get().info.name == "plain.ckpt"
+    with pytest.raises(UserError, match="refused: it holds Python objects"):
+        own.select_checkpoint("evil.ckpt")
+    assert not marker.exists()
+    assert own.models.get().info.name == "plain.ckpt"  # the previous model stays loaded
+    own.select_checkpoint("tiny-sd-default")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00\x01not a header", "not a readable safetensors file"),
+        ("truncate", "not a readable safetensors file"),
+    ],
+)
+def test_broken_files_are_refused_and_the_model_stays(own, content, message):
+    path = own.settings.ckpt_dir / "broken.safetensors"
+    if content == "truncate":
+        save_file(export_sd1(build_default_pipeline()), str(path))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(content)
+    own.models.refresh()
+    before = own.models.get()
+    with pytest.raises(UserError, match=message):
+        own.select_checkpoint("broken.safetensors")
+    assert own.models.get() is before
+    path.unlink()
+    own.models.refresh()
+
+
+def meta_sd1_header(config: str) -> dict[str, tuple]:
+    """Key -> shape of a full-size checkpoint of a shipped config, built on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = CONFIG_DIR / config
+    with torch.device("meta"):
+
+        class Fake:
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+            vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text()))
+            )
+
+        state = export_sd1(Fake)
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_full_size_sd15_layout_is_detected_as_sd1():
+    header = meta_sd1_header("sd1")
+    assert header["model.diffusion_model.input_blocks.0.0.weight"] == (320, 4, 3, 3)
+    assert detect(header, "v1-5-pruned-emaonly.safetensors").name == "sd1"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"conditioner.embedders.1.model.ln_final.weight": (1280,)}, "SDXL checkpoint"),
+        ({"cond_stage_model.model.ln_final.weight": (1024,)}, "SD 2.x checkpoint"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
+    ],
+)
+def test_other_architectures_say_what_they_are(extra, message):
+    header = {**meta_sd1_header("sd1"), **extra}
+    with pytest.raises(UserError, match=message):
+        detect(header, "model.safetensors")
+
+
+def test_lora_and_vae_files_are_recognised():
+    with pytest.raises(UserError, match="looks like a LoRA"):
+        detect({"lora_unet_down_blocks_0_attentions_0.lora_down.weight": (4, 320)}, "style.safetensors")
+    with pytest.raises(UserError, match="looks like a VAE"):
+        detect({"encoder.down.0.block.0.conv1.weight": (128, 128, 3, 3)}, "vae.safetensors")
+
+
+def test_tiny_config_matches_the_default_model():
+    pipe = build_default_pipeline()
+    for component in ("unet", "vae"):
+        shipped = json.loads((CONFIG_DIR / "tiny-sd1" / component / "config.json").read_text())
+        built = {k: v for k, v in dict(getattr(pipe, component).config).items() if not k.startswith("_")}
+        assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in built.items()} == shipped
+
+
+def test_switch_to_a_single_file_through_the_api(server):
+    save_file(
+        export_sd1(build_default_pipeline()),
+        str(server.data_dir / "models" / "Stable-diffusion" / "apitiny.safetensors"),
+    )
+    url = f"{server.url}/sdapi/v1"
+    assert requests.post(f"{url}/refresh-checkpoints", timeout=30).status_code == 200
+    titles = [m["title"] for m in requests.get(f"{url}/sd-models", timeout=30).json()]
+    assert "apitiny.safetensors" in titles  # hash unknown until first load, as A1111
+    assert (
+        requests.post(f"{url}/options", json={"sd_model_checkpoint": "apitiny.safetensors"}, timeout=60).status_code
+        == 200
+    )
+    current = requests.get(f"{url}/options", timeout=30).json()["sd_model_checkpoint"]
+    assert current.startswith("apitiny.safetensors [")
+    body = requests.post(
+        f"{url}/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64}, timeout=60
+    ).json()
+    assert "Model: apitiny," in json.loads(body["info"])["infotexts"][0]
+    requests.post(f"{url}/options", json={"sd_model_checkpoint": "tiny-sd-default"}, timeout=60)
+
+
+def test_old_a1111_hash_finds_the_checkpoint(own):
+    from app.models.hashes import old_hash
+
+    path = own.settings.ckpt_dir / "tiny.safetensors"
+    assert own.models.find(old_hash(path)).path == path
