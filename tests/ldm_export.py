@@ -123,3 +123,38 @@ def export_sd1(pipe) -> dict[str, torch.Tensor]:
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def text_encoder_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x's OpenCLIP layout: resblocks with fused q/k/v (`in_proj_*`), `ln_1/ln_2`, `mlp.c_fc/c_proj`."""
+    p = "cond_stage_model.model."
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {
+        p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        p + "positional_embedding": state["embeddings.position_embedding.weight"],
+        p + "ln_final.weight": state["final_layer_norm.weight"],
+        p + "ln_final.bias": state["final_layer_norm.bias"],
+    }
+    width = out[p + "token_embedding.weight"].shape[1]
+    out[p + "text_projection"] = torch.eye(width)
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                [state[src + f"self_attn.{x}_proj.{kind}"] for x in ("q", "k", "v")]
+            )
+            out[dst + f"attn.out_proj.{kind}"] = state[src + f"self_attn.out_proj.{kind}"]
+            out[dst + f"ln_1.{kind}"] = state[src + f"layer_norm1.{kind}"]
+            out[dst + f"ln_2.{kind}"] = state[src + f"layer_norm2.{kind}"]
+            out[dst + f"mlp.c_fc.{kind}"] = state[src + f"mlp.fc1.{kind}"]
+            out[dst + f"mlp.c_proj.{kind}"] = state[src + f"mlp.fc2.{kind}"]
+    return out
+
+
+def export_sd2(pipe) -> dict[str, torch.Tensor]:
+    state = {}
+    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
+    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    state.update(text_encoder_to_open_clip(pipe.text_encoder.state_dict()))
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

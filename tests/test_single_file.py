@@ -129,7 +129,6 @@ def test_full_size_sd15_layout_is_detected_as_sd1():
     ("extra", "message"),
     [
         ({"conditioner.embedders.1.model.ln_final.weight": (1280,)}, "SDXL checkpoint"),
-        ({"cond_stage_model.model.ln_final.weight": (1024,)}, "SD 2.x checkpoint"),
         ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
     ],
 )
@@ -181,3 +180,62 @@ def test_old_a1111_hash_finds_the_checkpoint(own):
 
     path = own.settings.ckpt_dir / "tiny.safetensors"
     assert own.models.find(old_hash(path)).path == path
+
+
+@pytest.fixture(scope="module")
+def sd2_files(own):
+    """A tiny SD 2.x-style model as a diffusers folder and as an exported single file."""
+    from app.models.default_model import build_tiny_sd2_pipeline
+    from tests.ldm_export import export_sd2
+
+    pipe = build_tiny_sd2_pipeline()
+    ckpt = own.settings.ckpt_dir
+    pipe.save_pretrained(ckpt / "tiny2-folder")
+    for name in ("vocab.json", "merges.txt"):
+        (ckpt / "tiny2-folder" / "tokenizer" / name).write_bytes((CONFIG_DIR.parent / "tokenizer" / name).read_bytes())
+    save_file(export_sd2(pipe), str(ckpt / "tiny2.safetensors"))
+    own.models.refresh()
+    return ckpt
+
+
+def test_sd2_style_single_file_matches_its_diffusers_folder(own, sd2_files):
+    own.select_checkpoint("tiny2-folder")
+    folder_model = own.models.get()
+    assert folder_model.pipe.tokenizer.pad_token_id == 0  # OpenCLIP pads with "!"
+    folder_image = image(own)
+    own.select_checkpoint("tiny2.safetensors")
+    single = own.models.get()
+    assert single.pipe.tokenizer.pad_token_id == 0 and single.text_width == 96
+    assert np.abs(folder_image - image(own)).max() <= 1
+    own.select_checkpoint("tiny-sd-default")
+
+
+def test_sidecar_yaml_selects_v_prediction(own, sd2_files):
+    (sd2_files / "tiny2.yaml").write_text('model:\n  params:\n    parameterization: "v"\n', encoding="utf-8")
+    try:
+        own.select_checkpoint("tiny2.safetensors")
+        assert own.models.get().pipe.scheduler.config.prediction_type == "v_prediction"
+        assert image(own).std() > 1
+    finally:
+        own.select_checkpoint("tiny-sd-default")
+        (sd2_files / "tiny2.yaml").unlink()
+
+
+def test_full_size_sd2_layout_is_detected_as_sd2():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.ldm_export import export_sd2
+
+    folder = CONFIG_DIR / "sd2"
+    with torch.device("meta"):
+
+        class Fake:
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+            vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text()))
+            )
+
+        header = {k: tuple(v.shape) for k, v in export_sd2(Fake).items()}
+    assert detect(header, "v2-1_768-ema-pruned.safetensors").name == "sd2"

@@ -116,3 +116,32 @@ def ensure_default_model(ckpt_dir: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_tiny_sd2_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
+    """A tiny model with SD 2.x's layout (linear attention projections, per-level head counts, GELU OpenCLIP-style
+    text encoder padding with "!"); used to test SD 2.x loading paths on the CPU."""
+    torch.manual_seed(seed)
+    width = 96
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=0, projection_dim=width,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=64,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(pad_token="!"), unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )

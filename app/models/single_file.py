@@ -1,6 +1,7 @@
 """Single-file checkpoints (A1111's `.safetensors`/`.ckpt` in the original LDM key layout), loaded offline.
 
-The architecture is read from the state dict's keys and shapes; the components are built from the configs
+SD 1.x and SD 2.x (with shipped tiny variants for tests); SDXL is detected and refused for now. The
+architecture is read from the state dict's keys and shapes; the components are built from the configs
 shipped in `app/models/configs/` and filled with the converted weights. Nothing is fetched: diffusers' key
 converters are used for the UNet and the VAE, and the CLIP text encoder's keys are mapped here (its layout in
 transformers 5 has no `text_model.` level, which diffusers' own single-file loader does not expect).
@@ -9,6 +10,7 @@ transformers 5 has no `text_model.` level, which diffusers' own single-file load
 from __future__ import annotations
 
 import json
+import re
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -16,7 +18,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -28,6 +34,7 @@ from app.models.tokenizer import load_clip_tokenizer
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
+OPEN_CLIP = "cond_stage_model.model."
 CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 IN_CONV_KEY = UNET + "input_blocks.0.0.weight"
 
@@ -98,17 +105,21 @@ def detect(state: dict, name: str) -> Architecture:
                         "channels); only text-to-image checkpoints can be loaded.")
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         raise UserError(f"'{name}' is an SDXL checkpoint; SDXL single files cannot be loaded yet.")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise UserError(f"'{name}' is an SD 2.x checkpoint (OpenCLIP text encoder); SD 2.x single files cannot be "
-                        "loaded yet.")
-    if CONTEXT_KEY not in state or not any(k.startswith(CLIP) for k in keys):
-        raise UserError(f"'{name}' has an unknown layout; expected an SD 1.x checkpoint.")
-    context = int(state[CONTEXT_KEY][1])
-    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+    if any(k.startswith(OPEN_CLIP) for k in keys):
+        family, label = "sd2", "Stable Diffusion 2.x"
+    elif any(k.startswith(CLIP) for k in keys):
+        family, label = "sd1", "Stable Diffusion 1.x"
+    else:
+        raise UserError(f"'{name}' has no text encoder weights that this app knows; expected an SD 1.x or 2.x "
+                        "checkpoint.")
+    if CONTEXT_KEY not in state:
+        raise UserError(f"'{name}' has an unknown UNet layout; expected an SD 1.x or 2.x checkpoint.")
+    context = int(state[CONTEXT_KEY][-1])
+    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name.endswith(family)):
         unet = json.loads((folder / "unet" / "config.json").read_text())
         if unet["cross_attention_dim"] == context and _fits(state, unet):
-            return Architecture(folder.name, "Stable Diffusion 1.x" if folder.name == "sd1" else folder.name)
-    raise UserError(f"'{name}' is SD 1.x-like with {context}-wide text conditioning, which no shipped config "
+            return Architecture(folder.name, label if folder.name == family else f"{label} ({folder.name})")
+    raise UserError(f"'{name}' is {label}-like with {context}-wide text conditioning, which no shipped config "
                     "matches.")
 
 
@@ -118,17 +129,32 @@ def _fits(state: dict, unet_config: dict) -> bool:
 
 
 def _text_encoder_state(state: dict[str, torch.Tensor], model: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """The text encoder's weights under the model's own key names (with or without a `text_model.` level)."""
+    if any(k.startswith(OPEN_CLIP) for k in state):
+        source = convert_open_clip_checkpoint(model, state, OPEN_CLIP)
+    else:
+        source = {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP)}
     wanted = set(model.state_dict())
     out = {}
-    for key, value in state.items():
-        if not key.startswith(CLIP):
-            continue
-        key = key[len(CLIP):]
+    for key, value in source.items():
         if key not in wanted and key.startswith("text_model."):
             key = key[len("text_model."):]
         if key in wanted:
             out[key] = value
     return out
+
+
+def prediction_type(path: Path, default: str) -> str:
+    """SD 2.x comes in epsilon and v-prediction variants that weights alone do not tell apart. A1111 reads a
+    `<checkpoint>.yaml` beside the file; its `parameterization: "v"` means v-prediction. Without one, the shipped
+    config's default applies (v-prediction for full-size SD 2.x, as the 768 px models that most people use)."""
+    sidecar = path.with_suffix(".yaml")
+    if sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8", errors="replace")
+        found = re.search(r"parameterization:\s*[\"']?(\w+)", text)
+        if found:
+            return "v_prediction" if found.group(1).lower() == "v" else "epsilon"
+    return default
 
 
 def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -140,6 +166,7 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
     text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config["prediction_type"] = prediction_type(path, scheduler_config.get("prediction_type", "epsilon"))
     scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
                            scheduler_config["_class_name"])
     try:
@@ -152,7 +179,9 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     missing = set(text_encoder.state_dict()) - set(_text_encoder_state(state, text_encoder))
     if missing - {"embeddings.position_ids"}:
         raise UserError(f"'{path.name}' lacks text encoder weights ({sorted(missing)[:3]}...).")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+    pad = "!" if text_encoder.config.pad_token_id == 0 else None  # OpenCLIP pads with "!" (id 0)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(pad_token=pad),
+                                   unet=unet,
                                    scheduler=scheduler_class.from_config(scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=dtype)
