@@ -66,6 +66,17 @@ def choose_dtypes(settings: Settings, device: torch.device) -> tuple[torch.dtype
     return torch.float16, (torch.float32 if settings.no_half_vae else torch.float16)
 
 
+def offload_mode(settings: Settings, device: torch.device) -> str | None:
+    """--lowvram -> "sequential", --medvram -> "model" CPU offload; both only mean something on CUDA."""
+    if device.type != "cuda":
+        if settings.lowvram or settings.medvram:
+            log.info("--lowvram/--medvram have no effect on %s: everything already runs from system memory", device)
+        return None
+    if settings.lowvram:
+        return "sequential"
+    return "model" if settings.medvram else None
+
+
 class ModelManager:
     """Discovers checkpoints, loads one at a time, and serializes model use through `lock`.
 
@@ -221,7 +232,13 @@ class ModelManager:
 
     def _place(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         pipe.vae.to(dtype=self.vae_dtype)
-        pipe.to(self.device)
+        offload = offload_mode(self.settings, self.device)
+        if offload == "sequential":  # --lowvram: weights stream to the GPU layer by layer
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        elif offload == "model":  # --medvram: one component on the GPU at a time
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
             module.eval()
