@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
@@ -162,20 +163,26 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     state = read_state_dict(path)
     arch = detect(state, path.name)
     folder = CONFIG_DIR / arch.name
-    unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-    vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    # UNet and VAE are built without allocating (meta device) and take the file's tensors as they are: no random
+    # initialisation of a billion weights, no second copy in memory.
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
     text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = prediction_type(path, scheduler_config.get("prediction_type", "epsilon"))
     scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
                            scheduler_config["_class_name"])
     try:
-        unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True)
-        vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True)
+        unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True, assign=True)
+        vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True, assign=True)
         text_encoder.load_state_dict(_text_encoder_state(state, text_encoder), strict=False)
     except (RuntimeError, KeyError) as e:
         raise UserError(f"'{path.name}' looked like {arch.label} but its weights do not fit that architecture "
                         f"({str(e).splitlines()[0][:200]}).") from None
+    still_empty = [n for m in (unet, vae) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise UserError(f"'{path.name}' lacks weights for {still_empty[:3]}...")
     missing = set(text_encoder.state_dict()) - set(_text_encoder_state(state, text_encoder))
     if missing - {"embeddings.position_ids"}:
         raise UserError(f"'{path.name}' lacks text encoder weights ({sorted(missing)[:3]}...).")
