@@ -158,6 +158,14 @@ def prediction_type(path: Path, default: str) -> str:
     return default
 
 
+def _no_init_weights():
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Build the pipeline of a single-file checkpoint from a shipped config and its converted weights."""
     state = read_state_dict(path)
@@ -168,7 +176,9 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
+    with _no_init_weights():  # every weight is overwritten from the file right after
+        text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json")
+                                                                 .read_text())))
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = prediction_type(path, scheduler_config.get("prediction_type", "epsilon"))
     scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
