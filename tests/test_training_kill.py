@@ -72,6 +72,7 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
     assert f"DONE {target} None" in out
     assert read_step(path, kind) == target
     csv_name = "textual_inversion_loss.csv" if kind == "embedding" else "hypernetwork_loss.csv"
-    rows = next((data_dir / "log").rglob(csv_name)).read_text().splitlines()[1:]
+    # log/<date>/<name>/: a run that crosses midnight continues in the new day's folder (A1111 does the same).
+    rows = sorted((data_dir / "log").rglob(csv_name))[-1].read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == target  # no duplicate rows after resumes

@@ -171,8 +171,14 @@ class EmbeddingDatabase:
                     data.count,
                 )
                 continue
+            # SDXL's two parts side by side (clip_l, then clip_g), as the two encoders' conditioning is.
+            vectors = (
+                data.vectors
+                if data.vectors is not None
+                else torch.cat([data.parts["clip_l"], data.parts["clip_g"]], dim=1)
+            )
             loaded[data.name] = Embedding(
-                data.name, data.vectors, path, data.step, data.sd_checkpoint, data.sd_checkpoint_name
+                data.name, vectors, path, data.step, data.sd_checkpoint, data.sd_checkpoint_name
             )
         self.loaded, self.skipped = loaded, skipped
         self._index()
@@ -180,13 +186,14 @@ class EmbeddingDatabase:
             log.info("Embeddings: %d loaded, %d skipped", len(loaded), len(skipped))
 
     def _misfit(self, data: EmbeddingData) -> str | None:
-        if data.vectors is None:
-            return "an SDXL embedding (clip_l + clip_g); it needs an SDXL model"
         if self._width is not None and data.width != self._width:
+            kind = "an SDXL embedding (clip_l + clip_g) whose" if data.vectors is None else "its"
             return (
-                f"its vectors are {data.width} wide but the loaded model needs {self._width}; "
+                f"{kind} vectors are {data.width} wide but the loaded model needs {self._width}; "
                 "it was made for another model family and becomes usable when such a model is loaded"
             )
+        if self._width is None and data.vectors is None:
+            return "an SDXL embedding (clip_l + clip_g); it needs an SDXL model"
         if self._tokenize is not None and not self._tokenize(data.name):
             return f"the name '{data.name}' has no characters the tokenizer can match in a prompt"
         return None

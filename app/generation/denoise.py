@@ -23,7 +23,7 @@ class ScheduledConditioning:
         self.encoder = encoder
         self.schedule = prompt_schedule(prompt, steps)
         self.clip_skip = clip_skip
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def texts(self) -> list[str]:
         return [entry.text for entry in self.schedule]
@@ -38,9 +38,16 @@ class ScheduledConditioning:
         return list(seen.values())
 
     def at(self, step_index: int) -> torch.Tensor:
+        return self._encoded(step_index)[0]
+
+    def pooled_at(self, step_index: int) -> torch.Tensor | None:
+        """SDXL's pooled text embedding for the step (None for models without one)."""
+        return self._encoded(step_index)[1]
+
+    def _encoded(self, step_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         text = text_at_step(self.schedule, step_index)
         if text not in self._cache:
-            self._cache[text] = self.encoder.encode([text], self.clip_skip)
+            self._cache[text] = self.encoder.encode_with_pooled([text], self.clip_skip)
         return self._cache[text]
 
 
@@ -63,12 +70,14 @@ def sample(
     generators: list[torch.Generator] | None = None,
     on_step: StepCallback | None = None,
     start_index: int = 0,
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (fp32; scaled by the init sigma, or noised to the start timestep); returns the result.
 
     `steps` is how many steps run (the prompt schedule spans them). `start_index` skips the first timesteps, as
-    img2img and the hires pass do. `on_step(step, total, latents)` runs after every scheduler step and may raise
-    to stop (interrupt).
+    img2img and the hires pass do. `time_ids` (SDXL: original size, crop, target size) switches on SDXL's extra
+    conditioning with the pooled text embeddings. `on_step(step, total, latents)` runs after every scheduler step
+    and may raise to stop (interrupt).
     """
     batch = latents.shape[0]
     dtype = next(unet.parameters()).dtype
@@ -79,32 +88,49 @@ def sample(
     # Second-order samplers (Heun, DPM2) take about two model calls per step: map calls back onto steps.
     per_step = len(timesteps) / steps
 
-    contexts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    contexts: dict[tuple[int, int], tuple] = {}
 
-    def context_for(step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(cond, uncond, both) for a step, built once per distinct pair so the same tensors recur across steps
-        (attention processors may then reuse work done on them)."""
+    def extra(pooled: torch.Tensor | None, n: int) -> dict:
+        if time_ids is None:
+            return {}
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(dtype).expand(n, -1),
+                "time_ids": time_ids.to(device=latents.device, dtype=dtype).expand(n, -1),
+            }
+        }
+
+    def context_for(step_index: int) -> tuple:
+        """(cond, uncond, both, their extra kwargs) for a step, built once per distinct pair so the same tensors
+        recur across steps (attention processors may then reuse work done on them)."""
         c_raw, u_raw = cond.at(step_index), uncond.at(step_index)
         key = (id(c_raw), id(u_raw))
         if key not in contexts:
             c = c_raw.to(dtype).expand(batch, -1, -1)
             u = u_raw.to(dtype).expand(batch, -1, -1)
-            contexts[key] = (c, u, torch.cat([u, c]) if c.shape[1] == u.shape[1] else None)
+            pc, pu = cond.pooled_at(step_index), uncond.pooled_at(step_index)
+            both = torch.cat([u, c]) if c.shape[1] == u.shape[1] else None
+            both_extra = (
+                extra(torch.cat([pu.expand(batch, -1), pc.expand(batch, -1)]), 2 * batch)
+                if (time_ids is not None)
+                else {}
+            )
+            contexts[key] = (c, u, both, extra(pc, batch), extra(pu, batch), both_extra)
         return contexts[key]
 
     for i, t in enumerate(timesteps):
         step_index = min(steps - 1, int(i / per_step))
         model_in = scheduler.scale_model_input(latents, t).to(dtype)
-        c, u, both_context = context_for(step_index)
+        c, u, both_context, c_extra, u_extra, both_extra = context_for(step_index)
         if cfg_scale == 1.0:
-            noise = unet(model_in, t, encoder_hidden_states=c).sample.float()
+            noise = unet(model_in, t, encoder_hidden_states=c, **c_extra).sample.float()
         else:
             if both_context is not None:
-                both = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=both_context).sample
+                both = unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=both_context, **both_extra).sample
                 noise_u, noise_c = both.float().chunk(2)
             else:
-                noise_u = unet(model_in, t, encoder_hidden_states=u).sample.float()
-                noise_c = unet(model_in, t, encoder_hidden_states=c).sample.float()
+                noise_u = unet(model_in, t, encoder_hidden_states=u, **u_extra).sample.float()
+                noise_c = unet(model_in, t, encoder_hidden_states=c, **c_extra).sample.float()
             noise = noise_u + cfg_scale * (noise_c - noise_u)
         latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
         if on_step is not None:

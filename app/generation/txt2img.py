@@ -69,6 +69,13 @@ class HiresPlan:
         return fields
 
 
+def xl_time_ids(model: LoadedModel, width: int, height: int) -> torch.Tensor | None:
+    """SDXL's size conditioning: original size, crop offset (none), target size; None for other models."""
+    if not model.is_xl:
+        return None
+    return torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+
+
 MAX_PROMPT_CHUNKS = 64  # 4800 tokens: far beyond any real prompt, short of tying the job thread up for minutes
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
@@ -363,7 +370,16 @@ class Txt2ImgService:
             with circular_padding(model.pipe.unet, model.pipe.vae, enabled=p.tiling), self.stack.using(networks):
                 try:
                     latents = sample(
-                        model.pipe.unet, scheduler, latents, cond, uncond, p.cfg_scale, p.steps, generators, on_step
+                        model.pipe.unet,
+                        scheduler,
+                        latents,
+                        cond,
+                        uncond,
+                        p.cfg_scale,
+                        p.steps,
+                        generators,
+                        on_step,
+                        time_ids=xl_time_ids(model, p.width, p.height),
                     )
                     if hires is not None:
                         latents = self._hires_pass(model, p, hires, latents, generators, schedule, seeds[0], on_step)
@@ -432,6 +448,7 @@ class Txt2ImgService:
             generators,
             on_step,
             start_index=start,
+            time_ids=xl_time_ids(model, *plan.size),
         )
 
     def _infotext(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from app.errors import NotFoundError, UserError
 from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
@@ -22,6 +22,7 @@ from app.models.tokenizer import load_clip_tokenizer
 from app.models.vae import load_vae, scan_vae_files
 from app.prompts.chunking import EmbeddingFinder
 from app.prompts.encoder import PromptEncoder
+from app.prompts.xl_encoder import XLPromptEncoder
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ class LoadedModel:
     """A checkpoint in memory: the diffusers components plus our prompt encoder."""
 
     info: CheckpointInfo
-    pipe: StableDiffusionPipeline
+    pipe: StableDiffusionPipeline  # or StableDiffusionXLPipeline
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
-    encoder: PromptEncoder
+    encoder: PromptEncoder  # or XLPromptEncoder
     own_vae: torch.nn.Module | None = None  # the checkpoint's VAE while another is selected
 
     @property
@@ -49,8 +50,19 @@ class LoadedModel:
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def is_xl(self) -> bool:
+        return getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @property
     def text_width(self) -> int:
-        return int(self.pipe.text_encoder.config.hidden_size)
+        """The width of one conditioning vector (SDXL: both encoders side by side, 768 + 1280)."""
+        width = int(self.pipe.text_encoder.config.hidden_size)
+        if self.is_xl:
+            width += int(self.pipe.text_encoder_2.config.hidden_size)
+        return width
+
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def choose_device(settings: Settings) -> torch.device:
@@ -167,7 +179,11 @@ class ModelManager:
                     log.warning("Loading %s failed; reloading %s", info.title, previous.title)
                     self.load(previous)
                 raise
-            encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                encoder = XLPromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2,
+                                          self.embedding_finder)
+            else:
+                encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
             self._loaded = LoadedModel(info, pipe, self.device, self.dtype, self.vae_dtype, encoder)
             log.info("Loaded %s on %s (%s)", info.title, self.device, self.dtype)
             for listener in self._load_listeners:
@@ -209,15 +225,23 @@ class ModelManager:
             check_checkpoint(info.path)
             return
         index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
-        if index.get("_class_name") != "StableDiffusionPipeline":
+        if index.get("_class_name") not in PIPELINES:
             raise UserError(
-                f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x pipelines "
-                "(StableDiffusionPipeline) can be loaded so far."
+                f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x and SDXL "
+                "text-to-image pipelines can be loaded."
             )
 
     def _load_pipeline(self, info: CheckpointInfo) -> StableDiffusionPipeline:
         if info.kind != "diffusers":
             pipe = load_single_file(info.path, self.dtype)
+            return self._place(pipe)
+        index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
+        if index.get("_class_name") == "StableDiffusionXLPipeline":
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                info.path, local_files_only=True, dtype=self.dtype,
+                tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
+                tokenizer_2=load_clip_tokenizer(_tokenizer_folder(info.path, "tokenizer_2")),
+            )
             return self._place(pipe)
         pipe = StableDiffusionPipeline.from_pretrained(
             info.path,
@@ -239,13 +263,14 @@ class ModelManager:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
 
-def _tokenizer_folder(model_path: Path) -> Path | None:
-    folder = model_path / "tokenizer"
+def _tokenizer_folder(model_path: Path, name: str = "tokenizer") -> Path | None:
+    folder = model_path / name
     return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None

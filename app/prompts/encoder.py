@@ -29,7 +29,7 @@ def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
 
 
 class PromptEncoder:
-    """Encodes prompts for one CLIP text encoder (SD1: CLIP ViT-L; later also OpenCLIP and SDXL's pair)."""
+    """Encodes prompts for one CLIP text encoder (SD1's CLIP ViT-L, SD2's OpenCLIP, or one of SDXL's pair)."""
 
     def __init__(
         self,
@@ -37,11 +37,14 @@ class PromptEncoder:
         text_encoder: torch.nn.Module,
         find_embedding: EmbeddingFinder | None = None,
         comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
+        penultimate: bool = False,
     ):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.find_embedding = find_embedding
         self.comma_backtrack = comma_backtrack
+        # SDXL conditions on the penultimate hidden state without the final layer norm; Clip skip counts from there.
+        self.penultimate = penultimate
         vocab = tokenizer.get_vocab()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ids = TokenIds(start=tokenizer.bos_token_id, end=tokenizer.eos_token_id, pad=pad, comma=vocab.get(",</w>"))
@@ -58,34 +61,46 @@ class PromptEncoder:
 
     def encode(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
         """Conditioning for a batch of prompts: Tensor[batch, 77 * chunks, width]."""
+        return self.encode_with_pooled(texts, clip_skip)[0]
+
+    def encode_with_pooled(self, texts: Sequence[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditioning, pooled): pooled is the projected embedding of each prompt's first chunk when the text
+        encoder has a projection (SDXL's second encoder), else None."""
         per_prompt = [self.chunks(text)[0] for text in texts]
         n_chunks = max(len(c) for c in per_prompt)
-        outputs = []
+        outputs, pooled = [], None
         for i in range(n_chunks):
             column = [c[i] if i < len(c) else empty_chunk(self.ids) for c in per_prompt]
-            outputs.append(self._encode_chunks(column, clip_skip))
-        return torch.cat(outputs, dim=1)
+            z, out = self._encode_chunks(column, clip_skip)
+            outputs.append(z)
+            if i == 0:
+                pooled = getattr(out, "text_embeds", None)
+        return torch.cat(outputs, dim=1), pooled
 
-    def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int) -> torch.Tensor:
+    def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int):
         device = self.text_encoder.device
         tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
         with self._substituted_embeddings([c.fixes for c in chunks]):
-            z = self._hidden_states(tokens, clip_skip)
+            z, out = self._hidden_states(tokens, clip_skip)
         if all(m == 1.0 for c in chunks for m in c.multipliers):
             # The rescale below is the identity then; skipping it also keeps its 1/mean out of the gradient
             # (a mean near zero would blow gradients up in training).
-            return z
+            return z, out
         weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=device)
         original_mean = z.mean()
         z = z * weights.unsqueeze(-1)
-        return z * (original_mean / z.mean())
+        return z * (original_mean / z.mean()), out
 
-    def _hidden_states(self, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    def _hidden_states(self, tokens: torch.Tensor, clip_skip: int):
+        if self.penultimate:
+            out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
+            return out.hidden_states[max(-len(out.hidden_states), -(clip_skip + 1))], out
         if clip_skip <= 1:
-            return self.text_encoder(input_ids=tokens).last_hidden_state
+            out = self.text_encoder(input_ids=tokens)
+            return out.last_hidden_state, out
         out = self.text_encoder(input_ids=tokens, output_hidden_states=True)
         layer = max(-len(out.hidden_states) + 1, -clip_skip)
-        return final_layer_norm(self.text_encoder)(out.hidden_states[layer])
+        return final_layer_norm(self.text_encoder)(out.hidden_states[layer]), out
 
     @contextmanager
     def _substituted_embeddings(self, fixes_per_row: list[list]) -> Iterator[None]:

@@ -71,6 +71,8 @@ class TrainingService:
         """Check every input and load the dataset; any problem is a UserError before anything starts."""
         if self.settings.lowvram:
             raise UserError(f"{LOWVRAM_REASON}: start without --lowvram to train (--medvram works).")
+        if self.models.get().is_xl:
+            raise UserError("Training on SDXL models is not supported yet; load an SD 1.x or 2.x checkpoint to train.")
         for label, value in (("Width", cfg.training_width), ("Height", cfg.training_height)):
             if not 64 <= int(value) <= 2048 or int(value) % 8:
                 raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.")
