@@ -33,6 +33,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[s
             new = "input_blocks.0.0." + parts[-1]
         elif key.startswith("time_embedding."):
             new = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + parts[-1]
+        elif key.startswith("add_embedding."):
+            new = {"linear_1": "label_emb.0.0", "linear_2": "label_emb.0.2"}[parts[1]] + "." + parts[-1]
         elif key.startswith("conv_norm_out."):
             new = "out.0." + parts[-1]
         elif key.startswith("conv_out."):
@@ -125,9 +127,10 @@ def export_sd1(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def text_encoder_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x's OpenCLIP layout: resblocks with fused q/k/v (`in_proj_*`), `ln_1/ln_2`, `mlp.c_fc/c_proj`."""
-    p = "cond_stage_model.model."
+def text_encoder_to_open_clip(state: dict[str, torch.Tensor], p: str = "cond_stage_model.model.") -> dict:
+    """The OpenCLIP layout (SD 2.x, SDXL's second encoder): resblocks with fused q/k/v (`in_proj_*`), `ln_1/ln_2`,
+    `mlp.c_fc/c_proj`, and `text_projection` stored as [width, projection]."""
+    projection = state.get("text_projection.weight")
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
     out = {
         p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
@@ -136,7 +139,7 @@ def text_encoder_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch
         p + "ln_final.bias": state["final_layer_norm.bias"],
     }
     width = out[p + "token_embedding.weight"].shape[1]
-    out[p + "text_projection"] = torch.eye(width)
+    out[p + "text_projection"] = projection.T if projection is not None else torch.eye(width)
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
     for i in layers:
         src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
@@ -157,4 +160,18 @@ def export_sd2(pipe) -> dict[str, torch.Tensor]:
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     state.update(text_encoder_to_open_clip(pipe.text_encoder.state_dict()))
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def export_sdxl(pipe) -> dict[str, torch.Tensor]:
+    state = {}
+    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
+    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    state.update(
+        {
+            f"conditioner.embedders.0.transformer.text_model.{k.removeprefix('text_model.')}": v
+            for k, v in pipe.text_encoder.state_dict().items()
+        }
+    )
+    state.update(text_encoder_to_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}

@@ -1,7 +1,7 @@
 """Single-file checkpoints (A1111's `.safetensors`/`.ckpt` in the original LDM key layout), loaded offline.
 
-SD 1.x and SD 2.x (with shipped tiny variants for tests); SDXL is detected and refused for now. The
-architecture is read from the state dict's keys and shapes; the components are built from the configs
+SD 1.x, SD 2.x and SDXL (with shipped tiny variants for tests). The architecture is read from the state dict's
+keys and shapes; the components are built from the configs
 shipped in `app/models/configs/` and filled with the converted weights. Nothing is fetched: diffusers' key
 converters are used for the UNet and the VAE, and the CLIP text encoder's keys are mapped here (its layout in
 transformers 5 has no `text_model.` level, which diffusers' own single-file loader does not expect).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
@@ -26,7 +26,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from app.errors import UserError
 from app.generation.samplers import SAMPLERS
@@ -36,7 +36,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 UNET = "model.diffusion_model."
 CLIP = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
-CONTEXT_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+XL_L = "conditioner.embedders.0.transformer."
+XL_G = "conditioner.embedders.1.model."
 IN_CONV_KEY = UNET + "input_blocks.0.0.weight"
 
 
@@ -104,18 +105,19 @@ def detect(state: dict, name: str) -> Architecture:
     if IN_CONV_KEY in state and state[IN_CONV_KEY][1] != 4:
         raise UserError(f"'{name}' is an inpainting or other special model ({state[IN_CONV_KEY][1]} input "
                         "channels); only text-to-image checkpoints can be loaded.")
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        raise UserError(f"'{name}' is an SDXL checkpoint; SDXL single files cannot be loaded yet.")
-    if any(k.startswith(OPEN_CLIP) for k in keys):
+    if any(k.startswith(XL_G) for k in keys):
+        family, label = "sdxl", "Stable Diffusion XL"
+    elif any(k.startswith(OPEN_CLIP) for k in keys):
         family, label = "sd2", "Stable Diffusion 2.x"
     elif any(k.startswith(CLIP) for k in keys):
         family, label = "sd1", "Stable Diffusion 1.x"
     else:
         raise UserError(f"'{name}' has no text encoder weights that this app knows; expected an SD 1.x or 2.x "
                         "checkpoint.")
-    if CONTEXT_KEY not in state:
-        raise UserError(f"'{name}' has an unknown UNet layout; expected an SD 1.x or 2.x checkpoint.")
-    context = int(state[CONTEXT_KEY][-1])
+    context_keys = sorted(k for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
+    if not context_keys:
+        raise UserError(f"'{name}' has an unknown UNet layout; expected an SD 1.x, 2.x or XL checkpoint.")
+    context = int(state[context_keys[0]][-1])
     for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name.endswith(family)):
         unet = json.loads((folder / "unet" / "config.json").read_text())
         if unet["cross_attention_dim"] == context and _fits(state, unet):
@@ -129,12 +131,13 @@ def _fits(state: dict, unet_config: dict) -> bool:
     return conv_in is not None and int(conv_in[0]) == int(unet_config["block_out_channels"][0])
 
 
-def _text_encoder_state(state: dict[str, torch.Tensor], model: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The text encoder's weights under the model's own key names (with or without a `text_model.` level)."""
-    if any(k.startswith(OPEN_CLIP) for k in state):
-        source = convert_open_clip_checkpoint(model, state, OPEN_CLIP)
+def _text_encoder_state(state: dict[str, torch.Tensor], model: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
+    """The text encoder's weights (found under `prefix`) with the model's own key names (with or without a
+    `text_model.` level)."""
+    if prefix in (OPEN_CLIP, XL_G):
+        source = convert_open_clip_checkpoint(model, state, prefix)
     else:
-        source = {k[len(CLIP):]: v for k, v in state.items() if k.startswith(CLIP)}
+        source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     wanted = set(model.state_dict())
     out = {}
     for key, value in source.items():
@@ -176,9 +179,20 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-    with _no_init_weights():  # every weight is overwritten from the file right after
-        text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json")
-                                                                 .read_text())))
+    encoders = [("text_encoder", CLIPTextModel, XL_L if arch.name.endswith("sdxl") else
+                 (OPEN_CLIP if arch.name.endswith("sd2") else CLIP))]
+    if arch.name.endswith("sdxl"):
+        encoders.append(("text_encoder_2", CLIPTextModelWithProjection, XL_G))
+    text_encoders = {}
+    for component, cls, prefix in encoders:
+        with _no_init_weights():  # every weight is overwritten from the file right after
+            model = cls(CLIPTextConfig(**json.loads((folder / component / "config.json").read_text())))
+        weights = _text_encoder_state(state, model, prefix)
+        missing = set(model.state_dict()) - set(weights) - {"embeddings.position_ids", "text_model.embeddings.position_ids"}
+        if missing:
+            raise UserError(f"'{path.name}' lacks {component} weights ({sorted(missing)[:3]}...).")
+        model.load_state_dict(weights, strict=False)
+        text_encoders[component] = model
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = prediction_type(path, scheduler_config.get("prediction_type", "epsilon"))
     scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
@@ -186,20 +200,22 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     try:
         unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True, assign=True)
         vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True, assign=True)
-        text_encoder.load_state_dict(_text_encoder_state(state, text_encoder), strict=False)
     except (RuntimeError, KeyError) as e:
         raise UserError(f"'{path.name}' looked like {arch.label} but its weights do not fit that architecture "
                         f"({str(e).splitlines()[0][:200]}).") from None
     still_empty = [n for m in (unet, vae) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
     if still_empty:
         raise UserError(f"'{path.name}' lacks weights for {still_empty[:3]}...")
-    missing = set(text_encoder.state_dict()) - set(_text_encoder_state(state, text_encoder))
-    if missing - {"embeddings.position_ids"}:
-        raise UserError(f"'{path.name}' lacks text encoder weights ({sorted(missing)[:3]}...).")
-    pad = "!" if text_encoder.config.pad_token_id == 0 else None  # OpenCLIP pads with "!" (id 0)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(pad_token=pad),
-                                   unet=unet,
-                                   scheduler=scheduler_class.from_config(scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = scheduler_class.from_config(scheduler_config)
+    first = text_encoders["text_encoder"]
+    if "text_encoder_2" in text_encoders:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first, text_encoder_2=text_encoders["text_encoder_2"],
+                                         tokenizer=load_clip_tokenizer(), tokenizer_2=load_clip_tokenizer(pad_token="!"),
+                                         unet=unet, scheduler=scheduler)
+    else:
+        pad = "!" if first.config.pad_token_id == 0 else None  # OpenCLIP pads with "!" (id 0)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=first, tokenizer=load_clip_tokenizer(pad_token=pad),
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.to(dtype=dtype)
     return pipe
