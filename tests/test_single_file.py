@@ -128,7 +128,7 @@ def test_full_size_sd15_layout_is_detected_as_sd1():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"conditioner.embedders.1.model.ln_final.weight": (1280,)}, "SDXL checkpoint"),
+        ({"conditioner.embedders.1.model.ln_final.weight": (1280,)}, "XL-like with 768-wide text conditioning"),
         ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
     ],
 )
@@ -239,3 +239,28 @@ def test_full_size_sd2_layout_is_detected_as_sd2():
 
         header = {k: tuple(v.shape) for k, v in export_sd2(Fake).items()}
     assert detect(header, "v2-1_768-ema-pruned.safetensors").name == "sd2"
+
+
+def test_ckpt_flag_picks_the_model_at_start(tmp_path, model_store):
+    from app.services import build_services
+    from app.settings import Settings
+
+    data = make_data_dir(tmp_path / "data", model_store)
+    single = tmp_path / "elsewhere" / "chosen.safetensors"
+    single.parent.mkdir()
+    save_file(export_sd1(build_default_pipeline()), str(single))
+    services = build_services(Settings(data_dir=data, ckpt=single))
+    assert services.models.get().info.path == single
+    assert services.options["sd_model_checkpoint"].startswith("chosen.safetensors [")
+
+
+def test_hypernetwork_applies_to_sd2_context_width(own, sd2_files):
+    own.select_checkpoint("tiny2.safetensors")
+    try:
+        own.hypernetworks.create("sd2hn", [96], "1, 2, 1", "relu", "XavierNormal", overwrite=True)
+        plain = image(own)
+        with_hn = own.txt2img.generate(Txt2ImgParams(**{**PARAMS, "prompt": "a red circle <hypernet:sd2hn:1>"}))
+        assert with_hn.notes == []
+        assert not np.array_equal(plain, np.asarray(with_hn.images[0], dtype=np.int16))
+    finally:
+        own.select_checkpoint("tiny-sd-default")
