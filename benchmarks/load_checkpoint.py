@@ -25,23 +25,12 @@ SD1 = ROOT / "app" / "models" / "configs" / "sd1"
 
 
 def make_checkpoint(path: Path) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(ROOT))
-    from tests.ldm_export import export_sd1
+    from tests.ldm_export import export_sd1, meta_pipeline
 
-    with torch.device("meta"):
-
-        class Meta:
-            unet = UNet2DConditionModel.from_config(json.loads((SD1 / "unet" / "config.json").read_text()))
-            vae = AutoencoderKL.from_config(json.loads((SD1 / "vae" / "config.json").read_text()))
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(**json.loads((SD1 / "text_encoder" / "config.json").read_text()))
-            )
-
-        shapes = {k: v.shape for k, v in export_sd1(Meta).items()}
+    shapes = {k: v.shape for k, v in export_sd1(meta_pipeline(SD1)).items()}
     generator = torch.Generator().manual_seed(0)
     tensors = {k: (torch.randn(s, generator=generator) * 0.02).to(torch.float16) for k, s in shapes.items()}
     save_file(tensors, str(path))

@@ -175,3 +175,25 @@ def export_sdxl(pipe) -> dict[str, torch.Tensor]:
     )
     state.update(text_encoder_to_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def meta_pipeline(folder):
+    """The components of a shipped config folder, built on the meta device: full-size shapes, no memory."""
+    import json
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(name):
+        return json.loads((folder / name / "config.json").read_text())
+
+    with torch.device("meta"):
+        parts = SimpleNamespace(
+            unet=UNet2DConditionModel.from_config(config("unet")),
+            vae=AutoencoderKL.from_config(config("vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**config("text_encoder"))),
+        )
+        if (folder / "text_encoder_2").is_dir():
+            parts.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
+    return parts

@@ -3,16 +3,12 @@ the right architecture offline. Marked slow: about a minute and ~7 GB of disk fo
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from app.models.single_file import CONFIG_DIR, check_checkpoint, load_single_file
-from tests.ldm_export import export_sd1, export_sd2, export_sdxl
+from tests.ldm_export import export_sd1, export_sd2, export_sdxl, meta_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +20,7 @@ CASES = {
 
 
 def zeros_checkpoint(config: str, export, path) -> None:
-    folder = CONFIG_DIR / config
-
-    def cfg(name):
-        return json.loads((folder / name / "config.json").read_text())
-
-    with torch.device("meta"):
-
-        class Meta:
-            unet = UNet2DConditionModel.from_config(cfg("unet"))
-            vae = AutoencoderKL.from_config(cfg("vae"))
-            text_encoder = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))
-            if (folder / "text_encoder_2").is_dir():
-                text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2")))
-
-        shapes = {k: v.shape for k, v in export(Meta).items()}
+    shapes = {k: v.shape for k, v in export(meta_pipeline(CONFIG_DIR / config)).items()}
     save_file({k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}, str(path))
 
 

@@ -3,14 +3,10 @@ embeddings, hypernetworks on the 2048-style context, and what is refused."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from app.errors import UserError
 from app.generation.samplers import build_scheduler
@@ -19,7 +15,7 @@ from app.models.default_model import build_tiny_sdxl_pipeline
 from app.models.single_file import CONFIG_DIR, detect
 from app.training.config import TrainConfig
 from tests.conftest import make_data_dir
-from tests.ldm_export import export_sdxl
+from tests.ldm_export import export_sdxl, meta_pipeline
 
 PARAMS = dict(
     prompt="a red circle",
@@ -162,18 +158,5 @@ def test_training_on_sdxl_is_refused_with_a_message(xl, tmp_path):
 
 
 def test_full_size_sdxl_layout_is_detected():
-    folder = CONFIG_DIR / "sdxl"
-
-    def config(name):
-        return json.loads((folder / name / "config.json").read_text())
-
-    with torch.device("meta"):
-
-        class Fake:
-            unet = UNet2DConditionModel.from_config(config("unet"))
-            vae = AutoencoderKL.from_config(config("vae"))
-            text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder")))
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
-
-        header = {k: tuple(v.shape) for k, v in export_sdxl(Fake).items()}
+    header = {k: tuple(v.shape) for k, v in export_sdxl(meta_pipeline(CONFIG_DIR / "sdxl")).items()}
     assert detect(header, "sd_xl_base_1.0.safetensors").name == "sdxl"

@@ -17,7 +17,7 @@ from app.generation.txt2img import Txt2ImgParams
 from app.models.default_model import build_default_pipeline
 from app.models.single_file import CONFIG_DIR, detect
 from tests.conftest import make_data_dir
-from tests.ldm_export import export_sd1
+from tests.ldm_export import export_sd1, meta_pipeline
 
 PARAMS = dict(
     prompt="a red circle",
@@ -102,21 +102,7 @@ def test_broken_files_are_refused_and_the_model_stays(own, content, message):
 
 def meta_sd1_header(config: str) -> dict[str, tuple]:
     """Key -> shape of a full-size checkpoint of a shipped config, built on the meta device (no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = CONFIG_DIR / config
-    with torch.device("meta"):
-
-        class Fake:
-            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-            vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text()))
-            )
-
-        state = export_sd1(Fake)
-    return {k: tuple(v.shape) for k, v in state.items()}
+    return {k: tuple(v.shape) for k, v in export_sd1(meta_pipeline(CONFIG_DIR / config)).items()}
 
 
 def test_full_size_sd15_layout_is_detected_as_sd1():
@@ -222,22 +208,9 @@ def test_sidecar_yaml_selects_v_prediction(own, sd2_files):
 
 
 def test_full_size_sd2_layout_is_detected_as_sd2():
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from tests.ldm_export import export_sd2
 
-    folder = CONFIG_DIR / "sd2"
-    with torch.device("meta"):
-
-        class Fake:
-            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-            vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text()))
-            )
-
-        header = {k: tuple(v.shape) for k, v in export_sd2(Fake).items()}
+    header = {k: tuple(v.shape) for k, v in export_sd2(meta_pipeline(CONFIG_DIR / "sd2")).items()}
     assert detect(header, "v2-1_768-ema-pruned.safetensors").name == "sd2"
 
 

@@ -38,24 +38,27 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def _text_config(width: int, layers: int, act: str, pad_token_id: int, projection_dim: int | None = None):
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=pad_token_id, projection_dim=projection_dim or width,
+    )
+
+
+def _tiny_vae(**extra) -> AutoencoderKL:
+    """A 4-level VAE (8x downsampling, as SD's) with very few channels."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=64, **extra,
+    )
+
+
 def build_default_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
     """Build the tiny pipeline; the same seed gives the same weights."""
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=TEXT_WIDTH,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(TEXT_WIDTH, 4, "quick_gelu", 49407))
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -68,17 +71,7 @@ def build_default_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -123,23 +116,13 @@ def build_tiny_sd2_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
     text encoder padding with "!"); used to test SD 2.x loading paths on the CPU."""
     torch.manual_seed(seed)
     width = 96
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=3,
-            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
-            eos_token_id=49407, pad_token_id=0, projection_dim=width,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(width, 3, "gelu", 0))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=width, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=64,
-    )
+    vae = _tiny_vae()
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(pad_token="!"), unet=unet,
         scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
@@ -155,16 +138,8 @@ def build_tiny_sdxl_pipeline(seed: int = SEED):
 
     torch.manual_seed(seed)
     width_l, width_g, proj = 32, 64, 32
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=width_l, intermediate_size=4 * width_l, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407, projection_dim=width_l,
-    ))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=width_g, intermediate_size=4 * width_g, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=0, projection_dim=proj,
-    ))
+    text_encoder = CLIPTextModel(_text_config(width_l, 3, "quick_gelu", 49407))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(width_g, 3, "gelu", 0, proj))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -172,11 +147,7 @@ def build_tiny_sdxl_pipeline(seed: int = SEED):
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + proj, transformer_layers_per_block=1, norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
