@@ -246,3 +246,40 @@ def test_png_embeddings_are_refused_for_training_before_anything_starts(services
     services.embeddings.refresh()
     with pytest.raises(UserError, match=r"training saves \.pt or \.safetensors"):
         services.training.train_embedding(cfg("zqpicture", dataset))
+
+
+def test_use_weight_follows_the_alpha_channel(services, templates, tmp_path):
+    from app.training.latents import LatentCache
+
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    for i in range(2):
+        im = Image.new("RGBA", (64, 64), (200, 40 * i, 90, 255))
+        ImageDraw.Draw(im).rectangle((0, 0, 31, 63), fill=(0, 0, 0, 0))  # left half transparent
+        im.save(folder / f"{i}-half.png")
+    model = services.models.get()
+    from app.training.dataset import load_dataset
+
+    images, _ = load_dataset(folder, 64, 64, ["[name]"], seed=0)
+    cache = LatentCache(model.pipe.vae, [im.image for im in images], "once", 0, model.device)
+    weight = cache.loss_weight(images[0].alpha, 0)
+    assert weight.shape == cache.means[0].shape
+    assert weight.min() == 0 and abs(float(weight.mean()) - 1) < 1e-5
+    assert float(weight[:, :, 0].max()) == 0 and float(weight[:, :, -1].min()) > 1  # transparent left, opaque right
+    assert torch.equal(cache.loss_weight(None, 0), torch.ones_like(weight))
+
+    fresh(services, "zqweight")
+    services.training.train_embedding(cfg("zqweight", folder, steps=4, use_weight=True)).wait()
+    weighted = vectors(services.settings.embeddings_dir / "zqweight.pt")
+    fresh(services, "zqweight")
+    services.training.train_embedding(cfg("zqweight", folder, steps=4, use_weight=False)).wait()
+    assert not torch.equal(weighted, vectors(services.settings.embeddings_dir / "zqweight.pt"))
+
+
+def test_use_weight_on_opaque_images_changes_nothing(services, dataset, templates):
+    path = fresh(services, "zqopaque")
+    services.training.train_embedding(cfg("zqopaque", dataset, steps=4, use_weight=True)).wait()
+    weighted = vectors(path)
+    fresh(services, "zqopaque")
+    services.training.train_embedding(cfg("zqopaque", dataset, steps=4)).wait()
+    torch.testing.assert_close(vectors(path), weighted)

@@ -26,6 +26,7 @@ class TrainingImage:
     image: Image.Image  # RGB, the training size (or its own size rounded to 8 with "do not resize")
     filewords: str
     template: str  # the template line picked for this image when the dataset was built
+    alpha: Image.Image | None = None  # the image's alpha channel, cropped and resized like it (for use_weight)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,6 +42,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The transparency of an image (EXIF rotation applied), or None when it has none."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.getchannel("A") if "A" in image.getbands() else None
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -85,11 +94,14 @@ def load_dataset(
             with Image.open(path) as raw:
                 raw.load()
                 rgb = to_rgb(raw)
+                alpha = alpha_channel(raw)
             rgb = round_to_8(rgb) if varsize else fit(rgb, width, height)
+            if alpha is not None:
+                alpha = alpha.resize(rgb.size, Image.Resampling.BILINEAR) if varsize else fit(alpha, width, height)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             problems.append(f"{path.name}: {e}")
             continue
-        images.append(TrainingImage(path, rgb, caption_for(path), rng.choice(templates)))
+        images.append(TrainingImage(path, rgb, caption_for(path), rng.choice(templates), alpha))
     for problem in problems:
         log.warning("Skipped training image %s", problem)
     if not images:

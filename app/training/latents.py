@@ -38,6 +38,19 @@ class LatentCache:
                 self.means.append(mean)
                 self.stds.append(std)
 
+    def loss_weight(self, alpha: Image.Image | None, index: int) -> torch.Tensor:
+        """A1111's `use_weight`: the alpha channel at latent size, on every latent channel, shifted to a minimum of
+        0 and scaled to a mean of 1 (opaque pixels count, transparent ones do not); ones without alpha."""
+        shape = self.means[index].shape
+        if alpha is None:
+            return torch.ones(shape, device=self.means[index].device)
+        small = np.asarray(alpha.resize((shape[2], shape[1]), Image.Resampling.BILINEAR), dtype=np.float32)
+        weight = torch.from_numpy(small).expand(shape).clone()
+        weight -= weight.min()
+        mean = weight.mean()
+        weight = weight / mean if mean > 0 else torch.ones(shape)
+        return weight.to(self.means[index].device)
+
     def get(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """The scaled latent of image `index`; `generator` is only used for "random" sampling."""
         latent = self.means[index]

@@ -122,6 +122,7 @@ def train(
 
     # -- data: latents once, prompts per image -----------------------------------------------------------------
     latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, model.device)
+    weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     prediction = noise_schedule.config.prediction_type
     per_step = cfg.batch_size * cfg.gradient_step
@@ -190,7 +191,11 @@ def train(
                 cond = target.conditioning(texts, clip_skip).to(unet_dtype)
                 with target.unet_context():
                     pred = model.pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
-                loss = F.mse_loss(pred.float(), wanted.float())
+                if cfg.use_weight:
+                    weight = torch.stack([weights[picks[k][0]] for k in batch])
+                    loss = (F.mse_loss(pred.float(), wanted.float(), reduction="none") * weight).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), wanted.float())
                 (loss / cfg.gradient_step).backward()
             step_loss += loss.item() / cfg.gradient_step
 

@@ -116,6 +116,7 @@ class TrainSection:
             f["save_image_with_stored_embedding"] = gr.Checkbox(
                 True, label="Save images with embedding in PNG chunks", elem_id=f"{p}_save_image_with_stored_embedding"
             )
+        f["use_weight"] = gr.Checkbox(False, label="Use PNG alpha channel as loss weight", elem_id=f"{p}_use_weight")
         f["preview_from_txt2img"] = gr.Checkbox(
             False,
             label="Read parameters (prompt, etc...) from txt2img tab when making previews",
