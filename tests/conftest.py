@@ -32,7 +32,7 @@ def make_data_dir(base: Path, model_store: Path) -> Path:
     """A fresh data dir whose checkpoint folder already holds the default model (copied, not rebuilt)."""
     ckpt = base / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
-    shutil.copytree(model_store / "tiny-sd-default", ckpt / "tiny-sd-default")
+    shutil.copytree(model_store / "shapes-64", ckpt / "shapes-64")
     return base
 
 

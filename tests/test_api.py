@@ -62,9 +62,9 @@ def test_png_info_round_trip(api):
 
 def test_listing_routes(api, server):
     models = api.get_sd_models()
-    assert models[0]["model_name"] == "tiny-sd-default"
+    assert models[0]["model_name"] == "shapes-64"
     assert len(models[0]["hash"]) == 10 and len(models[0]["sha256"]) == 64
-    assert models[0]["title"] == f"tiny-sd-default [{models[0]['hash']}]"
+    assert models[0]["title"] == f"shapes-64 [{models[0]['hash']}]"
     names = [s["name"] for s in api.get_samplers()]
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
     assert "karras" in api.util_get_scheduler_names()
@@ -81,8 +81,8 @@ def test_options_round_trip_and_clip_skip(api, server):
     info = post(server, "txt2img", prompt="cat", **SMALL).json()["info"]
     assert "Clip skip: 2" in info
     api.set_options({"CLIP_stop_at_last_layers": 1})
-    api.util_set_model("tiny-sd-default")
-    assert api.util_get_current_model().startswith("tiny-sd-default [")
+    api.util_set_model("shapes-64")
+    assert api.util_get_current_model().startswith("shapes-64 [")
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def test_sd_vae_selectable_through_options(server):
 
     vae_dir = server.data_dir / "models" / "VAE" / "tinted"
     original = AutoencoderKL.from_pretrained(
-        server.data_dir / "models" / "Stable-diffusion" / "tiny-sd-default", subfolder="vae"
+        server.data_dir / "models" / "Stable-diffusion" / "shapes-64", subfolder="vae"
     )
     with torch.no_grad():
         original.decoder.conv_out.bias += 0.3  # a visibly different decoder

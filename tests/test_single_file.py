@@ -54,7 +54,7 @@ def test_exported_single_file_gives_the_folders_image(own):
     assert np.abs(folder_image - single_image).max() <= 1
     result = own.txt2img.generate(Txt2ImgParams(**PARAMS))
     assert "Model: tiny," in result.infotexts[0] and f"Model hash: {info.short_hash}," in result.infotexts[0]
-    own.select_checkpoint("tiny-sd-default")
+    own.select_checkpoint("shapes-64")
 
 
 def test_ckpt_loads_only_through_weights_only(own, tmp_path):
@@ -74,7 +74,7 @@ def test_ckpt_loads_only_through_weights_only(own, tmp_path):
         own.select_checkpoint("evil.ckpt")
     assert not marker.exists()
     assert own.models.get().info.name == "plain.ckpt"  # the previous model stays loaded
-    own.select_checkpoint("tiny-sd-default")
+    own.select_checkpoint("shapes-64")
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_switch_to_a_single_file_through_the_api(server):
         f"{url}/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64}, timeout=60
     ).json()
     assert "Model: apitiny," in json.loads(body["info"])["infotexts"][0]
-    requests.post(f"{url}/options", json={"sd_model_checkpoint": "tiny-sd-default"}, timeout=60)
+    requests.post(f"{url}/options", json={"sd_model_checkpoint": "shapes-64"}, timeout=60)
 
 
 def test_old_a1111_hash_finds_the_checkpoint(own):
@@ -193,7 +193,7 @@ def test_sd2_style_single_file_matches_its_diffusers_folder(own, sd2_files):
     single = own.models.get()
     assert single.pipe.tokenizer.pad_token_id == 0 and single.text_width == 96
     assert np.abs(folder_image - image(own)).max() <= 1
-    own.select_checkpoint("tiny-sd-default")
+    own.select_checkpoint("shapes-64")
 
 
 def test_sidecar_yaml_selects_v_prediction(own, sd2_files):
@@ -203,7 +203,7 @@ def test_sidecar_yaml_selects_v_prediction(own, sd2_files):
         assert own.models.get().pipe.scheduler.config.prediction_type == "v_prediction"
         assert image(own).std() > 1
     finally:
-        own.select_checkpoint("tiny-sd-default")
+        own.select_checkpoint("shapes-64")
         (sd2_files / "tiny2.yaml").unlink()
 
 
@@ -236,4 +236,4 @@ def test_hypernetwork_applies_to_sd2_context_width(own, sd2_files):
         assert with_hn.notes == []
         assert not np.array_equal(plain, np.asarray(with_hn.images[0], dtype=np.int16))
     finally:
-        own.select_checkpoint("tiny-sd-default")
+        own.select_checkpoint("shapes-64")

@@ -105,7 +105,7 @@ def test_images_are_saved_with_a1111_names_and_infotext(services):
     assert info["Prompt"] == "a (red:1.2) circle, <hypernet:x:1>"
     assert info["Negative prompt"] == "blurry"
     assert info["Seed"] == "7" and info["Steps"] == "8" and info["Size-1"] == "64"
-    assert info["Model"] == "tiny-sd-default"
+    assert info["Model"] == "shapes-64"
     assert info["Model hash"] == services.models.get().info.short_hash
     assert info["RNG"] == "CPU"
     second = services.txt2img.generate(params(save_images=True))

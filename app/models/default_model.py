@@ -1,8 +1,11 @@
-"""The embedded default model: a tiny network with Stable Diffusion v1's architecture, built from a fixed seed.
+"""The embedded default model: a tiny network with Stable Diffusion v1's architecture.
 
 It exists so every feature runs end to end on a laptop CPU with no download: same classes as SD1
-(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP tokenizer), far fewer channels. Its weights are random
-until a trained default ships, so its images are noise.
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIP tokenizer), far fewer channels. The shipped weights
+(`models/Stable-diffusion/shapes-64/`, fp16) were trained by `scripts/train_default_model.py` on procedural scenes
+of coloured shapes (`app/shapes/`), so "a red circle on a blue background" draws one. `build_default_pipeline`
+gives the same architecture with random weights from a seed: the training script's starting point, and the
+fallback when the shipped folder is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from app.models.tokenizer import SHIPPED_DIR, load_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "tiny-sd-default"
+DEFAULT_MODEL_NAME = "shapes-64"
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "Stable-diffusion" / DEFAULT_MODEL_NAME
 SEED = 20261124
 TEXT_WIDTH = 64
 
@@ -47,11 +51,11 @@ def _text_config(width: int, layers: int, act: str, pad_token_id: int, projectio
 
 
 def _tiny_vae(**extra) -> AutoencoderKL:
-    """A 4-level VAE (8x downsampling, as SD's) with very few channels."""
+    """A 4-level VAE (8x downsampling, as SD's) with very few channels (4 per norm group, as SD's 128/32)."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=64, **extra,
+        latent_channels=4, norm_num_groups=8, sample_size=64, **extra,
     )
 
 
@@ -69,7 +73,9 @@ def build_default_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
-        norm_num_groups=32,
+        # 4-8 channels per group as in SD (320/32): one channel per group would normalise away each channel's
+        # level, and with it the colour of a flat background.
+        norm_num_groups=8,
     )
     vae = _tiny_vae()
     return StableDiffusionPipeline(
@@ -94,14 +100,21 @@ def ensure_default_model(ckpt_dir: Path) -> Path:
     if (target / "model_index.json").is_file():
         return target
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Building the embedded default model in %s (first start only)", target)
-    pipe = build_default_pipeline()
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=ckpt_dir))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        # Ship the plain BPE files beside diffusers' tokenizer files: our loader reads these.
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
+        if (SHIPPED_MODEL / "model_index.json").is_file():
+            log.info("Copying the default model into %s", target)
+            shutil.copytree(SHIPPED_MODEL, tmp, dirs_exist_ok=True)
+        else:
+            log.warning(
+                "The shipped default model (%s) is missing: building an untrained one of the same architecture "
+                "(its images are noise). `python scripts/train_default_model.py` trains it again.",
+                SHIPPED_MODEL,
+            )
+            build_default_pipeline().save_pretrained(tmp, safe_serialization=True)
+            # Ship the plain BPE files beside diffusers' tokenizer files: our loader reads these.
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -285,7 +285,7 @@ def test_switch_checkpoint_from_the_dropdown(page, server):
     page.locator("#txt2img_generate").click()
     assert "Model: uitiny," in page.locator("#generation_info_text").inner_text()
     page.locator("#sd_model_checkpoint input").click()
-    page.get_by_role("option", name=re.compile("^tiny-sd-default")).click()
+    page.get_by_role("option", name=re.compile("^shapes-64")).click()
     page.wait_for_function(
         "document.querySelector('#quicksettings_status').innerText.includes('Loaded tiny-sd')", timeout=60000
     )

@@ -1,0 +1,228 @@
+"""Does training learn? Textual Inversion and hypernetwork runs on the shipped shapes model, measured.
+
+Used by the efficacy tests, `benchmarks/efficacy.py` and the figures in docs/training-efficacy.md. Everything goes
+through the product's own services (embedding creation, the training service on the job thread, txt2img), as the
+UI does; only the measuring is done here.
+
+- Textual Inversion learns the held-out colour orange from 8 images of orange shapes captioned without the colour
+  ("a <emb> circle on a blue background" is the training prompt). Measured: (a) the denoising loss on 16 other
+  orange scenes, with the trained embedding vs. the initial one (init text "red") and vs. a random one;
+  (b) the orange share of generated images (`metrics.color_share`) with the embedding vs. with the init text.
+- A hypernetwork learns the style "black outlines" from 8 outlined scenes captioned as usual (the style has no
+  word). Measured: (a) the denoising loss on 16 other outlined scenes with the trained vs. the freshly created
+  hypernetwork vs. none; (b) the dark-pixel share (`metrics.dark_share`) of generated images with vs. without it.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from app.embeddings.formats import read_embedding_file
+from app.embeddings.writer import a1111_dict, save_pt
+from app.generation.txt2img import Txt2ImgParams
+from app.hypernetworks.attention import attention_widths
+from app.hypernetworks.files import read_hypernetwork_file
+from app.models.default_model import DEFAULT_MODEL_NAME, SHIPPED_MODEL
+from app.services import Services, build_services
+from app.settings import Settings
+from app.shapes.metrics import color_share, dark_share, mean_of
+from app.shapes.scenes import COLORS, HELD_OUT_COLOR, HELD_OUT_RGB, Scene, caption, render, sample_scene
+from app.training.config import TrainConfig
+from app.training.latents import image_tensor
+
+TI_NAME = "zqorange"
+TI_INIT = "red"
+HN_NAME = "zqoutline"
+TI_TEMPLATE = "shapes_subject.txt"
+HN_TEMPLATE = "shapes_style.txt"
+TIMESTEPS = (100, 250, 400, 550, 700, 850)
+GEN = dict(steps=20, sampler_name="Euler a", cfg_scale=7.0, width=64, height=64, save_images=False)
+
+
+@dataclass
+class EfficacyResult:
+    kind: str  # "embedding" or "hypernetwork"
+    steps: int
+    train_seconds: float
+    loss: dict[str, float]  # held-out denoising loss per variant
+    share: dict[str, float]  # concept measure of generated images per variant ("reference": real renders)
+    images: dict[str, list[Image.Image]] = field(default_factory=dict)
+
+
+def make_services(work: Path, model_dir: Path = SHIPPED_MODEL) -> Services:
+    """Services over a fresh data dir in `work` holding a copy of the shapes model and the two templates."""
+    ckpt = work / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / DEFAULT_MODEL_NAME).exists():
+        shutil.copytree(model_dir, ckpt / DEFAULT_MODEL_NAME)
+    templates = work / "templates"
+    templates.mkdir(exist_ok=True)
+    # The embedding stands where a colour word stands; the style has no word, so the caption alone.
+    (templates / TI_TEMPLATE).write_text("a [name] [filewords]\n")
+    (templates / HN_TEMPLATE).write_text("[filewords]\n")
+    return build_services(Settings(data_dir=work, templates_dir=templates))
+
+
+def _write_dataset(folder: Path, scenes: list[Scene], words: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (scene, text) in enumerate(zip(scenes, words, strict=True)):
+        render(scene).save(folder / f"{i:02d}-{text}.png")
+    return folder
+
+
+def concept_scenes(seed: int, n: int) -> list[Scene]:
+    """Single orange shapes on base-colour backgrounds."""
+    rng = random.Random(seed)
+    return [replace(sample_scene(rng, colors=(HELD_OUT_COLOR,)), count=1, position="in the center") for _ in range(n)]
+
+
+def style_scenes(seed: int, n: int) -> list[Scene]:
+    """Base scenes drawn with black outlines."""
+    rng = random.Random(seed)
+    return [sample_scene(rng, colors=tuple(COLORS), outline=True) for _ in range(n)]
+
+
+def ti_words(scene: Scene) -> str:
+    return caption(scene, color_word="", article=False)
+
+
+@torch.no_grad()
+def heldout_loss(services: Services, prompts: list[str], images: list[Image.Image], networks=()) -> float:
+    """Mean epsilon-prediction MSE over images x fixed timesteps x fixed noise: the training objective, measured on
+    images the run never saw. `networks` are (hypernetwork, multiplier) pairs active in the UNet."""
+    model = services.models.get()
+    vae, unet = model.pipe.vae, model.pipe.unet
+    scheduler = model.pipe.scheduler
+    alphas = scheduler.alphas_cumprod
+    cond = model.encoder.encode(prompts).to(model.dtype)
+    pixels = torch.stack([image_tensor(im) for im in images]).to(model.device, model.vae_dtype)
+    latents = vae.encode(pixels).latent_dist.mean.float() * float(vae.config.scaling_factor)
+    g = torch.Generator("cpu").manual_seed(1234)
+    losses = []
+    with services.training.stack.using(list(networks)):
+        for t in TIMESTEPS:
+            noise = torch.randn(latents.shape, generator=g)
+            a = alphas[t]
+            noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).to(model.device, model.dtype)
+            timestep = torch.full((len(images),), t, device=model.device)
+            pred = unet(noisy, timestep, encoder_hidden_states=cond).sample.float().cpu()
+            losses.append(torch.mean((pred - noise) ** 2).item())
+    return mean_of(losses)
+
+
+def _generate(services: Services, prompts: list[str], seed: int) -> list[Image.Image]:
+    return [
+        services.txt2img.generate(Txt2ImgParams(prompt=p, seed=seed + i, **GEN)).images[0]
+        for i, p in enumerate(prompts)
+    ]
+
+
+def _embedding_copy(services: Services, source: Path, name: str, vectors: torch.Tensor | None = None) -> None:
+    vectors = read_embedding_file(source).vectors if vectors is None else vectors
+    save_pt(services.settings.embeddings_dir / f"{name}.pt", a1111_dict(name, vectors, 0, None, None))
+
+
+def run_embedding(
+    services: Services, work: Path, steps: int, seed: int = 1, learn_rate: str = "0.02"
+) -> EfficacyResult:
+    """Create and train the orange embedding for `steps` steps; measure it against its start and a random one."""
+    tag = f"{TI_NAME}{steps}"
+    services.embeddings.create(tag, num_vectors=1, init_text=TI_INIT, overwrite=True)
+    initial = services.settings.embeddings_dir / f"{tag}.pt"
+    _embedding_copy(services, initial, f"{tag}init")
+    model = services.models.get()
+    table = model.pipe.text_encoder.get_input_embeddings().weight.detach().float()
+    g = torch.Generator("cpu").manual_seed(seed)
+    random_vec = torch.randn((1, table.shape[1]), generator=g) * table.std() * 1.0 + table.mean()
+    _embedding_copy(services, initial, f"{tag}random", random_vec)
+
+    train_scenes = concept_scenes(seed * 100 + 1, 8)
+    data = _write_dataset(work / f"ti-data-{steps}", train_scenes, [ti_words(s) for s in train_scenes])
+    cfg = TrainConfig(
+        name=tag, learn_rate=learn_rate, batch_size=4, data_root=str(data), log_directory=str(work / "log"),
+        template_filename=TI_TEMPLATE, training_width=64, training_height=64, steps=steps, save_every=0,
+        create_image_every=0, latent_sampling_method="deterministic", seed=seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = services.training.train_embedding(cfg).wait()
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise RuntimeError(result.error)
+    services.embeddings.refresh()
+
+    held = concept_scenes(seed * 100 + 2, 16)
+    held_images = [render(s) for s in held]
+    loss = {
+        variant: heldout_loss(services, [f"a {name} {ti_words(s)}" for s in held], held_images)
+        for variant, name in (("trained", tag), ("initial", f"{tag}init"), ("random", f"{tag}random"))
+    }
+    shown = concept_scenes(seed * 100 + 3, 8)
+    prompts = {
+        "trained": [f"a {tag} {ti_words(s)}" for s in shown],
+        "init text": [f"a {TI_INIT} {ti_words(s)}" for s in shown],
+    }
+    images = {k: _generate(services, v, seed=seed * 1000) for k, v in prompts.items()}
+    images["reference"] = [render(s) for s in shown]
+    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    return EfficacyResult("embedding", steps, seconds, loss, share, images)
+
+
+def run_hypernetwork(
+    services: Services, work: Path, steps: int, seed: int = 1, learn_rate: str = "0.0005"
+) -> EfficacyResult:
+    """Create and train the outline hypernetwork for `steps` steps; measure it against its start and none."""
+    tag = f"{HN_NAME}{steps}"
+    widths = sorted(attention_widths(services.models.get().pipe.unet))
+    path, _ = services.hypernetworks.create(tag, enable_sizes=widths, layer_structure="1, 2, 1", overwrite=True)
+    initial = read_hypernetwork_file(path)
+
+    train_scenes = style_scenes(seed * 100 + 11, 8)
+    data = _write_dataset(work / f"hn-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
+    cfg = TrainConfig(
+        name=tag, learn_rate=learn_rate, batch_size=4, data_root=str(data), log_directory=str(work / "log"),
+        template_filename=HN_TEMPLATE, training_width=64, training_height=64, steps=steps, save_every=0,
+        create_image_every=0, latent_sampling_method="deterministic", seed=seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = services.training.train_hypernetwork(cfg).wait()
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise RuntimeError(result.error)
+    trained = read_hypernetwork_file(path)
+
+    held = style_scenes(seed * 100 + 12, 16)
+    prompts = [caption(s) for s in held]
+    held_images = [render(s) for s in held]
+    device = services.models.get().device
+    loss = {
+        "trained": heldout_loss(services, prompts, held_images, [(trained.to(device), 1.0)]),
+        "initial": heldout_loss(services, prompts, held_images, [(initial.to(device), 1.0)]),
+        "none": heldout_loss(services, prompts, held_images),
+    }
+    shown = [replace(s, outline=False) for s in style_scenes(seed * 100 + 13, 8)]
+    base_prompts = [caption(s) for s in shown]
+    images = {
+        "trained": _generate(services, [f"{p} <hypernet:{tag}:1>" for p in base_prompts], seed=seed * 1000),
+        "without": _generate(services, base_prompts, seed=seed * 1000),
+        "reference": [render(replace(s, outline=True)) for s in shown],
+    }
+    share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
+    return EfficacyResult("hypernetwork", steps, seconds, loss, share, images)
+
+
+def grid(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
+    """Rows of images (one row per variant, in the dict's order), each image scaled up `scale` times."""
+    cols = max(len(v) for v in rows.values())
+    size = 64 * scale
+    sheet = Image.new("RGB", (cols * size, len(rows) * size), (255, 255, 255))
+    for r, images in enumerate(rows.values()):
+        for c, im in enumerate(images):
+            sheet.paste(im.resize((size, size), Image.Resampling.NEAREST), (c * size, r * size))
+    return sheet

@@ -1,0 +1,253 @@
+"""Train the shipped default model on procedural shape scenes; one command reproduces it.
+
+    .venv/bin/python scripts/train_default_model.py --out models/Stable-diffusion/shapes-64
+
+Stages (each writes into --work so an interrupted run picks up where it stopped):
+1. VAE: the tiny 8x-downsampling AutoencoderKL learns to reconstruct 64x64 scenes (L1 + a little KL, like SD's
+   first stage without the GAN). Like SD's VAE, which saw far more images than the captioned set, it is a general
+   codec trained on every procedural scene, orange shapes and outlines included. Its latents are then rescaled
+   (exactly, by folding a factor into its first and last 1x1 convolutions) so that SD's standard scaling factor
+   0.18215 gives them unit variance, as in SD.
+2. UNet + text encoder: epsilon-prediction diffusion training on SD's scaled-linear schedule, captions from the
+   scene parameters, 10% empty captions for classifier-free guidance, EMA weights. This stage sees only the base
+   scenes: never orange, never outlines (those are what the efficacy tests personalize on).
+
+The architecture is exactly `build_default_pipeline`'s (SD1 classes, tiny widths); the seed fixes data and init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.models.default_model import SEED, build_default_pipeline  # noqa: E402
+from app.models.tokenizer import SHIPPED_DIR  # noqa: E402
+from app.shapes.scenes import ALL_COLORS, COLORS, caption, render, sample_scene  # noqa: E402
+
+SCALING_FACTOR = 0.18215
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def images_tensor(scenes) -> torch.Tensor:
+    """Scenes rendered as uint8 NCHW."""
+    arr = np.stack([np.asarray(render(s)) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
+    return batch_u8.float() / 127.5 - 1.0
+
+
+def train_vae(vae, args, rng: random.Random, work: Path):
+    done = work / "vae.pt"
+    if done.is_file():
+        vae.load_state_dict(torch.load(done, weights_only=True))
+        log("VAE: loaded finished stage")
+        return
+    scenes = [sample_scene(rng, colors=tuple(ALL_COLORS), outline=rng.random() < 0.3) for _ in range(args.vae_images)]
+    data = images_tensor(scenes)
+    log(f"VAE: {len(data)} images rendered")
+    # Start with a small posterior variance: at the default (std 1) the sampled noise drowns the untrained means
+    # and the decoder learns to paint the average image before the encoder can catch up.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    vae.train()
+    start = time.time()
+    for step in range(1, args.vae_steps + 1):
+        idx = torch.randint(0, len(data), (args.vae_batch,), generator=gen)
+        x = to_float(data[idx])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen)
+        recon = vae.decode(z).sample
+        rec = (recon - x).abs().mean() + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / (x.shape[1] * x.shape[2] * x.shape[3])
+        loss = rec + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == 1:
+            rate = (time.time() - start) / step
+            log(f"VAE step {step}/{args.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f} {rate:.2f}s/it")
+    vae.eval()
+    normalize_latents(vae, data[:2048])
+    torch.save(vae.state_dict(), done)
+
+
+@torch.no_grad()
+def normalize_latents(vae, sample_u8: torch.Tensor) -> None:
+    """Rescale the latent space so latents * 0.18215 have unit std (the decoded image is unchanged)."""
+    means = torch.cat([vae.encode(to_float(b)).latent_dist.mean for b in sample_u8.split(256)])
+    std = means.std().item()
+    factor = 1.0 / (SCALING_FACTOR * std)
+    ch = vae.config.latent_channels
+    # quant_conv maps to [mean, logvar]: scale the mean half; logvar shifts by 2*log(factor).
+    vae.quant_conv.weight[:ch] *= factor
+    vae.quant_conv.bias[:ch] *= factor
+    vae.quant_conv.bias[ch:] += 2 * math.log(factor)
+    vae.post_quant_conv.weight /= factor
+    log(f"VAE: latent std {std:.4f}; rescaled by {factor:.4f}")
+
+
+@torch.no_grad()
+def encode_dataset(vae, args, rng: random.Random, work: Path):
+    done = work / "latents.pt"
+    if done.is_file():
+        saved = torch.load(done, weights_only=False)  # our own file from this run
+        return saved["scenes"], saved["mean"], saved["std"]
+    scenes = [sample_scene(rng, colors=tuple(COLORS)) for _ in range(args.unet_images)]
+    means, stds = [], []
+    for i in range(0, len(scenes), 512):
+        dist = vae.encode(to_float(images_tensor(scenes[i : i + 512]))).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    torch.save({"scenes": scenes, "mean": mean, "std": std}, done)
+    log(f"latents: {tuple(mean.shape)}, scaled std {(mean * SCALING_FACTOR).std().item():.3f}")
+    return scenes, mean, std
+
+
+def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def train_unet(pipe, scenes, mean, std, args, rng: random.Random, work: Path):
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    state_path = work / "unet_state.pt"
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema = {"unet": copy.deepcopy(unet.state_dict()), "text_encoder": copy.deepcopy(text_encoder.state_dict())}
+    step0 = 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)  # our own file from this run
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        step0 = state["step"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log(f"UNet: resumed at step {step0}")
+    alphas = pipe.scheduler.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    start, t0 = time.time(), step0
+    for step in range(step0 + 1, args.unet_steps + 1):
+        lr = args.unet_lr * min(1.0, step / 500) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = [rng.randrange(len(scenes)) for _ in range(args.unet_batch)]
+        prompts = ["" if rng.random() < 0.1 else caption(scenes[i], rng) for i in idx]
+        latents = (mean[idx] + std[idx] * torch.randn_like(mean[idx])) * SCALING_FACTOR
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, len(alphas), (len(idx),))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=encode_text(pipe, prompts)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+                for key, value in module.state_dict().items():
+                    if value.dtype.is_floating_point:
+                        ema[name][key].mul_(decay).add_(value, alpha=1 - decay)
+        if step % 100 == 0:
+            rate = (time.time() - start) / (step - t0)
+            log(f"UNet step {step}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.2e} {rate:.2f}s/it")
+        if step % args.save_every == 0 or step == args.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema,
+                "step": step,
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            torch.save(state, work / "unet_state.tmp")
+            os.replace(work / "unet_state.tmp", state_path)
+            export(pipe, ema, args, work / "snapshot")
+            log(f"UNet: saved step {step}")
+    return ema
+
+
+def export(pipe, ema, args, out: Path) -> None:
+    """Write a diffusers folder with the EMA weights in fp16 (loaders upcast on CPU)."""
+    export_pipe = copy.deepcopy(pipe)
+    export_pipe.unet.load_state_dict(ema["unet"])
+    export_pipe.text_encoder.load_state_dict(ema["text_encoder"])
+    export_pipe.to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    export_pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
+    (tmp / "training.json").write_text(
+        json.dumps(vars(args) | {"out": str(args.out), "work": str(args.work)}, indent=2)
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "models" / "Stable-diffusion" / "shapes-64")
+    p.add_argument("--work", type=Path, default=ROOT / "log" / "default-model-training")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-images", type=int, default=20000)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--unet-images", type=int, default=30000)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=1000)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    pipe = build_default_pipeline(args.seed)
+    train_vae(pipe.vae, args, rng, args.work)
+    pipe.vae.requires_grad_(False)
+    scenes, mean, std = encode_dataset(pipe.vae, args, random.Random(args.seed + 1), args.work)
+    ema = train_unet(pipe, scenes, mean, std, args, random.Random(args.seed + 2), args.work)
+    export(pipe, ema, args, args.out)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

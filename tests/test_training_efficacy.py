@@ -1,0 +1,46 @@
+"""Training learns: a Textual Inversion embedding learns a colour the base model never saw, a hypernetwork learns a
+style it never saw, both through the product's training service on the shipped shapes model.
+
+Thresholds come from measured runs (docs/training-efficacy.md: benchmarks/efficacy.py) with a margin; seeds are
+fixed. The full curves over more steps are the benchmark's job; these runs are short enough for CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from app.shapes.efficacy import make_services, run_embedding, run_hypernetwork
+
+TI_STEPS = 200
+HN_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from app.logs import quiet_libraries
+
+    quiet_libraries()
+    work = tmp_path_factory.mktemp("efficacy")
+    return make_services(work), work
+
+
+def test_embedding_learns_the_held_out_colour(world):
+    services, work = world
+    r = run_embedding(services, work, TI_STEPS)
+    summary = f"loss {r.loss}, orange share {r.share}"
+    # (a) held-out denoising loss: clearly below the initial ("red") and a random embedding.
+    assert r.loss["trained"] < 0.9 * r.loss["initial"], summary
+    assert r.loss["trained"] < 0.9 * r.loss["random"], summary
+    # (b) generated images show orange; the init text's images do not.
+    assert r.share["trained"] > 0.03, summary
+    assert r.share["trained"] > 3 * r.share["init text"] + 0.01, summary
+
+
+def test_hypernetwork_learns_the_outline_style(world):
+    services, work = world
+    r = run_hypernetwork(services, work, HN_STEPS)
+    summary = f"loss {r.loss}, dark share {r.share}"
+    assert r.loss["trained"] < 0.9 * r.loss["initial"], summary
+    assert r.loss["trained"] < 0.9 * r.loss["none"], summary
+    assert r.share["trained"] > 0.02, summary
+    assert r.share["trained"] > 3 * r.share["without"] + 0.01, summary
