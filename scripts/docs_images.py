@@ -8,6 +8,7 @@ services, shown 3x with its prompt underneath.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.generation.txt2img import Txt2ImgParams  # noqa: E402
 from app.logs import quiet_libraries  # noqa: E402
+from app.models.default_model import SHIPPED_MODEL  # noqa: E402
 from app.shapes.efficacy import make_services  # noqa: E402
 
 PROMPTS = [
@@ -34,9 +36,13 @@ LABEL_HEIGHT = 44
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="a diffusers folder (default: shipped)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "shapes-64-prompts.png")
+    args = parser.parse_args()
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
-        services = make_services(Path(tmp))
+        services = make_services(Path(tmp), args.model)
         tile = 64 * SCALE
         sheet = Image.new("RGB", (tile * len(PROMPTS), tile + LABEL_HEIGHT), "white")
         draw = ImageDraw.Draw(sheet)
@@ -50,7 +56,7 @@ def main() -> None:
             half = (len(words) + 1) // 2
             for row, text in enumerate((" ".join(words[:half]), " ".join(words[half:]))):
                 draw.text((i * tile + 4, tile + 4 + 18 * row), text, fill="black")
-    out = ROOT / "docs" / "images" / "shapes-64-prompts.png"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     print(f"wrote {out}")

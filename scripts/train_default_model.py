@@ -5,7 +5,8 @@
 Stages (each writes into --work so an interrupted run picks up where it stopped):
 1. VAE: the tiny 8x-downsampling AutoencoderKL learns to reconstruct 64x64 scenes (L1 + a little KL, like SD's
    first stage without the GAN). Like SD's VAE, which saw far more images than the captioned set, it is a general
-   codec trained on every procedural scene, orange shapes and outlines included. Its latents are then rescaled
+   codec trained on every procedural scene: all colours (orange and black too) as shapes and backgrounds, half of
+   them outlined. Its latents are then rescaled
    (exactly, by folding a factor into its first and last 1x1 convolutions) so that SD's standard scaling factor
    0.18215 gives them unit variance, as in SD.
 2. UNet + text encoder: epsilon-prediction diffusion training on SD's scaled-linear schedule, captions from the
@@ -62,7 +63,10 @@ def train_vae(vae, args, rng: random.Random, work: Path):
         vae.load_state_dict(torch.load(done, weights_only=True))
         log("VAE: loaded finished stage")
         return
-    scenes = [sample_scene(rng, colors=tuple(ALL_COLORS), outline=rng.random() < 0.3) for _ in range(args.vae_images)]
+    colors = tuple(ALL_COLORS)
+    scenes = [
+        sample_scene(rng, colors=colors, outline=rng.random() < 0.5, backgrounds=colors) for _ in range(args.vae_images)
+    ]
     data = images_tensor(scenes)
     log(f"VAE: {len(data)} images rendered")
     # Start with a small posterior variance: at the default (std 1) the sampled noise drowns the untrained means
@@ -225,7 +229,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-images", type=int, default=20000)
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)

@@ -31,7 +31,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 HELD_OUT_COLOR = "orange"
 HELD_OUT_RGB = (255, 140, 0)
 OUTLINE_RGB = (0, 0, 0)
-ALL_COLORS = {**COLORS, HELD_OUT_COLOR: HELD_OUT_RGB}
+OUTLINE_WIDTH = 0.06  # of the image side: about 4 pixels at 64x64, thick enough to survive the 8x-down VAE
+# Every colour a picture may contain: the VAE, a generic codec, learns all of them (black as a fill too).
+ALL_COLORS = {**COLORS, HELD_OUT_COLOR: HELD_OUT_RGB, "black": OUTLINE_RGB}
 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.14, "large": 0.28}  # radius as a fraction of the image side
@@ -61,10 +63,15 @@ class Scene:
     outline: bool = False
 
 
-def sample_scene(rng: random.Random, colors: tuple[str, ...] = tuple(COLORS), outline: bool = False) -> Scene:
-    """A random scene over `colors` (object and background always differ)."""
+def sample_scene(
+    rng: random.Random,
+    colors: tuple[str, ...] = tuple(COLORS),
+    outline: bool = False,
+    backgrounds: tuple[str, ...] = tuple(COLORS),
+) -> Scene:
+    """A random scene over `colors` on one of `backgrounds` (object and background always differ)."""
     color = rng.choice(colors)
-    background = rng.choice([c for c in COLORS if c != color])
+    background = rng.choice([c for c in backgrounds if c != color])
     count = rng.choice((1, 1, 2))
     if count == 1:
         position = rng.choice(tuple(POSITIONS))
@@ -125,7 +132,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(image)
     radius = SIZES[scene.size] * big
     outline = OUTLINE_RGB if scene.outline else None
-    width = max(1, round(big * 0.045)) if scene.outline else 0
+    width = max(1, round(big * OUTLINE_WIDTH)) if scene.outline else 0
     for fx, fy in _centers(scene):
         cx, cy = fx * big, fy * big
         points = _polygon(scene.shape, cx, cy, radius)
