@@ -40,8 +40,8 @@ from app.training.latents import image_tensor
 TI_NAME = "zqorange"
 TI_INIT = "red"
 HN_NAME = "zqoutline"
-TI_TEMPLATE = "shapes_subject.txt"
-HN_TEMPLATE = "shapes_style.txt"
+TI_TEMPLATE = "shapes_filewords.txt"  # shipped: "a [name] [filewords]", the embedding where a colour word goes
+HN_TEMPLATE = "hypernetwork.txt"  # shipped, A1111's: "[filewords]", "a photo of [filewords]", ...
 TIMESTEPS = (100, 250, 400, 550, 700, 850)
 GEN = dict(steps=20, sampler_name="Euler a", cfg_scale=7.0, width=64, height=64, save_images=False)
 
@@ -57,17 +57,12 @@ class EfficacyResult:
 
 
 def make_services(work: Path, model_dir: Path = SHIPPED_MODEL) -> Services:
-    """Services over a fresh data dir in `work` holding a copy of the shapes model and the two templates."""
+    """Services over a fresh data dir in `work` holding a copy of the shapes model (shipped templates)."""
     ckpt = work / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True, exist_ok=True)
     if not (ckpt / DEFAULT_MODEL_NAME).exists():
         shutil.copytree(model_dir, ckpt / DEFAULT_MODEL_NAME)
-    templates = work / "templates"
-    templates.mkdir(exist_ok=True)
-    # The embedding stands where a colour word stands; the style has no word, so the caption alone.
-    (templates / TI_TEMPLATE).write_text("a [name] [filewords]\n")
-    (templates / HN_TEMPLATE).write_text("[filewords]\n")
-    return build_services(Settings(data_dir=work, templates_dir=templates))
+    return build_services(Settings(data_dir=work))
 
 
 def _write_dataset(folder: Path, scenes: list[Scene], words: list[str]) -> Path:
