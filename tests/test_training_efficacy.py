@@ -1,8 +1,10 @@
 """Training learns: a Textual Inversion embedding learns a colour the base model never saw, a hypernetwork learns a
 style it never saw, both through the product's training service on the shipped shapes model.
 
-Thresholds come from measured runs (docs/training-efficacy.md: benchmarks/efficacy.py) with a margin; seeds are
-fixed. The full curves over more steps are the benchmark's job; these runs are short enough for CI.
+Thresholds come from measured runs (docs/training-efficacy.md, benchmarks/efficacy.py) with a margin; seeds are
+fixed. Measured at 100 steps: embedding loss 0.42x the initial and 0.22x a random embedding's, orange share 0.055
+vs. 0.000 with the init text; hypernetwork loss 0.43x the fresh one's and none's, dark share 0.023 vs. 0.001.
+The full curves over more steps are the benchmark's job; these runs take about 20 s each.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import pytest
 
 from app.shapes.efficacy import make_services, run_embedding, run_hypernetwork
 
-TI_STEPS = 200
-HN_STEPS = 200
+TI_STEPS = 100
+HN_STEPS = 100
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +31,19 @@ def test_embedding_learns_the_held_out_colour(world):
     r = run_embedding(services, work, TI_STEPS)
     summary = f"loss {r.loss}, orange share {r.share}"
     # (a) held-out denoising loss: clearly below the initial ("red") and a random embedding.
-    assert r.loss["trained"] < 0.9 * r.loss["initial"], summary
-    assert r.loss["trained"] < 0.9 * r.loss["random"], summary
+    assert r.loss["trained"] < 0.7 * r.loss["initial"], summary
+    assert r.loss["trained"] < 0.5 * r.loss["random"], summary
     # (b) generated images show orange; the init text's images do not.
-    assert r.share["trained"] > 0.03, summary
-    assert r.share["trained"] > 3 * r.share["init text"] + 0.01, summary
+    assert r.share["trained"] > 0.02, summary
+    assert r.share["trained"] > 3 * r.share["init text"] + 0.015, summary
 
 
 def test_hypernetwork_learns_the_outline_style(world):
     services, work = world
     r = run_hypernetwork(services, work, HN_STEPS)
     summary = f"loss {r.loss}, dark share {r.share}"
-    assert r.loss["trained"] < 0.9 * r.loss["initial"], summary
-    assert r.loss["trained"] < 0.9 * r.loss["none"], summary
-    assert r.share["trained"] > 0.02, summary
-    assert r.share["trained"] > 3 * r.share["without"] + 0.01, summary
+    assert r.loss["trained"] < 0.7 * r.loss["initial"], summary
+    assert r.loss["trained"] < 0.7 * r.loss["none"], summary
+    # (b) generated images get dark outline pixels; without the hypernetwork there are next to none.
+    assert r.share["trained"] > 0.01, summary
+    assert r.share["trained"] > 3 * r.share["without"] + 0.005, summary
