@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.generation.txt2img import Txt2ImgParams
-from app.models.default_model import build_default_pipeline
+from app.models.default_model import DEFAULT_MODEL_NAME, build_default_pipeline
 from app.models.single_file import CONFIG_DIR, detect
 from tests.conftest import make_data_dir
 from tests.ldm_export import export_sd1, meta_pipeline
@@ -38,8 +38,20 @@ def own(tmp_path_factory, model_store):
     from app.settings import Settings
 
     data = make_data_dir(tmp_path_factory.mktemp("single"), model_store)
-    save_file(export_sd1(build_default_pipeline()), str(data / "models" / "Stable-diffusion" / "tiny.safetensors"))
+    save_file(export_sd1(folder_pipeline(model_store)), str(data / "models" / "Stable-diffusion" / "tiny.safetensors"))
     return build_services(Settings(data_dir=data))
+
+
+def folder_pipeline(model_store):
+    """The default model's architecture with the weights of its folder (the shipped, trained ones)."""
+    from safetensors.torch import load_file
+
+    pipe = build_default_pipeline()
+    folder = model_store / DEFAULT_MODEL_NAME
+    for name in ("unet", "vae", "text_encoder"):
+        (weights,) = (folder / name).glob("*.safetensors")
+        getattr(pipe, name).load_state_dict(load_file(str(weights)))
+    return pipe
 
 
 def image(services):

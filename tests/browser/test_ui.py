@@ -287,5 +287,5 @@ def test_switch_checkpoint_from_the_dropdown(page, server):
     page.locator("#sd_model_checkpoint input").click()
     page.get_by_role("option", name=re.compile("^shapes-64")).click()
     page.wait_for_function(
-        "document.querySelector('#quicksettings_status').innerText.includes('Loaded tiny-sd')", timeout=60000
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
     )
