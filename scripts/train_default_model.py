@@ -202,6 +202,12 @@ def train_unet(pipe, scenes, mean, std, args, rng: random.Random, work: Path):
     return ema
 
 
+def _shown(path: Path) -> str:
+    """A path as the recipe records it: relative to the project when inside it (no machine-specific prefix)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def export(pipe, ema, args, out: Path) -> None:
     """Write a diffusers folder with the EMA weights in fp16 (loaders upcast on CPU)."""
     export_pipe = copy.deepcopy(pipe)
@@ -215,7 +221,7 @@ def export(pipe, ema, args, out: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
     (tmp / "training.json").write_text(
-        json.dumps(vars(args) | {"out": str(args.out), "work": str(args.work)}, indent=2)
+        json.dumps(vars(args) | {"out": _shown(args.out), "work": _shown(args.work)}, indent=2)
     )
     if out.exists():
         shutil.rmtree(out)
