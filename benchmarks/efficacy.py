@@ -16,8 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.logs import quiet_libraries
@@ -31,7 +29,6 @@ def main() -> None:
     p.add_argument("--grids", type=Path, default=None, help="write before/after image grids here")
     p.add_argument("--only", choices=("embedding", "hypernetwork"), default=None)
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from app.generation.txt2img import Txt2ImgParams  # noqa: E402
 from app.logs import quiet_libraries  # noqa: E402
 from app.models.default_model import SHIPPED_MODEL  # noqa: E402
-from app.shapes.efficacy import make_services  # noqa: E402
+from app.shapes.efficacy import GEN, make_services  # noqa: E402
 
 PROMPTS = [
     "a red circle on a blue background",
@@ -47,10 +47,7 @@ def main() -> None:
         sheet = Image.new("RGB", (tile * len(PROMPTS), tile + LABEL_HEIGHT), "white")
         draw = ImageDraw.Draw(sheet)
         for i, prompt in enumerate(PROMPTS):
-            params = Txt2ImgParams(
-                prompt=prompt, seed=100 + i, steps=20, sampler_name="Euler a", width=64, height=64, save_images=False
-            )
-            image = services.txt2img.generate(params).images[0]
+            image = services.txt2img.generate(Txt2ImgParams(prompt=prompt, seed=100 + i, **GEN)).images[0]
             sheet.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (i * tile, 0))
             words = prompt.split(" ")
             half = (len(words) + 1) // 2

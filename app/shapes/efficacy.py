@@ -124,6 +124,41 @@ def _embedding_copy(services: Services, source: Path, name: str, vectors: torch.
     save_pt(services.settings.embeddings_dir / f"{name}.pt", a1111_dict(name, vectors, 0, None, None))
 
 
+def _train(
+    services: Services,
+    kind: str,
+    name: str,
+    data: Path,
+    template: str,
+    learn_rate: str,
+    steps: int,
+    seed: int,
+    work: Path,
+) -> float:
+    """Train `name` on `data` through the training service (as the UI's Train button does); returns seconds."""
+    cfg = TrainConfig(
+        name=name,
+        learn_rate=learn_rate,
+        batch_size=4,
+        data_root=str(data),
+        log_directory=str(work / "log"),
+        template_filename=template,
+        training_width=64,
+        training_height=64,
+        steps=steps,
+        save_every=0,
+        create_image_every=0,
+        latent_sampling_method="deterministic",
+        seed=seed,
+    )
+    start = time.perf_counter()
+    train = services.training.train_embedding if kind == "embedding" else services.training.train_hypernetwork
+    result = train(cfg).wait()
+    if result.error:
+        raise RuntimeError(result.error)
+    return time.perf_counter() - start
+
+
 def run_embedding(
     services: Services, work: Path, steps: int, seed: int = 1, learn_rate: str = "0.02"
 ) -> EfficacyResult:
@@ -135,21 +170,12 @@ def run_embedding(
     model = services.models.get()
     table = model.pipe.text_encoder.get_input_embeddings().weight.detach().float()
     g = torch.Generator("cpu").manual_seed(seed)
-    random_vec = torch.randn((1, table.shape[1]), generator=g) * table.std() * 1.0 + table.mean()
+    random_vec = torch.randn((1, table.shape[1]), generator=g) * table.std() + table.mean()
     _embedding_copy(services, initial, f"{tag}random", random_vec)
 
     train_scenes = concept_scenes(seed * 100 + 1, 8)
     data = _write_dataset(work / f"ti-data-{steps}", train_scenes, [ti_words(s) for s in train_scenes])
-    cfg = TrainConfig(
-        name=tag, learn_rate=learn_rate, batch_size=4, data_root=str(data), log_directory=str(work / "log"),
-        template_filename=TI_TEMPLATE, training_width=64, training_height=64, steps=steps, save_every=0,
-        create_image_every=0, latent_sampling_method="deterministic", seed=seed,
-    )  # fmt: skip
-    start = time.perf_counter()
-    result = services.training.train_embedding(cfg).wait()
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise RuntimeError(result.error)
+    seconds = _train(services, "embedding", tag, data, TI_TEMPLATE, learn_rate, steps, seed, work)
     services.embeddings.refresh()
 
     held = concept_scenes(seed * 100 + 2, 16)
@@ -183,16 +209,7 @@ def run_hypernetwork(
 
     train_scenes = style_scenes(seed * 100 + 11, 8)
     data = _write_dataset(work / f"hn-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
-    cfg = TrainConfig(
-        name=tag, learn_rate=learn_rate, batch_size=4, data_root=str(data), log_directory=str(work / "log"),
-        template_filename=HN_TEMPLATE, training_width=64, training_height=64, steps=steps, save_every=0,
-        create_image_every=0, latent_sampling_method="deterministic", seed=seed,
-    )  # fmt: skip
-    start = time.perf_counter()
-    result = services.training.train_hypernetwork(cfg).wait()
-    seconds = time.perf_counter() - start
-    if result.error:
-        raise RuntimeError(result.error)
+    seconds = _train(services, "hypernetwork", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work)
     trained = read_hypernetwork_file(path)
 
     held = style_scenes(seed * 100 + 12, 16)

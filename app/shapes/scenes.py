@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -142,9 +142,3 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
         else:
             draw.polygon(points, fill=fill, outline=outline, width=width)
     return image.resize((size, size), Image.Resampling.LANCZOS)
-
-
-def with_color(scene: Scene, color: str) -> Scene:
-    """The same scene in another object colour (the background is moved off it if they would clash)."""
-    background = scene.background if scene.background != color else next(c for c in COLORS if c != color)
-    return replace(scene, color=color, background=background)
