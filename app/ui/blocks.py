@@ -57,14 +57,15 @@ def build_ui(services: Services) -> gr.Blocks:
             return gr.update(value=info.title), f"Loaded {info.title}"
 
         def on_refresh():
-            services.models.refresh()
-            return gr.update(choices=[c.title for c in services.models.checkpoints])
+            found = services.models.refresh()
+            word = "checkpoint" if len(found) == 1 else "checkpoints"
+            return gr.update(choices=[c.title for c in found]), f"Found {len(found)} {word}"
 
         def on_clip_skip(value: float):
             services.set_options({"CLIP_stop_at_last_layers": int(value)})
 
         checkpoint.input(on_checkpoint, inputs=checkpoint, outputs=[checkpoint, status])
-        refresh.click(on_refresh, outputs=checkpoint)
+        refresh.click(on_refresh, outputs=[checkpoint, status])
         clip_skip.release(on_clip_skip, inputs=clip_skip)
 
         with gr.Tabs() as tabs:
@@ -80,7 +81,8 @@ def build_ui(services: Services) -> gr.Blocks:
         # The page is built once; what changed since (new files, a model picked through the API) shows on load.
         def on_page_load():
             current = services.options["sd_model_checkpoint"]
-            choices = [c.title for c in services.models.checkpoints]
+            # A rescan is a directory listing (hashes are cached), so a reloaded page shows new files.
+            choices = [c.title for c in services.models.refresh()]
             return [
                 gr.update(choices=sorted(services.styles.styles())),
                 gr.update(choices=choices, value=current),

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.browser
@@ -14,6 +15,20 @@ pytestmark = pytest.mark.browser
 def open_ui(page, server):
     page.goto(server.url + "/")
     page.locator("#txt2img_generate").wait_for()
+
+
+def pick_option(page, dropdown: str, name, exact: bool = False) -> None:
+    """Open a dropdown and pick an option; reopen it if an update from the server (the page-load
+    event runs concurrently with the test) replaced the choices while it was open."""
+    option = page.get_by_role("option", name=name, exact=exact)
+    for _ in range(5):
+        page.locator(dropdown).click()
+        try:
+            option.click(timeout=5000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    option.click()
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -146,8 +161,7 @@ def test_train_an_embedding_from_the_ui_interrupt_and_resume(page, server, tmp_p
     page.locator("#train_create_embedding").click()
     page.locator("#ti_create_ok").wait_for()
     page.get_by_role("tab", name="Train").click()
-    page.locator("#train_embedding input").click()
-    page.get_by_role("option", name="uitrain", exact=True).click()
+    pick_option(page, "#train_embedding input", "uitrain", exact=True)
     fill_field(page, "train_dataset_directory", dataset)
     fill_field(page, "train_steps", 20)
     fill_field(page, "train_create_image_every", 5)
@@ -248,8 +262,7 @@ def test_hires_fix_tiling_and_styles_from_the_page(page, server):
     )
     open_ui(page, server)
     page.locator("#txt2img_prompt textarea").fill("a red circle")
-    page.locator("#txt2img_styles input").click()
-    page.get_by_role("option", name="cinematic").click()
+    pick_option(page, "#txt2img_styles input", "cinematic")
     page.locator("#txt2img_style_apply").click()
     page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a red circle, cinematic'")
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == "dull"
@@ -276,16 +289,15 @@ def test_switch_checkpoint_from_the_dropdown(page, server):
     )
     open_ui(page, server)
     page.locator("#refresh_checkpoints").click()
-    page.locator("#sd_model_checkpoint input").click()
-    page.get_by_role("option", name="uitiny.safetensors").click()
+    page.wait_for_function("document.querySelector('#quicksettings_status').innerText.includes('Found 2 checkpoints')")
+    pick_option(page, "#sd_model_checkpoint input", "uitiny.safetensors")
     page.wait_for_function(
         "document.querySelector('#quicksettings_status').innerText.includes('Loaded uitiny')", timeout=60000
     )
     page.locator("#txt2img_prompt textarea").fill("a red circle")
     page.locator("#txt2img_generate").click()
     assert "Model: uitiny," in page.locator("#generation_info_text").inner_text()
-    page.locator("#sd_model_checkpoint input").click()
-    page.get_by_role("option", name=re.compile("^shapes-64")).click()
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-64"))
     page.wait_for_function(
         "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
     )
