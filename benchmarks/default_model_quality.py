@@ -3,7 +3,8 @@
 For N random scenes of the base world (fixed seed), the full caption ("a small red circle on the left on a blue
 background") is the prompt; each generated image is read by the fixed detector of `app/shapes/detect.py`
 (background, colour, count, shape, position) and compared with the caption. Baseline, in the same run: real
-renders of the same scenes, the detector's ceiling. Printed: the share of images right on each attribute, for the
+renders of the same scenes, the detector's ceiling; and per model, the renders sent through its VAE and back, the
+ceiling of what its UNet could draw through that VAE. Printed: the share of images right on each attribute, for the
 model and the renders, and the ratio model / renders. `--model` more than once compares several model folders.
 
     .venv/bin/python benchmarks/default_model_quality.py [--n 96] [--model models/Stable-diffusion/shapes-64 ...]
@@ -25,6 +26,7 @@ from app.logs import quiet_libraries
 from app.models.default_model import SHIPPED_MODEL
 from app.shapes.detect import ATTRIBUTES, accuracy
 from app.shapes.efficacy import GEN, make_services
+from app.shapes.round_trip import vae_round_trip
 from app.shapes.scenes import caption, render, sample_scene
 
 
@@ -52,7 +54,9 @@ def main() -> None:
                 for i, text in enumerate(prompts)
             ]
             seconds = (time.perf_counter() - start) / len(prompts)
+            through_vae = accuracy(scenes, vae_round_trip(services.models.get().pipe.vae, scenes))
         got = accuracy(scenes, images)
+        print(f"{'  renders through its VAE':28s}" + "".join(f"{through_vae[c]:11.3f}" for c in columns))
         label = f"{model.name} ({seconds:.2f} s/image)"
         print(f"{label:28s}" + "".join(f"{got[c]:11.3f}" for c in columns))
         ratio = {c: got[c] / reference[c] if reference[c] else float("nan") for c in columns}
