@@ -42,9 +42,9 @@ def main() -> None:
     prompts = [caption(s) for s in scenes]
     columns = (*ATTRIBUTES, "all")
     print(f"{args.n} prompts, {GEN['steps']} steps {GEN['sampler_name']}, CFG {GEN['cfg_scale']}, 64x64")
-    print(f"{'':28s}" + "".join(f"{c:>11s}" for c in columns))
+    print(f"{'':36s}" + "".join(f"{c:>11s}" for c in columns))
     reference = accuracy(scenes, [render(s) for s in scenes])
-    print(f"{'real renders (baseline)':28s}" + "".join(f"{reference[c]:11.3f}" for c in columns))
+    print(f"{'real renders (baseline)':36s}" + "".join(f"{reference[c]:11.3f}" for c in columns))
     for model in args.model or [SHIPPED_MODEL]:
         with tempfile.TemporaryDirectory() as tmp:
             services = make_services(Path(tmp), model)
@@ -56,11 +56,11 @@ def main() -> None:
             seconds = (time.perf_counter() - start) / len(prompts)
             through_vae = accuracy(scenes, vae_round_trip(services.models.get().pipe.vae, scenes))
         got = accuracy(scenes, images)
-        print(f"{'  renders through its VAE':28s}" + "".join(f"{through_vae[c]:11.3f}" for c in columns))
+        print(f"{'  renders through its VAE':36s}" + "".join(f"{through_vae[c]:11.3f}" for c in columns))
         label = f"{model.name} ({seconds:.2f} s/image)"
-        print(f"{label:28s}" + "".join(f"{got[c]:11.3f}" for c in columns))
+        print(f"{label:36s}" + "".join(f"{got[c]:11.3f}" for c in columns))
         ratio = {c: got[c] / reference[c] if reference[c] else float("nan") for c in columns}
-        print(f"{'  ratio to renders':28s}" + "".join(f"{ratio[c]:11.3f}" for c in columns))
+        print(f"{'  ratio to renders':36s}" + "".join(f"{ratio[c]:11.3f}" for c in columns))
 
 
 if __name__ == "__main__":

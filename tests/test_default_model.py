@@ -9,8 +9,9 @@ from safetensors import safe_open
 
 from app.generation.txt2img import Txt2ImgParams
 from app.models.default_model import DEFAULT_MODEL_NAME, SHIPPED_MODEL
+from app.shapes.detect import accuracy
 from app.shapes.metrics import color_share
-from app.shapes.scenes import COLORS
+from app.shapes.scenes import COLORS, caption, sample_scene
 
 # (object colour, shape, background): every base colour appears as object and as background.
 PROMPTS = [
@@ -54,7 +55,32 @@ def test_prompt_colours_show_up_in_the_image(services, seed):
         ).images[0]  # fmt: skip
         shares = {name: color_share(image, rgb) for name, rgb in COLORS.items()}
         others = max(v for k, v in shares.items() if k not in (color, background))
-        ok = shares[background] > 0.35 and shares[color] > 0.03 and shares[color] > others
+        # 0.02: the smallest object the model was trained on, a small triangle, covers 2.7 % of the image.
+        ok = shares[background] > 0.35 and shares[color] > 0.02 and shares[color] > others
         hits += ok
         report.append(f"{prompt}: bg {shares[background]:.2f} obj {shares[color]:.2f} other {others:.2f}")
     assert hits >= len(PROMPTS) - 1, "\n".join(report)
+
+
+# Measured on the shipped model with these 32 prompts and seeds (benchmarks/default_model_quality.py --n 32):
+# background 0.97, colour 0.97, count 0.97, shape 0.66 (the previous model: shape 0.38-0.50). The floors leave a
+# margin for other CPUs and library versions and sit far above chance (colour 1/6, shape 1/3). Positions are not
+# checked: the model does not follow them reliably yet (0.24-0.43, near chance; see docs/benchmarks.md).
+ADHERENCE_FLOOR = {"background": 0.85, "color": 0.8, "count": 0.8, "shape": 0.55}
+
+
+def test_prompts_are_followed_as_the_detector_reads_them(services):
+    """Full captions of random scenes: background, colour, count, shape and position, read by the fixed detector."""
+    import random
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(32)]
+    images = [
+        services.txt2img.generate(
+            Txt2ImgParams(prompt=caption(s), seed=3 + i, steps=20, sampler_name="Euler a", cfg_scale=7.0, width=64,
+                          height=64, save_images=False)
+        ).images[0]
+        for i, s in enumerate(scenes)
+    ]  # fmt: skip
+    got = accuracy(scenes, images)
+    assert all(got[k] >= floor for k, floor in ADHERENCE_FLOOR.items()), got
