@@ -21,11 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.generation.txt2img import Txt2ImgParams
 from app.logs import quiet_libraries
 from app.models.default_model import SHIPPED_MODEL
 from app.shapes.detect import ATTRIBUTES, accuracy
-from app.shapes.efficacy import GEN, make_services
+from app.shapes.efficacy import GEN, generate_images, make_services
 from app.shapes.round_trip import vae_round_trip
 from app.shapes.scenes import caption, render, sample_scene
 
@@ -49,10 +48,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             services = make_services(Path(tmp), model)
             start = time.perf_counter()
-            images = [
-                services.txt2img.generate(Txt2ImgParams(prompt=text, seed=args.seed + i, **GEN)).images[0]
-                for i, text in enumerate(prompts)
-            ]
+            images = generate_images(services, prompts, seed=args.seed)
             seconds = (time.perf_counter() - start) / len(prompts)
             through_vae = accuracy(scenes, vae_round_trip(services.models.get().pipe.vae, scenes))
         got = accuracy(scenes, images)

@@ -7,9 +7,9 @@ import json
 import pytest
 from safetensors import safe_open
 
-from app.generation.txt2img import Txt2ImgParams
 from app.models.default_model import DEFAULT_MODEL_NAME, SHIPPED_MODEL
 from app.shapes.detect import accuracy
+from app.shapes.efficacy import generate_images
 from app.shapes.metrics import color_share
 from app.shapes.scenes import COLORS, caption, sample_scene
 
@@ -47,12 +47,9 @@ def test_services_serve_the_shipped_model(services):
 def test_prompt_colours_show_up_in_the_image(services, seed):
     """Background colour covers most of the image, the object colour a clear part of it, for most prompts."""
     hits, report = 0, []
-    for i, (color, shape, background) in enumerate(PROMPTS):
-        prompt = f"a {color} {shape} on a {background} background"
-        image = services.txt2img.generate(
-            Txt2ImgParams(prompt=prompt, seed=seed + i, steps=20, sampler_name="Euler a", width=64, height=64,
-                          save_images=False)
-        ).images[0]  # fmt: skip
+    prompts = [f"a {color} {shape} on a {background} background" for color, shape, background in PROMPTS]
+    images = generate_images(services, prompts, seed)
+    for prompt, (color, _, background), image in zip(prompts, PROMPTS, images, strict=True):
         shares = {name: color_share(image, rgb) for name, rgb in COLORS.items()}
         others = max(v for k, v in shares.items() if k not in (color, background))
         # 0.02: the smallest object the model was trained on, a small triangle, covers 2.7 % of the image.
@@ -75,12 +72,5 @@ def test_prompts_are_followed_as_the_detector_reads_them(services):
 
     rng = random.Random(3)
     scenes = [sample_scene(rng) for _ in range(32)]
-    images = [
-        services.txt2img.generate(
-            Txt2ImgParams(prompt=caption(s), seed=3 + i, steps=20, sampler_name="Euler a", cfg_scale=7.0, width=64,
-                          height=64, save_images=False)
-        ).images[0]
-        for i, s in enumerate(scenes)
-    ]  # fmt: skip
-    got = accuracy(scenes, images)
+    got = accuracy(scenes, generate_images(services, [caption(s) for s in scenes], seed=3))
     assert all(got[k] >= floor for k, floor in ADHERENCE_FLOOR.items()), got

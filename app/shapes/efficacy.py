@@ -112,7 +112,8 @@ def heldout_loss(services: Services, prompts: list[str], images: list[Image.Imag
     return mean_of(losses)
 
 
-def _generate(services: Services, prompts: list[str], seed: int) -> list[Image.Image]:
+def generate_images(services: Services, prompts: list[str], seed: int) -> list[Image.Image]:
+    """One image per prompt with the measuring settings `GEN`, seeds `seed`, `seed + 1`, ..."""
     return [
         services.txt2img.generate(Txt2ImgParams(prompt=p, seed=seed + i, **GEN)).images[0]
         for i, p in enumerate(prompts)
@@ -189,7 +190,7 @@ def run_embedding(
         "trained": [f"a {tag} {ti_words(s)}" for s in shown],
         "init text": [f"a {TI_INIT} {ti_words(s)}" for s in shown],
     }
-    images = {k: _generate(services, v, seed=seed * 1000) for k, v in prompts.items()}
+    images = {k: generate_images(services, v, seed=seed * 1000) for k, v in prompts.items()}
     images["reference"] = [render(s) for s in shown]
     share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
     return EfficacyResult("embedding", steps, seconds, loss, share, images)
@@ -224,8 +225,8 @@ def run_hypernetwork(
     shown = [replace(s, outline=False) for s in style_scenes(seed * 100 + 13, 8)]
     base_prompts = [caption(s) for s in shown]
     images = {
-        "trained": _generate(services, [f"{p} <hypernet:{tag}:1>" for p in base_prompts], seed=seed * 1000),
-        "without": _generate(services, base_prompts, seed=seed * 1000),
+        "trained": generate_images(services, [f"{p} <hypernet:{tag}:1>" for p in base_prompts], seed=seed * 1000),
+        "without": generate_images(services, base_prompts, seed=seed * 1000),
         "reference": [render(replace(s, outline=True)) for s in shown],
     }
     share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
 from app.shapes.scenes import Scene, render
+from app.training.latents import image_tensor
 
 
 @torch.no_grad()
@@ -15,8 +15,7 @@ def vae_round_trip(vae, scenes: list[Scene], batch: int = 64) -> list[Image.Imag
     out: list[Image.Image] = []
     param = next(vae.parameters())
     for i in range(0, len(scenes), batch):
-        pixels = np.stack([np.asarray(render(s)) for s in scenes[i : i + batch]])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(param.device, param.dtype) / 127.5 - 1.0
+        x = torch.stack([image_tensor(render(s)) for s in scenes[i : i + batch]]).to(param.device, param.dtype)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
         arr = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         out.extend(Image.fromarray(a) for a in arr)
