@@ -21,12 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     import uvicorn
 
+    from app.errors import UserError
     from app.logs import quiet_libraries
     from app.server import build_app
     from app.services import build_services
 
     quiet_libraries()
-    services = build_services(settings)
+    try:
+        services = build_services(settings)
+    except UserError as e:  # e.g. --bf16 on a GPU without it: a sentence, not a traceback
+        print(f"Cannot start: {e}", file=sys.stderr, flush=True)
+        return 2
     app = build_app(services)
     shown_host = "127.0.0.1" if settings.host == "0.0.0.0" else settings.host
     url = f"http://{shown_host}:{settings.effective_port}"

@@ -21,6 +21,7 @@ class Settings:
     no_half: bool = False
     no_half_vae: bool = False
     precision: str = "autocast"
+    bf16: bool = False
     lowvram: bool = False
     medvram: bool = False
     medvram_sdxl: bool = False
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half", action="store_true", help="keep model weights in fp32")
     p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in fp32")
     p.add_argument("--precision", choices=["autocast", "full", "half"], default="autocast")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="half precision as bfloat16 instead of float16 on CUDA (Ampere or newer): fp32's range, no loss scaling",
+    )
     p.add_argument("--lowvram", action="store_true")
     p.add_argument("--medvram", action="store_true")
     p.add_argument("--medvram-sdxl", action="store_true")

@@ -6,7 +6,8 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,18 @@ def choose_device(settings: Settings) -> torch.device:
 def choose_dtypes(settings: Settings, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(model dtype, VAE dtype). fp32 on CPU: fp16 there is slow and unsupported in places."""
     if device.type == "cpu" or settings.no_half or settings.precision == "full":
+        if settings.bf16 and device.type == "cpu":
+            log.info("--bf16 has no effect on the CPU: the model runs in fp32 there")
         return torch.float32, torch.float32
-    return torch.float16, (torch.float32 if settings.no_half_vae else torch.float16)
+    half = torch.bfloat16 if settings.bf16 else torch.float16
+    if half == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        # Said at start: a run would otherwise fail in the middle of its first step.
+        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this machine"
+        raise UserError(
+            f"--bf16 needs a GPU with bfloat16 support (NVIDIA Ampere or newer); {gpu} has none. Start without "
+            "--bf16 (fp16, with loss scaling when training) or with --no-half."
+        )
+    return half, (torch.float32 if settings.no_half_vae else half)
 
 
 def offload_mode(settings: Settings, device: torch.device) -> str | None:
@@ -210,6 +221,25 @@ class ModelManager:
                                     f"{names}.")
             model.pipe.vae = load_vae(path, own, self.vae_dtype, self.device)
             return choice
+
+    @contextmanager
+    def placed_for_training(self, model: LoadedModel) -> Iterator[None]:
+        """A training run needs the UNet and text encoders resident (backward runs through them); under --medvram
+        the offload hooks would move them between forward and backward. So for the run the hooks come off and the
+        UNet and text encoders sit on the GPU (the run keeps the VAE in CPU memory itself); afterwards --medvram's
+        offloading is back. Under --lowvram training is refused before this point."""
+        if offload_mode(self.settings, self.device) != "model":
+            yield
+            return
+        pipe = model.pipe
+        pipe.remove_all_hooks()
+        for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.to(self.device)
+        try:
+            yield
+        finally:
+            pipe.enable_model_cpu_offload(device=self.device)
 
     def unload(self) -> None:
         with self.lock:

@@ -1,8 +1,8 @@
 """Optimizer checkpoints (`<name>.optim` beside the trained file): resume exactly, or not at all.
 
-The file holds the AdamW state, the step, the run's seed and a hash of the trained tensors at that step. A file
-whose hash does not match the tensors it sits beside (an older run, a file copied from elsewhere) is ignored with
-a warning, never applied.
+The file holds the AdamW state, the step, the run's seed, the fp16 loss scaler's state (when there is one) and a
+hash of the trained tensors at that step. A file whose hash does not match the tensors it sits beside (an older
+run, a file copied from elsewhere) is ignored with a warning, never applied.
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ def tensors_hash(tensors: list[torch.Tensor]) -> str:
 
 
 def save_optim(
-    path: Path, optimizer: torch.optim.Optimizer, step: int, seed: int, tensors_digest: str, kind: str
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    seed: int,
+    tensors_digest: str,
+    kind: str,
+    scaler_state: dict[str, Any] | None = None,
 ) -> None:
+    """`scaler_state`: the fp16 loss scale and its growth counter, so a resumed fp16 run continues exactly."""
     data = {
         "hash": tensors_digest,
         "optimizer_state_dict": optimizer.state_dict(),
@@ -37,6 +44,8 @@ def save_optim(
         "seed": seed,
         "kind": kind,
     }
+    if scaler_state is not None:
+        data["scaler_state_dict"] = scaler_state
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 

@@ -28,6 +28,7 @@ class TrainConfig:
     tag_drop_out: float = 0.0
     latent_sampling_method: str = "once"
     use_weight: bool = False
+    gradient_checkpointing: bool = True  # recompute activations in backward: far less memory, ~20-30 % slower
     create_image_every: int = 500
     save_every: int = 500  # save_embedding_every / save_hypernetwork_every
     save_image_with_stored_embedding: bool = True

@@ -2,6 +2,7 @@
 
 "once": one sample per image drawn at the start (seeded), reused every epoch. "deterministic": the
 distribution's mean. "random": the mean and std are kept and a new sample is drawn for every use.
+The cache lives in CPU memory (a 512 px latent is 64 KB); the loop moves each batch to the device.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class LatentCache:
             for index, image in enumerate(images):
                 pixels = image_tensor(image).unsqueeze(0).to(device=device, dtype=dtype)
                 dist = vae.encode(pixels).latent_dist
-                mean, std = dist.mean.float()[0], dist.std.float()[0]
+                mean, std = dist.mean.float()[0].cpu(), dist.std.float()[0].cpu()
                 if method == "once":
                     g = torch.Generator("cpu").manual_seed(seed * 7919 + index)
-                    mean = mean + std * torch.randn(mean.shape, generator=g).to(mean.device)
+                    mean = mean + std * torch.randn(mean.shape, generator=g)
                     std = torch.zeros_like(std)
                 elif method == "deterministic":
                     std = torch.zeros_like(std)
@@ -55,5 +56,5 @@ class LatentCache:
         """The scaled latent of image `index`; `generator` is only used for "random" sampling."""
         latent = self.means[index]
         if self.method == "random":
-            latent = latent + self.stds[index] * torch.randn(latent.shape, generator=generator).to(latent.device)
+            latent = latent + self.stds[index] * torch.randn(latent.shape, generator=generator)
         return (latent - self.shift) * self.scale

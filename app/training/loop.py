@@ -30,6 +30,7 @@ from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
 from app.training.latents import LatentCache
 from app.training.lr_schedule import LearnRateSchedule
+from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
 from app.training.targets import TrainingTarget
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class TrainResult:
     log_dir: Path
     interrupted: bool = False
     error: str | None = None
+    skipped_steps: int = 0  # fp16 steps whose gradients overflowed (no update; the loss scale was halved)
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -88,6 +90,28 @@ class LossLog:
             csv.writer(f).writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
 
 
+def denoising_loss(
+    target: TrainingTarget,
+    unet: torch.nn.Module,
+    amp: MixedPrecision,
+    texts: list[str],
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    wanted: torch.Tensor,
+    clip_skip: int,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One micro-batch's loss: the conditioning and the UNet under autocast, the MSE in fp32. Call it inside
+    `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward."""
+    unet_dtype = unet.dtype
+    with amp.autocast():
+        cond = target.conditioning(texts, clip_skip).to(unet_dtype)
+        pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
+    if weight is None:
+        return F.mse_loss(pred.float(), wanted.float())
+    return (F.mse_loss(pred.float(), wanted.float(), reduction="none") * weight).mean()
+
+
 def train(
     target: TrainingTarget,
     model: LoadedModel,
@@ -99,7 +123,15 @@ def train(
     job: Job | None = None,
     preview: PreviewFn | None = None,
 ) -> TrainResult:
-    # -- schedule, seed, optimizer -----------------------------------------------------------------------------
+    """Train `target` on `images`; memory plan (VAE parked, checkpointing) held for the whole run."""
+    with training_memory(
+        model.pipe.vae, model.device, model.pipe.unet, target.trained_text_encoders(), cfg.gradient_checkpointing
+    ) as vae_needed:
+        return _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, vae_needed)
+
+
+def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, vae_needed) -> TrainResult:
+    # -- schedule, seed, precision, optimizer ------------------------------------------------------------------
     schedule = LearnRateSchedule(cfg.learn_rate, cfg.steps)
     clip_values = (
         LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
@@ -111,23 +143,26 @@ def train(
         raise UserError(
             f"'{target.name}' is already at step {step}; max steps is {end_step}. Raise max steps to train further."
         )
+    device, unet = model.device, model.pipe.unet
+    amp = MixedPrecision(device, unet.dtype, float(cfg.extra.get("initial_loss_scale", 2.0**16)))
     params = target.parameters()
     optimizer = torch.optim.AdamW(params, lr=schedule.rate_at(step), weight_decay=target.weight_decay)
     stored = load_optim(target.optim_path, target.digest(), target.kind)
     seed = cfg.seed if cfg.seed is not None else 0
     if stored is not None:
         optimizer.load_state_dict(stored["optimizer_state_dict"])
+        amp.load_state_dict(stored.get("scaler_state_dict"))
         seed = int(stored.get("seed", seed)) if cfg.seed is None else seed
         log.info("Resuming %s '%s' at step %d with its optimizer state", target.kind, target.name, step)
 
-    # -- data: latents once, prompts per image -----------------------------------------------------------------
-    latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, model.device)
+    # -- data: latents once (kept in CPU memory), prompts per image --------------------------------------------
+    with vae_needed():
+        latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, device)
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     prediction = noise_schedule.config.prediction_type
     per_step = cfg.batch_size * cfg.gradient_step
     steps_per_epoch = max(1, len(images) // per_step)
-    unet_dtype = next(model.pipe.unet.parameters()).dtype
 
     # -- logging -----------------------------------------------------------------------------------------------
     (log_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -148,12 +183,13 @@ def train(
     def checkpoint(at: int, copy: bool) -> None:
         # The optimizer state first, then the trained file: a kill between the two leaves a hash mismatch that
         # resume detects, never a silently wrong pairing.
-        save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind)
+        save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
         copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}.pt" if copy else None
         target.save(at, model, copy_to)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     optimizer_broken = False
+    skipped_in_row = 0
     while step < end_step:
         rate = schedule.rate_at(step)
         for group in optimizer.param_groups:
@@ -178,29 +214,23 @@ def train(
             ]
             first_prompt = first_prompt or texts[0]
             x0 = torch.stack([latents.get(picks[k][0], g) for k, g in zip(batch, gens, strict=True)])
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0.device)
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
             t = torch.tensor(
-                [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens],
-                device=x0.device,
+                [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
             )
-            noisy = noise_schedule.add_noise(x0, noise, t)
-            wanted = noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+            noisy = noise_schedule.add_noise(x0, noise, t).to(device)
+            wanted = (noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise).to(device)
+            weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
             # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), target.unet_context():
                 torch.manual_seed(gens[0].initial_seed())
-                cond = target.conditioning(texts, clip_skip).to(unet_dtype)
-                with target.unet_context():
-                    pred = model.pipe.unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
-                if cfg.use_weight:
-                    weight = torch.stack([weights[picks[k][0]] for k in batch])
-                    loss = (F.mse_loss(pred.float(), wanted.float(), reduction="none") * weight).mean()
-                else:
-                    loss = F.mse_loss(pred.float(), wanted.float())
-                (loss / cfg.gradient_step).backward()
+                loss = denoising_loss(target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight)
+                amp.backward(loss / cfg.gradient_step)
             step_loss += loss.item() / cfg.gradient_step
 
+        amp.unscale(optimizer)
         grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-        if not math.isfinite(step_loss) or not grads_finite:
+        if not math.isfinite(step_loss) or (not grads_finite and amp.scaler is None):
             what = "loss" if not math.isfinite(step_loss) else "gradient"
             result.error = (
                 f"Training stopped at step {step + 1}: the {what} became {step_loss if what == 'loss' else 'NaN/inf'}"
@@ -209,31 +239,33 @@ def train(
             )
             log.error(result.error)
             break
-        if clip_values is not None:
-            limit = clip_values.rate_at(step)
-            if cfg.clip_grad_mode == "value":
-                torch.nn.utils.clip_grad_value_(params, limit)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, limit)
-        good = [p.detach().clone() for p in params]
-        try:
-            optimizer.step()
-            stepped_ok = all(torch.isfinite(p).all() for p in params)
-        except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update
-            log.error("Optimizer step failed: %s", e)
-            stepped_ok = False
-        if not stepped_ok:
-            with torch.no_grad():
-                for p, g in zip(params, good, strict=True):
-                    p.copy_(g)
-            optimizer_broken = True
-            result.error = (
-                f"Training stopped at step {step + 1}: the update made the {target.kind} NaN or infinite. The last "
-                f"good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower learning rate, "
-                "gradient clipping, or --no-half."
-            )
-            log.error(result.error)
-            break
+        if grads_finite:
+            skipped_in_row = 0
+            if not _update(optimizer, params, amp, cfg, clip_values, step):
+                optimizer_broken = True
+                result.error = (
+                    f"Training stopped at step {step + 1}: the update made the {target.kind} NaN or infinite. The "
+                    f"last good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower learning "
+                    "rate, gradient clipping, or --no-half."
+                )
+                log.error(result.error)
+                break
+        else:
+            # fp16 gradients overflowed at this loss scale: no update, the scaler halves the scale. The step still
+            # counts (its data is used up), so a resumed run stays on the same sequence.
+            amp.update()
+            skipped_in_row += 1
+            result.skipped_steps += 1
+            if skipped_in_row >= MAX_SKIPPED_IN_A_ROW:
+                result.error = (
+                    f"Training stopped at step {step + 1}: the fp16 gradients overflowed on {skipped_in_row} steps in "
+                    f"a row (loss scale now {amp.scale:g}), so nothing was learned. The last good {target.kind} is "
+                    f"kept ({target.path.name}, step {result.step}). Try a lower learning rate, gradient clipping, "
+                    "--bf16 or --no-half."
+                )
+                log.error(result.error)
+                break
+            log.warning("Step %d skipped: fp16 gradients overflowed; loss scale now %g", step + 1, amp.scale)
         step += 1
         result.step = step
 
@@ -256,7 +288,8 @@ def train(
         if cfg.save_every and step % cfg.save_every == 0:
             checkpoint(step, copy=True)
         if preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0:
-            image, infotext = preview(first_prompt, step)
+            with vae_needed():
+                image, infotext = preview(first_prompt, step)
             path = log_dir / "images" / f"{target.name}-{step}.png"
             target.save_preview(path, image, step, infotext, cfg.save_image_with_stored_embedding, model)
             if job is not None:
@@ -275,3 +308,25 @@ def train(
     elif result.error is None or result.step > target.initial_step:
         checkpoint(result.step, copy=False)
     return result
+
+
+def _update(optimizer, params, amp: MixedPrecision, cfg: TrainConfig, clip_values, step: int) -> bool:
+    """Clip, step, and check the result; on a non-finite result the tensors are put back and False returned."""
+    if clip_values is not None:
+        limit = clip_values.rate_at(step)
+        if cfg.clip_grad_mode == "value":
+            torch.nn.utils.clip_grad_value_(params, limit)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, limit)
+    good = [p.detach().clone() for p in params]
+    try:
+        amp.step(optimizer)
+        amp.update()
+        if all(torch.isfinite(p).all() for p in params):
+            return True
+    except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update
+        log.error("Optimizer step failed: %s", e)
+    with torch.no_grad():
+        for p, g in zip(params, good, strict=True):
+            p.copy_(g)
+    return False

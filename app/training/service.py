@@ -128,7 +128,8 @@ class TrainingService:
                 model = self.models.get()
                 target = EmbeddingTarget(embedding, model, self.embeddings)
                 try:
-                    return self._run(target, model, run, job)
+                    with self.models.placed_for_training(model):
+                        return self._run(target, model, run, job)
                 finally:
                     self.embeddings.refresh()
 
@@ -158,7 +159,8 @@ class TrainingService:
                 model = self.models.get()
                 target = HypernetworkTarget(entry.path, model, self.stack)
                 try:
-                    return self._run(target, model, run, job)
+                    with self.models.placed_for_training(model):
+                        return self._run(target, model, run, job)
                 finally:
                     self.hypernetworks.db.forget(entry.path)
 

@@ -31,6 +31,10 @@ class TrainingTarget(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        """Text encoders on the gradient path (their activations are checkpointed too)."""
+        ...
+
     def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor: ...
 
     def unet_context(self) -> AbstractContextManager: ...
@@ -78,6 +82,7 @@ class EmbeddingTarget:
         self._trained = Embedding(self.name, self.vectors, self.path)
         self._ids = tuple(model.pipe.tokenizer(self.name, add_special_tokens=False)["input_ids"])
         self._db = db
+        self._text_encoder = model.pipe.text_encoder
         self._encoder = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, self._find)
 
     def _find(self, tokens, position):
@@ -88,6 +93,9 @@ class EmbeddingTarget:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.vectors]
+
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        return [self._text_encoder]
 
     def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
         return self._encoder.encode(texts, clip_skip)
@@ -164,6 +172,9 @@ class HypernetworkTarget:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
+
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        return []  # the prompt is encoded without gradients
 
     def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
         with torch.no_grad():
