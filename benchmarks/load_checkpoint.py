@@ -19,21 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from random_checkpoint import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SD1 = ROOT / "app" / "models" / "configs" / "sd1"
-
-
-def make_checkpoint(path: Path) -> None:
-    from safetensors.torch import save_file
-
-    sys.path.insert(0, str(ROOT))
-    from tests.ldm_export import export_sd1, meta_pipeline
-
-    shapes = {k: v.shape for k, v in export_sd1(meta_pipeline(SD1)).items()}
-    generator = torch.Generator().manual_seed(0)
-    tensors = {k: (torch.randn(s, generator=generator) * 0.02).to(torch.float16) for k, s in shapes.items()}
-    save_file(tensors, str(path))
 
 
 def load(mode: str, path: Path) -> dict:
@@ -74,7 +63,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sd15-random.safetensors"
-        make_checkpoint(path)
+        make_checkpoint(path, "sd1")
         size = path.stat().st_size / 2**30
         runs = {}
         for mode in ("baseline", "ours", "baseline", "ours"):  # two rounds; the second has a warm file cache

@@ -12,7 +12,6 @@ Each side runs in its own process so peak memory (max RSS on CPU, max allocated 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import subprocess
@@ -22,16 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def make_images(folder: Path, size: int, n: int = 8) -> None:
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", (size, size), (30 * i, 120, 200))
-        ImageDraw.Draw(im).regular_polygon((size // 2, size // 2, size // 3), 5, fill=(250, 220, 0))
-        im.save(folder / f"{i:02d}-a yellow star.png")
+from baselines import baseline_step, make_images, timed_steps
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -69,13 +59,7 @@ def run_ours(args, tmp: Path) -> dict:
 
 
 def run_baseline(args, tmp: Path) -> dict:
-    import numpy as np
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    from PIL import Image
-
     from app.logs import quiet_libraries
-    from app.models.tokenizer import load_clip_tokenizer
     from app.services import build_services
     from app.settings import Settings
     from app.training.templates import read_template
@@ -84,59 +68,11 @@ def run_baseline(args, tmp: Path) -> dict:
     make_images(tmp / "data", args.size)
     services = build_services(Settings(data_dir=tmp))
     model = services.models.get()
-    device = model.device
-    tokenizer = load_clip_tokenizer()
-    tokenizer.add_tokens(["<zqbench>"])
-    placeholder = tokenizer.convert_tokens_to_ids("<zqbench>")
-    text_encoder = copy.deepcopy(model.pipe.text_encoder)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    embeddings = text_encoder.get_input_embeddings()
-    with torch.no_grad():
-        embeddings.weight[placeholder] = embeddings.weight[tokenizer.convert_tokens_to_ids("star</w>")]
-    text_encoder.requires_grad_(False)
-    embeddings.weight.requires_grad_(True)
-    original = embeddings.weight.detach().clone()
-    optimizer = torch.optim.AdamW([embeddings.weight], lr=0.005, weight_decay=0.0)
-    vae, unet = model.pipe.vae, model.pipe.unet
-    noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     files = sorted((tmp / "data").glob("*.png"))
     templates = read_template(services.settings.templates_dir, "subject.txt")
-    keep = torch.ones(len(tokenizer), dtype=torch.bool)
-    keep[placeholder] = False
-    generator = torch.Generator().manual_seed(0)
-
-    def step(i: int) -> None:
-        picks = [files[(i * args.batch + k) % len(files)] for k in range(args.batch)]
-        pixels = torch.stack(
-            [
-                torch.from_numpy(
-                    np.asarray(Image.open(p).convert("RGB").resize((args.size, args.size)), dtype=np.float32) / 127.5
-                    - 1
-                ).permute(2, 0, 1)
-                for p in picks
-            ]
-        ).to(device)
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
-        noisy = noise_schedule.add_noise(latents.float(), noise, t)
-        prompts = [templates[(i + k) % len(templates)].replace("[name]", "<zqbench>") for k in range(args.batch)]
-        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        hidden = text_encoder(ids.to(device))[0]
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype)).sample
-        F.mse_loss(pred.float(), noise.float()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            embeddings.weight[keep] = original[keep]
-
-    for i in range(5):
-        step(i)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(5 + i)
-    elapsed = time.perf_counter() - start
-    return {"steps_per_s": args.steps / elapsed, "peak_mb": peak_memory_mb(device)}
+    step = baseline_step("embedding", model, files, templates, args.size, args.batch)
+    times = timed_steps(step, 5, args.steps, model.device)
+    return {"steps_per_s": args.steps / sum(times), "peak_mb": peak_memory_mb(model.device)}
 
 
 def main() -> None:

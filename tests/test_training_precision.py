@@ -101,8 +101,14 @@ def test_checkpointed_embedding_gradients_equal_plain_ones_and_layers_do_run_twi
 def test_checkpointed_hypernetwork_gradients_equal_plain_ones_with_dropout(services):
     model = services.models.get()
     path, _ = services.hypernetworks.create(
-        "zqckpthn", sorted(attention_widths(model.pipe.unet)), "1, 2, 1", "relu", "XavierNormal", use_dropout=True,
-        dropout_structure="0, 0.3, 0", overwrite=True,
+        "zqckpthn",
+        sorted(attention_widths(model.pipe.unet)),
+        "1, 2, 1",
+        "relu",
+        "XavierNormal",
+        use_dropout=True,
+        dropout_structure="0, 0.3, 0",
+        overwrite=True,
     )
     amp = MixedPrecision(model.device, torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -161,9 +167,18 @@ def test_trained_vectors_stay_fp32_master_copies_on_a_half_model(services):
 
 def run(services, model, name, dataset, tmp_path, steps, **extra):
     cfg = TrainConfig(
-        name=name, data_root=str(dataset), training_width=64, training_height=64, steps=steps, save_every=0,
-        create_image_every=0, template_filename="subject_filewords.txt", learn_rate=extra.pop("learn_rate", "0.005"),
-        seed=3, batch_size=2, extra=extra,
+        name=name,
+        data_root=str(dataset),
+        training_width=64,
+        training_height=64,
+        steps=steps,
+        save_every=0,
+        create_image_every=0,
+        template_filename="subject_filewords.txt",
+        learn_rate=extra.pop("learn_rate", "0.005"),
+        seed=3,
+        batch_size=2,
+        extra=extra,
     )
     templates = read_template(services.settings.templates_dir, cfg.template_filename, True)
     images, _ = load_dataset(cfg.data_root, 64, 64, templates, 3)

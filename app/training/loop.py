@@ -51,6 +51,7 @@ class TrainResult:
     interrupted: bool = False
     error: str | None = None
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed (no update; the loss scale was halved)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step, checkpoints/previews excluded
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -191,6 +192,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     optimizer_broken = False
     skipped_in_row = 0
     while step < end_step:
+        step_started = time.perf_counter()
         rate = schedule.rate_at(step)
         for group in optimizer.param_groups:
             group["lr"] = rate
@@ -270,6 +272,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         result.step = step
 
         # -- bookkeeping: loss, progress, checkpoints, previews --------------------------------------------
+        result.step_seconds.append(time.perf_counter() - step_started)
         recent.append(step_loss)
         mean_loss = sum(recent) / len(recent)
         result.losses.append((step, step_loss))

@@ -130,7 +130,6 @@ def parked(module: torch.nn.Module, device: torch.device, park: bool) -> Iterato
             torch.cuda.empty_cache()
 
 
-
 @contextmanager
 def training_memory(
     vae: torch.nn.Module,
@@ -149,8 +148,12 @@ def training_memory(
     def vae_needed():
         return parked(vae, device, park)
 
+    # Every step has the same shapes: let cuDNN pick its fastest convolution kernels once, for the run only.
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark
     try:
         with activation_checkpointing(unet, text_encoders, checkpointing):
             yield vae_needed
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         vae.to(home)

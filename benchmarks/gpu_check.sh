@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check: real-scale figures on one CUDA GPU in about 6-8 minutes, as markdown in $OUT (or ./gpu-check/).
+#   bash benchmarks/gpu_check.sh            # on a machine with a GPU, from a clean working tree
+#   bash benchmarks/gpu_check.sh --tiny     # the same scripts on tiny files on the CPU: checks them, measures nothing
+# Full-size files with random weights are written by our exporter into a temp folder (SD1.5 2 GB, SDXL 7 GB).
+# Python packages the machine lacks can travel as wheels in .whl/ (see docs/benchmarks.md); they are installed
+# into a temp folder, never into the system.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-gpu-check}
+mkdir -p "$OUT_DIR"
+TINY=""
+[ "${1:-}" = "--tiny" ] && TINY=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+if ! "$PY" -c "import diffusers, lark, torchsde" 2>/dev/null; then
+    [ -d .whl ] || { echo "diffusers, lark and torchsde are needed: pip install them, or put their wheels in .whl/"; exit 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-check-site .whl/*.whl
+    export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+started=$(date +%s)
+report="$OUT_DIR/gpu_check.md"
+{
+    echo "# GPU check, $(date -u +%Y-%m-%d)"
+    echo
+    "$PY" - <<'PYEOF'
+import torch, diffusers, transformers
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device (CPU)"
+print(f"{name}; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+PYEOF
+    echo
+} >"$report"
+
+section() { echo "## $1" >>"$report"; echo >>"$report"; cat "$2" >>"$report"; echo >>"$report"; }
+elapsed() { echo "[$(($(date +%s) - started)) s] $*"; }
+
+if [ -n "$TINY" ]; then
+    "$PY" benchmarks/gpu_generation.py --tiny --steps 4 --repeats 1 --markdown "$OUT_DIR/generation.md"
+    section "Generation" "$OUT_DIR/generation.md"
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/train.md"
+    section "Training" "$OUT_DIR/train.md"
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets embedding --medvram \
+        --markdown "$OUT_DIR/train_medvram.md"
+    section "Training under --medvram" "$OUT_DIR/train_medvram.md"
+    cat "$report"
+    exit 0
+fi
+
+files=$(mktemp -d)
+trap 'rm -rf "$files"' EXIT
+"$PY" benchmarks/random_checkpoint.py sd1 "$files/sd15-random.safetensors" --device cuda
+elapsed "SD1.5-size checkpoint written"
+
+"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --markdown "$OUT_DIR/train.md"
+section "Training, SD1.5 at 512 px, fp16" "$OUT_DIR/train.md"
+elapsed "training"
+
+"$PY" benchmarks/random_checkpoint.py sdxl "$files/sdxl-random.safetensors" --device cuda
+elapsed "SDXL-size checkpoint written"
+
+"$PY" benchmarks/gpu_generation.py --sd1 "$files/sd15-random.safetensors" --sdxl "$files/sdxl-random.safetensors" \
+    --markdown "$OUT_DIR/generation.md"
+section "Generation" "$OUT_DIR/generation.md"
+elapsed "generation"
+
+"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+    --targets embedding,hypernetwork --medvram --markdown "$OUT_DIR/train_medvram.md"
+section "Training under --medvram (hooks off for the run), 512 px" "$OUT_DIR/train_medvram.md"
+elapsed "training under --medvram"
+
+if [ $(($(date +%s) - started)) -lt 360 ]; then
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+        --targets embedding --bf16 --markdown "$OUT_DIR/train_bf16.md"
+    section "Training in bf16 (--bf16), 512 px" "$OUT_DIR/train_bf16.md"
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+        --targets embedding --no-checkpointing --markdown "$OUT_DIR/train_nockpt.md"
+    section "Training without activation checkpointing, 512 px" "$OUT_DIR/train_nockpt.md"
+    elapsed "extras"
+fi
+cat "$report"

@@ -1,0 +1,195 @@
+"""Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
+LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding and hypernetwork. Our engine (through
+`TrainingService`, as the UI and API run it) against the diffusers-example-style baseline of `baselines.py` at the
+same settings, each run in its own process so its memory is its own.
+
+Printed per run: seconds per step (median of the timed steps, after one warm-up step) and peak memory. CPU: peak RSS
+above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` (weights included). Then the
+ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
+
+    .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4] [--targets embedding,hypernetwork]
+        [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md]
+
+`--tiny` runs the same on a tiny SD1-architecture file at 64 px: a check of this script, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from random_checkpoint import make_checkpoint
+
+
+def child(args) -> dict:
+    """One run (one side, one target, one batch size) in this process."""
+    from baselines import PeakMemory, baseline_step, make_images, timed_steps
+
+    from app.logs import quiet_libraries
+    from app.services import build_services
+    from app.settings import Settings
+    from app.training.config import TrainConfig
+    from app.training.templates import read_template
+
+    quiet_libraries()
+    tmp = Path(tempfile.mkdtemp())
+    make_images(tmp / "data", args.size)
+    settings = Settings(
+        data_dir=tmp,
+        ckpt_dir=args.ckpt.parent,
+        ckpt=args.ckpt,
+        use_cpu=["all"] if args.cpu else [],
+        medvram=args.medvram,
+        bf16=args.bf16,
+        no_half=args.no_half,
+        no_hashing=True,
+    )
+    services = build_services(settings)
+    model = services.models.get()
+    template = "subject.txt" if args.target == "embedding" else "hypernetwork.txt"
+    if args.target == "embedding":
+        services.embeddings.create("zqbench", 1, "star")
+    else:
+        from app.hypernetworks.attention import attention_widths
+
+        # Every width the UNet has (SD1.5: 320, 640, 768, 1280), A1111's default 1, 2, 1 structure.
+        services.hypernetworks.create("zqbench", sorted(attention_widths(model.pipe.unet)), "1, 2, 1")
+    memory = PeakMemory(model.device)
+    memory.start()
+    if args.child == "ours":
+        cfg = TrainConfig(
+            name="zqbench",
+            data_root=str(tmp / "data"),
+            training_width=args.size,
+            training_height=args.size,
+            batch_size=args.batch,
+            steps=1 + args.steps,
+            learn_rate="0.005" if args.target == "embedding" else "0.00001",
+            save_every=0,
+            create_image_every=0,
+            template_filename=template,
+            gradient_checkpointing=not args.no_checkpointing,
+        )
+        run = services.training.train_embedding if args.target == "embedding" else services.training.train_hypernetwork
+        result = run(cfg).wait()
+        if result.error:
+            raise SystemExit(result.error)
+        times = result.step_seconds[1:]
+    else:
+        files = sorted((tmp / "data").glob("*.png"))
+        templates = read_template(settings.templates_dir, template, args.target == "embedding")
+        hypernetwork = None
+        if args.target == "hypernetwork":
+            from app.hypernetworks.files import read_hypernetwork_file
+
+            hypernetwork = read_hypernetwork_file(settings.hypernetwork_dir / "zqbench.pt").to(model.device)
+        step = baseline_step(
+            args.target, model, files, templates, args.size, args.batch, hypernetwork, services.training.stack
+        )
+        times = timed_steps(step, 1, args.steps, model.device)
+    peak = memory.peak_mb()
+    return {
+        "s_per_step": statistics.median(times),
+        "peak_mb": peak,
+        "idle_mb": memory.idle_mb,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--targets", default="embedding,hypernetwork")
+    parser.add_argument("--size", type=int, default=None, help="training size in px (512; 64 with --tiny)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
+    parser.add_argument("--tiny", action="store_true", help="a tiny SD1 file: checks the script, measures nothing")
+    parser.add_argument("--medvram", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--no-half", action="store_true")
+    parser.add_argument("--no-checkpointing", action="store_true", help="ours without activation checkpointing")
+    parser.add_argument("--ckpt", type=Path, default=None, help="use this single file instead of generating one")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--child", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    args.size = args.size or (64 if args.tiny else 512)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt
+        if ckpt is None:
+            ckpt = Path(tmp) / ("tiny-sd1-random.safetensors" if args.tiny else "sd15-random.safetensors")
+            make_checkpoint(ckpt, "tiny-sd1" if args.tiny else "sd1", "cuda" if use_cuda else "cpu")
+        flags = [f for f in ("cpu", "medvram", "bf16", "no_half", "no_checkpointing") if getattr(args, f)]
+        rows = []
+        for target in args.targets.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                runs = {}
+                for side in ("baseline", "ours"):
+                    command = [sys.executable, __file__, "--child", side, "--target", target, "--batch", str(batch)]
+                    command += ["--steps", str(args.steps), "--size", str(args.size), "--ckpt", str(ckpt)]
+                    command += [f"--{f.replace('_', '-')}" for f in flags]
+                    out = subprocess.run(command, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(out.stderr[-3000:], file=sys.stderr)
+                        raise SystemExit(f"{side} {target} batch {batch} failed")
+                    runs[side] = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append((target, batch, runs["baseline"], runs["ours"]))
+                print_row(*rows[-1], flush=True)
+    table = markdown(rows, args)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table, encoding="utf-8")
+
+
+def memory_mb(run: dict) -> float:
+    """What the goals are stated in: on CUDA the peak allocated; on the CPU the peak RSS above idle."""
+    return run["peak_mb"] if run["device"].startswith("cuda") else run["peak_mb"] - run["idle_mb"]
+
+
+def print_row(target: str, batch: int, base: dict, ours: dict, flush: bool = False) -> None:
+    print(
+        f"{target} batch {batch}: baseline {base['s_per_step']:.3f} s/step {memory_mb(base):.0f} MB; ours "
+        f"{ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB; "
+        f"speed x{base['s_per_step'] / ours['s_per_step']:.2f}, memory x{memory_mb(ours) / memory_mb(base):.2f}",
+        flush=flush,
+    )
+
+
+def markdown(rows, args) -> str:
+    first = rows[0][3]
+    on_cuda = first["device"].startswith("cuda")
+    memory = "peak allocated" if on_cuda else "peak RSS above idle"
+    name = "tiny SD1 file" if args.tiny else "SD1.5-size single file (random weights)"
+    lines = [
+        f"{name}, {args.size} px, {first['device']} {first['dtype']}, median of {args.steps} steps after 1 warm-up"
+        + (" (--medvram)" if args.medvram else "")
+        + (" (ours without checkpointing)" if args.no_checkpointing else ""),
+        "",
+        f"| target | batch | baseline s/step | ours s/step | speed ours/baseline | baseline {memory} | ours {memory} "
+        "| memory ours/baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, batch, base, ours in rows:
+        lines.append(
+            f"| {target} | {batch} | {base['s_per_step']:.3f} | {ours['s_per_step']:.3f} | "
+            f"{base['s_per_step'] / ours['s_per_step']:.2f}x | {memory_mb(base):.0f} MB | {memory_mb(ours):.0f} MB | "
+            f"{memory_mb(ours) / memory_mb(base):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
