@@ -41,7 +41,7 @@ if [ -n "$TINY" ]; then
     section "Generation" "$OUT_DIR/generation.md"
     "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/train.md"
     section "Training" "$OUT_DIR/train.md"
-    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets embedding --medvram \
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets embedding --medvram --ours-only \
         --markdown "$OUT_DIR/train_medvram.md"
     section "Training under --medvram" "$OUT_DIR/train_medvram.md"
     cat "$report"
@@ -51,32 +51,30 @@ fi
 files=$(mktemp -d)
 trap 'rm -rf "$files"' EXIT
 "$PY" benchmarks/random_checkpoint.py sd1 "$files/sd15-random.safetensors" --device cuda
-elapsed "SD1.5-size checkpoint written"
+"$PY" benchmarks/random_checkpoint.py sdxl "$files/sdxl-random.safetensors" --device cuda
+elapsed "SD1.5- and SDXL-size checkpoints written"
+
+"$PY" benchmarks/gpu_generation.py --sd1 "$files/sd15-random.safetensors" --sdxl "$files/sdxl-random.safetensors" \
+    --repeats 2 --markdown "$OUT_DIR/generation.md"
+section "Generation" "$OUT_DIR/generation.md"
+elapsed "generation"
 
 "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --markdown "$OUT_DIR/train.md"
 section "Training, SD1.5 at 512 px, fp16" "$OUT_DIR/train.md"
 elapsed "training"
 
-"$PY" benchmarks/random_checkpoint.py sdxl "$files/sdxl-random.safetensors" --device cuda
-elapsed "SDXL-size checkpoint written"
-
-"$PY" benchmarks/gpu_generation.py --sd1 "$files/sd15-random.safetensors" --sdxl "$files/sdxl-random.safetensors" \
-    --markdown "$OUT_DIR/generation.md"
-section "Generation" "$OUT_DIR/generation.md"
-elapsed "generation"
-
-"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
     --targets embedding,hypernetwork --medvram --markdown "$OUT_DIR/train_medvram.md"
 section "Training under --medvram (hooks off for the run), 512 px" "$OUT_DIR/train_medvram.md"
 elapsed "training under --medvram"
 
-if [ $(($(date +%s) - started)) -lt 360 ]; then
-    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
-        --targets embedding --bf16 --markdown "$OUT_DIR/train_bf16.md"
-    section "Training in bf16 (--bf16), 512 px" "$OUT_DIR/train_bf16.md"
-    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+if [ $(($(date +%s) - started)) -lt 420 ]; then
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
         --targets embedding --no-checkpointing --markdown "$OUT_DIR/train_nockpt.md"
     section "Training without activation checkpointing, 512 px" "$OUT_DIR/train_nockpt.md"
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
+        --targets embedding --bf16 --markdown "$OUT_DIR/train_bf16.md"
+    section "Training in bf16 (--bf16), 512 px" "$OUT_DIR/train_bf16.md"
     elapsed "extras"
 fi
 cat "$report"

@@ -161,9 +161,9 @@ def run_part(part: str, path: Path, args) -> dict:
     command += ["--size", str(args.xl_size if part == "sdxl" else args.size), "--repeats", str(args.repeats)]
     command += ["--cpu"] if args.cpu else []
     out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode != 0:
+    if out.returncode != 0:  # reported in the table; the other parts still run
         print(out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"part {part} failed")
+        return {"error": out.stderr.strip().splitlines()[-1][:200] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -199,6 +199,9 @@ def main() -> None:
 
 
 def markdown(r: dict, args) -> str:
+    failed = [f"- {part} failed: {v['error']}" for part, v in r.items() if "error" in v]
+    if failed:
+        return "\n".join(failed) + "\n"
     s, x, m, low = r["speed"], r["sdxl"], r["medvram"], r["lowvram"]
     scale = "SD1.5-size and SDXL-size single files, random weights"
     if args.tiny:

@@ -118,7 +118,8 @@ def test_checkpointed_hypernetwork_gradients_equal_plain_ones_with_dropout(servi
 
     def grads(checkpointing: bool) -> list[torch.Tensor]:
         target = HypernetworkTarget(path, model, services.training.stack)
-        with activation_checkpointing(model.pipe.unet, [], checkpointing), target.unet_context():
+        assert target.random_forward  # dropout: each checkpoint must replay the RNG state
+        with activation_checkpointing(model.pipe.unet, [], checkpointing, True), target.unet_context():
             torch.manual_seed(5)  # dropout masks: the recompute must replay the same ones
             loss = denoising_loss(target, model.pipe.unet, amp, ["a star"] * 2, noisy, t, noise, 1)
             loss.backward()

@@ -10,6 +10,7 @@ import torch
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.writer import a1111_dict, save_pt
 from app.errors import UserError
+from app.models.devices import execution_device
 from app.models.manager import ModelManager
 from app.naming import check_new_file, clean_name
 
@@ -18,12 +19,12 @@ MAX_VECTORS = 75
 
 def initial_vectors(tokenizer, token_embedding: torch.nn.Embedding, init_text: str, count: int) -> torch.Tensor:
     """The init text's token embeddings spread over `count` rows, as A1111: row i = token[i * ntok // count]."""
-    width = token_embedding.weight.shape[1]
+    width = token_embedding.embedding_dim
     vectors = torch.zeros(count, width, dtype=torch.float32)
     ids = tokenizer(init_text or "", add_special_tokens=False)["input_ids"] if init_text else []
     if ids:
-        with torch.no_grad():
-            embedded = token_embedding.weight[torch.tensor(ids, device=token_embedding.weight.device)].float().cpu()
+        with torch.no_grad():  # through the layer, not its weight: under --lowvram the weight sits on `meta`
+            embedded = token_embedding(torch.tensor(ids, device=execution_device(token_embedding))).float().cpu()
         for i in range(count):
             vectors[i] = embedded[i * len(ids) // count]
     return vectors

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.errors import UserError
+from app.models.devices import execution_device
 
 # A1111's latent upscale modes: name -> (interpolation mode, antialias)
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -69,7 +70,7 @@ def upscale_images(images: torch.Tensor, name: str, size: tuple[int, int]) -> to
 def encode_images(vae: torch.nn.Module, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> scaled latents, sampled with each image's generator."""
     dtype = next(vae.parameters()).dtype
-    dist = vae.encode((images * 2 - 1).to(device=vae.device, dtype=dtype)).latent_dist
+    dist = vae.encode((images * 2 - 1).to(device=execution_device(vae), dtype=dtype)).latent_dist
     noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean.device)
     latents = dist.mean.float() + dist.std.float() * noise
     shift = getattr(vae.config, "shift_factor", None) or 0.0

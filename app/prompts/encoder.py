@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from app.models.devices import execution_device
 from app.prompts.chunking import (
     DEFAULT_COMMA_BACKTRACK,
     EmbeddingFinder,
@@ -78,7 +79,7 @@ class PromptEncoder:
         return torch.cat(outputs, dim=1), pooled
 
     def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int):
-        device = self.text_encoder.device
+        device = execution_device(self.text_encoder)  # not .device: under --lowvram the weights sit on `meta`
         tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
         with self._substituted_embeddings([c.fixes for c in chunks]):
             z, out = self._hidden_states(tokens, clip_skip)

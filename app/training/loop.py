@@ -126,7 +126,12 @@ def train(
 ) -> TrainResult:
     """Train `target` on `images`; memory plan (VAE parked, checkpointing) held for the whole run."""
     with training_memory(
-        model.pipe.vae, model.device, model.pipe.unet, target.trained_text_encoders(), cfg.gradient_checkpointing
+        model.pipe.vae,
+        model.device,
+        model.pipe.unet,
+        target.trained_text_encoders(),
+        cfg.gradient_checkpointing,
+        target.random_forward,
     ) as vae_needed:
         return _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, vae_needed)
 

@@ -73,17 +73,26 @@ class MixedPrecision:
 
 @contextmanager
 def activation_checkpointing(
-    unet: torch.nn.Module, text_encoders: list[torch.nn.Module], enabled: bool
+    unet: torch.nn.Module, text_encoders: list[torch.nn.Module], enabled: bool, random_forward: bool = False
 ) -> Iterator[None]:
     """Recompute activations in backward instead of keeping them: the UNet, and the text encoders that are on the
-    gradient path (embedding training). Restores the modules' previous state after the run."""
+    gradient path (embedding training). Restores the modules' previous state after the run.
+
+    `random_forward`: the forward draws random numbers (a hypernetwork's dropout), so each checkpoint saves and
+    replays the RNG state. Without it that bookkeeping is skipped: the frozen models run in eval mode (no dropout).
+    """
     if not enabled:
         yield
         return
+    options = {"use_reentrant": False, "preserve_rng_state": random_forward}
+
+    def checkpointed(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, **options)
+
     was_training = [m.training for m in text_encoders]
-    unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing(checkpointed)
     for encoder in text_encoders:
-        _encoder_checkpointing(encoder, True)
+        _encoder_checkpointing(encoder, options)
         # transformers checkpoints only modules in training mode; CLIP's dropout is 0, so train mode changes nothing
         # else. An encoder with dropout keeps eval mode (and then runs without checkpointing).
         if _dropout_free(encoder):
@@ -93,19 +102,20 @@ def activation_checkpointing(
     finally:
         unet.disable_gradient_checkpointing()
         for encoder, mode in zip(text_encoders, was_training, strict=True):
-            _encoder_checkpointing(encoder, False)
+            _encoder_checkpointing(encoder, None)
             encoder.train(mode)
 
 
-def _encoder_checkpointing(encoder: torch.nn.Module, on: bool) -> None:
-    """transformers >= 5.x names it activation checkpointing (the old name warns); older ones only have the old."""
+def _encoder_checkpointing(encoder: torch.nn.Module, options: dict | None) -> None:
+    """On with `options` (torch checkpoint arguments), off with None. transformers >= 5.x names it activation
+    checkpointing (the old name warns); older versions only have the old name."""
     if hasattr(encoder, "activation_checkpointing_enable"):
-        if on:
-            encoder.activation_checkpointing_enable({"use_reentrant": False})
+        if options is not None:
+            encoder.activation_checkpointing_enable(options)
         else:
             encoder.activation_checkpointing_disable()
-    elif on:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif options is not None:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     else:
         encoder.gradient_checkpointing_disable()
 
@@ -137,6 +147,7 @@ def training_memory(
     unet: torch.nn.Module,
     text_encoders: list[torch.nn.Module],
     checkpointing: bool,
+    random_forward: bool = False,
 ) -> Iterator[Any]:
     """The memory plan of a run: the VAE off the accelerator (back only inside `vae_needed()`: latent cache,
     previews), activation checkpointing on when asked. Yields `vae_needed`; everything is put back afterwards."""
@@ -152,7 +163,7 @@ def training_memory(
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark
     try:
-        with activation_checkpointing(unet, text_encoders, checkpointing):
+        with activation_checkpointing(unet, text_encoders, checkpointing, random_forward):
             yield vae_needed
     finally:
         torch.backends.cudnn.benchmark = benchmark

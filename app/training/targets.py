@@ -28,6 +28,7 @@ class TrainingTarget(Protocol):
     path: Path  # the trained file, updated at every save
     initial_step: int
     weight_decay: float
+    random_forward: bool  # the forward draws random numbers (dropout): checkpointing must replay the RNG state
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -72,6 +73,7 @@ class EmbeddingTarget:
 
     kind = "embedding"
     weight_decay = 0.0
+    random_forward = False
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
         check_trainable(embedding)
@@ -165,6 +167,9 @@ class HypernetworkTarget:
                 f"loaded model uses ({sorted(attention_widths(model.pipe.unet))}); nothing would train."
             )
         self._params = self.hn.parameters_for(self.widths)
+        self.random_forward = any(
+            isinstance(layer, torch.nn.Dropout) and layer.p > 0 for m in self.hn.modules() for layer in m.modules()
+        )
         for p in self._params:
             p.requires_grad_(True)
         self._stack = stack
