@@ -199,32 +199,36 @@ def main() -> None:
 
 
 def markdown(r: dict, args) -> str:
-    failed = [f"- {part} failed: {v['error']}" for part, v in r.items() if "error" in v]
-    if failed:
-        return "\n".join(failed) + "\n"
-    s, x, m, low = r["speed"], r["sdxl"], r["medvram"], r["lowvram"]
+    def v(part: str, key: str, fmt: str = ".2f") -> str:
+        return "failed" if "error" in r[part] else format(r[part][key], fmt)
+
+    def ratio(part: str) -> str:
+        return "failed" if "error" in r[part] else f"{r[part]['ours_its'] / r[part]['bare_its']:.3f}"
+
     scale = "SD1.5-size and SDXL-size single files, random weights"
     if args.tiny:
         scale = "tiny files, CPU (script check only)"
-    return "\n".join(
-        [
-            f"{scale}; {s['device']} {s['dtype']}; Euler a, CFG 7, {args.steps} steps, median of {args.repeats}",
-            "",
-            "| generation | diffusers pipeline | ours | ratio ours/diffusers | peak allocated (ours / diffusers) |",
-            "|---|---|---|---|---|",
-            f"| SD1.5 {args.size} px | {s['bare_its']:.2f} it/s | {s['ours_its']:.2f} it/s | "
-            f"{s['ours_its'] / s['bare_its']:.3f} | {s['ours_peak_mb']:.0f} / {s['bare_peak_mb']:.0f} MB |",
-            f"| SDXL {args.xl_size} px | {x['bare_its']:.2f} it/s | {x['ours_its']:.2f} it/s | "
-            f"{x['ours_its'] / x['bare_its']:.3f} | {x['ours_peak_mb']:.0f} / {x['bare_peak_mb']:.0f} MB |",
-            "",
-            "| SD1.5 generation, one image | peak allocated | time | it/s |",
-            "|---|---|---|---|",
-            f"| default (all on the GPU) | {s['ours_peak_mb']:.0f} MB | {s['ours_s']:.2f} s | {s['ours_its']:.2f} |",
-            f"| --medvram | {m['peak_mb']:.0f} MB | {m['s']:.2f} s | {m['its']:.2f} |",
-            f"| --lowvram | {low['peak_mb']:.0f} MB | {low['s']:.2f} s | {low['its']:.2f} |",
-            "",
-        ]
-    )
+    device = r["speed"].get("device", "?") + " " + r["speed"].get("dtype", "")
+    lines = [
+        f"{scale}; {device}; Euler a, CFG 7, {args.steps} steps, median of {args.repeats}",
+        "",
+        "| generation | diffusers pipeline | ours | ratio ours/diffusers | peak allocated (ours / diffusers) |",
+        "|---|---|---|---|---|",
+        f"| SD1.5 {args.size} px | {v('speed', 'bare_its')} it/s | {v('speed', 'ours_its')} it/s | {ratio('speed')} | "
+        f"{v('speed', 'ours_peak_mb', '.0f')} / {v('speed', 'bare_peak_mb', '.0f')} MB |",
+        f"| SDXL {args.xl_size} px | {v('sdxl', 'bare_its')} it/s | {v('sdxl', 'ours_its')} it/s | {ratio('sdxl')} | "
+        f"{v('sdxl', 'ours_peak_mb', '.0f')} / {v('sdxl', 'bare_peak_mb', '.0f')} MB |",
+        "",
+        "| SD1.5 generation, one image | peak allocated | time | it/s |",
+        "|---|---|---|---|",
+        f"| default (all on the GPU) | {v('speed', 'ours_peak_mb', '.0f')} MB | {v('speed', 'ours_s')} s | "
+        f"{v('speed', 'ours_its')} |",
+        f"| --medvram | {v('medvram', 'peak_mb', '.0f')} MB | {v('medvram', 's')} s | {v('medvram', 'its')} |",
+        f"| --lowvram | {v('lowvram', 'peak_mb', '.0f')} MB | {v('lowvram', 's')} s | {v('lowvram', 'its')} |",
+        "",
+    ]
+    lines += [f"- {part} failed: {r[part]['error']}" for part in r if "error" in r[part]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
