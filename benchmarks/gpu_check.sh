@@ -55,11 +55,11 @@ trap 'rm -rf "$files"' EXIT
 elapsed "SD1.5- and SDXL-size checkpoints written"
 
 "$PY" benchmarks/gpu_generation.py --sd1 "$files/sd15-random.safetensors" --sdxl "$files/sdxl-random.safetensors" \
-    --repeats 2 --markdown "$OUT_DIR/generation.md"
+    --repeats 1 --markdown "$OUT_DIR/generation.md"
 section "Generation" "$OUT_DIR/generation.md"
 elapsed "generation"
 
-"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --markdown "$OUT_DIR/train.md"
+"$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 2 --markdown "$OUT_DIR/train.md"
 section "Training, SD1.5 at 512 px, fp16" "$OUT_DIR/train.md"
 elapsed "training"
 

@@ -257,3 +257,34 @@ def test_bf16_without_hardware_support_is_refused_at_start():
 
 def test_bf16_flag_on_the_cpu_keeps_fp32():
     assert choose_dtypes(Settings(bf16=True), torch.device("cpu")) == (torch.float32, torch.float32)
+
+
+# -- --medvram ---------------------------------------------------------------------------------------------------
+
+
+def test_training_under_medvram_offload_runs_with_the_hooks_off_and_restores_them(services, dataset):
+    """--medvram's hooks would move the UNet and text encoder between forward and backward; the run takes them off
+    and puts them back. (On the CPU the hooks move nothing, so the result must equal a run without them.)"""
+    from app.models.manager import model_offloaded
+    from tests.test_training import cfg, fresh, vectors
+
+    model = services.models.get()
+    path = fresh(services, "zqmedvram")
+    services.training.train_embedding(cfg("zqmedvram", dataset, steps=3)).wait()
+    plain = vectors(path)
+
+    fresh(services, "zqmedvram")
+    model.pipe.enable_model_cpu_offload(device="cpu")
+    seen = []
+    probe = model.pipe.unet.register_forward_pre_hook(lambda *_: seen.append(model_offloaded(model.pipe)))
+    try:
+        assert model_offloaded(model.pipe)
+        result = services.training.train_embedding(cfg("zqmedvram", dataset, steps=3)).wait()
+        assert result.error is None and result.step == 3
+        assert seen and not any(seen)  # no offload hook on the UNet while it trained
+        assert model_offloaded(model.pipe)  # --medvram's offloading is back afterwards
+        assert torch.equal(vectors(path), plain)
+    finally:
+        probe.remove()
+        model.pipe.remove_all_hooks()
+    assert not model_offloaded(model.pipe)

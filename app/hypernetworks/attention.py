@@ -2,7 +2,8 @@
 
 k_in = x, v_in = x; for each active hypernetwork with a module for x's width, in prompt order (chained, not summed):
 k_in = k_module(k_in, mult), v_in = v_module(v_in, mult). x is the cross-attention context (768/1024 wide) or, in
-self-attention, the hidden states (320/640/1280). Attention itself is SDPA, or sliced SDPA to save memory.
+self-attention, the hidden states (320/640/1280). Attention itself is SDPA (xformers when installed, on CUDA), or
+sliced SDPA to save memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from app.hypernetworks.hypernetwork import Hypernetwork
+
+try:  # optional: xformers' memory-efficient kernels on CUDA when installed; PyTorch's SDPA otherwise
+    import xformers.ops as xformers_ops
+except Exception:  # not installed, or built for another torch (it raises more than ImportError then)
+    xformers_ops = None
 
 
 class HypernetworkStack:
@@ -119,6 +125,10 @@ class HypernetworkAttnProcessor:
         return out / attn.rescale_output_factor
 
     def _attention(self, q, k, v, mask):
+        if xformers_ops is not None and q.is_cuda and mask is None and not self.slice_size:
+            # xformers takes [batch, tokens, heads, dim]; ours are [batch, heads, tokens, dim]
+            out = xformers_ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
         if not self.slice_size or self.slice_size >= q.shape[1]:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         parts = []

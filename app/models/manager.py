@@ -228,10 +228,10 @@ class ModelManager:
         the offload hooks would move them between forward and backward. So for the run the hooks come off and the
         UNet and text encoders sit on the GPU (the run keeps the VAE in CPU memory itself); afterwards --medvram's
         offloading is back. Under --lowvram training is refused before this point."""
-        if offload_mode(self.settings, self.device) != "model":
+        pipe = model.pipe
+        if not model_offloaded(pipe):
             yield
             return
-        pipe = model.pipe
         pipe.remove_all_hooks()
         for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if module is not None:
@@ -299,6 +299,13 @@ class ModelManager:
                 module.eval()
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def model_offloaded(pipe) -> bool:
+    """Whether --medvram's model offload hooks are on the pipeline (the UNet's hook moves it on every call)."""
+    from accelerate.hooks import CpuOffload
+
+    return isinstance(getattr(pipe.unet, "_hf_hook", None), CpuOffload)
 
 
 def _tokenizer_folder(model_path: Path, name: str = "tokenizer") -> Path | None:
