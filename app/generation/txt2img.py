@@ -81,6 +81,7 @@ MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
+MAX_SEED = 2**63 - 1  # seed + image index must fit torch's 64-bit generator seed
 
 
 @dataclass
@@ -185,6 +186,17 @@ class Txt2ImgResult:
         return json.dumps(self.info(), ensure_ascii=False)
 
 
+def check_text(label: str, text: str | None) -> None:
+    """Text must be encodable: a lone UTF-16 surrogate (JSON can carry "\\ud800") breaks the tokenizer."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{label} contains a character that is not valid Unicode (a lone surrogate, {text[e.start]!r}, at "
+            f"position {e.start}); remove it."
+        ) from None
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise UserError(f"{name} must be between {low} and {high}, got {value}.")
@@ -227,6 +239,15 @@ class Txt2ImgService:
         find_sampler(p.sampler_name)
         find_schedule(p.scheduler)
         _check_range("Variation strength", p.subseed_strength, 0, 1)
+        for name, seed in (("Seed", p.seed), ("Variation seed", p.subseed)):
+            if seed is not None and seed != -1 and not 0 <= seed <= MAX_SEED:
+                raise UserError(f"{name} must be -1 (random) or between 0 and {MAX_SEED}, got {seed}.")
+        for name, value in (
+            ("Resize seed from width", p.seed_resize_from_w),
+            ("Resize seed from height", p.seed_resize_from_h),
+        ):
+            if value is not None and value > 0:
+                _check_range(name, value, MIN_SIZE, MAX_SIZE)
         if p.enable_hr:
             check_upscaler(p.hr_upscaler)
             if p.hr_sampler_name:
@@ -241,6 +262,13 @@ class Txt2ImgService:
                 )
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()
+        for label, text in (
+            ("Prompt", p.prompt),
+            ("Negative prompt", p.negative_prompt),
+            ("Hires prompt", p.hr_prompt),
+            ("Hires negative prompt", p.hr_negative_prompt),
+        ):
+            check_text(label, text)
         encoder = self.models.get().encoder
         for label, text in (("Prompt", extract_extra_networks(p.prompt)[0]), ("Negative prompt", p.negative_prompt)):
             tokens = encoder.token_count(text)

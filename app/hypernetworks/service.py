@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,28 @@ from app.naming import check_new_file, clean_name
 from app.prompts.extra_networks import ExtraNetworkTag
 
 STANDARD_WIDTHS = [768, 320, 640, 1024, 1280]
+MAX_WIDTH = 4096  # SDXL's widest context is 2048; twice that leaves room without letting a typo allocate gigabytes
+MAX_PARAMETERS = 500_000_000  # 2 GB of fp32: far above any real hypernetwork (SD1.5 1-2-1: about 22 M)
+
+
+def check_size(sizes: list[int], structure: list[float]) -> None:
+    """Refuse widths outside 1..MAX_WIDTH, and structures whose modules would not fit in memory, before any
+    tensor is allocated."""
+    bad = [w for w in sizes if not 1 <= w <= MAX_WIDTH]
+    if bad:
+        raise UserError(f"Module widths must be between 1 and {MAX_WIDTH} (e.g. 768, 320, 640, 1280); got {bad}.")
+    if not all(math.isfinite(x) and x > 0 for x in structure):
+        raise UserError(f"Layer structure {structure} must hold positive, finite numbers, e.g. 1, 2, 1.")
+    total = sum(
+        2 * (int(w * a) * int(w * b) + int(w * b))
+        for w in sizes
+        for a, b in itertools.pairwise(structure)
+    )
+    if total > MAX_PARAMETERS:
+        raise UserError(
+            f"Layer structure {structure} with widths {sizes} would have {total:,} parameters; the limit is "
+            f"{MAX_PARAMETERS:,}. Use smaller multipliers (A1111's default is 1, 2, 1)."
+        )
 
 
 def parse_numbers(text: str | list, what: str) -> list[float]:
@@ -115,6 +139,7 @@ class HypernetworkService:
         if not sizes:
             raise UserError("Choose at least one module width (e.g. 768, 320, 640, 1280).")
         structure = parse_numbers(layer_structure, "Layer structure")
+        check_size(sizes, structure)
         dropout = parse_numbers(dropout_structure, "Dropout structure") if use_dropout and dropout_structure else None
         path = self.db.folder / f"{cleaned}.pt"
         existing = self.db.files().get(cleaned)
