@@ -47,3 +47,23 @@ def test_hypernetwork_widths_and_structures_that_cannot_fit_are_refused_before_a
     ok = post(server, "create/hypernetwork", name="zqsmall", enable_sizes=[32, 64], overwrite_old=True)
     assert ok.status_code == 200 and "zqsmall" in ok.json()["info"]
     assert post(server, "txt2img", prompt="cat", **SMALL).status_code == 200
+
+
+def test_every_api_route_declares_its_error_answers_in_the_openapi_schema(server):
+    """Clients generated from /openapi.json must know our 4xx answers and their body (`detail`)."""
+    schema = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    error = schema["components"]["schemas"]["ErrorResponse"]
+    assert error["required"] == ["detail"] and "info" in error["properties"]
+    routes = [
+        (path, method, op)
+        for path, ops in schema["paths"].items()
+        if path.startswith("/sdapi/v1/")
+        for method, op in ops.items()
+    ]
+    assert len(routes) >= 30
+    for path, method, op in routes:
+        for code in ("400", "404", "409"):
+            ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorResponse"), (path, method, code)
+        if "requestBody" in op:
+            assert "422" in op["responses"], (path, method)

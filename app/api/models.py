@@ -192,3 +192,20 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = None
     textinfo: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer of ours: `detail` says what was wrong and what to do. `error` names the kind; the
+    create/train routes add A1111's `info` ("create embedding error: ...") that its clients read."""
+
+    detail: str
+    error: str | None = None
+    info: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Bad input: the message names the field and what it accepts"},
+    404: {"model": ErrorResponse, "description": "A named model, embedding, hypernetwork, VAE or file is not there"},
+    409: {"model": ErrorResponse, "description": "Busy: a training run holds the model"},
+}
+

@@ -13,8 +13,10 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from app.api.imagecodec import decode_image, encode_png
 from app.api.memory import memory_report
 from app.api.models import (
+    ERROR_RESPONSES,
     CreateEmbeddingRequest,
     CreateHypernetworkRequest,
+    ErrorResponse,
     PNGInfoRequest,
     PreprocessRequest,
     ProgressResponse,
@@ -138,7 +140,10 @@ def train_info(job, kind: str) -> str:
 def register_api(app: FastAPI, services: Services) -> None:
     """Mount `/sdapi/v1` on `app`, with HTTP Basic auth when `--api-auth` is set."""
     auth = _auth_dependency(services.settings.api_auth)
-    router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(auth)] if auth else [])
+    responses = dict(ERROR_RESPONSES)
+    if auth:
+        responses[401] = {"model": ErrorResponse, "description": "Missing or wrong HTTP Basic credentials"}
+    router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(auth)] if auth else [], responses=responses)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
