@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.errors import UserError
     from app.logs import quiet_libraries
-    from app.server import build_app
+    from app.server import StoppingServer, build_app
     from app.services import build_services
 
     quiet_libraries()
@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Running on local URL:  {url}", flush=True)
         if settings.serve_api:
             print(f"API running on {url}/sdapi/v1", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.effective_port, log_level="warning")
+    server = StoppingServer(
+        uvicorn.Config(app, host=settings.host, port=settings.effective_port, log_level="warning"), services.jobs
+    )
+    server.run()
+    services.jobs.shutdown(timeout=8)  # whatever still runs gets its interrupt's save done before the process ends
     return 0
+
 
 
 if __name__ == "__main__":

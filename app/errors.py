@@ -13,3 +13,13 @@ class NotFoundError(UserError):
 
 class BusyError(UserError):
     status_code = 409
+
+
+class QueueFullError(UserError):
+    """Too many jobs are waiting; the client should retry later (HTTP 503 with Retry-After)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -15,6 +16,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +99,12 @@ class Job:
 
 
 class JobRunner:
-    """Runs submitted jobs one by one on a daemon thread."""
+    """Runs submitted jobs one by one on a daemon thread. At most `max_waiting` jobs wait behind the running one;
+    one more is refused (QueueFullError) instead of growing a backlog nobody may still be waiting for."""
 
-    def __init__(self, name: str = "jobs"):
+    def __init__(self, name: str = "jobs", max_waiting: int = 64):
+        self.max_waiting = max_waiting
+        self._closed = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: list[Job] = []
         self._lock = threading.Lock()
@@ -111,10 +117,24 @@ class JobRunner:
     def submit(self, kind: str, fn: Callable[[Job], Any], description: str = "") -> Job:
         job = Job(kind=kind, fn=fn, description=description)
         with self._lock:
+            if self._closed:
+                raise QueueFullError("The server is shutting down; no new jobs are taken.", retry_after=30)
+            if len(self._pending) >= self.max_waiting:
+                eta = self._current.eta_seconds() if self._current is not None else None
+                raise QueueFullError(
+                    f"{len(self._pending)} jobs are already waiting (the limit is {self.max_waiting}, "
+                    "--queue-limit); try again later.",
+                    retry_after=max(1, min(600, math.ceil(eta))) if eta else 10,
+                )
             self._pending.append(job)
             self._by_id[job.id] = job
         self._queue.put(job)
         return job
+
+    @property
+    def closed(self) -> bool:
+        """True once `shutdown` began: no new jobs are taken."""
+        return self._closed
 
     @property
     def current(self) -> Job | None:
@@ -151,6 +171,30 @@ class JobRunner:
             return False
         target.interrupt()
         return True
+
+    def wait_for(self, job: Job, abandoned: Callable[[], bool], poll: float = 0.25) -> Any:
+        """`job.wait()`, but if `abandoned()` turns true (the HTTP client went away) the job is interrupted: dropped
+        before it starts, stopped after its current step if running. Returns/raises as `job.wait()`."""
+        while not job._done.wait(poll):
+            if not job.interrupted and abandoned():
+                log.info("Client gone: interrupting %s job %s", job.kind, job.id)
+                job.interrupt()
+        return job.wait()
+
+    def shutdown(self, timeout: float = 8.0) -> bool:
+        """Stop taking jobs, drop the queued ones, interrupt the running one (a training run then saves its
+        checkpoint), and wait up to `timeout` s for it to end. True when the runner is idle."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._pending)
+        for job in waiting:
+            job.interrupt()
+        current = self._current
+        if current is not None:
+            current.interrupt()
+        self._queue.put(None)  # after the dropped jobs: the worker exits once it has passed them
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _work(self) -> None:
         while True:

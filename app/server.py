@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
+import uvicorn
 from fastapi import FastAPI
 
+from app.jobs import JobRunner
 from app.services import Services
 from app.settings import parse_credentials
 
@@ -26,3 +30,18 @@ def build_app(services: Services) -> FastAPI:
             app, blocks, path="/", auth=auth, theme=ui_theme(), css=CSS, ssr_mode=False, footer_links=[]
         )
     return app
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn waits for open requests before it stops, and ours may wait on queued jobs for minutes. On SIGINT/SIGTERM
+    the job runner stops first: queued jobs are dropped, the running one is interrupted (a training run saves its
+    checkpoint), so the waiting requests answer and the server exits within seconds."""
+
+    def __init__(self, config: uvicorn.Config, jobs: JobRunner):
+        super().__init__(config)
+        self.jobs = jobs
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not on the signal handler's own stack: shutdown joins the job thread.
+        threading.Thread(target=self.jobs.shutdown, name="stop-jobs", daemon=True).start()
+        super().handle_exit(sig, frame)

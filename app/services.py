@@ -61,7 +61,7 @@ class Services:
         self.options.update({"sd_vae": used})
         return used
 
-    def generate_with_overrides(self, params, overrides: dict, restore: bool = True):
+    def generate_with_overrides(self, params, overrides: dict, restore: bool = True, abandoned=None):
         """txt2img with A1111's `override_settings` (checkpoint, VAE, Clip skip), restored afterwards if asked."""
         before = {"sd_model_checkpoint": self.options["sd_model_checkpoint"], "sd_vae": self.options["sd_vae"]}
         checkpoint, vae = overrides.get("sd_model_checkpoint"), overrides.get("sd_vae")
@@ -72,7 +72,7 @@ class Services:
         if vae is not None:
             self.select_vae(str(vae))
         try:
-            return self.txt2img.generate(params)
+            return self.txt2img.generate(params, abandoned)
         finally:
             if restore and checkpoint and before["sd_model_checkpoint"] != self.options["sd_model_checkpoint"]:
                 self.select_checkpoint(str(before["sd_model_checkpoint"]))
@@ -114,7 +114,7 @@ def build_services(settings: Settings) -> Services:
     slice_size = 1 if settings.opt_split_attention else None
     models.on_load(lambda model: install_hypernetwork_attention(model.pipe.unet, stack, slice_size))
     hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models)
-    jobs = JobRunner()
+    jobs = JobRunner(max_waiting=settings.queue_limit)
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
     styles = StyleDatabase(settings.data_dir / "styles.csv")
     txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db, hypernetworks, stack, styles)

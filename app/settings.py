@@ -36,6 +36,7 @@ class Settings:
     use_cpu: list[str] = field(default_factory=list)
     no_hashing: bool = False
     opt_split_attention: bool = False
+    queue_limit: int = 64
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--opt-split-attention",
         action="store_true",
         help="compute attention a head at a time (less memory, a little slower)",
+    )
+    p.add_argument(
+        "--queue-limit",
+        type=int,
+        default=64,
+        help="jobs that may wait behind the running one; more are refused with HTTP 503 and Retry-After",
     )
     return p
 

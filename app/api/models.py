@@ -207,5 +207,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Bad input: the message names the field and what it accepts"},
     404: {"model": ErrorResponse, "description": "A named model, embedding, hypernetwork, VAE or file is not there"},
     409: {"model": ErrorResponse, "description": "Busy: a training run holds the model"},
+    503: {
+        "model": ErrorResponse,
+        "description": "The job queue is full (--queue-limit) or the server is stopping; see the Retry-After header",
+    },
 }
 

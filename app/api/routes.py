@@ -6,6 +6,7 @@ import secrets
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -27,7 +28,7 @@ from app.api.models import (
     Txt2ImgRequest,
     Txt2ImgResponse,
 )
-from app.errors import UserError
+from app.errors import QueueFullError, UserError
 from app.generation.hires import LATENT_MODES
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
@@ -147,13 +148,21 @@ def register_api(app: FastAPI, services: Services) -> None:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc), "error": type(exc).__name__})
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": str(exc), "error": type(exc).__name__}, headers=headers
+        )
 
     @router.post("/txt2img", response_model=Txt2ImgResponse)
-    def txt2img(req: Txt2ImgRequest) -> Txt2ImgResponse:
+    def txt2img(req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
         params = params_from_request(req)
+
+        def abandoned() -> bool:
+            # This runs on the worker thread FastAPI gave this request; ask the event loop about the connection.
+            return anyio.from_thread.run(request.is_disconnected)
+
         result = services.generate_with_overrides(
-            params, req.override_settings or {}, req.override_settings_restore_afterwards
+            params, req.override_settings or {}, req.override_settings_restore_afterwards, abandoned
         )
         pairs = zip(result.images, result.infotexts, strict=True)
         images = [encode_png(im, text) for im, text in pairs] if req.send_images else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from app import __version__
 from app.embeddings.database import EmbeddingDatabase
-from app.errors import UserError
+from app.errors import BusyError, QueueFullError, UserError
 from app.generation.denoise import ScheduledConditioning, decode, sample
 from app.generation.hires import (
     LATENT_MODES,
@@ -284,8 +285,15 @@ class Txt2ImgService:
         self.validate(p)
         return self.jobs.submit("txt2img", lambda job: self.run(p, job), description=p.prompt[:80])
 
-    def generate(self, p: Txt2ImgParams) -> Txt2ImgResult:
-        return self.submit(p).wait()
+    def generate(self, p: Txt2ImgParams, abandoned: Callable[[], bool] | None = None) -> Txt2ImgResult:
+        """Queue and wait; `abandoned()` true (the client went away) interrupts the job (JobRunner.wait_for)."""
+        job = self.submit(p)
+        result = self.jobs.wait_for(job, abandoned) if abandoned is not None else job.wait()
+        if result is None:  # interrupted while it waited: nothing ran
+            if self.jobs.closed:
+                raise QueueFullError("The server is stopping: the generation was dropped before it started.", 30)
+            raise BusyError("The generation was interrupted before it started; nothing was generated.")
+        return result
 
     def run(self, p: Txt2ImgParams, job: Job | None = None) -> Txt2ImgResult:
         with self.models.lock:
