@@ -38,7 +38,7 @@ def test_hypernetwork_widths_and_structures_that_cannot_fit_are_refused_before_a
         (dict(enable_sizes=[-5, 768]), "Module widths must be between 1 and 4096"),
         (dict(enable_sizes=[10**9]), "Module widths must be between 1 and 4096"),
         (dict(enable_sizes=[4096], layer_structure="1, 1000, 1"), "parameters; the limit is 500,000,000"),
-        (dict(enable_sizes=[768], layer_structure="1, nan, 1"), "positive, finite numbers"),
+        (dict(enable_sizes=[768], layer_structure="1, nan, 1"), "must hold finite numbers"),
     ]
     for fields, message in cases:
         response = post(server, "create/hypernetwork", name="zqbig", **fields)

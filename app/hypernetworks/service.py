@@ -27,8 +27,8 @@ def check_size(sizes: list[int], structure: list[float]) -> None:
     bad = [w for w in sizes if not 1 <= w <= MAX_WIDTH]
     if bad:
         raise UserError(f"Module widths must be between 1 and {MAX_WIDTH} (e.g. 768, 320, 640, 1280); got {bad}.")
-    if not all(math.isfinite(x) and x > 0 for x in structure):
-        raise UserError(f"Layer structure {structure} must hold positive, finite numbers, e.g. 1, 2, 1.")
+    if not all(math.isfinite(x) for x in structure):  # zero/negative entries get their own message later
+        raise UserError(f"Layer structure {structure} must hold finite numbers, e.g. 1, 2, 1.")
     total = sum(
         2 * (int(w * a) * int(w * b) + int(w * b))
         for w in sizes
