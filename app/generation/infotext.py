@@ -13,9 +13,10 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def quote(value: Any) -> str:
-    """A value as infotext writes it: JSON-quoted when it holds a comma, colon or newline."""
+    """A value as infotext writes it: JSON-quoted when it holds a comma, colon or newline (A1111), and also when it
+    starts with a quote or has spaces at either end, which would not read back unchanged otherwise."""
     text = str(value)
-    if any(c in text for c in ",:\n"):
+    if any(c in text for c in ",:\n") or text != text.strip() or text.startswith('"'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
