@@ -193,6 +193,14 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}.pt" if copy else None
         target.save(at, model, copy_to)
 
+    def stop(reason: str, remedy: str = "or --no-half") -> None:
+        """End the run with a message; the trained file on disk stays the last good one."""
+        result.error = (
+            f"Training stopped at step {step + 1}: {reason}. The last good {target.kind} is kept "
+            f"({target.path.name}, step {result.step}). Try a lower learning rate, gradient clipping, {remedy}."
+        )
+        log.error(result.error)
+
     # -- the loop ----------------------------------------------------------------------------------------------
     optimizer_broken = False
     skipped_in_row = 0
@@ -239,23 +247,13 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
         if not math.isfinite(step_loss) or (not grads_finite and amp.scaler is None):
             what = "loss" if not math.isfinite(step_loss) else "gradient"
-            result.error = (
-                f"Training stopped at step {step + 1}: the {what} became {step_loss if what == 'loss' else 'NaN/inf'}"
-                f". The last good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower "
-                "learning rate, gradient clipping, or --no-half."
-            )
-            log.error(result.error)
+            stop(f"the {what} became {step_loss if what == 'loss' else 'NaN/inf'}")
             break
         if grads_finite:
             skipped_in_row = 0
             if not _update(optimizer, params, amp, cfg, clip_values, step):
                 optimizer_broken = True
-                result.error = (
-                    f"Training stopped at step {step + 1}: the update made the {target.kind} NaN or infinite. The "
-                    f"last good {target.kind} is kept ({target.path.name}, step {result.step}). Try a lower learning "
-                    "rate, gradient clipping, or --no-half."
-                )
-                log.error(result.error)
+                stop(f"the update made the {target.kind} NaN or infinite")
                 break
         else:
             # fp16 gradients overflowed at this loss scale: no update, the scaler halves the scale. The step still
@@ -264,13 +262,11 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             skipped_in_row += 1
             result.skipped_steps += 1
             if skipped_in_row >= MAX_SKIPPED_IN_A_ROW:
-                result.error = (
-                    f"Training stopped at step {step + 1}: the fp16 gradients overflowed on {skipped_in_row} steps in "
-                    f"a row (loss scale now {amp.scale:g}), so nothing was learned. The last good {target.kind} is "
-                    f"kept ({target.path.name}, step {result.step}). Try a lower learning rate, gradient clipping, "
-                    "--bf16 or --no-half."
+                stop(
+                    f"the fp16 gradients overflowed on {skipped_in_row} steps in a row (loss scale now "
+                    f"{amp.scale:g}), so nothing was learned",
+                    "--bf16 or --no-half",
                 )
-                log.error(result.error)
                 break
             log.warning("Step %d skipped: fp16 gradients overflowed; loss scale now %g", step + 1, amp.scale)
         step += 1
