@@ -101,6 +101,13 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stable Diffusion personalization web UI")
     p.add_argument("--data-dir", type=Path, default=ROOT, help="base folder for models, embeddings, outputs, log")
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--queue-limit",
-        type=int,
+        type=_non_negative_int,
         default=64,
         help="jobs that may wait behind the running one; more are refused with HTTP 503 and Retry-After",
     )

@@ -62,3 +62,10 @@ def test_flags_parse_with_a1111_names(tmp_path):
     assert settings_from_args(["--nowebui", "--data-dir", str(tmp_path)]).effective_port == 7861
     with pytest.raises(ValueError, match="user:password"):
         parse_credentials("nocolon")
+
+
+def test_a_negative_queue_limit_is_refused_by_the_flag_parser(capsys):
+    with pytest.raises(SystemExit):
+        settings_from_args(["--queue-limit", "-1"])
+    assert "--queue-limit: must be 0 or more, got -1" in capsys.readouterr().err
+    assert settings_from_args(["--queue-limit", "0"]).queue_limit == 0
