@@ -16,6 +16,7 @@ from app.hypernetworks.attention import install as install_hypernetwork_attentio
 from app.hypernetworks.database import HypernetworkDatabase
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import JobRunner
+from app.lora.service import LoraDatabase, LoraService
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
 from app.options import Options
@@ -36,6 +37,7 @@ class Services:
     training: TrainingService
     hypernetworks: HypernetworkService
     styles: StyleDatabase
+    loras: LoraService
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -113,14 +115,17 @@ def build_services(settings: Settings) -> Services:
     stack = HypernetworkStack()
     slice_size = 1 if settings.opt_split_attention else None
     models.on_load(lambda model: install_hypernetwork_attention(model.pipe.unet, stack, slice_size))
-    hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models)
+    hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models, stack)
+    loras = LoraService(LoraDatabase(settings.lora_dir), models)
     jobs = JobRunner(max_waiting=settings.queue_limit)
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
     styles = StyleDatabase(settings.data_dir / "styles.csv")
-    txt2img = Txt2ImgService(models, options, jobs, ImageSaver(outdir), embedding_db, hypernetworks, stack, styles)
+    txt2img = Txt2ImgService(
+        models, options, jobs, ImageSaver(outdir), embedding_db, [hypernetworks, loras], stack, styles
+    )
     training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack)
     embeddings = EmbeddingService(embedding_db, models)
-    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles)
+    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles, loras)
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
     models.on_load(lambda model: _reapply_vae(models, options))

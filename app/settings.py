@@ -17,6 +17,7 @@ class Settings:
     ckpt: Path | None = None
     embeddings_dir: Path | None = None
     hypernetwork_dir: Path | None = None
+    lora_dir: Path | None = None
     templates_dir: Path | None = None
     no_half: bool = False
     no_half_vae: bool = False
@@ -46,6 +47,7 @@ class Settings:
         self.hypernetwork_dir = (
             Path(self.hypernetwork_dir) if self.hypernetwork_dir else self.models_dir / "hypernetworks"
         )
+        self.lora_dir = Path(self.lora_dir) if self.lora_dir else self.models_dir / "Lora"
         # A1111 keeps templates beside the program, not in the data dir.
         self.templates_dir = Path(self.templates_dir) if self.templates_dir else ROOT / "textual_inversion_templates"
         if self.precision not in ("autocast", "full", "half"):
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint to load at start")
     p.add_argument("--embeddings-dir", type=Path, default=None, help="Textual Inversion embeddings folder")
     p.add_argument("--hypernetwork-dir", type=Path, default=None, help="hypernetworks folder")
+    p.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default models/Lora)")
     p.add_argument("--textual-inversion-templates-dir", dest="templates_dir", type=Path, default=None)
     p.add_argument("--no-half", action="store_true", help="keep model weights in fp32")
     p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in fp32")

@@ -328,6 +328,15 @@ def register_api(app: FastAPI, services: Services) -> None:
             return a1111_error(e, "train embedding")
         return {"info": train_info(job, "embedding")}
 
+    @router.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        """A1111's LoRA list: name, alias (`ss_output_name`), path and the file's metadata."""
+        return services.loras.listing()
+
+    @router.post("/refresh-loras")
+    def refresh_loras() -> None:
+        services.loras.refresh()
+
     @router.get("/hypernetworks")
     def hypernetworks() -> list[dict[str, str]]:
         return services.hypernetworks.listing()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,10 @@ from app.generation.samplers import build_scheduler, effective_schedule, find_sa
 from app.generation.seeds import cpu_generators, initial_noise, resolve_seed
 from app.generation.styles import StyleDatabase
 from app.generation.tiling import circular_padding
-from app.hypernetworks.attention import HypernetworkStack, attention_widths
-from app.hypernetworks.service import HypernetworkService
+from app.hypernetworks.attention import HypernetworkStack
 from app.jobs import Interrupted, Job, JobRunner
 from app.models.manager import LoadedModel, ModelManager
+from app.networks.activation import NetworkKind, activate_all
 from app.options import Options
 from app.prompts.chunking import CHUNK_LENGTH
 from app.prompts.encoder import PromptEncoder
@@ -211,7 +212,7 @@ class Txt2ImgService:
         jobs: JobRunner,
         saver: ImageSaver,
         embeddings: EmbeddingDatabase | None = None,
-        hypernetworks: HypernetworkService | None = None,
+        network_kinds: list[NetworkKind] | None = None,
         stack: HypernetworkStack | None = None,
         styles: StyleDatabase | None = None,
     ):
@@ -220,7 +221,7 @@ class Txt2ImgService:
         self.jobs = jobs
         self.saver = saver
         self.embeddings = embeddings
-        self.hypernetworks = hypernetworks
+        self.network_kinds = list(network_kinds or [])  # hypernetworks, LoRAs: what `<kind:...>` tags apply
         self.stack = stack or HypernetworkStack()
         self.styles = styles
 
@@ -309,7 +310,20 @@ class Txt2ImgService:
         networks: list | None = None,
     ) -> Txt2ImgResult:
         """Generate with `model` (the caller holds the model lock); `encoder` overrides the model's prompt encoder
-        (training previews use the embedding being trained)."""
+        (training previews use the embedding being trained), `networks` adds hypernetworks (the one training).
+        Extra networks from the prompt's tags are applied for this call only: the model is restored on return."""
+        with ExitStack() as applied:
+            return self._run(model, p, job, encoder, list(networks or []), applied)
+
+    def _run(
+        self,
+        model: LoadedModel,
+        p: Txt2ImgParams,
+        job: Job | None,
+        encoder: PromptEncoder | None,
+        networks: list,
+        applied: ExitStack,
+    ) -> Txt2ImgResult:
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()  # files dropped in since the request was queued
         notes = list(p.notes)
@@ -337,13 +351,9 @@ class Txt2ImgService:
             resize_from = (p.seed_resize_from_h // f, p.seed_resize_from_w // f)
         encoder = encoder or model.encoder
         prompt_text, tags = extract_extra_networks(prompt)
-        networks = list(networks or [])
-        if tags and self.hypernetworks is not None:
-            resolved, tag_notes = self.hypernetworks.resolve(tags, attention_widths(model.pipe.unet))
-            networks += resolved
-            notes += tag_notes
-        elif tags:
-            notes += [f"{t.text}: extra networks are not available here; removed from the prompt" for t in tags]
+        applied.enter_context(self.stack.using(networks))
+        tag_notes, network_fields = activate_all(self.network_kinds, model, tags, applied)
+        notes += tag_notes
         cond = ScheduledConditioning(encoder, prompt_text, p.steps, clip_skip)
         uncond = ScheduledConditioning(encoder, negative, p.steps, clip_skip)
         conditionings = [cond, uncond]
@@ -363,6 +373,7 @@ class Txt2ImgService:
             conditionings += [hires.cond, hires.uncond]
         used = {e.name: e for c in conditionings for e in c.embeddings_used()}
         extra = {"TI hashes": ", ".join(f"{name}: {e.shorthash}" for name, e in used.items()) or None}
+        extra.update(network_fields)
         result = Txt2ImgResult(
             images=[],
             seeds=[],
@@ -403,7 +414,7 @@ class Txt2ImgService:
                     pr.preview_id += 1
                     job.check_interrupt()
 
-            with circular_padding(model.pipe.unet, model.pipe.vae, enabled=p.tiling), self.stack.using(networks):
+            with circular_padding(model.pipe.unet, model.pipe.vae, enabled=p.tiling):
                 try:
                     latents = sample(
                         model.pipe.unet,

@@ -34,7 +34,9 @@ class HypernetworkStack:
     @contextmanager
     def using(self, networks: list[tuple[Hypernetwork, float]]) -> Iterator[None]:
         previous = self.active
-        self.active = [(hn, m) for hn, m in networks if m != 0]  # 0 disables: exactly the image without it
+        # Nested uses add up (a training preview's network plus the prompt's tags); 0 disables: exactly the
+        # image without it.
+        self.active = previous + [(hn, m) for hn, m in networks if m != 0]
         self._cache = {}
         try:
             yield

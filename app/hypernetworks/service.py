@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import UserError
-from app.hypernetworks.attention import attention_widths
+from app.hypernetworks.attention import HypernetworkStack, attention_widths
 from app.hypernetworks.database import HypernetworkDatabase
 from app.hypernetworks.files import save_hypernetwork
 from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
 from app.models.manager import ModelManager
 from app.naming import check_new_file, clean_name
+from app.networks.activation import Activation
 from app.prompts.extra_networks import ExtraNetworkTag
 
 STANDARD_WIDTHS = [768, 320, 640, 1024, 1280]
@@ -51,9 +52,21 @@ def parse_numbers(text: str | list, what: str) -> list[float]:
 
 
 class HypernetworkService:
-    def __init__(self, db: HypernetworkDatabase, models: ModelManager):
+    """Hypernetwork files, and the `hypernet` kind of extra network for generation (activate)."""
+
+    tag = "hypernet"
+
+    def __init__(self, db: HypernetworkDatabase, models: ModelManager, stack: HypernetworkStack | None = None):
         self.db = db
         self.models = models
+        self.stack = stack or HypernetworkStack()
+
+    def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
+        """The `<hypernet:name:multiplier>` tags of one generation, as the stack's networks for its duration."""
+        if not tags:
+            return Activation()
+        networks, notes = self.resolve(tags, attention_widths(model.pipe.unet))
+        return Activation(self.stack.using(networks), notes)
 
     def names(self) -> list[str]:
         return sorted(self.db.files(), key=str.lower)
@@ -89,9 +102,6 @@ class HypernetworkService:
         networks: list[tuple[Hypernetwork, float]] = []
         notes: list[str] = []
         for tag in tags:
-            if tag.kind != "hypernet":
-                notes.append(f"{tag.text}: extra network type '{tag.kind}' is not supported; removed from the prompt")
-                continue
             name = tag.args[0].strip()
             try:
                 multiplier = float(tag.args[1]) if len(tag.args) > 1 and tag.args[1].strip() else 1.0

@@ -70,7 +70,7 @@ def build_ui(services: Services) -> gr.Blocks:
 
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                txt2img_fields, embedding_list, hypernetwork_list = build_txt2img_tab(services)
+                txt2img_fields, embedding_list, hypernetwork_list, lora_list = build_txt2img_tab(services)
             with gr.Tab("Textual Inversion", id="textual_inversion"), gr.Tabs():
                 build_textual_inversion_tab(services, embedding_list, txt2img_fields)
             with gr.Tab("Hypernetworks", id="hypernetworks"), gr.Tabs():
@@ -88,10 +88,17 @@ def build_ui(services: Services) -> gr.Blocks:
                 gr.update(choices=choices, value=current),
                 *embedding_list.refreshed(False),
                 *hypernetwork_list.refreshed(False),
+                *lora_list.refreshed(False),
             ]
 
         demo.load(
             on_page_load,
-            outputs=[txt2img_fields["styles"], checkpoint, *embedding_list.outputs, *hypernetwork_list.outputs],
+            outputs=[
+                txt2img_fields["styles"],
+                checkpoint,
+                *embedding_list.outputs,
+                *hypernetwork_list.outputs,
+                *lora_list.outputs,
+            ],
         )
     return demo

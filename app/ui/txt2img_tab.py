@@ -41,7 +41,9 @@ def info_html(infotext: str, seconds: float, notes: list[str], interrupted: bool
     return "".join(lines)
 
 
-def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Component], NetworkList, NetworkList]:
+def build_txt2img_tab(
+    services: Services,
+) -> tuple[dict[str, gr.components.Component], NetworkList, NetworkList, NetworkList]:
     size = services.models.get().native_size
     with gr.Row():
         with gr.Column(scale=6):
@@ -160,6 +162,16 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         lambda: None,
         lambda name: f"<hypernet:{name}:1>",
         "hypernetworks",
+    )
+    lora_list = NetworkList(
+        "Lora",
+        "lora",
+        prompt,
+        lambda: [d["name"] for d in services.loras.details() if d["usable"]],
+        lambda: [(d["name"], d["path"], d["reason"]) for d in services.loras.details() if not d["usable"]],
+        services.loras.refresh,
+        lambda name: f"<lora:{name}:1>",
+        "LoRAs",
     )
     last_seed = gr.State(-1)
     running_job = gr.State("")  # this page's job id, so Interrupt never stops someone else's job
@@ -293,4 +305,4 @@ def build_txt2img_tab(services: Services) -> tuple[dict[str, gr.components.Compo
         "seed": seed,
         "styles": styles,
     }
-    return fields, embedding_list, hypernetwork_list
+    return fields, embedding_list, hypernetwork_list, lora_list

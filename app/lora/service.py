@@ -1,0 +1,161 @@
+"""LoRA files for the UI, the API and txt2img: list them (with the reason a file cannot be used), and turn
+`<lora:name:multiplier>` tags into LoRA layers for one generation."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+from app.lora.apply import Application, lora_applied
+from app.lora.files import SUFFIXES, LoraFile, LoraFormatError, bind, lora_hash, read_lora_file
+from app.lora.names import layer_table, model_components
+from app.models.manager import ModelManager
+from app.networks.activation import Activation, parse_multipliers
+from app.networks.folder import NetworkFile, NetworkFolder
+from app.prompts.extra_networks import ExtraNetworkTag
+
+
+class LoraDatabase(NetworkFolder[LoraFile]):
+    def __init__(self, folder: Path):
+        super().__init__(folder, SUFFIXES, read_lora_file, LoraFormatError, "LoRA")
+
+
+def model_label(model) -> str:
+    if model.is_xl:
+        return "SDXL"
+    width = int(model.pipe.text_encoder.config.hidden_size)
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a model with {width}-wide text embeddings")
+
+
+def _number(text: str, what: str, tag: ExtraNetworkTag) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise LoraFormatError(f"{tag.text}: {what} '{text}' is not a number; LoRA not applied") from None
+    if not math.isfinite(value):
+        raise LoraFormatError(f"{tag.text}: {what} '{text}' is not a finite number; LoRA not applied")
+    return value
+
+
+class LoraService:
+    """LoRA files in `models/Lora/` (`--lora-dir`), and the `lora` kind of extra network for generation."""
+
+    tag = "lora"
+
+    def __init__(self, db: LoraDatabase, models: ModelManager):
+        self.db = db
+        self.models = models
+        self._hashes: dict[tuple[Path, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    # -- listing ---------------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.db.files(), key=str.lower)
+
+    def _metadata(self, f: NetworkFile) -> dict[str, str]:
+        try:
+            return dict(self.db.load_path(f.path).metadata)
+        except LoraFormatError:
+            return {}
+
+    def listing(self) -> list[dict[str, Any]]:
+        """`GET /sdapi/v1/loras`: A1111's `[{name, alias, path, metadata}]`."""
+        rows = []
+        for f in sorted(self.db.files().values(), key=lambda f: f.name.lower()):
+            metadata = self._metadata(f)
+            rows.append(
+                {
+                    "name": f.name,
+                    "alias": metadata.get("ss_output_name") or f.name,
+                    "path": str(f.path),
+                    "metadata": metadata,
+                }
+            )
+        return rows
+
+    def details(self) -> list[dict[str, Any]]:
+        """Every file with whether it fits the loaded model and why not (the UI's list; not an A1111 route)."""
+        model = self.models.get()
+        table = layer_table(model_components(model.pipe))
+        rows = []
+        for f in self.db.files().values():
+            row: dict[str, Any] = {"name": f.name, "path": str(f.path)}
+            try:
+                lora = self.db.load_path(f.path)
+                bind(lora, table, model_label(model))
+                row.update(usable=True, layers=len(lora.layers))
+            except LoraFormatError as e:
+                row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
+            rows.append(row)
+        return sorted(rows, key=lambda r: r["name"].lower())
+
+    def refresh(self) -> None:
+        """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""
+        for f in self.db.files().values():
+            self.db.forget(f.path)
+
+    def hash(self, path: Path, metadata: dict[str, str]) -> str:
+        """The file's A1111 hash, computed once per file version."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key not in self._hashes:
+                self._hashes[key] = lora_hash(path, metadata)
+            return self._hashes[key]
+
+    def find(self, name: str) -> NetworkFile | None:
+        """A file by its name, or by the alias in its metadata (`ss_output_name`), as A1111 resolves tags."""
+        files = self.db.files()
+        if name in files:
+            return files[name]
+        for f in files.values():
+            if self._metadata(f).get("ss_output_name") == name:
+                return f
+        return None
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float]:
+        """(text encoder, UNet) multipliers with A1111's rules: `<lora:x>` is 1, `<lora:x:m>` sets both,
+        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values."""
+        positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
+        te = _number(positional[0], "multiplier", tag) if positional and positional[0] else 1.0
+        if "te" in named:
+            te = _number(named["te"], "te multiplier", tag)
+        unet = _number(positional[1], "UNet multiplier", tag) if len(positional) > 1 and positional[1] else te
+        if "unet" in named:
+            unet = _number(named["unet"], "unet multiplier", tag)
+        return te, unet
+
+    def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
+        """The `<lora:...>` tags of one generation as PEFT LoRA layers for its duration, with a note for each tag
+        that could not be used (the rest of the prompt still generates) and A1111's `Lora hashes` field."""
+        if not tags:
+            return Activation()
+        table = layer_table(model_components(model.pipe))
+        label = model_label(model)
+        applications: list[Application] = []
+        notes: list[str] = []
+        hashes: dict[str, str] = {}
+        for tag in tags:
+            name = tag.args[0].strip()
+            try:
+                te, unet = self.multipliers(tag)
+                positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
+                if len(positional) > 2 or "dyn" in named:
+                    notes.append(f"{tag.text}: DyLoRA dimensions (dyn) are not supported; the full rank is used")
+                f = self.find(name)
+                if f is None:
+                    notes.append(f"{tag.text}: LoRA '{name}' not found in {self.db.folder}; generated without it")
+                    continue
+                lora = self.db.load_path(f.path)
+                bound = bind(lora, table, label)
+            except LoraFormatError as e:
+                notes.append(f"{tag.text}: {e}; generated without it" if tag.text not in str(e) else str(e))
+                continue
+            applications.append(Application(bound, te, unet))
+            shown = name.replace(":", "").replace(",", "")
+            hashes[shown] = self.hash(f.path, lora.metadata)[:12]
+        infotext = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())} if hashes else {}
+        return Activation(lora_applied(model_components(model.pipe), applications), notes, infotext)

@@ -1,0 +1,58 @@
+"""The one interface the generation loop uses for extra networks written as prompt tags (`<hypernet:...>`,
+`<lora:...>`): each kind turns its tags into an Activation, a context that applies the networks for one generation
+and restores the model after, plus notes for tags it could not use and its infotext fields."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.prompts.extra_networks import ExtraNetworkTag
+
+
+@dataclass
+class Activation:
+    context: AbstractContextManager[Any] = field(default_factory=nullcontext)
+    notes: list[str] = field(default_factory=list)  # one sentence per tag that was not (fully) used
+    infotext: dict[str, str] = field(default_factory=dict)  # e.g. {"Lora hashes": "name: 0123456789ab"}
+
+
+class NetworkKind(Protocol):
+    tag: str  # the word in `<tag:name:...>`
+
+    def activate(self, model: Any, tags: list[ExtraNetworkTag]) -> Activation: ...
+
+
+def parse_multipliers(tag: ExtraNetworkTag, names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """A1111's tag arguments after the name: positional values and `key=value` ones (`<lora:x:0.5:unet=1>`)."""
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for arg in tag.args[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and key.strip() in names:
+            named[key.strip()] = value.strip()
+        else:
+            positional.append(arg.strip())
+    return positional, named
+
+
+def activate_all(
+    kinds: list[NetworkKind], model: Any, tags: list[ExtraNetworkTag], stack: ExitStack
+) -> tuple[list[str], dict[str, str]]:
+    """Activate every kind for its tags inside `stack` (exiting the stack restores the model); tags of unknown
+    kinds become notes. Returns (notes, infotext fields)."""
+    notes: list[str] = []
+    infotext: dict[str, str] = {}
+    known = {k.tag for k in kinds}
+    notes += [
+        f"{t.text}: extra network type '{t.kind}' is not supported here; removed from the prompt"
+        for t in tags
+        if t.kind not in known
+    ]
+    for kind in kinds:
+        activation = kind.activate(model, [t for t in tags if t.kind == kind.tag])
+        stack.enter_context(activation.context)
+        notes += activation.notes
+        infotext.update(activation.infotext)
+    return notes, infotext
