@@ -301,3 +301,30 @@ def test_switch_checkpoint_from_the_dropdown(page, server):
     page.wait_for_function(
         "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
     )
+
+
+def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, services):
+    from safetensors.torch import save_file
+
+    from tests.test_lora import kohya_file, make_layers
+
+    folder = server.data_dir / "models" / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = services.models.get()  # the same default model the server runs
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=7)), str(folder / "uilora.safetensors"))
+    (folder / "uibroken.safetensors").write_bytes(b"\x00" * 40)
+    open_ui(page, server)  # the page-load event rescans the folder
+    page.locator("#lora_cards").get_by_text("uilora", exact=True).wait_for()
+    assert page.locator("#lora_cards").get_by_text("uibroken", exact=True).count() == 0
+    page.locator("#lora_skipped summary").click()
+    assert "uibroken" in page.locator("#lora_skipped").inner_text()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#lora_cards").get_by_text("uilora", exact=True).click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === 'a red circle <lora:uilora:1>'"
+    )
+    page.locator("#txt2img_generate").click()
+    info = page.locator("#generation_info_text").inner_text()
+    assert info.startswith("a red circle <lora:uilora:1>") and 'Lora hashes: "uilora: ' in info
+    assert page.locator(".gen-note").count() == 0
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_cards.png"), full_page=True)
