@@ -299,7 +299,11 @@ def test_switching_loras_keeps_the_loaded_checkpoint(services, folder):
     assert np.array_equal(images[0], images[2]) and not np.array_equal(images[0], images[1])
 
 
-def test_sdxl_lora_with_both_text_encoders():
+# --lowvram's sequential offload cannot run on a CPU (accelerate fails moving weights between `meta` and the CPU even
+# without a LoRA), so its weights-map path is checked by benchmarks/gpu_check.sh on a GPU.
+@pytest.mark.parametrize("offload", [None, "model"])
+def test_sdxl_lora_with_both_text_encoders_and_offload_hooks(offload):
+    """Both SDXL text encoders and the UNet, also with --medvram's accelerate hooks moving the model."""
     from app.lora.apply import Application, lora_applied
     from app.lora.files import bind, parse_lora
     from app.lora.names import layer_table, model_components
@@ -308,9 +312,6 @@ def test_sdxl_lora_with_both_text_encoders():
     pipe = build_tiny_sdxl_pipeline()
     layers = make_layers(pipe, seed=5)
     assert {layer.component for layer in layers} == {"unet", "text_encoder", "text_encoder_2"}
-    lora = parse_lora(kohya_file(pipe, layers))
-    bound = bind(lora, layer_table(model_components(pipe)), "SDXL")
-    assert len(bound) == len(layers)
     tokens = torch.tensor([[49406, 320, 1929, 49407]])
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -323,11 +324,15 @@ def test_sdxl_lora_with_both_text_encoders():
             return pipe.unet(sample, 10, context, added_cond_kwargs=cond).sample
 
     base = run()
-    with lora_applied(model_components(pipe), [Application(bound, 0.6, 0.9)]):
-        ours = run()
-    assert torch.equal(run(), base)
     with merged(layers, 0.6, 0.9):
         reference = run()
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    bound = bind(parse_lora(kohya_file(pipe, layers)), layer_table(model_components(pipe)), "SDXL")
+    assert len(bound) == len(layers)
+    with lora_applied([Application(bound, 0.6, 0.9)]):
+        ours = run()
+    assert torch.equal(run(), base)
     assert (ours - base).abs().max() > 1e-2
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
@@ -361,3 +366,25 @@ def test_api_lists_loras_and_generates_with_them(server, services):
     bad = requests.post(api + "/txt2img", json={**payload, "prompt": "a red circle <lora:zqbad:1>"}, timeout=120)
     assert bad.status_code == 200 and np.array_equal(decoded(bad.json()), decoded(plain))
     assert "zqbad" in " ".join(json.loads(bad.json()["info"])["notes"])
+
+
+def test_medvram_offload_hooks_keep_working_with_a_lora(services, folder):
+    """--medvram: the model hook moves the whole UNet, merged weights included; hooks stay, the model is restored."""
+    from app.models.manager import model_offloaded
+
+    model = services.models.get()
+    layers = make_layers(model.pipe, seed=8)
+    save_file(kohya_file(model.pipe, layers), str(folder / "zqoff.safetensors"))
+    with merged(layers, 0.9, 0.9):
+        reference = pixels(gen(services, "a red circle"))
+    base = pixels(gen(services, "a red circle"))
+    before = snapshot(model)
+    model.pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        ours = pixels(gen(services, "a red circle <lora:zqoff:0.9>"))
+        assert model_offloaded(model.pipe)
+        assert np.abs(ours - reference).max() <= 1
+        assert np.array_equal(pixels(gen(services, "a red circle")), base)
+    finally:
+        model.pipe.remove_all_hooks()
+    assert same(before, snapshot(model))

@@ -10,7 +10,7 @@ from typing import Any
 
 from app.lora.apply import Application, lora_applied
 from app.lora.files import SUFFIXES, LoraFile, LoraFormatError, bind, lora_hash, read_lora_file
-from app.lora.names import layer_table, model_components
+from app.lora.names import Target, layer_table, model_components
 from app.models.manager import ModelManager
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
@@ -49,6 +49,19 @@ class LoraService:
         self.models = models
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._lock = threading.Lock()
+        self._table: tuple[object, dict[str, Target]] | None = None
+        models.on_load(lambda model: self._forget_table())  # never keep a replaced model alive through its layers
+
+    def _forget_table(self) -> None:
+        with self._lock:
+            self._table = None
+
+    def table(self, model) -> dict[str, Target]:
+        """The loaded model's layer names, built once per loaded model (a model switch makes a new one)."""
+        with self._lock:
+            if self._table is None or self._table[0] is not model:
+                self._table = (model, layer_table(model_components(model.pipe)))
+            return self._table[1]
 
     # -- listing ---------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -78,7 +91,7 @@ class LoraService:
     def details(self) -> list[dict[str, Any]]:
         """Every file with whether it fits the loaded model and why not (the UI's list; not an A1111 route)."""
         model = self.models.get()
-        table = layer_table(model_components(model.pipe))
+        table = self.table(model)
         rows = []
         for f in self.db.files().values():
             row: dict[str, Any] = {"name": f.name, "path": str(f.path)}
@@ -133,7 +146,7 @@ class LoraService:
         that could not be used (the rest of the prompt still generates) and A1111's `Lora hashes` field."""
         if not tags:
             return Activation()
-        table = layer_table(model_components(model.pipe))
+        table = self.table(model)
         label = model_label(model)
         applications: list[Application] = []
         notes: list[str] = []
@@ -158,4 +171,4 @@ class LoraService:
             shown = name.replace(":", "").replace(",", "")
             hashes[shown] = self.hash(f.path, lora.metadata)[:12]
         infotext = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())} if hashes else {}
-        return Activation(lora_applied(model_components(model.pipe), applications), notes, infotext)
+        return Activation(lora_applied(applications), notes, infotext)
