@@ -388,3 +388,33 @@ def test_medvram_offload_hooks_keep_working_with_a_lora(services, folder):
     finally:
         model.pipe.remove_all_hooks()
     assert same(before, snapshot(model))
+
+
+def test_same_result_as_diffusers_load_lora_weights():
+    """diffusers' own kohya loader (PEFT layers) as an independent implementation of the same file."""
+    from app.lora.apply import Application, lora_applied
+    from app.lora.files import bind, parse_lora
+    from app.lora.names import layer_table, model_components
+    from app.models.default_model import build_default_pipeline
+
+    pipe = build_default_pipeline()
+    layers = make_layers(pipe, seed=3, te=False)
+    assert any(isinstance(layer.module, torch.nn.Conv2d) for layer in layers)
+    data = kohya_file(pipe, layers, "diffusers")  # diffusers maps LDM names only for SD's own block counts
+    g = torch.Generator().manual_seed(1)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run():
+        with torch.no_grad():
+            return pipe.unet(sample, 500, context).sample
+
+    base = run()
+    bound = bind(parse_lora(data), layer_table(model_components(pipe)), "SD 1.x")
+    with lora_applied([Application(bound, 1.0, 0.7)]):
+        ours = run()
+    pipe.load_lora_weights({k: v.clone() for k, v in data.items()}, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    theirs = run()
+    assert (ours - base).abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
