@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+
+from app.safe_load import TorchFileError, load_tensors_only
 
 PICKLE_SUFFIXES = (".pt", ".bin")
 IMAGE_SUFFIXES = (".png", ".webp", ".avif", ".jxl")
@@ -86,22 +85,9 @@ def read_embedding_file(path: Path) -> EmbeddingData:
 
 def _load_pickle(path: Path) -> Any:
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found or "Unsupported global" in text:
-            what = f" ({found.group(1)})" if found else ""
-            raise EmbeddingFileError(
-                f"refused: the file holds Python objects other than tensors{what}, which could run code when "
-                "loaded; only plain tensor files are accepted"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
-        reason = detail.group(1).strip() if detail else _first_line(e)
-        raise EmbeddingFileError(f"not a readable torch file, perhaps truncated or corrupt ({reason})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
-        raise EmbeddingFileError(f"not a readable torch file, perhaps truncated ({_first_line(e)})") from None
+        return load_tensors_only(path, [torch.nn.ParameterDict])
+    except TorchFileError as e:
+        raise EmbeddingFileError(str(e)) from None
 
 
 def _load_image(path: Path) -> dict:

@@ -7,9 +7,6 @@
 from __future__ import annotations
 
 import json
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from app.errors import UserError
 from app.fileio import atomic_write
 from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
+from app.safe_load import TorchFileError, load_tensors_only
 
 SUFFIXES = (".pt", ".safetensors")
 
@@ -28,24 +27,21 @@ def read_hypernetwork_file(path: Path) -> Hypernetwork:
     if path.stat().st_size == 0:
         raise HypernetworkFormatError("the file is empty (0 bytes)")
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_pt(path)
-    return Hypernetwork.from_dict(data, path.stem)
+    try:
+        return Hypernetwork.from_dict(data, path.stem)
+    except HypernetworkFormatError:
+        raise
+    except (UserError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+        # A damaged field (a structure that is not numbers, a tensor of the wrong shape) is a damaged file.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise HypernetworkFormatError(f"its contents are not a valid hypernetwork ({first})") from None
 
 
 def _read_pt(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found or "Unsupported global" in str(e):
-            what = f" ({found.group(1)})" if found else ""
-            raise HypernetworkFormatError(
-                f"refused: the file holds Python objects other than tensors{what}, which could run code when "
-                "loaded; only plain tensor files are accepted"
-            ) from None
-        raise HypernetworkFormatError("not a readable torch file, perhaps truncated or corrupt") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise HypernetworkFormatError(f"not a readable torch file, perhaps truncated ({first})") from None
+        return load_tensors_only(path)
+    except TorchFileError as e:
+        raise HypernetworkFormatError(str(e)) from None
 
 
 def _read_safetensors(path: Path) -> dict:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from app.lora.names import Target
+from app.safe_load import TorchFileError, load_tensors_only
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
@@ -104,19 +103,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found or "Unsupported global" in str(e):
-            what = f" ({found.group(1)})" if found else ""
-            raise LoraFormatError(
-                f"refused: the file holds Python objects other than tensors{what}, which could run code when "
-                "loaded; only plain tensor files are accepted (convert it to .safetensors)"
-            ) from None
-        raise LoraFormatError("not a readable torch file, perhaps truncated or corrupt") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise LoraFormatError(f"not a readable torch file, perhaps truncated ({first})") from None
+        data = load_tensors_only(path)
+    except TorchFileError as e:
+        raise LoraFormatError(f"{e} (convert it to .safetensors)" if str(e).startswith("refused") else str(e)) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -197,6 +186,7 @@ def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.T
         raise LoraFormatError(f"layer '{name}' contains NaN or infinite values; the file is broken")
     value = None
     if alpha is not None:
+        alpha = alpha.detach()
         if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
             raise LoraFormatError(f"layer '{name}' has an alpha that is not one finite number")
         value = float(alpha.reshape(-1)[0])

@@ -1,0 +1,105 @@
+"""The readers of files users drop in (embeddings, hypernetworks, LoRAs) fed valid files with random bytes flipped,
+cut short or spliced in, and plain random bytes: they answer with their own format error (a sentence for the
+skipped list) or a valid result, never another exception."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save
+
+from app.embeddings.formats import EmbeddingFileError, read_embedding_file
+from app.hypernetworks.files import read_hypernetwork_file, save_hypernetwork
+from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
+from app.lora.files import LoraFormatError, read_lora_file
+
+
+def _pt(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _seeds() -> dict[str, bytes]:
+    g = torch.Generator().manual_seed(0)
+    embedding = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": torch.randn(2, 32, generator=g)},
+        "name": "x",
+        "step": 3,
+    }
+    lora = {
+        "lora_unet_a_b.lora_down.weight": torch.randn(4, 32, generator=g),
+        "lora_unet_a_b.lora_up.weight": torch.randn(32, 4, generator=g),
+        "lora_unet_a_b.alpha": torch.tensor(2.0),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        hn = Hypernetwork.create("h", [32], [1, 2, 1], "linear", "Normal", False, False, None)
+        save_hypernetwork(hn, Path(tmp) / "h.pt")
+        hn_bytes = (Path(tmp) / "h.pt").read_bytes()
+        save_hypernetwork(hn, Path(tmp) / "h.safetensors")
+        hn_st = (Path(tmp) / "h.safetensors").read_bytes()
+    return {
+        "embedding.pt": _pt(embedding),
+        "embedding.safetensors": save({"emb_params": embedding["string_to_param"]["*"]}),
+        "hypernetwork.pt": hn_bytes,
+        "hypernetwork.safetensors": hn_st,
+        "lora.safetensors": save(lora, metadata={"ss_output_name": "x"}),
+        "lora.pt": _pt(lora),
+    }
+
+
+SEEDS = _seeds()
+READERS = {
+    "embedding": (read_embedding_file, EmbeddingFileError),
+    "hypernetwork": (read_hypernetwork_file, HypernetworkFormatError),
+    "lora": (read_lora_file, LoraFormatError),
+}
+
+
+@st.composite
+def mutated(draw) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(SEEDS)))
+    data = bytearray(SEEDS[name])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "cut", "splice", "zero-run"]))
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut":
+            del data[at:]
+        elif kind == "splice":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            data[at : at + draw(st.integers(1, 64))] = bytes(draw(st.integers(1, 64)))
+    return name, bytes(data)
+
+
+def _check(name: str, data: bytes) -> None:
+    reader, error = READERS[name.split(".")[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            reader(path)
+        except error as e:
+            assert str(e).strip(), "the reason must be a sentence"
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_mutated_files_get_a_reason_or_load(case):
+    _check(*case)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(SEEDS)), st.binary(max_size=256))
+def test_random_bytes_get_a_reason(name, data):
+    _check(name, data)
