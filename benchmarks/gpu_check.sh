@@ -39,6 +39,8 @@ elapsed() { echo "[$(($(date +%s) - started)) s] $*"; }
 if [ -n "$TINY" ]; then
     "$PY" benchmarks/gpu_generation.py --tiny --steps 4 --repeats 1 --markdown "$OUT_DIR/generation.md"
     section "Generation" "$OUT_DIR/generation.md"
+    "$PY" benchmarks/lora_generation.py --tiny --steps 4 --repeats 1 --markdown "$OUT_DIR/lora.md"
+    section "LoRA" "$OUT_DIR/lora.md"
     "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/train.md"
     section "Training" "$OUT_DIR/train.md"
     "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets embedding --medvram --ours-only \
@@ -58,6 +60,10 @@ elapsed "SD1.5- and SDXL-size checkpoints written"
     --repeats 1 --markdown "$OUT_DIR/generation.md"
 section "Generation" "$OUT_DIR/generation.md"
 elapsed "generation"
+
+"$PY" benchmarks/lora_generation.py --ckpt "$files/sd15-random.safetensors" --repeats 2 --markdown "$OUT_DIR/lora.md"
+section "LoRA, SD1.5 at 512 px" "$OUT_DIR/lora.md"
+elapsed "LoRA"
 
 "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 2 --markdown "$OUT_DIR/train.md"
 section "Training, SD1.5 at 512 px, fp16" "$OUT_DIR/train.md"

@@ -8,7 +8,7 @@ Printed: seconds per whole generation (prompt encoding, sampling, decode) withou
 `<lora:a:0.8>`, and alternating `<lora:a>`/`<lora:b>` (switching); the ratio to the baseline; the time to put the
 layers in and take them out (`lora_applied` enter + exit); the time to read a file the first time.
 
-    python benchmarks/lora_generation.py [--steps 20] [--repeats 3] [--cpu] [--markdown OUT.md]
+    python benchmarks/lora_generation.py [--ckpt SD15.safetensors] [--steps 20] [--repeats 3] [--markdown OUT.md]
     python benchmarks/lora_generation.py --tiny      # the tiny layout at 64 px on the CPU (checks the script)
 """
 
@@ -84,9 +84,9 @@ def measure(args) -> dict:
     quiet_libraries()
     tmp = Path(tempfile.mkdtemp())
     config = "tiny-sd1" if args.tiny else "sd1"
-    checkpoint = make_checkpoint(tmp / f"{config}.safetensors", config)
+    checkpoint = args.ckpt or make_checkpoint(tmp / f"{config}.safetensors", config)
     settings = Settings(
-        data_dir=tmp, ckpt_dir=tmp, ckpt=checkpoint, use_cpu=["all"] if args.cpu else [], no_hashing=True
+        data_dir=tmp, ckpt_dir=checkpoint.parent, ckpt=checkpoint, use_cpu=["all"] if args.cpu else [], no_hashing=True
     )
     services = build_services(settings)
     model = services.models.get()
@@ -175,6 +175,7 @@ def markdown(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--ckpt", type=Path, help="an SD1.5-size single file to use instead of writing one")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

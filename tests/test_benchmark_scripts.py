@@ -21,10 +21,11 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "failed" not in report
-    for heading in ("## Generation", "## Training", "## Training under --medvram"):
+    for heading in ("## Generation", "## LoRA", "## Training", "## Training under --medvram"):
         assert heading in report
     for row in ("| SD1.5 64 px |", "| SDXL 64 px |", "| --medvram |", "| --lowvram (4 steps) |"):
         assert row in report
+    assert "| `<lora:a:0.8>` |" in report
     training = report.split("## Training")[1]
     for target in ("embedding", "hypernetwork"):
         for batch in (1, 4):
