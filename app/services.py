@@ -123,7 +123,7 @@ def build_services(settings: Settings) -> Services:
     txt2img = Txt2ImgService(
         models, options, jobs, ImageSaver(outdir), embedding_db, [hypernetworks, loras], stack, styles
     )
-    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack)
+    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack, loras)
     embeddings = EmbeddingService(embedding_db, models)
     services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles, loras)
     info = models.initial_checkpoint(options["sd_model_checkpoint"])

@@ -164,6 +164,18 @@ class TrainHypernetworkRequest(TrainRequest):
     save_hypernetwork_every: int = 500
 
 
+class TrainLoraRequest(TrainRequest):
+    """`train/hypernetwork`'s fields plus the LoRA's own; creates the LoRA or continues it (resume)."""
+
+    lora_name: str
+    learn_rate: str | float = "0.0001"
+    template_filename: str = "hypernetwork.txt"
+    save_lora_every: int = 500
+    rank: int = 8
+    alpha: float = 8.0
+    train_text_encoder: bool = False
+
+
 class PNGInfoRequest(BaseModel):
     image: str
 
@@ -212,4 +224,3 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The job queue is full (--queue-limit) or the server is stopping; see the Retry-After header",
     },
 }
-

@@ -24,6 +24,7 @@ from app.api.models import (
     ProgressState,
     TrainEmbeddingRequest,
     TrainHypernetworkRequest,
+    TrainLoraRequest,
     TrainRequest,
     Txt2ImgRequest,
     Txt2ImgResponse,
@@ -336,6 +337,16 @@ def register_api(app: FastAPI, services: Services) -> None:
     @router.post("/refresh-loras")
     def refresh_loras() -> None:
         services.loras.refresh()
+
+    @router.post("/train/lora")
+    def train_lora(req: TrainLoraRequest) -> Any:
+        """Train a LoRA (created on the first save if `lora_name` does not exist, continued if it does)."""
+        cfg = train_config(req, req.lora_name, req.save_lora_every)
+        try:
+            job = services.training.train_lora(cfg, req.rank, req.alpha, req.train_text_encoder)
+        except UserError as e:
+            return a1111_error(e, "train lora")
+        return {"info": train_info(job, "lora")}
 
     @router.get("/hypernetworks")
     def hypernetworks() -> list[dict[str, str]]:

@@ -190,7 +190,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         # The optimizer state first, then the trained file: a kill between the two leaves a hash mismatch that
         # resume detects, never a silently wrong pairing.
         save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
-        copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}.pt" if copy else None
+        copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}{target.copy_suffix}" if copy else None
         target.save(at, model, copy_to)
 
     def stop(reason: str, remedy: str = "or --no-half") -> None:

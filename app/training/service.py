@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +15,17 @@ from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.hypernetwork import HypernetworkFormatError
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
+from app.lora.files import LoraFormatError, bind
+from app.lora.names import layer_table, model_components
+from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
+from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
 from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, load_dataset
 from app.training.loop import TrainResult, train
+from app.training.lora_target import LoraTarget
 from app.training.lr_schedule import LearnRateSchedule
 from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
 from app.training.templates import list_templates, read_template
@@ -27,6 +33,8 @@ from app.training.templates import list_templates, read_template
 log = logging.getLogger(__name__)
 
 LOWVRAM_REASON = "Training models with lowvram not possible"
+MAX_LORA_RANK = 1024
+MAX_LORA_ALPHA = 100_000.0
 
 
 @dataclass
@@ -49,6 +57,7 @@ class TrainingService:
         txt2img: Txt2ImgService,
         hypernetworks: HypernetworkService | None = None,
         stack: HypernetworkStack | None = None,
+        loras: LoraService | None = None,
     ):
         self.settings = settings
         self.models = models
@@ -58,6 +67,7 @@ class TrainingService:
         self.txt2img = txt2img
         self.hypernetworks = hypernetworks
         self.stack = stack or HypernetworkStack()
+        self.loras = loras
 
     def templates(self) -> list[str]:
         return list_templates(self.settings.templates_dir)
@@ -166,6 +176,58 @@ class TrainingService:
 
         return self.jobs.submit("train hypernetwork", run_job, description=cfg.name)
 
+    # -- LoRAs -----------------------------------------------------------------------------------------------------
+    def train_lora(self, cfg: TrainConfig, rank: int = 8, alpha: float = 8.0, train_text_encoder: bool = False) -> Job:
+        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own rank and alpha)."""
+        if self.loras is None:
+            raise UserError("LoRA training is not available here.")
+        name = clean_name(cfg.name or "")
+        if not name:
+            raise UserError(f"LoRA name '{cfg.name}' has no usable characters: use letters, digits, '.', '_', '-'.")
+        cfg.name = name
+        try:
+            rank_value, alpha_value = int(rank), float(alpha)
+        except (TypeError, ValueError):
+            raise UserError(f"Rank must be a whole number and alpha a number; got {rank!r} and {alpha!r}.") from None
+        if not 1 <= rank_value <= MAX_LORA_RANK:
+            raise UserError(f"Rank must be between 1 and {MAX_LORA_RANK} (4-32 is usual), got {rank}.")
+        if not (math.isfinite(alpha_value) and 0 < alpha_value <= MAX_LORA_ALPHA):
+            raise UserError(f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {alpha}.")
+        existing_entry = self.loras.db.files().get(name)
+        existing = None
+        if existing_entry is not None:
+            if existing_entry.path.suffix.lower() != ".safetensors":
+                raise UserError(
+                    f"LoRA '{name}' is {existing_entry.path.name}; training continues .safetensors files only. "
+                    "Choose another name."
+                )
+            try:
+                existing = self.loras.db.load_path(existing_entry.path)
+                model = self.models.get()
+                bind(existing, layer_table(model_components(model.pipe)), model_label(model))
+            except LoraFormatError as e:
+                raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
+        path = existing_entry.path if existing_entry else self.settings.lora_dir / f"{name}.safetensors"
+        step = int(existing.metadata.get("ss_steps", "0") or 0) if existing else 0
+        run = self.prepare(cfg, require_name=False)
+        if step >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
+            raise UserError(f"LoRA '{name}' is already at step {step}; raise max steps above that to train further.")
+
+        def run_job(job: Job) -> TrainResult:
+            with self.models.lock:
+                model = self.models.get()
+                metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
+                seed = cfg.seed if cfg.seed is not None else 0
+                target = LoraTarget(path, model, rank_value, alpha_value, train_text_encoder, seed, metadata, existing)
+                try:
+                    with self.models.placed_for_training(model):
+                        return self._run(target, model, run, job)
+                finally:
+                    target.close()
+                    self.loras.db.forget(path)
+
+        return self.jobs.submit("train lora", run_job, description=name)
+
     def _run(self, target: TrainingTarget, model: LoadedModel, run: PreparedRun, job: Job) -> TrainResult:
         cfg = run.cfg
         clip_skip = int(self.options["CLIP_stop_at_last_layers"] or 1)
@@ -202,6 +264,29 @@ class TrainingService:
             return result.images[0], result.infotexts[0]
 
         return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview)
+
+
+def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: int, alpha: float, te: bool) -> dict:
+    """kohya's `ss_` fields that A1111, ComfyUI and kohya's tools show and use (no timestamps: a resumed run writes
+    the same file as an uninterrupted one)."""
+    v2 = int(model.pipe.text_encoder.config.hidden_size) == 1024
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_train_unet_only": str(not te),
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_v2": str(v2),
+        "ss_sd_model_name": model.info.model_name,
+        "ss_sd_model_hash": model.info.short_hash or "",
+        "ss_new_sd_model_hash": model.info.sha256 or "",
+        "ss_resolution": f"({int(cfg.training_width)}, {int(cfg.training_height)})",
+        "ss_learning_rate": str(cfg.learn_rate),
+        "ss_batch_size_per_device": str(int(cfg.batch_size)),
+        "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
+        "ss_num_train_images": str(len(run.images)),
+        "ss_training_comment": "trained with sd-personalize-webui",
+    }
 
 
 def result_message(result: TrainResult, kind: str) -> str:

@@ -29,6 +29,7 @@ class TrainingTarget(Protocol):
     initial_step: int
     weight_decay: float
     random_forward: bool  # the forward draws random numbers (dropout): checkpointing must replay the RNG state
+    copy_suffix: str  # of the copies saved in the log folder every N steps
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -74,6 +75,7 @@ class EmbeddingTarget:
     kind = "embedding"
     weight_decay = 0.0
     random_forward = False
+    copy_suffix = ".pt"
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
         check_trainable(embedding)
@@ -154,6 +156,7 @@ class HypernetworkTarget:
 
     kind = "hypernetwork"
     weight_decay = 0.01  # A1111's AdamW weight decay for hypernetworks
+    copy_suffix = ".pt"
 
     def __init__(self, path: Path, model: LoadedModel, stack: HypernetworkStack):
         self.path = path

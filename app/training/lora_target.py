@@ -1,0 +1,190 @@
+"""Training a LoRA on the shared engine: PEFT LoRA layers injected around the UNet's attention projections (and
+optionally the text encoder's) for the run, their fp32 weights the trained tensors, the file written in kohya's
+format; the model gets its original modules back when the run ends."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+
+from app.lora.files import LoraFile, bind
+from app.lora.names import TEXT_ENCODER, UNET, layer_table, model_components
+from app.lora.writer import save_kohya_lora
+from app.models.manager import LoadedModel
+from app.prompts.encoder import PromptEncoder
+from app.training.checkpoint import tensors_hash
+from app.training.targets import save_image
+
+ADAPTER = "trained"  # not "train": ModuleDict keys become attributes, and nn.Module has train()
+# What diffusers' LoRA examples train: the attention projections (self- and cross-attention).
+UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def default_layers(root: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
+    return [
+        path
+        for path, module in root.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(path == n or path.endswith("." + n) for n in names)
+    ]
+
+
+def unwrap(root: torch.nn.Module) -> None:
+    """Put back the original module wherever a PEFT wrapper sits (the wrapper holds it as `base_layer`)."""
+    wrapped = [(name, m) for name, m in root.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, module.get_base_layer())
+    if hasattr(root, "peft_config"):
+        del root.peft_config
+
+
+class LoraTarget:
+    """A new LoRA (rank, alpha, which parts) or an existing kohya file continued (its own rank and alpha)."""
+
+    kind = "lora"
+    weight_decay = 1e-2  # AdamW's default, as diffusers' LoRA examples use
+    random_forward = False
+    copy_suffix = ".safetensors"
+
+    def __init__(
+        self,
+        path: Path,
+        model: LoadedModel,
+        rank: int,
+        alpha: float,
+        train_text_encoder: bool,
+        seed: int,
+        metadata: dict[str, str],
+        existing: LoraFile | None = None,
+    ):
+        self.path, self.name = path, path.stem
+        self._metadata = dict(metadata)
+        self._components = model_components(model.pipe)
+        plan: dict[str, list[tuple[str, int, float, torch.Tensor | None, torch.Tensor | None]]] = {}
+        if existing is not None:
+            self.initial_step = int(existing.metadata.get("ss_steps", "0") or 0)
+            for b in bind(existing, layer_table(self._components), "the loaded model"):
+                layer = b.layer
+                alpha_value = layer.alpha if layer.alpha is not None else float(layer.rank)
+                plan.setdefault(b.target.component, []).append(
+                    (b.target.path, layer.rank, alpha_value, layer.down, layer.up)
+                )
+        else:
+            self.initial_step = 0
+            plan[UNET] = [(p, rank, alpha, None, None) for p in default_layers(model.pipe.unet, UNET_LAYERS)]
+            if train_text_encoder:
+                te = model.pipe.text_encoder
+                plan[TEXT_ENCODER] = [(p, rank, alpha, None, None) for p in default_layers(te, TEXT_ENCODER_LAYERS)]
+        # One order for fresh and continued runs (a file lists its layers by name): the optimizer state in `.optim`
+        # and its digest follow the parameter order, so resume must see the same order as the run that saved.
+        self._plan = {c: sorted(plan[c], key=lambda layer: layer[0]) for c in (UNET, TEXT_ENCODER) if c in plan}
+        self._params: list[torch.nn.Parameter] = []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # PEFT's Kaiming init of the down halves: the same run, the same start
+                for component, layers in self._plan.items():
+                    self._inject(self._components[component], layers)
+        except Exception:
+            self.close()
+            raise
+        self.trains_text_encoder = TEXT_ENCODER in self._plan
+        self._encoder = model.encoder
+
+    def _inject(self, root: torch.nn.Module, layers: list) -> None:
+        config = LoraConfig(
+            r=layers[0][1],
+            lora_alpha=layers[0][2],
+            target_modules=[p for p, *_ in layers],
+            rank_pattern={re.escape(p): r for p, r, *_ in layers},
+            alpha_pattern={re.escape(p): a for p, _, a, *_ in layers},
+            lora_dropout=0.0,
+            init_lora_weights=True,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+        if hasattr(root, "peft_config"):
+            del root.peft_config
+        for path, _, _, down, up in layers:
+            wrapper = root.get_submodule(path)
+            a, b = wrapper.lora_A[ADAPTER], wrapper.lora_B[ADAPTER]
+            a.float()  # fp32 master weights, also when the model runs in half precision
+            b.float()
+            with torch.no_grad():
+                if down is not None:
+                    a.weight.copy_(down.reshape(a.weight.shape))
+                    b.weight.copy_(up.reshape(b.weight.shape))
+            for p in (a.weight, b.weight):
+                p.requires_grad_(True)
+                self._params.append(p)
+
+    def close(self) -> None:
+        """Take the LoRA layers out of the model (always called when the run ends)."""
+        for root in self._components.values():
+            unwrap(root)
+
+    # -- what the loop asks ------------------------------------------------------------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        return [self._components[TEXT_ENCODER]] if self.trains_text_encoder else []
+
+    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
+        if self.trains_text_encoder:
+            return self._encoder.encode(texts, clip_skip)
+        with torch.no_grad():
+            return self._encoder.encode(texts, clip_skip)
+
+    def unet_context(self) -> AbstractContextManager:
+        return nullcontext()  # the layers sit in the model for the whole run
+
+    def preview_encoder(self) -> PromptEncoder:
+        return self._encoder
+
+    def preview_networks(self) -> list:
+        return []
+
+    def digest(self) -> str:
+        return tensors_hash(self._params)
+
+    @property
+    def optim_path(self) -> Path:
+        return self.path.with_suffix(".optim")
+
+    def _layers(self) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
+        out = []
+        for component, layers in self._plan.items():
+            root = self._components[component]
+            for path, *_ in layers:
+                wrapper = root.get_submodule(path)
+                out.append(
+                    (
+                        component,
+                        path,
+                        wrapper.lora_A[ADAPTER].weight,
+                        wrapper.lora_B[ADAPTER].weight,
+                        float(wrapper.lora_alpha[ADAPTER]),
+                    )
+                )
+        return out
+
+    def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
+        metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}
+        save_kohya_lora(self.path, self._layers(), metadata)
+        if copy_to is not None:
+            save_kohya_lora(copy_to, self._layers(), {**metadata, "ss_output_name": f"{self.name}-{step}"})
+
+    def save_preview(
+        self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel
+    ) -> None:
+        save_image(path, image, infotext)

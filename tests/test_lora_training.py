@@ -1,0 +1,164 @@
+"""LoRA training on the shared engine: a kohya file with `ss_` metadata that our reader, diffusers'
+`load_lora_weights` and the prompt tag use; lossless resume; the model gets its own modules back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+
+from app.errors import UserError
+from app.lora.files import read_lora_file
+from tests.test_lora import gen, pixels, snapshot
+from tests.test_training import cfg, make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("lora-stars"))
+
+
+def lora_cfg(name, dataset, **kw):
+    base = dict(template_filename="hypernetwork.txt", learn_rate="0.001")
+    base.update(kw)
+    return cfg(name, dataset, **base)
+
+
+def clean(services, name):
+    for suffix in (".safetensors", ".optim"):
+        (services.settings.lora_dir / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def test_new_lora_is_a_kohya_file_the_tag_uses_and_the_model_is_restored(services, dataset):
+    clean(services, "zqtrain")
+    model = services.models.get()
+    before = snapshot(model)
+    base = pixels(gen(services, "a yellow star"))
+    result = services.training.train_lora(lora_cfg("zqtrain", dataset, steps=6, save_every=3), 4, 2.0).wait()
+    assert result.error is None and result.step == 6
+    path = services.settings.lora_dir / "zqtrain.safetensors"
+    data, meta = tensors(path)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in data
+    assert not any(k.startswith("lora_te_") for k in data)
+    assert all(v.dtype == torch.float32 for v in data.values())
+    assert data["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape[0] == 4
+    assert meta["ss_steps"] == "6" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_resolution"] == "(64, 64)"
+    assert meta["ss_sd_model_hash"] == model.info.short_hash and meta["ss_output_name"] == "zqtrain"
+    assert (result.log_dir / "loras" / "zqtrain-3.safetensors").is_file()
+    assert (result.log_dir / "lora_loss.csv").is_file()
+    # The model is exactly what it was: no PEFT wrappers left, same tensors, same image.
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.pipe.unet.modules())
+    assert snapshot(model).keys() == before.keys()
+    assert np.array_equal(pixels(gen(services, "a yellow star")), base)
+    row = next(r for r in services.loras.details() if r["name"] == "zqtrain")
+    assert row["usable"] is True
+    used = gen(services, "a yellow star <lora:zqtrain:1>")
+    assert used.notes == [] and np.abs(pixels(used) - base).max() > 0
+
+
+def test_resume_ends_bit_identical_to_a_straight_run(services, dataset):
+    clean(services, "zqstraight")
+    clean(services, "zqresumed")
+    settings = dict(steps=6, batch_size=2, seed=5)
+    straight = services.training.train_lora(lora_cfg("zqstraight", dataset, **settings), 4, 4.0, True).wait()
+    assert straight.error is None
+    first = services.training.train_lora(lora_cfg("zqresumed", dataset, **{**settings, "steps": 3}), 4, 4.0, True)
+    assert first.wait().step == 3
+    # Rank and alpha of the request are ignored when continuing: the file's own are used.
+    rest = services.training.train_lora(lora_cfg("zqresumed", dataset, **settings), 16, 1.0, False).wait()
+    assert rest.error is None and rest.step == 6
+    a, meta_a = tensors(services.settings.lora_dir / "zqstraight.safetensors")
+    b, meta_b = tensors(services.settings.lora_dir / "zqresumed.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a["ss_steps"] == meta_b["ss_steps"] == "6"
+
+
+def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset):
+    from diffusers import StableDiffusionPipeline
+
+    from app.lora.apply import Application, lora_applied
+    from app.lora.files import bind
+    from app.lora.names import layer_table, model_components
+    from app.models.default_model import build_default_pipeline
+
+    clean(services, "zqdiff")
+    assert services.training.train_lora(lora_cfg("zqdiff", dataset, steps=4), 4, 8.0).wait().error is None
+    path = services.settings.lora_dir / "zqdiff.safetensors"
+    pipe = build_default_pipeline()  # same layout as the default model, its own copy for diffusers to change
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run():
+        with torch.no_grad():
+            return pipe.unet(sample, 400, context).sample
+
+    base = run()
+    bound = bind(read_lora_file(path), layer_table(model_components(pipe)), "SD 1.x")
+    with lora_applied([Application(bound, 1.0, 1.0)]):
+        ours = run()
+    assert isinstance(pipe, StableDiffusionPipeline)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="t")
+    theirs = run()
+    assert (ours - base).abs().max() > 1e-4
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "name", "word"),
+    [
+        (0, 4, "zqbad", "Rank"),
+        (2000, 4, "zqbad", "Rank"),
+        (4, -1, "zqbad", "Alpha"),
+        (4, float("nan"), "zqbad", "Alpha"),
+        (4, 4, "///", "no usable characters"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_runs(services, dataset, rank, alpha, name, word):
+    with pytest.raises(UserError, match=word):
+        services.training.train_lora(lora_cfg(name, dataset), rank, alpha)
+    assert not (services.settings.lora_dir / "zqbad.safetensors").exists()
+
+
+def test_a_foreign_file_cannot_be_continued(services, dataset):
+    folder = services.settings.lora_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zqforeign.safetensors").write_bytes(b"garbage")
+    try:
+        with pytest.raises(UserError, match="cannot be continued"):
+            services.training.train_lora(lora_cfg("zqforeign", dataset), 4, 4)
+        assert (folder / "zqforeign.safetensors").read_bytes() == b"garbage"
+    finally:
+        (folder / "zqforeign.safetensors").unlink()
+
+
+def test_train_lora_route(server, dataset):
+    api = server.url + "/sdapi/v1"
+    payload = {
+        "lora_name": "zqapi",
+        "data_root": str(dataset),
+        "steps": 2,
+        "training_width": 64,
+        "training_height": 64,
+        "create_image_every": 0,
+        "save_lora_every": 0,
+        "rank": 2,
+        "alpha": 2,
+    }
+    answer = requests.post(api + "/train/lora", json=payload, timeout=300)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["info"].endswith("error: None") and "zqapi.safetensors" in answer.json()["info"]
+    names = [row["name"] for row in requests.get(api + "/loras", timeout=30).json()]
+    assert "zqapi" in names
+    bad = requests.post(api + "/train/lora", json={**payload, "rank": 0}, timeout=30)
+    assert bad.status_code == 400 and "Rank" in bad.json()["detail"]
