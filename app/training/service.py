@@ -294,7 +294,8 @@ def result_message(result: TrainResult, kind: str) -> str:
     if result.error:
         return result.error
     how = "interrupted" if result.interrupted else "finished"
+    noun = "LoRA" if kind == "lora" else kind.capitalize()
     return (
-        f"Training {how} at step {result.step}. {kind.capitalize()} saved to {result.path}; log, previews and "
+        f"Training {how} at step {result.step}. {noun} saved to {result.path}; log, previews and "
         f"copies in {result.log_dir}."
     )

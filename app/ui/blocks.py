@@ -9,6 +9,7 @@ from app.services import Services
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
 from app.ui.pnginfo_tab import build_pnginfo_tab
 from app.ui.textual_inversion_tab import build_textual_inversion_tab
+from app.ui.train_section import LORA, TrainSection
 from app.ui.txt2img_tab import build_txt2img_tab
 
 CSS = """
@@ -75,6 +76,8 @@ def build_ui(services: Services) -> gr.Blocks:
                 build_textual_inversion_tab(services, embedding_list, txt2img_fields)
             with gr.Tab("Hypernetworks", id="hypernetworks"), gr.Tabs():
                 build_hypernetworks_tab(services, hypernetwork_list, txt2img_fields)
+            with gr.Tab("LoRA", id="lora"), gr.Tabs(), gr.Tab("Train", id="lora_train_tab"):
+                TrainSection(services, LORA, txt2img_fields)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
 

@@ -26,6 +26,8 @@ class TrainKind:
 
 EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Train Embedding", "ti_train")
 HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
+LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA", "lora_train")
+LORA_FIELDS = ("rank", "alpha", "train_text_encoder")  # not TrainConfig fields: passed to train_lora
 
 
 class TrainSection:
@@ -52,17 +54,32 @@ class TrainSection:
     def names(self) -> list[str]:
         if self.spec.kind == "embedding":
             return self.services.embeddings.names()
+        if self.spec.kind == "lora":
+            return self.services.loras.names()
         return self.services.hypernetworks.names()
 
     def _fields(self) -> dict[str, gr.components.Component]:
         spec, services = self.spec, self.services
         p = spec.prefix
         templates = services.training.templates()
-        label = "Embedding" if spec.kind == "embedding" else "Hypernetwork"
+        label = {"embedding": "Embedding", "hypernetwork": "Hypernetwork", "lora": "LoRA"}[spec.kind]
         f: dict[str, gr.components.Component] = {}
         with gr.Row(equal_height=True):
-            f["name"] = gr.Dropdown(self.names(), label=label, elem_id=f"{p}_{spec.kind}", scale=4)
+            f["name"] = gr.Dropdown(
+                self.names(),
+                label=label + (" (a new name creates it; an existing one continues it)" if spec.kind == "lora" else ""),
+                elem_id=f"{p}_{spec.kind}",
+                scale=4,
+                allow_custom_value=spec.kind == "lora",
+            )
             f["name_refresh"] = gr.Button("🔄", elem_id=f"{p}_{spec.kind}_refresh", scale=0, min_width=48)
+        if spec.kind == "lora":
+            with gr.Row():
+                f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
+                f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
+            f["train_text_encoder"] = gr.Checkbox(
+                False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
+            )
         f["learn_rate"] = gr.Textbox(
             label=f"{label} Learning rate", value=spec.learn_rate, elem_id=f"{p}_{spec.kind}_lr"
         )
@@ -109,7 +126,8 @@ class TrainSection:
             f["save_every"] = gr.Number(
                 value=500,
                 precision=0,
-                label=f"Save a copy of {spec.kind} to log directory every N steps, 0 to disable",
+                label=f"Save a copy of {'LoRA' if spec.kind == 'lora' else spec.kind} to log directory every N steps, "
+                "0 to disable",
                 elem_id=f"{p}_save_{spec.kind}_every",
             )
         if spec.kind == "embedding":
@@ -156,7 +174,7 @@ class TrainSection:
             "create_image_every",
             "save_every",
         )
-        fields = {k: (int(v) if k in numbers else v) for k, v in given.items()}
+        fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
@@ -177,6 +195,12 @@ class TrainSection:
             cfg = self.config(values)
             if self.spec.kind == "embedding":
                 self.services.training.train_embedding(cfg)
+            elif self.spec.kind == "lora":
+                given = dict(zip(self.order, values[: len(self.order)], strict=True))
+                rank, alpha = given["rank"], given["alpha"]
+                if rank is None or alpha is None:
+                    raise UserError("Enter a rank (e.g. 8) and an alpha (e.g. 8).")
+                self.services.training.train_lora(cfg, int(rank), float(alpha), bool(given["train_text_encoder"]))
             else:
                 self.services.training.train_hypernetwork(cfg)
         except (UserError, ValueError, TypeError) as e:

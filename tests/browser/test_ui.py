@@ -328,3 +328,31 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
     assert info.startswith("a red circle <lora:uilora:1>") and 'Lora hashes: "uilora: ' in info
     assert page.locator(".gen-note").count() == 0
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_cards.png"), full_page=True)
+
+
+def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
+    from tests.test_training import make_dataset
+
+    dataset = make_dataset(tmp_path / "lora-stars")
+    open_ui(page, server)
+    page.get_by_role("tab", name="LoRA").click()
+    name = page.locator("#train_lora_lora input").first
+    name.fill("uitrained")
+    name.press("Tab")
+    fill_field(page, "train_lora_rank", 4)
+    fill_field(page, "train_lora_alpha", 4)
+    fill_field(page, "train_lora_dataset_directory", dataset)
+    fill_field(page, "train_lora_steps", 8)
+    fill_field(page, "train_lora_create_image_every", 4)
+    fill_field(page, "train_lora_save_lora_every", 4)
+    page.locator("#train_lora_train_lora").click()
+    done = page.locator("#lora_train_message #train_result")
+    done.wait_for(timeout=90000)
+    assert "Training finished at step 8" in done.inner_text(), done.inner_text()
+    page.locator("#lora_train_preview img").wait_for()
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
+    assert (server.data_dir / "models" / "Lora" / "uitrained.safetensors").is_file()
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#lora_refresh").click()
+    page.locator("#lora_cards").get_by_text("uitrained", exact=True).click()
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:uitrained:1>')")
