@@ -30,6 +30,7 @@ from app.generation.txt2img import Txt2ImgParams
 from app.hypernetworks.attention import attention_widths
 from app.hypernetworks.files import read_hypernetwork_file
 from app.models.default_model import DEFAULT_MODEL_NAME, SHIPPED_MODEL
+from app.prompts.extra_networks import ExtraNetworkTag
 from app.services import Services, build_services
 from app.settings import Settings
 from app.shapes.metrics import color_share, dark_share, mean_of
@@ -40,6 +41,8 @@ from app.training.latents import image_tensor
 TI_NAME = "zqorange"
 TI_INIT = "red"
 HN_NAME = "zqoutline"
+LORA_OUTLINE = "zqloraoutline"
+LORA_COLOUR = "zqloraorange"
 TI_TEMPLATE = "shapes_filewords.txt"  # shipped: "a [name] [filewords]", the embedding where a colour word goes
 HN_TEMPLATE = "hypernetwork.txt"  # shipped, A1111's: "[filewords]", "a photo of [filewords]", ...
 TIMESTEPS = (100, 250, 400, 550, 700, 850)
@@ -135,6 +138,7 @@ def _train(
     steps: int,
     seed: int,
     work: Path,
+    lora: tuple[int, float, bool] = (8, 8.0, False),
 ) -> float:
     """Train `name` on `data` through the training service (as the UI's Train button does); returns seconds."""
     cfg = TrainConfig(
@@ -153,8 +157,11 @@ def _train(
         seed=seed,
     )
     start = time.perf_counter()
-    train = services.training.train_embedding if kind == "embedding" else services.training.train_hypernetwork
-    result = train(cfg).wait()
+    if kind == "lora":
+        result = services.training.train_lora(cfg, *lora).wait()
+    else:
+        train = services.training.train_embedding if kind == "embedding" else services.training.train_hypernetwork
+        result = train(cfg).wait()
     if result.error:
         raise RuntimeError(result.error)
     return time.perf_counter() - start
@@ -231,6 +238,69 @@ def run_hypernetwork(
     }
     share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
     return EfficacyResult("hypernetwork", steps, seconds, loss, share, images)
+
+
+def _with_lora(services: Services, tag: str):
+    """The product's own `<lora:tag:1>` activation, as a context (for measuring the held-out loss)."""
+    tags = [ExtraNetworkTag("lora", (tag, "1"), f"<lora:{tag}:1>")]
+    activation = services.loras.activate(services.models.get(), tags)
+    if activation.notes:
+        raise RuntimeError("; ".join(activation.notes))
+    return activation.context
+
+
+def run_lora_outline(
+    services: Services, work: Path, steps: int, seed: int = 1, learn_rate: str = "0.005", rank: int = 8
+) -> EfficacyResult:
+    """The hypernetwork's experiment as a LoRA on the UNet's attention projections: outlines from 8 outlined
+    scenes captioned as usual; measured against no LoRA (a new LoRA starts as a no-op: its up half is zero)."""
+    tag = f"{LORA_OUTLINE}{steps}"
+    train_scenes = style_scenes(seed * 100 + 11, 8)
+    data = _write_dataset(work / f"lora-outline-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
+    seconds = _train(
+        services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, (rank, float(rank), False)
+    )
+    held = style_scenes(seed * 100 + 12, 16)
+    prompts = [caption(s) for s in held]
+    held_images = [render(s) for s in held]
+    with _with_lora(services, tag):
+        trained = heldout_loss(services, prompts, held_images)
+    loss = {"trained": trained, "none": heldout_loss(services, prompts, held_images)}
+    shown = [replace(s, outline=False) for s in style_scenes(seed * 100 + 13, 8)]
+    base_prompts = [caption(s) for s in shown]
+    images = {
+        "trained": generate_images(services, [f"{p} <lora:{tag}:1>" for p in base_prompts], seed=seed * 1000),
+        "without": generate_images(services, base_prompts, seed=seed * 1000),
+        "reference": [render(replace(s, outline=True)) for s in shown],
+    }
+    share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
+    return EfficacyResult("lora (outlines)", steps, seconds, loss, share, images)
+
+
+def run_lora_colour(
+    services: Services, work: Path, steps: int, seed: int = 1, learn_rate: str = "0.005", rank: int = 8
+) -> EfficacyResult:
+    """The embedding's experiment as a LoRA (UNet and text encoder): orange shapes captioned with the word
+    "orange", which the base model never saw; measured with the same prompts with and without the LoRA."""
+    tag = f"{LORA_COLOUR}{steps}"
+    train_scenes = concept_scenes(seed * 100 + 1, 8)
+    data = _write_dataset(work / f"lora-colour-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
+    seconds = _train(services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, (rank, float(rank), True))
+    held = concept_scenes(seed * 100 + 2, 16)
+    prompts = [caption(s) for s in held]
+    held_images = [render(s) for s in held]
+    with _with_lora(services, tag):
+        trained = heldout_loss(services, prompts, held_images)
+    loss = {"trained": trained, "none": heldout_loss(services, prompts, held_images)}
+    shown = concept_scenes(seed * 100 + 3, 8)
+    base_prompts = [caption(s) for s in shown]
+    images = {
+        "trained": generate_images(services, [f"{p} <lora:{tag}:1>" for p in base_prompts], seed=seed * 1000),
+        "without": generate_images(services, base_prompts, seed=seed * 1000),
+        "reference": [render(s) for s in shown],
+    }
+    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    return EfficacyResult("lora (colour)", steps, seconds, loss, share, images)
 
 
 def grid(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
