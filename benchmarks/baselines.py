@@ -101,7 +101,8 @@ def _amp(model) -> tuple[Callable, torch.amp.GradScaler | None]:
 def baseline_step(
     kind: str, model, files: list[Path], templates: list[str], size: int, batch: int, hypernetwork=None, stack=None
 ) -> Callable[[int], float]:
-    """A `step(i) -> loss` closure that trains an embedding (`kind="embedding"`) or `hypernetwork` the example way."""
+    """A `step(i) -> loss` closure that trains an embedding (`kind="embedding"`), a LoRA (`"lora"`) or `hypernetwork`
+    the diffusers examples' way."""
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -128,6 +129,23 @@ def baseline_step(
         keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
         keep[placeholder] = False
         params, weight_decay, name = [table.weight], 0.0, "<zqbench>"
+    elif kind == "lora":
+        # diffusers' train_text_to_image_lora.py: a PEFT adapter (rank 4, Gaussian init) on the UNet's attention
+        # projections, its parameters cast to fp32, AdamW at 1e-4 with weight decay 1e-2, the text encoder frozen.
+        from peft import LoraConfig
+
+        tokenizer, text_encoder = model.pipe.tokenizer, model.pipe.text_encoder
+        unet.set_attn_processor(AttnProcessor2_0())
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+            )
+        )
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        weight_decay, name = 1e-2, "zqbench"
     else:
         from app.hypernetworks.attention import attention_widths
 
@@ -137,7 +155,8 @@ def baseline_step(
             p.requires_grad_(True)
         hypernetwork.train(True)
         weight_decay, name = 0.01, "zqbench"
-    optimizer = torch.optim.AdamW(params, lr=0.005 if kind == "embedding" else 1e-5, weight_decay=weight_decay)
+    rate = {"embedding": 0.005, "lora": 1e-4}.get(kind, 1e-5)
+    optimizer = torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay)
 
     def step(i: int) -> float:
         picks = [files[(i * batch + k) % len(files)] for k in range(batch)]

@@ -81,6 +81,9 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
         --targets embedding --bf16 --markdown "$OUT_DIR/train_bf16.md"
     section "Training in bf16 (--bf16), 512 px" "$OUT_DIR/train_bf16.md"
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+        --targets lora --markdown "$OUT_DIR/train_lora.md"
+    section "LoRA training against diffusers' train_text_to_image_lora way, 512 px" "$OUT_DIR/train_lora.md"
     elapsed "extras"
 fi
 cat "$report"

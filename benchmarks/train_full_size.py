@@ -1,13 +1,13 @@
 """Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
-LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding and hypernetwork. Our engine (through
-`TrainingService`, as the UI and API run it) against the diffusers-example-style baseline of `baselines.py` at the
+LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (`--targets`). Our
+engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style baseline of `baselines.py` at the
 same settings, each run in its own process so its memory is its own.
 
 Printed per run: seconds per step (median of the timed steps, after one warm-up step) and peak memory. CPU: peak RSS
 above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` (weights included). Then the
 ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
 
-    .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4] [--targets embedding,hypernetwork]
+    .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4] [--targets embedding,hypernetwork,lora]
         [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md]
 
 `--tiny` runs the same on a tiny SD1-architecture file at 64 px: a check of this script, not a measurement.
@@ -55,6 +55,8 @@ def child(args) -> dict:
     template = "subject.txt" if args.target == "embedding" else "hypernetwork.txt"
     if args.target == "embedding":
         services.embeddings.create("zqbench", 1, "star")
+    elif args.target == "lora":
+        pass  # created by the first save of our run; the baseline makes its own adapter
     else:
         from app.hypernetworks.attention import attention_widths
 
@@ -70,14 +72,21 @@ def child(args) -> dict:
             training_height=args.size,
             batch_size=args.batch,
             steps=1 + args.steps,
-            learn_rate="0.005" if args.target == "embedding" else "0.00001",
+            learn_rate={"embedding": "0.005", "lora": "0.0001"}.get(args.target, "0.00001"),
             save_every=0,
             create_image_every=0,
             template_filename=template,
             gradient_checkpointing=not args.no_checkpointing,
         )
-        run = services.training.train_embedding if args.target == "embedding" else services.training.train_hypernetwork
-        result = run(cfg).wait()
+        if args.target == "lora":
+            result = services.training.train_lora(cfg, 4, 4.0).wait()  # the example's rank 4, scale 1
+        else:
+            run = (
+                services.training.train_embedding
+                if args.target == "embedding"
+                else services.training.train_hypernetwork
+            )
+            result = run(cfg).wait()
         if result.error:
             raise SystemExit(result.error)
         times = result.step_seconds[1:]
