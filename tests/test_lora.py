@@ -418,3 +418,34 @@ def test_same_result_as_diffusers_load_lora_weights():
     theirs = run()
     assert (ours - base).abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["ldm", "diffusers", "peft"])
+def test_sd2_layout_loras(style):
+    """SD 2.x: linear proj_in/proj_out, a 1024-wide OpenCLIP text encoder under HF names (as kohya writes them)."""
+    from app.lora.apply import Application, lora_applied
+    from app.lora.files import bind, parse_lora
+    from app.lora.names import layer_table, model_components
+    from app.models.default_model import build_tiny_sd2_pipeline
+
+    pipe = build_tiny_sd2_pipeline()
+    layers = make_layers(pipe, seed=9, alpha=None if style == "peft" else 3.0)
+    assert any(layer.path.endswith("proj_in") and isinstance(layer.module, torch.nn.Linear) for layer in layers)
+    data = peft_file(layers) if style == "peft" else kohya_file(pipe, layers, style)
+    bound = bind(parse_lora(data), layer_table(model_components(pipe)), "SD 2.x")
+    tokens = torch.tensor([[49406, 320, 1929, 49407]])
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            context = pipe.text_encoder(tokens, output_hidden_states=True).hidden_states[-1]
+            return pipe.unet(sample, 10, context).sample
+
+    base = run()
+    with lora_applied([Application(bound, 0.5, 1.5)]):
+        ours = run()
+    assert torch.equal(run(), base)
+    with merged(layers, 0.5, 1.5):
+        reference = run()
+    assert (ours - base).abs().max() > 1e-2
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
