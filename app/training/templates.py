@@ -16,11 +16,23 @@ def list_templates(folder: Path) -> list[str]:
 
 def read_template(folder: Path, filename: str, require_name: bool = True) -> list[str]:
     """The template's non-empty lines; refuses a missing file, an empty one, or (for TI) one without [name]."""
-    path = (folder / filename).resolve()
-    if folder.resolve() not in path.parents or not path.is_file():
+    try:
+        path = (folder / filename).resolve()
+        found = folder.resolve() in path.parents and path.is_file()
+    except (OSError, ValueError):  # a NUL byte or an impossible path is a name no file has
+        found = False
+    if not found:
         available = ", ".join(list_templates(folder)) or "none"
         raise UserError(f"Prompt template '{filename}' not found in {folder}. Available: {available}.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"Prompt template '{filename}' is not UTF-8 text (byte {e.start}); save it as UTF-8, one prompt per line."
+        ) from None
+    except OSError as e:
+        raise UserError(f"Prompt template '{filename}' cannot be read: {e.strerror or e}.") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError(f"Prompt template '{filename}' has no lines; put one prompt per line.")
     if require_name and not any("[name]" in line for line in lines):
