@@ -16,7 +16,7 @@ from safetensors.torch import save
 from app.embeddings.formats import EmbeddingFileError, read_embedding_file
 from app.hypernetworks.files import read_hypernetwork_file, save_hypernetwork
 from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
-from app.lora.files import LoraFormatError, read_lora_file
+from app.lora.files import LoraFormatError, read_lora_file, read_lora_header
 
 
 def _pt(obj) -> bytes:
@@ -87,10 +87,12 @@ def _check(name: str, data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
-        try:
-            reader(path)
-        except error as e:
-            assert str(e).strip(), "the reason must be a sentence"
+        readers = [reader, read_lora_header] if name.startswith("lora") else [reader]  # listing reads headers
+        for read in readers:
+            try:
+                read(path)
+            except error as e:
+                assert str(e).strip(), "the reason must be a sentence"
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -89,6 +89,47 @@ def read_lora_file(path: Path) -> LoraFile:
     return parse_lora(tensors, metadata)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_lora_header(path: Path) -> LoraFile:
+    """What listing a file needs, without its weights: metadata, layer names and shapes (as `meta` tensors), the
+    checks that need no values (kind, names, halves, shapes, dtype; alphas are read, they are single numbers).
+    NaN values are found when the file is used (`read_lora_file`). `.pt` files have no header: they are loaded,
+    and only their shapes are kept."""
+    if path.stat().st_size == 0:
+        raise LoraFormatError("the file is empty (0 bytes)")
+    if path.suffix.lower() != ".safetensors":
+        tensors = {
+            k: v if k.endswith(".alpha") else torch.empty(v.shape, dtype=v.dtype, device="meta")
+            for k, v in _read_pickle(path).items()
+        }
+        return parse_lora(tensors, {})
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {}
+            for key in f.keys():  # noqa: SIM118 - safe_open has no iterator
+                if key.endswith(".alpha"):
+                    tensors[key] = f.get_tensor(key)
+                    continue
+                piece = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype(), torch.int64)  # not a float: refused by the check
+                tensors[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise LoraFormatError(
+            f"not a readable safetensors file, perhaps truncated or still downloading ({e})"
+        ) from None
+    return parse_lora(tensors, metadata)
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), "pt") as f:
@@ -182,7 +223,8 @@ def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.T
         raise LoraFormatError(f"layer '{name}': an up weight with a {tuple(up.shape[2:])} kernel is not supported")
     if not (down.is_floating_point() and up.is_floating_point()):
         raise LoraFormatError(f"layer '{name}' does not hold floating-point weights")
-    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+    values_read = down.device.type != "meta"  # a header read (listing) has shapes, not values
+    if values_read and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise LoraFormatError(f"layer '{name}' contains NaN or infinite values; the file is broken")
     value = None
     if alpha is not None:

@@ -5,21 +5,54 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from app.lora.apply import Application, lora_applied
-from app.lora.files import SUFFIXES, LoraFile, LoraFormatError, bind, lora_hash, read_lora_file
+from app.lora.files import SUFFIXES, LoraFile, LoraFormatError, bind, lora_hash, read_lora_file, read_lora_header
 from app.lora.names import Target, layer_table, model_components
 from app.models.manager import ModelManager
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
 from app.prompts.extra_networks import ExtraNetworkTag
 
+KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
+
 
 class LoraDatabase(NetworkFolder[LoraFile]):
+    """The folder, with each file's header (metadata, layer names and shapes: no weights) cached for listing; the
+    weights are read on use and only the last few used files keep them in memory."""
+
     def __init__(self, folder: Path):
-        super().__init__(folder, SUFFIXES, read_lora_file, LoraFormatError, "LoRA")
+        super().__init__(folder, SUFFIXES, read_lora_header, LoraFormatError, "LoRA")
+        self._weights: OrderedDict[tuple[Path, int, int], LoraFile] = OrderedDict()
+        self._weights_lock = threading.Lock()
+
+    def load_weights(self, path: Path) -> LoraFile:
+        """The whole file (weights included), after its header passed; raises LoraFormatError with the reason."""
+        self.load_path(path)  # the header checks, cached, with the same message as the listing
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        with self._weights_lock:
+            if key in self._weights:
+                self._weights.move_to_end(key)
+                return self._weights[key]
+        try:
+            lora = read_lora_file(path)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"LoRA '{path.stem}' ({path.name}) cannot be used: {e}") from None
+        with self._weights_lock:
+            self._weights[key] = lora
+            while len(self._weights) > KEEP_WEIGHTS:
+                self._weights.popitem(last=False)
+        return lora
+
+    def forget(self, path: Path) -> None:
+        super().forget(path)
+        with self._weights_lock:
+            for key in [k for k in self._weights if k[0] == path]:
+                del self._weights[key]
 
 
 def model_label(model) -> str:
@@ -162,7 +195,7 @@ class LoraService:
                 if f is None:
                     notes.append(f"{tag.text}: LoRA '{name}' not found in {self.db.folder}; generated without it")
                     continue
-                lora = self.db.load_path(f.path)
+                lora = self.db.load_weights(f.path)
                 bound = bind(lora, table, label)
             except LoraFormatError as e:
                 notes.append(f"{tag.text}: {e}; generated without it" if tag.text not in str(e) else str(e))

@@ -202,7 +202,7 @@ class TrainingService:
                     "Choose another name."
                 )
             try:
-                existing = self.loras.db.load_path(existing_entry.path)
+                existing = self.loras.db.load_weights(existing_entry.path)
                 model = self.models.get()
                 bind(existing, layer_table(model_components(model.pipe)), model_label(model))
             except LoraFormatError as e:
