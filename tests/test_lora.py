@@ -104,6 +104,19 @@ def peft_file(layers: list[Layer]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unet_probe(pipe, seed: int, timestep: int):
+    """A function giving the UNet's output for one fixed random latent and text context (no gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.unet(sample, timestep, context).sample
+
+    return run
+
+
 @contextmanager
 def merged(layers: list[Layer], te: float, unet: float):
     """The model with W + m * delta written into its weights (the definition a LoRA must match); restored after."""
@@ -407,14 +420,7 @@ def test_same_result_as_diffusers_load_lora_weights():
     layers = make_layers(pipe, seed=3, te=False)
     assert any(isinstance(layer.module, torch.nn.Conv2d) for layer in layers)
     data = kohya_file(pipe, layers, "diffusers")  # diffusers maps LDM names only for SD's own block counts
-    g = torch.Generator().manual_seed(1)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-
-    def run():
-        with torch.no_grad():
-            return pipe.unet(sample, 500, context).sample
-
+    run = unet_probe(pipe, seed=1, timestep=500)
     base = run()
     bound = bind(parse_lora(data), layer_table(model_components(pipe)), "SD 1.x")
     with lora_applied([Application(bound, 1.0, 0.7)]):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from app.errors import UserError
 from app.lora.files import read_lora_file
-from tests.test_lora import gen, pixels, snapshot
+from tests.test_lora import gen, pixels, snapshot, unet_probe
 from tests.test_training import cfg, make_dataset
 
 
@@ -95,14 +95,7 @@ def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset
     assert services.training.train_lora(lora_cfg("zqdiff", dataset, steps=4), 4, 8.0).wait().error is None
     path = services.settings.lora_dir / "zqdiff.safetensors"
     pipe = build_default_pipeline()  # same layout as the default model, its own copy for diffusers to change
-    g = torch.Generator().manual_seed(0)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-
-    def run():
-        with torch.no_grad():
-            return pipe.unet(sample, 400, context).sample
-
+    run = unet_probe(pipe, seed=0, timestep=400)
     base = run()
     bound = bind(read_lora_file(path), layer_table(model_components(pipe)), "SD 1.x")
     with lora_applied([Application(bound, 1.0, 1.0)]):

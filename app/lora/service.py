@@ -162,9 +162,10 @@ class LoraService:
         return None
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float]:
+    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float, bool]:
         """(text encoder, UNet) multipliers with A1111's rules: `<lora:x>` is 1, `<lora:x:m>` sets both,
-        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values."""
+        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values; and whether the tag asks for
+        DyLoRA dimensions (a third value or `dyn=`), which are not supported."""
         positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
         te = _number(positional[0], "multiplier", tag) if positional and positional[0] else 1.0
         if "te" in named:
@@ -172,11 +173,11 @@ class LoraService:
         unet = _number(positional[1], "UNet multiplier", tag) if len(positional) > 1 and positional[1] else te
         if "unet" in named:
             unet = _number(named["unet"], "unet multiplier", tag)
-        return te, unet
+        return te, unet, len(positional) > 2 or "dyn" in named
 
     def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
-        """The `<lora:...>` tags of one generation as PEFT LoRA layers for its duration, with a note for each tag
-        that could not be used (the rest of the prompt still generates) and A1111's `Lora hashes` field."""
+        """The `<lora:...>` tags of one generation as merged weights for its duration (`lora_applied`), with a note
+        for each tag that could not be used (the rest of the prompt still generates) and A1111's `Lora hashes`."""
         if not tags:
             return Activation()
         table = self.table(model)
@@ -187,9 +188,8 @@ class LoraService:
         for tag in tags:
             name = tag.args[0].strip()
             try:
-                te, unet = self.multipliers(tag)
-                positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
-                if len(positional) > 2 or "dyn" in named:
+                te, unet, dyn = self.multipliers(tag)
+                if dyn:
                     notes.append(f"{tag.text}: DyLoRA dimensions (dyn) are not supported; the full rank is used")
                 f = self.find(name)
                 if f is None:

@@ -229,15 +229,21 @@ def run_hypernetwork(
         "initial": heldout_loss(services, prompts, held_images, [(initial.to(device), 1.0)]),
         "none": heldout_loss(services, prompts, held_images),
     }
+    images, share = _outline_images(services, seed, f"<hypernet:{tag}:1>")
+    return EfficacyResult("hypernetwork", steps, seconds, loss, share, images)
+
+
+def _outline_images(services: Services, seed: int, tag: str) -> tuple[dict[str, list[Image.Image]], dict]:
+    """Plain scenes generated with `tag` and without it, outlined renders for reference, and each row's dark share
+    (the outline experiments' picture measure)."""
     shown = [replace(s, outline=False) for s in style_scenes(seed * 100 + 13, 8)]
     base_prompts = [caption(s) for s in shown]
     images = {
-        "trained": generate_images(services, [f"{p} <hypernet:{tag}:1>" for p in base_prompts], seed=seed * 1000),
+        "trained": generate_images(services, [f"{p} {tag}" for p in base_prompts], seed=seed * 1000),
         "without": generate_images(services, base_prompts, seed=seed * 1000),
         "reference": [render(replace(s, outline=True)) for s in shown],
     }
-    share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
-    return EfficacyResult("hypernetwork", steps, seconds, loss, share, images)
+    return images, {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
 
 
 def _with_lora(services: Services, tag: str):
@@ -266,14 +272,7 @@ def run_lora_outline(
     with _with_lora(services, tag):
         trained = heldout_loss(services, prompts, held_images)
     loss = {"trained": trained, "none": heldout_loss(services, prompts, held_images)}
-    shown = [replace(s, outline=False) for s in style_scenes(seed * 100 + 13, 8)]
-    base_prompts = [caption(s) for s in shown]
-    images = {
-        "trained": generate_images(services, [f"{p} <lora:{tag}:1>" for p in base_prompts], seed=seed * 1000),
-        "without": generate_images(services, base_prompts, seed=seed * 1000),
-        "reference": [render(replace(s, outline=True)) for s in shown],
-    }
-    share = {k: mean_of(dark_share(im) for im in v) for k, v in images.items()}
+    images, share = _outline_images(services, seed, f"<lora:{tag}:1>")
     return EfficacyResult("lora (outlines)", steps, seconds, loss, share, images)
 
 

@@ -16,7 +16,6 @@ from app.hypernetworks.hypernetwork import HypernetworkFormatError
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
 from app.lora.files import LoraFormatError, bind
-from app.lora.names import layer_table, model_components
 from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
 from app.naming import clean_name
@@ -204,7 +203,7 @@ class TrainingService:
             try:
                 existing = self.loras.db.load_weights(existing_entry.path)
                 model = self.models.get()
-                bind(existing, layer_table(model_components(model.pipe)), model_label(model))
+                bind(existing, self.loras.table(model), model_label(model))
             except LoraFormatError as e:
                 raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
         path = existing_entry.path if existing_entry else self.settings.lora_dir / f"{name}.safetensors"
