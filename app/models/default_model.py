@@ -167,3 +167,62 @@ def build_tiny_sdxl_pipeline(seed: int = SEED):
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
         tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
     )
+
+
+SHAPES_XL_NAME = "shapes-xl"
+SHIPPED_XL_MODEL = SHIPPED_MODEL.parent / SHAPES_XL_NAME
+XL_TIME_EMBED = 8  # width of each of the six size-conditioning numbers' embeddings
+
+
+def build_shapes_xl_pipeline(seed: int = SEED):
+    """shapes-xl's architecture: SDXL's classes (two text encoders, the second with a projection and "!" padding;
+    a UNet with SDXL's text+time added conditioning and linear attention projections) at shapes-64's widths, so
+    it can start from shapes-64's trained weights (`init_xl_from_sd`)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(TEXT_WIDTH, 4, "quick_gelu", 49407))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_WIDTH, 4, "gelu", 0, TEXT_WIDTH))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * XL_TIME_EMBED + TEXT_WIDTH,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,  # its unconditional side was trained on the encoded empty prompt
+    )
+
+
+@torch.no_grad()
+def init_xl_from_sd(xl, sd) -> None:
+    """Start shapes-xl from shapes-64: the same VAE, both text encoders from its text encoder (the second gets an
+    identity projection), and every UNet weight of the same role. Cross-attention keys and values read the two
+    encoders side by side, so they start as shapes-64's halved on each half; the added size/pooled embedding
+    starts as a no-op (zero last layer). Training then adapts all of it to SDXL's conditioning."""
+    xl.vae.load_state_dict(sd.vae.state_dict())
+    xl.vae.register_to_config(scaling_factor=sd.vae.config.scaling_factor)
+    xl.text_encoder.load_state_dict(sd.text_encoder.state_dict())
+    xl.text_encoder_2.text_model.load_state_dict(sd.text_encoder.state_dict())
+    xl.text_encoder_2.text_projection.weight.copy_(torch.eye(TEXT_WIDTH))
+    source = sd.unet.state_dict()
+    for key, value in xl.unet.state_dict().items():
+        old = source.get(key)
+        if old is None:
+            continue
+        if old.shape == value.shape:
+            value.copy_(old)
+        elif old.numel() == value.numel():  # proj_in/proj_out: 1x1 convolution -> linear
+            value.copy_(old.reshape(value.shape))
+        elif key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            value.copy_(torch.cat([old, old], dim=1) / 2)
+    xl.unet.add_embedding.linear_2.weight.zero_()
+    xl.unet.add_embedding.linear_2.bias.zero_()
