@@ -48,6 +48,30 @@ def services(tmp_path_factory, model_store):
     return build_services(Settings(data_dir=data))
 
 
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory, model_store):
+    """Real services with a tiny SDXL-layout model selected (as a diffusers folder; also as a single file)."""
+    from safetensors.torch import save_file
+
+    from app.models.default_model import build_tiny_sdxl_pipeline
+    from app.models.single_file import CONFIG_DIR
+    from app.services import build_services
+    from app.settings import Settings
+    from tests.ldm_export import export_sdxl
+
+    data = make_data_dir(tmp_path_factory.mktemp("xl"), model_store)
+    ckpt = data / "models" / "Stable-diffusion"
+    pipe = build_tiny_sdxl_pipeline()
+    pipe.save_pretrained(ckpt / "tinyxl-folder")
+    for sub in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt"):
+            (ckpt / "tinyxl-folder" / sub / name).write_bytes((CONFIG_DIR.parent / "tokenizer" / name).read_bytes())
+    save_file(export_sdxl(pipe), str(ckpt / "tinyxl.safetensors"))
+    services = build_services(Settings(data_dir=data))
+    services.select_checkpoint("tinyxl-folder")
+    return services
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

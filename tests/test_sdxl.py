@@ -4,17 +4,12 @@ embeddings, hypernetworks on the 2048-style context, and what is refused."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.errors import UserError
 from app.generation.samplers import build_scheduler
 from app.generation.txt2img import Txt2ImgParams
-from app.models.default_model import build_tiny_sdxl_pipeline
 from app.models.single_file import CONFIG_DIR, detect
-from app.training.config import TrainConfig
-from tests.conftest import make_data_dir
 from tests.ldm_export import export_sdxl, meta_pipeline
 
 PARAMS = dict(
@@ -27,24 +22,6 @@ PARAMS = dict(
     sampler_name="Euler",
     save_images=False,
 )
-
-
-@pytest.fixture(scope="module")
-def xl(tmp_path_factory, model_store):
-    from app.services import build_services
-    from app.settings import Settings
-
-    data = make_data_dir(tmp_path_factory.mktemp("xl"), model_store)
-    ckpt = data / "models" / "Stable-diffusion"
-    pipe = build_tiny_sdxl_pipeline()
-    pipe.save_pretrained(ckpt / "tinyxl-folder")
-    for sub in ("tokenizer", "tokenizer_2"):
-        for name in ("vocab.json", "merges.txt"):
-            (ckpt / "tinyxl-folder" / sub / name).write_bytes((CONFIG_DIR.parent / "tokenizer" / name).read_bytes())
-    save_file(export_sdxl(pipe), str(ckpt / "tinyxl.safetensors"))
-    services = build_services(Settings(data_dir=data))
-    services.select_checkpoint("tinyxl-folder")
-    return services
 
 
 def pixels(image):
@@ -141,20 +118,6 @@ def test_hypernetwork_applies_on_the_sdxl_context(xl):
     plain = pixels(xl.txt2img.generate(Txt2ImgParams(**PARAMS)).images[0])
     with_hn = xl.txt2img.generate(Txt2ImgParams(**{**PARAMS, "prompt": "a red circle <hypernet:xlhn:1>"}))
     assert with_hn.notes == [] and not np.array_equal(plain, pixels(with_hn.images[0]))
-
-
-def test_training_on_sdxl_is_refused_with_a_message(xl, tmp_path):
-    xl.embeddings.refresh()
-    with pytest.raises(UserError, match="SDXL"):
-        xl.training.train_embedding(
-            TrainConfig(
-                name="xlemb",
-                data_root=str(tmp_path),
-                training_width=64,
-                training_height=64,
-                template_filename="subject.txt",
-            )
-        )
 
 
 def test_full_size_sdxl_layout_is_detected():

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from app.embeddings.database import EmbeddingDatabase
-from app.embeddings.writer import a1111_dict, save_pt
+from app.embeddings.writer import META_KEYS, SDXL_PARTS, a1111_dict, save_pt, save_tensors, sdxl_dict
 from app.errors import UserError
 from app.models.devices import execution_device
 from app.models.manager import ModelManager
@@ -72,7 +72,9 @@ class EmbeddingService:
         return {"loaded": loaded, "skipped": skipped}
 
     def create(self, name: str, num_vectors: int = 1, init_text: str = "*", overwrite: bool = False) -> Path:
-        """Write `embeddings/<name>.pt` (A1111 layout, step 0) initialised from `init_text`."""
+        """Write `embeddings/<name>.pt` (A1111 layout, step 0) initialised from `init_text`; on an SDXL model,
+        `embeddings/<name>.safetensors` with `clip_l` and `clip_g`, each part initialised through its own encoder's
+        tokenizer and token table (the layout A1111, ComfyUI and InvokeAI load)."""
         cleaned = clean_name(name)
         if not cleaned:
             raise UserError(f"Embedding name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.")
@@ -82,14 +84,19 @@ class EmbeddingService:
             raise UserError(f"Number of vectors per token must be a whole number, got {num_vectors!r}.") from None
         if not 1 <= count <= MAX_VECTORS:
             raise UserError(f"Number of vectors per token must be between 1 and {MAX_VECTORS}, got {count}.")
-        path = self.db.folder / f"{cleaned}.pt"
+        model = self.models.get()
+        pipe = model.pipe
+        path = self.db.folder / f"{cleaned}{'.safetensors' if model.is_xl else '.pt'}"
         self.db.refresh_if_changed()
         other = self.db.get(cleaned) or self.db.skipped.get(cleaned)
         check_new_file("embedding", cleaned, path, other.path if other else None, overwrite, "Overwrite Old Embedding")
-        model = self.models.get()
-        vectors = initial_vectors(
-            model.pipe.tokenizer, model.pipe.text_encoder.get_input_embeddings(), init_text, count
-        )
-        save_pt(path, a1111_dict(cleaned, vectors, 0, None, None))
+        vectors = initial_vectors(pipe.tokenizer, pipe.text_encoder.get_input_embeddings(), init_text, count)
+        if model.is_xl:
+            vectors_g = initial_vectors(pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings(), init_text, count)
+            data = sdxl_dict(cleaned, torch.cat([vectors, vectors_g], dim=1), vectors.shape[1], 0, None, None)
+            meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
+            save_tensors(path, {k: data[k] for k in SDXL_PARTS}, meta)
+        else:
+            save_pt(path, a1111_dict(cleaned, vectors, 0, None, None))
         self.db.refresh_if_changed()
         return path

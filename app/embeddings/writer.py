@@ -31,13 +31,43 @@ def a1111_dict(
     }
 
 
+SDXL_PARTS = ("clip_l", "clip_g")
+META_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")  # what .safetensors embeddings keep as metadata
+
+
+def sdxl_dict(
+    name: str,
+    vectors: torch.Tensor,
+    split: int,
+    step: int | None,
+    sd_checkpoint: str | None,
+    sd_checkpoint_name: str | None,
+) -> dict:
+    """An SDXL embedding: `vectors` holds clip_l's part (the first `split` columns) and clip_g's side by side."""
+    vectors = vectors.detach().cpu().float()
+    return {
+        "clip_l": vectors[:, :split].contiguous(),
+        "clip_g": vectors[:, split:].contiguous(),
+        "name": name,
+        "step": step,
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    }
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file of `tensors` (fp32, contiguous) with string metadata, written atomically."""
+    data = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
+
+
 def save_pt(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
 def save_safetensors(path: Path, vectors: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
-    tensor = vectors.detach().cpu().float().contiguous()
-    atomic_write(path, lambda tmp: save_file({"emb_params": tensor}, str(tmp), metadata=metadata))
+    """SD 1.x/2.x embedding in A1111's .safetensors layout (`emb_params`)."""
+    save_tensors(path, {"emb_params": vectors}, metadata)
 
 
 def save_png(path: Path, image: Image.Image, data: dict, infotext: str | None = None) -> None:

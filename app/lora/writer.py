@@ -1,6 +1,7 @@
 """Writing LoRA files in kohya's format, which A1111, ComfyUI, kohya's scripts and diffusers' `load_lora_weights`
 all read: `lora_unet_<path>` / `lora_te_text_model_<path>` names (diffusers-style paths, as kohya's SD 1.x/2.x
-scripts write them), `.lora_down.weight`, `.lora_up.weight`, `.alpha`, and `ss_` metadata."""
+scripts write them; SDXL's encoders as `lora_te1_`/`lora_te2_`), `.lora_down.weight`, `.lora_up.weight`,
+`.alpha`, and `ss_` metadata."""
 
 from __future__ import annotations
 
@@ -10,28 +11,30 @@ import torch
 from safetensors.torch import save_file
 
 from app.fileio import atomic_write
-from app.lora.names import TEXT_ENCODER, UNET
+from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 
-def kohya_name(component: str, path: str) -> str:
-    """The kohya name of an SD 1.x/2.x layer (SDXL's `lora_te1_`/`lora_te2_` are not written here yet)."""
+def kohya_name(component: str, path: str, xl: bool = False) -> str:
+    """The kohya name of a layer; on SDXL the two text encoders are `lora_te1_` and `lora_te2_`."""
     if component == UNET:
         return "lora_unet_" + path.replace(".", "_")
-    if component == TEXT_ENCODER:
-        return "lora_te_text_model_" + path.removeprefix("text_model.").replace(".", "_")
-    raise ValueError(f"no kohya name for component {component}")
+    te_prefix = {TEXT_ENCODER: "lora_te1_" if xl else "lora_te_", TEXT_ENCODER_2: "lora_te2_"}.get(component)
+    if te_prefix is None or (component == TEXT_ENCODER_2 and not xl):
+        raise ValueError(f"no kohya name for component {component}")
+    return te_prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
 def save_kohya_lora(
     path: Path,
     layers: list[tuple[str, str, torch.Tensor, torch.Tensor, float]],
     metadata: dict[str, str],
+    xl: bool = False,
 ) -> None:
     """Write (component, module path, down, up, alpha) layers to `path` atomically, in fp32 (so a resumed run
     continues from exactly the trained values)."""
     tensors: dict[str, torch.Tensor] = {}
     for component, module_path, down, up, alpha in layers:
-        name = kohya_name(component, module_path)
+        name = kohya_name(component, module_path, xl)
         tensors[name + ".lora_down.weight"] = down.detach().float().cpu().contiguous()
         tensors[name + ".lora_up.weight"] = up.detach().float().cpu().contiguous()
         tensors[name + ".alpha"] = torch.tensor(float(alpha))

@@ -27,6 +27,15 @@ class TrainingImage:
     filewords: str
     template: str  # the template line picked for this image when the dataset was built
     alpha: Image.Image | None = None  # the image's alpha channel, cropped and resized like it (for use_weight)
+    # SDXL's size conditioning: the (height, width) of the file before resizing, and the top-left corner of the crop
+    # taken from it, in the trained image's pixels (as SDXL itself was trained).
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+
+    def time_ids(self) -> list[float]:
+        """SDXL's six size numbers: original (h, w), crop (top, left), target (h, w)."""
+        target = (self.image.height, self.image.width)
+        return [float(v) for v in (*(self.original_size or target), *self.crop_top_left, *target)]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -55,6 +64,17 @@ def alpha_channel(image: Image.Image) -> Image.Image | None:
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Center-crop to the target aspect ratio, then resize (no distortion)."""
     return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def crop_of_fit(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """Where `fit` crops an image of `size` (w, h): the (top, left) of the kept box, in output pixels."""
+    w, h = size
+    if w * height > h * width:  # wider than the target: the sides are cut
+        kept_w, kept_h = h * width / height, h
+    else:
+        kept_w, kept_h = w, w * height / width
+    scale = width / kept_w
+    return round((h - kept_h) / 2 * scale), round((w - kept_w) / 2 * scale)
 
 
 def round_to_8(image: Image.Image) -> Image.Image:
@@ -95,13 +115,20 @@ def load_dataset(
                 raw.load()
                 rgb = to_rgb(raw)
                 alpha = alpha_channel(raw)
-            rgb = round_to_8(rgb) if varsize else fit(rgb, width, height)
+            original = rgb.size
+            if varsize:
+                rgb = round_to_8(rgb)
+                crop = crop_of_fit(original, rgb.width, rgb.height)
+            else:
+                rgb, crop = fit(rgb, width, height), crop_of_fit(original, width, height)
             if alpha is not None:
                 alpha = alpha.resize(rgb.size, Image.Resampling.BILINEAR) if varsize else fit(alpha, width, height)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             problems.append(f"{path.name}: {e}")
             continue
-        images.append(TrainingImage(path, rgb, caption_for(path), rng.choice(templates), alpha))
+        images.append(
+            TrainingImage(path, rgb, caption_for(path), rng.choice(templates), alpha, (original[1], original[0]), crop)
+        )
     for problem in problems:
         log.warning("Skipped training image %s", problem)
     if not images:

@@ -101,13 +101,23 @@ def denoising_loss(
     wanted: torch.Tensor,
     clip_skip: int,
     weight: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch's loss: the conditioning and the UNet under autocast, the MSE in fp32. Call it inside
-    `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward."""
+    `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward.
+
+    SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
+    six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained."""
     unet_dtype = unet.dtype
     with amp.autocast():
-        cond = target.conditioning(texts, clip_skip).to(unet_dtype)
-        pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond).sample
+        cond, pooled = target.conditioning(texts, clip_skip)
+        added = None
+        if pooled is not None:
+            if time_ids is None:
+                height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8
+                time_ids = torch.tensor([[height, width, 0, 0, height, width]] * noisy.shape[0], dtype=torch.float32)
+            added = {"text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(noisy.device, unet_dtype)}
+        pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), added_cond_kwargs=added).sample
     if weight is None:
         return F.mse_loss(pred.float(), wanted.float())
     return (F.mse_loss(pred.float(), wanted.float(), reduction="none") * weight).mean()
@@ -236,10 +246,13 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             noisy = noise_schedule.add_noise(x0, noise, t).to(device)
             wanted = (noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise).to(device)
             weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
+            time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
             # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
             with torch.random.fork_rng(devices=[]), target.unet_context():
                 torch.manual_seed(gens[0].initial_seed())
-                loss = denoising_loss(target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight)
+                loss = denoising_loss(
+                    target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids
+                )
                 amp.backward(loss / cfg.gradient_step)
             step_loss += loss.item() / cfg.gradient_step
 

@@ -15,17 +15,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from app.lora.files import LoraFile, bind
-from app.lora.names import TEXT_ENCODER, UNET, layer_table, model_components
+from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
 from app.lora.writer import save_kohya_lora
 from app.models.manager import LoadedModel
 from app.prompts.encoder import PromptEncoder
 from app.training.checkpoint import tensors_hash
-from app.training.targets import save_image
+from app.training.targets import Conditioning, encode, save_image
 
 ADAPTER = "trained"  # not "train": ModuleDict keys become attributes, and nn.Module has train()
 # What diffusers' LoRA examples train: the attention projections (self- and cross-attention).
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
 
 
 def default_layers(root: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -81,12 +82,14 @@ class LoraTarget:
         else:
             self.initial_step = 0
             plan[UNET] = [(p, rank, alpha, None, None) for p in default_layers(model.pipe.unet, UNET_LAYERS)]
-            if train_text_encoder:
-                te = model.pipe.text_encoder
-                plan[TEXT_ENCODER] = [(p, rank, alpha, None, None) for p in default_layers(te, TEXT_ENCODER_LAYERS)]
+            if train_text_encoder:  # SDXL: both text encoders
+                for component in (TEXT_ENCODER, TEXT_ENCODER_2):
+                    if component in self._components:
+                        layers = default_layers(self._components[component], TEXT_ENCODER_LAYERS)
+                        plan[component] = [(p, rank, alpha, None, None) for p in layers]
         # One order for fresh and continued runs (a file lists its layers by name): the optimizer state in `.optim`
         # and its digest follow the parameter order, so resume must see the same order as the run that saved.
-        self._plan = {c: sorted(plan[c], key=lambda layer: layer[0]) for c in (UNET, TEXT_ENCODER) if c in plan}
+        self._plan = {c: sorted(plan[c], key=lambda layer: layer[0]) for c in COMPONENTS if c in plan}
         self._params: list[torch.nn.Parameter] = []
         try:
             with torch.random.fork_rng(devices=[]):
@@ -96,8 +99,10 @@ class LoraTarget:
         except Exception:
             self.close()
             raise
-        self.trains_text_encoder = TEXT_ENCODER in self._plan
+        self._text_encoders = [self._components[c] for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan]
+        self.trains_text_encoder = bool(self._text_encoders)
         self._encoder = model.encoder
+        self._xl = model.is_xl
 
     def _inject(self, root: torch.nn.Module, layers: list) -> None:
         config = LoraConfig(
@@ -137,13 +142,10 @@ class LoraTarget:
         return self._params
 
     def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return [self._components[TEXT_ENCODER]] if self.trains_text_encoder else []
+        return self._text_encoders
 
-    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
-        if self.trains_text_encoder:
-            return self._encoder.encode(texts, clip_skip)
-        with torch.no_grad():
-            return self._encoder.encode(texts, clip_skip)
+    def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
+        return encode(self._encoder, texts, clip_skip, with_grad=self.trains_text_encoder)
 
     def unet_context(self) -> AbstractContextManager:
         return nullcontext()  # the layers sit in the model for the whole run
@@ -180,9 +182,9 @@ class LoraTarget:
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}
-        save_kohya_lora(self.path, self._layers(), metadata)
+        save_kohya_lora(self.path, self._layers(), metadata, self._xl)
         if copy_to is not None:
-            save_kohya_lora(copy_to, self._layers(), {**metadata, "ss_output_name": f"{self.name}-{step}"})
+            save_kohya_lora(copy_to, self._layers(), {**metadata, "ss_output_name": f"{self.name}-{step}"}, self._xl)
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel

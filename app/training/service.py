@@ -80,8 +80,6 @@ class TrainingService:
         """Check every input and load the dataset; any problem is a UserError before anything starts."""
         if self.settings.lowvram:
             raise UserError(f"{LOWVRAM_REASON}: start without --lowvram to train (--medvram works).")
-        if self.models.get().is_xl:
-            raise UserError("Training on SDXL models is not supported yet; load an SD 1.x or 2.x checkpoint to train.")
         for label, value in (("Width", cfg.training_width), ("Height", cfg.training_height)):
             if not 64 <= int(value) <= 2048 or int(value) % 8:
                 raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.")
@@ -268,13 +266,14 @@ class TrainingService:
 def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: int, alpha: float, te: bool) -> dict:
     """kohya's `ss_` fields that A1111, ComfyUI and kohya's tools show and use (no timestamps: a resumed run writes
     the same file as an uninterrupted one)."""
-    v2 = int(model.pipe.text_encoder.config.hidden_size) == 1024
+    v2 = not model.is_xl and int(model.pipe.text_encoder.config.hidden_size) == 1024
+    version = "sdxl_base_v1-0" if model.is_xl else "sd_v2" if v2 else "sd_v1"
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_network_train_unet_only": str(not te),
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_base_model_version": version,
         "ss_v2": str(v2),
         "ss_sd_model_name": model.info.model_name,
         "ss_sd_model_hash": model.info.short_hash or "",

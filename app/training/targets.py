@@ -11,7 +11,16 @@ import torch
 from PIL import Image
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
-from app.embeddings.writer import a1111_dict, save_png, save_pt, save_safetensors
+from app.embeddings.writer import (
+    META_KEYS,
+    SDXL_PARTS,
+    a1111_dict,
+    save_png,
+    save_pt,
+    save_safetensors,
+    save_tensors,
+    sdxl_dict,
+)
 from app.errors import UserError
 from app.fileio import atomic_write
 from app.generation.infotext import pnginfo_for
@@ -19,6 +28,7 @@ from app.hypernetworks.attention import HypernetworkStack, attention_widths
 from app.hypernetworks.files import read_hypernetwork_file, save_hypernetwork
 from app.models.manager import LoadedModel
 from app.prompts.encoder import PromptEncoder
+from app.prompts.xl_encoder import XLPromptEncoder
 from app.training.checkpoint import tensors_hash
 
 
@@ -37,7 +47,9 @@ class TrainingTarget(Protocol):
         """Text encoders on the gradient path (their activations are checkpointed too)."""
         ...
 
-    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor: ...
+    def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
+        """(hidden states, pooled): pooled is SDXL's second-encoder projection, None for SD 1.x/2.x."""
+        ...
 
     def unet_context(self) -> AbstractContextManager: ...
 
@@ -57,6 +69,20 @@ class TrainingTarget(Protocol):
     def optim_path(self) -> Path: ...
 
 
+Conditioning = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def encode(encoder, texts: list[str], clip_skip: int, with_grad: bool) -> Conditioning:
+    """A batch of training prompts through the model's encoder (SD or SDXL), with or without gradients."""
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        cond, pooled = encoder.encode_with_pooled(texts, clip_skip)
+    return cond, pooled
+
+
+def is_xl_encoder(encoder) -> bool:
+    return isinstance(encoder, XLPromptEncoder)
+
+
 TRAINABLE_EMBEDDING_SUFFIXES = (".pt", ".safetensors")
 
 
@@ -70,15 +96,20 @@ def check_trainable(embedding: Embedding) -> None:
 
 
 class EmbeddingTarget:
-    """Trains an embedding's vectors; everything else stays frozen."""
+    """Trains an embedding's vectors; everything else stays frozen. On SDXL the vectors are both encoders' parts
+    side by side (`clip_l`, then `clip_g`), trained together; each encoder sees its own slice."""
 
     kind = "embedding"
     weight_decay = 0.0
     random_forward = False
-    copy_suffix = ".pt"
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
         check_trainable(embedding)
+        if embedding.shape != model.text_width:
+            raise UserError(
+                f"Embedding '{embedding.name}' has vectors {embedding.shape} wide but the loaded model needs "
+                f"{model.text_width}; it was made for another model family."
+            )
         self.name = embedding.name
         self.path = embedding.path
         self.initial_step = int(embedding.step or 0)
@@ -86,8 +117,19 @@ class EmbeddingTarget:
         self._trained = Embedding(self.name, self.vectors, self.path)
         self._ids = tuple(model.pipe.tokenizer(self.name, add_special_tokens=False)["input_ids"])
         self._db = db
-        self._text_encoder = model.pipe.text_encoder
-        self._encoder = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, self._find)
+        pipe = model.pipe
+        if model.is_xl:
+            self._split = int(pipe.text_encoder.config.hidden_size)
+            self._text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
+            self._encoder = XLPromptEncoder(
+                pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, self._find
+            )
+        else:
+            self._split = None
+            self._text_encoders = [pipe.text_encoder]
+            self._encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self._find)
+        # Log copies: SDXL embeddings as .safetensors (the clip_l/clip_g layout), others as A1111's .pt.
+        self.copy_suffix = ".safetensors" if self._split else ".pt"
 
     def _find(self, tokens, position):
         """The trained vectors for our own name (not the file's copy in the database), others from the database."""
@@ -99,10 +141,10 @@ class EmbeddingTarget:
         return [self.vectors]
 
     def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return [self._text_encoder]
+        return self._text_encoders
 
-    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
-        return self._encoder.encode(texts, clip_skip)
+    def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
+        return encode(self._encoder, texts, clip_skip, with_grad=True)
 
     def unet_context(self) -> AbstractContextManager:
         return nullcontext()
@@ -121,21 +163,27 @@ class EmbeddingTarget:
         return self.path.with_suffix(".optim")
 
     def _data(self, step: int, model: LoadedModel, name: str | None = None) -> dict:
-        return a1111_dict(name or self.name, self.vectors.detach(), step, model.info.short_hash, model.info.model_name)
+        vectors = self.vectors.detach()
+        if self._split:
+            return sdxl_dict(
+                name or self.name, vectors, self._split, step, model.info.short_hash, model.info.model_name
+            )
+        return a1111_dict(name or self.name, vectors, step, model.info.short_hash, model.info.model_name)
+
+    def _write(self, path: Path, data: dict) -> None:
+        if path.suffix.lower() != ".safetensors":
+            save_pt(path, data)
+            return
+        meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
+        if self._split:
+            save_tensors(path, {k: data[k] for k in SDXL_PARTS}, meta)
+        else:
+            save_safetensors(path, self.vectors, meta)
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
-        data = self._data(step, model)
-        if self.path.suffix.lower() == ".safetensors":
-            meta = {
-                k: str(v)
-                for k, v in data.items()
-                if k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name") and v is not None
-            }
-            save_safetensors(self.path, self.vectors, meta)
-        else:
-            save_pt(self.path, data)
+        self._write(self.path, self._data(step, model))
         if copy_to is not None:
-            save_pt(copy_to, self._data(step, model, f"{self.name}-{step}"))
+            self._write(copy_to, self._data(step, model, f"{self.name}-{step}"))
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel
@@ -184,9 +232,8 @@ class HypernetworkTarget:
     def trained_text_encoders(self) -> list[torch.nn.Module]:
         return []  # the prompt is encoded without gradients
 
-    def conditioning(self, texts: list[str], clip_skip: int) -> torch.Tensor:
-        with torch.no_grad():
-            return self._encoder.encode(texts, clip_skip)
+    def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
+        return encode(self._encoder, texts, clip_skip, with_grad=False)
 
     @contextmanager
     def unet_context(self):
