@@ -7,6 +7,7 @@ the concept share of generated images (orange share with the embedding vs. the i
 with the outline hypernetwork vs. without). Later speed work can show "same quality in fewer seconds" with it.
 
     .venv/bin/python benchmarks/efficacy.py [--steps 50 100 200 400] [--grids docs/images]
+        [--model models/Stable-diffusion/shapes-xl]   (the SDXL-architecture twin)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.logs import quiet_libraries
+from app.models.default_model import SHIPPED_MODEL
 from app.shapes.efficacy import grid, make_services, run_embedding, run_hypernetwork
 
 
@@ -28,11 +30,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--grids", type=Path, default=None, help="write before/after image grids here")
     p.add_argument("--only", choices=("embedding", "hypernetwork"), default=None)
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="a shapes model folder (default: shapes-64)")
     args = p.parse_args()
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        services = make_services(work)
+        services = make_services(work, args.model)
         rows = []
         for steps in args.steps:
             if args.only != "hypernetwork":
@@ -46,7 +49,8 @@ def main() -> None:
             for kind in ("embedding", "hypernetwork"):
                 done = [r for r in rows if r.kind == kind]
                 if done:
-                    path = args.grids / f"efficacy-{kind}.png"
+                    suffix = "" if args.model == SHIPPED_MODEL else f"-{args.model.name}"
+                    path = args.grids / f"efficacy-{kind}{suffix}.png"
                     grid(done[-1].images).save(path)
                     print(f"wrote {path} ({done[-1].steps} steps; rows: {', '.join(done[-1].images)})")
 

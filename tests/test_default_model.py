@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from app.models.default_model import DEFAULT_MODEL_NAME, SHIPPED_MODEL
+from app.models.default_model import DEFAULT_MODEL_NAME, SHAPES_XL_NAME, SHIPPED_MODEL, SHIPPED_XL_MODEL
 from app.shapes.detect import accuracy
 from app.shapes.efficacy import generate_images
 from app.shapes.metrics import color_share
@@ -26,21 +26,40 @@ PROMPTS = [
 ]
 
 
-def test_shipped_weights_are_small_fp16_and_say_how_they_were_made():
-    files = sorted(SHIPPED_MODEL.glob("*/*.safetensors"))
-    assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
-    total = sum(f.stat().st_size for f in files)
-    assert total < 40 * 2**20, f"{total / 2**20:.1f} MiB"
+@pytest.mark.parametrize(
+    ("folder", "parts", "limit_mib"),
+    [
+        (SHIPPED_MODEL, {"unet", "vae", "text_encoder"}, 40),
+        (SHIPPED_XL_MODEL, {"unet", "vae", "text_encoder", "text_encoder_2"}, 25),
+    ],
+)
+def test_shipped_weights_are_small_fp16_and_say_how_they_were_made(folder, parts, limit_mib):
+    files = sorted(folder.glob("*/*.safetensors"))
+    assert {f.parent.name for f in files} == parts
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert total < limit_mib * 2**20, f"{total / 2**20:.1f} MiB"
     for f in files:
         with safe_open(str(f), "pt") as st:
             dtypes = {str(st.get_tensor(k).dtype) for k in st.keys()}  # noqa: SIM118 (safe_open is not a dict)
         assert dtypes == {"torch.float16"}, f
-    recipe = json.loads((SHIPPED_MODEL / "training.json").read_text())
+    recipe = json.loads((folder / "training.json").read_text())
     assert recipe["seed"] and recipe["unet_steps"] > 0
 
 
 def test_services_serve_the_shipped_model(services):
     assert services.models.get().info.model_name == DEFAULT_MODEL_NAME
+
+
+def test_a_fresh_checkpoint_folder_gets_both_shapes_models_and_shapes_64_stays_the_default(tmp_path):
+    from app.services import build_services
+    from app.settings import Settings
+
+    services = build_services(Settings(data_dir=tmp_path))
+    names = [c.model_name for c in services.models.checkpoints]
+    assert names == [DEFAULT_MODEL_NAME, SHAPES_XL_NAME]
+    assert services.models.get().info.model_name == DEFAULT_MODEL_NAME and not services.models.get().is_xl
+    services.select_checkpoint(SHAPES_XL_NAME)
+    assert services.models.get().is_xl
 
 
 @pytest.mark.parametrize("seed", [11])
@@ -74,3 +93,22 @@ def test_prompts_are_followed_as_the_detector_reads_them(services):
     scenes = [sample_scene(rng) for _ in range(32)]
     got = accuracy(scenes, generate_images(services, [caption(s) for s in scenes], seed=3))
     assert all(got[k] >= floor for k, floor in ADHERENCE_FLOOR.items()), got
+
+
+# shapes-xl, measured the same way (benchmarks/default_model_quality.py, 96 prompts): background 0.99, colour 0.78,
+# count 0.95, shape 0.63 (shapes-64 on the same prompts: 0.98, 0.92, 0.94, 0.68); on these 32: 0.97, 0.78, 0.97,
+# 0.56. Its colours and shapes are the weaker part; the floors sit well above chance (colour 1/6, shape 1/3).
+XL_ADHERENCE_FLOOR = {"background": 0.85, "color": 0.6, "count": 0.8, "shape": 0.45}
+
+
+def test_shapes_xl_follows_prompts_as_the_detector_reads_them(tmp_path):
+    import random
+
+    from app.shapes.efficacy import make_services
+
+    services = make_services(tmp_path, SHIPPED_XL_MODEL)
+    assert services.models.get().is_xl
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(32)]
+    got = accuracy(scenes, generate_images(services, [caption(s) for s in scenes], seed=3))
+    assert all(got[k] >= floor for k, floor in XL_ADHERENCE_FLOOR.items()), got

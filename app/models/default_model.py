@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "shapes-64"
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "Stable-diffusion" / DEFAULT_MODEL_NAME
+SHAPES_XL_NAME = "shapes-xl"  # the same scenes on SDXL's architecture (two text encoders, size conditioning)
+SHIPPED_XL_MODEL = SHIPPED_MODEL.parent / SHAPES_XL_NAME
 SEED = 20261124
 TEXT_WIDTH = 64
 
@@ -91,37 +93,49 @@ def build_default_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
 
 
 def ensure_default_model(ckpt_dir: Path) -> Path:
-    """Create the default model folder under `ckpt_dir` unless it exists; return its path.
+    """Create the default model folder under `ckpt_dir` unless it exists, and put the shipped SDXL-layout
+    `shapes-xl` beside it when it is shipped; return the default model's path.
 
-    Written to a temporary folder first and renamed into place, so an interrupted first start leaves nothing
+    Written to temporary folders first and renamed into place, so an interrupted first start leaves nothing
     half-written behind.
     """
     target = ckpt_dir / DEFAULT_MODEL_NAME
-    if (target / "model_index.json").is_file():
-        return target
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=ckpt_dir))
-    try:
+    if not (target / "model_index.json").is_file():
         if (SHIPPED_MODEL / "model_index.json").is_file():
             log.info("Copying the default model into %s", target)
-            shutil.copytree(SHIPPED_MODEL, tmp, dirs_exist_ok=True)
+            _install(target, lambda tmp: shutil.copytree(SHIPPED_MODEL, tmp, dirs_exist_ok=True))
         else:
             log.warning(
                 "The shipped default model (%s) is missing: building an untrained one of the same architecture "
                 "(its images are noise). `python scripts/train_default_model.py` trains it again.",
                 SHIPPED_MODEL,
             )
-            build_default_pipeline().save_pretrained(tmp, safe_serialization=True)
-            # Ship the plain BPE files beside diffusers' tokenizer files: our loader reads these.
-            for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(SHIPPED_DIR / name, tmp / "tokenizer" / name)
+            _install(target, _build_untrained)
+    xl_target = ckpt_dir / SHAPES_XL_NAME
+    if (SHIPPED_XL_MODEL / "model_index.json").is_file() and not xl_target.exists():
+        _install(xl_target, lambda tmp: shutil.copytree(SHIPPED_XL_MODEL, tmp, dirs_exist_ok=True))
+    return target
+
+
+def _build_untrained(folder: Path) -> None:
+    build_default_pipeline().save_pretrained(folder, safe_serialization=True)
+    # Ship the plain BPE files beside diffusers' tokenizer files: our loader reads these.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(SHIPPED_DIR / name, folder / "tokenizer" / name)
+
+
+def _install(target: Path, fill) -> None:
+    """`fill` a temporary folder beside `target`, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        fill(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def build_tiny_sd2_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
@@ -169,8 +183,6 @@ def build_tiny_sdxl_pipeline(seed: int = SEED):
     )
 
 
-SHAPES_XL_NAME = "shapes-xl"
-SHIPPED_XL_MODEL = SHIPPED_MODEL.parent / SHAPES_XL_NAME
 XL_TIME_EMBED = 8  # width of each of the six size-conditioning numbers' embeddings
 
 

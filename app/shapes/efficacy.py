@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from app.embeddings.formats import read_embedding_file
-from app.embeddings.writer import a1111_dict, save_pt
+from app.embeddings.writer import META_KEYS, SDXL_PARTS, a1111_dict, save_pt, save_tensors, sdxl_dict
 from app.generation.txt2img import Txt2ImgParams
 from app.hypernetworks.attention import attention_widths
 from app.hypernetworks.files import read_hypernetwork_file
@@ -60,12 +60,15 @@ class EfficacyResult:
 
 
 def make_services(work: Path, model_dir: Path = SHIPPED_MODEL) -> Services:
-    """Services over a fresh data dir in `work` holding a copy of the shapes model (shipped templates)."""
+    """Services over a fresh data dir in `work` holding a copy of a shapes model (shipped templates), selected."""
     ckpt = work / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True, exist_ok=True)
-    if not (ckpt / DEFAULT_MODEL_NAME).exists():
-        shutil.copytree(model_dir, ckpt / DEFAULT_MODEL_NAME)
-    return build_services(Settings(data_dir=work))
+    if not (ckpt / model_dir.name).exists():
+        shutil.copytree(model_dir, ckpt / model_dir.name)
+    services = build_services(Settings(data_dir=work))
+    if model_dir.name != DEFAULT_MODEL_NAME:
+        services.select_checkpoint(model_dir.name)
+    return services
 
 
 def _write_dataset(folder: Path, scenes: list[Scene], words: list[str]) -> Path:
@@ -99,7 +102,12 @@ def heldout_loss(services: Services, prompts: list[str], images: list[Image.Imag
     vae, unet = model.pipe.vae, model.pipe.unet
     scheduler = model.pipe.scheduler
     alphas = scheduler.alphas_cumprod
-    cond = model.encoder.encode(prompts).to(model.dtype)
+    cond, pooled = model.encoder.encode_with_pooled(prompts)
+    cond = cond.to(model.dtype)
+    added = None
+    if pooled is not None:  # SDXL: the pooled prompt and the size conditioning of a 64x64 uncropped image
+        size = [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * len(prompts)
+        added = {"text_embeds": pooled.to(model.dtype), "time_ids": torch.tensor(size, dtype=model.dtype)}
     pixels = torch.stack([image_tensor(im) for im in images]).to(model.device, model.vae_dtype)
     latents = vae.encode(pixels).latent_dist.mean.float() * float(vae.config.scaling_factor)
     g = torch.Generator("cpu").manual_seed(1234)
@@ -110,7 +118,7 @@ def heldout_loss(services: Services, prompts: list[str], images: list[Image.Imag
             a = alphas[t]
             noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).to(model.device, model.dtype)
             timestep = torch.full((len(images),), t, device=model.device)
-            pred = unet(noisy, timestep, encoder_hidden_states=cond).sample.float().cpu()
+            pred = unet(noisy, timestep, encoder_hidden_states=cond, added_cond_kwargs=added).sample.float().cpu()
             losses.append(torch.mean((pred - noise) ** 2).item())
     return mean_of(losses)
 
@@ -123,9 +131,23 @@ def generate_images(services: Services, prompts: list[str], seed: int) -> list[I
     ]
 
 
+def _embedding_vectors(path: Path) -> torch.Tensor:
+    """An embedding file's vectors; SDXL's two parts side by side (clip_l, clip_g), as the database keeps them."""
+    data = read_embedding_file(path)
+    return data.vectors if data.vectors is not None else torch.cat([data.parts[k] for k in SDXL_PARTS], dim=1)
+
+
 def _embedding_copy(services: Services, source: Path, name: str, vectors: torch.Tensor | None = None) -> None:
-    vectors = read_embedding_file(source).vectors if vectors is None else vectors
-    save_pt(services.settings.embeddings_dir / f"{name}.pt", a1111_dict(name, vectors, 0, None, None))
+    """A copy of the embedding at `source` (or `vectors` in its layout) under another name, step 0."""
+    vectors = _embedding_vectors(source) if vectors is None else vectors
+    model = services.models.get()
+    if model.is_xl:
+        split = int(model.pipe.text_encoder.config.hidden_size)
+        data = sdxl_dict(name, vectors, split, 0, None, None)
+        meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
+        save_tensors(services.settings.embeddings_dir / f"{name}.safetensors", {k: data[k] for k in SDXL_PARTS}, meta)
+    else:
+        save_pt(services.settings.embeddings_dir / f"{name}.pt", a1111_dict(name, vectors, 0, None, None))
 
 
 def _train(
@@ -172,14 +194,17 @@ def run_embedding(
 ) -> EfficacyResult:
     """Create and train the orange embedding for `steps` steps; measure it against its start and a random one."""
     tag = f"{TI_NAME}{steps}"
-    services.embeddings.create(tag, num_vectors=1, init_text=TI_INIT, overwrite=True)
-    initial = services.settings.embeddings_dir / f"{tag}.pt"
+    initial = services.embeddings.create(tag, num_vectors=1, init_text=TI_INIT, overwrite=True)
+    initial.with_suffix(".optim").unlink(missing_ok=True)
     _embedding_copy(services, initial, f"{tag}init")
-    model = services.models.get()
-    table = model.pipe.text_encoder.get_input_embeddings().weight.detach().float()
+    pipe = services.models.get().pipe
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     g = torch.Generator("cpu").manual_seed(seed)
-    random_vec = torch.randn((1, table.shape[1]), generator=g) * table.std() + table.mean()
-    _embedding_copy(services, initial, f"{tag}random", random_vec)
+    random_parts = []
+    for encoder in encoders:  # each part drawn like its own token table
+        table = encoder.get_input_embeddings().weight.detach().float()
+        random_parts.append(torch.randn((1, table.shape[1]), generator=g) * table.std() + table.mean())
+    _embedding_copy(services, initial, f"{tag}random", torch.cat(random_parts, dim=1))
 
     train_scenes = concept_scenes(seed * 100 + 1, 8)
     data = _write_dataset(work / f"ti-data-{steps}", train_scenes, [ti_words(s) for s in train_scenes])
