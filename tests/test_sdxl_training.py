@@ -281,3 +281,64 @@ def test_lora_trains_on_sdxl_with_both_text_encoders_and_diffusers_loads_it(xl, 
     theirs = run()
     assert (ours - base).abs().max() > 1e-4
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# -- over HTTP, as an A1111 API client does it ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_server(tmp_path_factory, model_store):
+    """`webui.py --api` with both shipped shapes models; the client switches to shapes-xl itself."""
+    import shutil
+
+    from app.models.default_model import SHIPPED_XL_MODEL
+    from tests.conftest import Server, make_data_dir
+
+    base = tmp_path_factory.mktemp("xl-server")
+    data = make_data_dir(base / "data", model_store)
+    shutil.copytree(SHIPPED_XL_MODEL, data / "models" / "Stable-diffusion" / SHIPPED_XL_MODEL.name)
+    srv = Server(data, ["--api"], base / "server.log")
+    try:
+        srv.wait_ready("/sdapi/v1/sd-models")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_sdxl_embedding_and_hypernetwork_train_through_the_api(xl_server, dataset):
+    import requests
+
+    from tests.test_training_api import payload
+
+    url = f"{xl_server.url}/sdapi/v1"
+    titles = [m["model_name"] for m in requests.get(f"{url}/sd-models", timeout=30).json()]
+    assert titles == ["shapes-64", "shapes-xl"]
+    assert requests.post(f"{url}/options", json={"sd_model_checkpoint": "shapes-xl"}, timeout=120).status_code == 200
+    assert requests.get(f"{url}/options", timeout=30).json()["sd_model_checkpoint"].startswith("shapes-xl")
+
+    created = requests.post(
+        f"{url}/create/embedding", json={"name": "apixl", "num_vectors_per_token": 2, "init_text": "red"}, timeout=30
+    )
+    path = xl_server.data_dir / "embeddings" / "apixl.safetensors"
+    assert created.status_code == 200 and created.json() == {"info": f"create embedding filename: {path}"}
+    trained = requests.post(f"{url}/train/embedding", json=payload("apixl", dataset, steps=4), timeout=300)
+    assert trained.json() == {"info": f"train embedding complete: filename: {path} error: None"}
+    entry = requests.get(f"{url}/embeddings", timeout=30).json()["loaded"]["apixl"]
+    assert entry["step"] == 4 and entry["shape"] == 64 + 64 and entry["vectors"] == 2  # clip_l + clip_g
+    data, metadata = tensors(path)
+    assert set(data) == {"clip_l", "clip_g"} and metadata["step"] == "4"
+
+    # shapes-xl's cross-attention context: both encoders side by side, 64 + 64 wide.
+    created = requests.post(f"{url}/create/hypernetwork", json={"name": "apixlhn", "enable_sizes": [128]}, timeout=30)
+    assert created.status_code == 200, created.text
+    skip = ("embedding_name", "save_embedding_every", "save_image_with_stored_embedding")
+    body = {k: v for k, v in payload("apixlhn", dataset, steps=3).items() if k not in skip}
+    body.update(hypernetwork_name="apixlhn", save_hypernetwork_every=0, learn_rate="0.0001")
+    trained = requests.post(f"{url}/train/hypernetwork", json=body, timeout=300)
+    assert trained.status_code == 200 and trained.json()["info"].endswith("error: None"), trained.text
+    image = requests.post(
+        f"{url}/txt2img",
+        json={"prompt": "a apixl circle <hypernet:apixlhn:1>", "steps": 4, "width": 64, "height": 64},
+        timeout=120,
+    ).json()
+    assert "TI hashes" in image["info"] and "apixlhn" in image["info"]
