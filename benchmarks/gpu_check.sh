@@ -46,6 +46,9 @@ if [ -n "$TINY" ]; then
     "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets embedding --medvram --ours-only \
         --markdown "$OUT_DIR/train_medvram.md"
     section "Training under --medvram" "$OUT_DIR/train_medvram.md"
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --arch sdxl --steps 2 --batches 1 \
+        --targets embedding,hypernetwork --markdown "$OUT_DIR/train_sdxl.md"
+    section "Training on SDXL" "$OUT_DIR/train_sdxl.md"
     cat "$report"
     exit 0
 fi
@@ -73,6 +76,11 @@ elapsed "training"
     --targets embedding,hypernetwork --medvram --markdown "$OUT_DIR/train_medvram.md"
 section "Training under --medvram (hooks off for the run), 512 px" "$OUT_DIR/train_medvram.md"
 elapsed "training under --medvram"
+
+"$PY" benchmarks/train_full_size.py --ckpt "$files/sdxl-random.safetensors" --arch sdxl --steps 2 --batches 1 \
+    --targets embedding --markdown "$OUT_DIR/train_sdxl.md"
+section "Training on SDXL: an SDXL embedding (clip_l + clip_g) at 1024 px, fp16" "$OUT_DIR/train_sdxl.md"
+elapsed "SDXL training"
 
 if [ $(($(date +%s) - started)) -lt 420 ]; then
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \

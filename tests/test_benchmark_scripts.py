@@ -21,7 +21,7 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "failed" not in report
-    for heading in ("## Generation", "## LoRA", "## Training", "## Training under --medvram"):
+    for heading in ("## Generation", "## LoRA", "## Training", "## Training under --medvram", "## Training on SDXL"):
         assert heading in report
     for row in ("| SD1.5 64 px |", "| SDXL 64 px |", "| --medvram |", "| --lowvram (4 steps) |"):
         assert row in report
@@ -32,3 +32,7 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
             line = next(x for x in training.splitlines() if x.startswith(f"| {target} | {batch} |"))
             numbers = [float(n) for n in re.findall(r"\d+\.\d+", line)]
             assert len(numbers) >= 3 and all(n > 0 for n in numbers[:2])  # both sides measured a step time
+    sdxl = report.split("## Training on SDXL")[1]
+    assert "tiny SDXL file" in sdxl
+    for target in ("embedding", "hypernetwork"):
+        assert re.search(rf"\| {target} \| 1 \| - \| \d+\.\d+ \|", sdxl), sdxl
