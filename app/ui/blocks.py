@@ -37,6 +37,9 @@ def build_ui(services: Services) -> gr.Blocks:
                 value=services.options["sd_model_checkpoint"],
                 elem_id="sd_model_checkpoint",
                 scale=4,
+                # Titles change when a load computes the hash ("name" -> "name [hash]"); an event still carrying
+                # the old title must not be refused by Gradio's choice check (select_checkpoint finds either).
+                allow_custom_value=True,
             )
             refresh = gr.Button("🔄", elem_id="refresh_checkpoints", scale=0, min_width=48)
             clip_skip = gr.Slider(
@@ -55,7 +58,10 @@ def build_ui(services: Services) -> gr.Blocks:
                 info = services.select_checkpoint(title)
             except UserError as e:
                 return gr.update(), f"<span class='gen-error'>{e}</span>"
-            return gr.update(value=info.title), f"Loaded {info.title}"
+            # Loading computes the hash, which changes the title ("name [hash]"): new choices with it, or the
+            # dropdown would hold a value that is not among its choices and show nothing.
+            choices = [c.title for c in services.models.refresh()]
+            return gr.update(choices=choices, value=info.title), f"Loaded {info.title}"
 
         def on_refresh():
             found = services.models.refresh()

@@ -356,3 +356,61 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     page.locator("#lora_refresh").click()
     page.locator("#lora_cards").get_by_text("uitrained", exact=True).click()
     page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:uitrained:1>')")
+
+
+@pytest.fixture(scope="module")
+def xl_ui_server(tmp_path_factory, model_store):
+    """A server whose checkpoint folder holds both shipped shapes models (as a fresh install has them)."""
+    import shutil
+
+    from app.models.default_model import SHIPPED_XL_MODEL
+    from tests.conftest import Server, make_data_dir
+
+    base = tmp_path_factory.mktemp("xl-ui")
+    data = make_data_dir(base / "data", model_store)
+    shutil.copytree(SHIPPED_XL_MODEL, data / "models" / "Stable-diffusion" / SHIPPED_XL_MODEL.name)
+    srv = Server(data, [], base / "server.log")
+    try:
+        srv.wait_ready("/")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_pick_shapes_xl_then_create_train_and_use_an_sdxl_embedding(page, xl_ui_server, tmp_path):
+    from tests.test_training import make_dataset
+
+    server = xl_ui_server
+    dataset = make_dataset(tmp_path / "stars")
+    open_ui(page, server)
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-xl"))
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-xl')", timeout=60000
+    )
+    # The dropdown shows the loaded model under its new title (with the hash computed on load).
+    page.wait_for_function("document.querySelector('#sd_model_checkpoint input').value.startsWith('shapes-xl [')")
+    page.get_by_role("tab", name="Textual Inversion").click()
+    fill_field(page, "train_embedding_name", "uixl")
+    fill_field(page, "train_initialization_text", "red")
+    page.locator("#train_create_embedding").click()
+    assert "uixl.safetensors" in page.locator("#ti_create_ok").inner_text()
+    page.get_by_role("tab", name="Train").click()
+    pick_option(page, "#train_embedding input", "uixl", exact=True)
+    fill_field(page, "train_dataset_directory", dataset)
+    fill_field(page, "train_steps", 8)
+    fill_field(page, "train_create_image_every", 4)
+    fill_field(page, "train_save_embedding_every", 4)
+    page.locator("#train_train_embedding").click()
+    done = page.locator("#train_result")
+    done.wait_for(timeout=60000)
+    assert "Training finished at step 8" in done.inner_text()
+    page.locator("#ti_train_preview img").wait_for()
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_sdxl_embedding.png"), full_page=True)
+    log_copies = list((server.data_dir / "log").rglob("uixl-8.safetensors"))
+    assert len(log_copies) == 1
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a uixl circle on a blue background")
+    page.locator("#txt2img_generate").click()
+    info = page.locator("#generation_info_text").inner_text()
+    assert 'TI hashes: "uixl: ' in info and "Model: shapes-xl," in info
+    assert page.external_requests == []
