@@ -342,3 +342,25 @@ def test_sdxl_embedding_and_hypernetwork_train_through_the_api(xl_server, datase
         timeout=120,
     ).json()
     assert "TI hashes" in image["info"] and "apixlhn" in image["info"]
+
+
+def test_do_not_resize_gives_each_image_its_own_size_conditioning(xl, tmp_path):
+    folder = tmp_path / "varsize"
+    folder.mkdir()
+    Image.new("RGB", (100, 60), (200, 100, 20)).save(folder / "0-a shape.png")
+    Image.new("RGB", (72, 80), (20, 100, 200)).save(folder / "1-a shape.png")
+    fresh_embedding(xl, "zqxlvarsize")
+    unet = xl.models.get().pipe.unet
+    seen = []
+    handle = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["added_cond_kwargs"]["time_ids"][0].tolist())),
+        with_kwargs=True,
+    )
+    try:
+        result = xl.training.train_embedding(
+            cfg("zqxlvarsize", folder, steps=4, varsize=True, template_filename="subject.txt")
+        ).wait()
+    finally:
+        handle.remove()
+    assert result.error is None, result.error
+    assert set(seen) == {(60, 100, 1, 0, 56, 96), (80, 72, 0, 0, 80, 72)}
