@@ -161,7 +161,8 @@ def main() -> None:
                     out = subprocess.run(command, capture_output=True, text=True)
                     if out.returncode != 0:
                         print(out.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{side} {target} batch {batch} failed")
+                        why = " (killed: out of memory?)" if out.returncode == -9 else ""
+                        raise SystemExit(f"{side} {target} batch {batch} failed: exit {out.returncode}{why}")
                     runs[side] = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append((target, batch, runs.get("baseline"), runs["ours"]))
                 print_row(*rows[-1], flush=True)

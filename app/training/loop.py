@@ -7,13 +7,15 @@ saved with every checkpoint, so N steps in one go equal N/2 + interrupt + N/2 bi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from app.errors import UserError
+from app.fileio import atomic_write_text
 from app.jobs import Job
 from app.models.manager import LoadedModel
 from app.training.checkpoint import load_optim, save_optim
@@ -35,11 +38,26 @@ from app.training.targets import TrainingTarget
 
 log = logging.getLogger(__name__)
 
+SAVE_REMEDY = "free some space or fix the folder's permissions"
 PreviewFn = Callable[[str, int], tuple[Image.Image, str]]  # (prompt, step) -> (image, infotext)
 
 
 class NonFiniteLoss(UserError):
     pass
+
+
+class SaveFailed(UserError):
+    """A file of the run could not be written: a full disk, a permission, a read-only folder."""
+
+
+@contextmanager
+def writing(what: str, folder: Path) -> Iterator[None]:
+    """Turn an OSError while writing `what` into a SaveFailed that names the folder and the cause."""
+    try:
+        yield
+    except OSError as e:
+        where = Path(e.filename).parent if isinstance(e.filename, str) and e.filename else folder
+        raise SaveFailed(f"could not write the {what} in {where}: {e.strerror or e}") from e
 
 
 @dataclass
@@ -81,10 +99,11 @@ class LossLog:
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())  # a kill or a full disk here keeps the old log whole
 
     def write(self, step: int, epoch: int, epoch_step: int, loss: float, rate: float) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
@@ -180,28 +199,61 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     per_step = cfg.batch_size * cfg.gradient_step
     steps_per_epoch = max(1, len(images) // per_step)
 
-    # -- logging -----------------------------------------------------------------------------------------------
-    (log_dir / "images").mkdir(parents=True, exist_ok=True)
-    (log_dir / f"{target.kind}s").mkdir(parents=True, exist_ok=True)
-    (log_dir / "settings.json").write_text(
-        json.dumps(
-            {**cfg.as_dict(), "seed": seed, "start_step": step, "model": model.info.title, "images": len(images)},
-            indent=2,
-            default=str,
-        ),
-        encoding="utf-8",
-    )
-    loss_log = LossLog(log_dir / f"{'textual_inversion' if target.kind == 'embedding' else target.kind}_loss.csv", step)
+    # -- logging (a folder that cannot be written stops here, before any step, with nothing changed) -----------
+    try:
+        with writing("log folder", log_dir):
+            (log_dir / "images").mkdir(parents=True, exist_ok=True)
+            (log_dir / f"{target.kind}s").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                log_dir / "settings.json",
+                json.dumps(
+                    {
+                        **cfg.as_dict(),
+                        "seed": seed,
+                        "start_step": step,
+                        "model": model.info.title,
+                        "images": len(images),
+                    },
+                    indent=2,
+                    default=str,
+                ),
+            )
+            loss_name = f"{'textual_inversion' if target.kind == 'embedding' else target.kind}_loss.csv"
+            loss_log = LossLog(log_dir / loss_name, step)
+    except SaveFailed as e:
+        raise SaveFailed(f"Training did not start: {e}. Nothing was changed; {SAVE_REMEDY}.") from None
     recent: deque[float] = deque(maxlen=max(1, 3 * len(images)))
     result = TrainResult(target.name, target.path, step, log_dir)
     started, start_step = time.time(), step
 
+    saved_step = step  # the step of the trained file on disk
+
     def checkpoint(at: int, copy: bool) -> None:
         # The optimizer state first, then the trained file: a kill between the two leaves a hash mismatch that
         # resume detects, never a silently wrong pairing.
-        save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
+        nonlocal saved_step
         copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}{target.copy_suffix}" if copy else None
-        target.save(at, model, copy_to)
+        try:
+            with writing(f"{target.kind} checkpoint", target.path.parent):
+                save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
+                target.save(at, model, copy_to)
+        except SaveFailed as e:
+            failed_in = Path(str(getattr(e.__cause__, "filename", "") or "")).parent
+            if copy_to is not None and failed_in == copy_to.parent:
+                saved_step = at  # only the log copy failed; the main file was written
+            raise
+        saved_step = at
+
+    write_failed = [False]
+
+    def save_failed(e: SaveFailed) -> None:
+        """End the run because a file could not be written; what is on disk stays as it was."""
+        write_failed[0] = True
+        result.error = (
+            f"Training stopped at step {result.step}: {e}. The last good {target.kind} is kept "
+            f"({target.path.name}, step {saved_step}); {SAVE_REMEDY} and train again to continue from there."
+        )
+        log.error(result.error)
 
     def stop(reason: str, remedy: str = "or --no-half") -> None:
         """End the run with a message; the trained file on disk stays the last good one."""
@@ -291,7 +343,12 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         mean_loss = sum(recent) / len(recent)
         result.losses.append((step, step_loss))
         epoch, epoch_step = divmod(step - 1, steps_per_epoch)
-        loss_log.write(step, epoch, epoch_step + 1, step_loss, rate)
+        try:
+            with writing("loss log", log_dir):
+                loss_log.write(step, epoch, epoch_step + 1, step_loss, rate)
+        except SaveFailed as e:
+            save_failed(e)
+            break
         if job is not None:
             elapsed = time.time() - started
             p = job.progress
@@ -302,28 +359,40 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 f"{elapsed / max(1, step - start_step):.3f} s/it"
             )
             p.history.append((step, mean_loss))
-        if cfg.save_every and step % cfg.save_every == 0:
-            checkpoint(step, copy=True)
-        if preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0:
-            with vae_needed():
-                image, infotext = preview(first_prompt, step)
-            path = log_dir / "images" / f"{target.name}-{step}.png"
-            target.save_preview(path, image, step, infotext, cfg.save_image_with_stored_embedding, model)
-            if job is not None:
-                job.progress.preview = lambda image=image: image
-                job.progress.preview_id += 1
-                job.progress.extra["last_preview_path"] = str(path)
+        previewed = preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0
+        try:
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint(step, copy=True)
+            if previewed:
+                with vae_needed():
+                    image, infotext = preview(first_prompt, step)
+                path = log_dir / "images" / f"{target.name}-{step}.png"
+                with writing("preview image", path.parent):
+                    target.save_preview(path, image, step, infotext, cfg.save_image_with_stored_embedding, model)
+        except SaveFailed as e:
+            save_failed(e)
+            break
+        if previewed and job is not None:
+            job.progress.preview = lambda image=image: image
+            job.progress.preview_id += 1
+            job.progress.extra["last_preview_path"] = str(path)
         if job is not None and job.interrupted:
             result.interrupted = True
             break
 
-    if optimizer_broken:
-        # The moments may be half-updated: keep the good tensors; the old .optim no longer matches them, so a
-        # resume starts a fresh optimizer (with a warning) instead of using a broken one.
-        if result.step > target.initial_step:
-            target.save(result.step, model)
-    elif result.error is None or result.step > target.initial_step:
-        checkpoint(result.step, copy=False)
+    try:
+        if write_failed[0]:
+            pass  # the disk or folder that failed would fail again; what is there is the last good state
+        elif optimizer_broken:
+            # The moments may be half-updated: keep the good tensors; the old .optim no longer matches them, so a
+            # resume starts a fresh optimizer (with a warning) instead of using a broken one.
+            if result.step > target.initial_step:
+                with writing(target.kind, target.path.parent):
+                    target.save(result.step, model)
+        elif result.error is None or result.step > target.initial_step:
+            checkpoint(result.step, copy=False)
+    except SaveFailed as e:
+        save_failed(e)
     return result
 
 
