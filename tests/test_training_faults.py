@@ -83,11 +83,12 @@ class Faults:
 
 # (what fails, pattern, errno, successful writes before the fault, folder named, step of the main file kept,
 # resume is bit-exact). Saves happen at steps 2 and 4 (file, then log copy, then preview); the loss log is
-# rewritten once at the start and appended after every step. When the embedding itself fails after its optimizer
-# state was written, the two no longer match: the resume notices and starts a fresh optimizer (not exact).
+# rewritten once at the start and appended after every step. The optimizer state waits as `.optim.next` until its
+# embedding is written, so the kept `.optim` always belongs to the kept embedding and every resume is exact.
 POINTS = [
-    ("optimizer state", f"*/embeddings/{NAME}.optim", errno.ENOSPC, 1, "/embeddings", 2, True),
-    ("embedding file", f"*/embeddings/{NAME}.pt", errno.ENOSPC, 1, "/embeddings", 2, False),
+    ("optimizer state", f"*/embeddings/{NAME}.optim.next", errno.ENOSPC, 1, "/embeddings", 2, True),
+    ("optimizer state commit", f"*/embeddings/{NAME}.optim", errno.ENOSPC, 1, "/embeddings", 4, True),
+    ("embedding file", f"*/embeddings/{NAME}.pt", errno.ENOSPC, 1, "/embeddings", 2, True),
     ("log copy", f"*/log/*/{NAME}/embeddings/{NAME}-*.pt", errno.EACCES, 1, f"/{NAME}/embeddings", 4, True),
     ("preview image", f"*/log/*/{NAME}/images/*.png", errno.EROFS, 1, f"/{NAME}/images", 4, True),
     ("loss log", f"*/log/*/{NAME}/textual_inversion_loss.csv", errno.ENOSPC, 3, f"/{NAME}", 2, True),

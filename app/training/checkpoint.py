@@ -3,12 +3,17 @@
 The file holds the AdamW state, the step, the run's seed, the fp16 loss scaler's state (when there is one) and a
 hash of the trained tensors at that step. A file whose hash does not match the tensors it sits beside (an older
 run, a file copied from elsewhere) is ignored with a warning, never applied.
+
+A checkpoint is three renames: the new state as `<name>.optim.next`, then the trained file, then `.next` over
+`.optim`. Whatever moment a kill hits, one of the two optimizer files belongs to the trained file on disk, and
+`load_optim` takes that one, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,16 @@ def tensors_hash(tensors: list[torch.Tensor]) -> str:
     for t in tensors:
         digest.update(t.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def pending_path(path: Path) -> Path:
+    """Where the next optimizer state waits until the trained file it belongs to is written."""
+    return path.with_name(path.name + ".next")
+
+
+def commit_optim(path: Path) -> None:
+    """Make the pending state the current one (after its trained file is on disk)."""
+    os.replace(pending_path(path), path)
 
 
 def save_optim(
@@ -50,9 +65,26 @@ def save_optim(
 
 
 def load_optim(path: Path, expected_hash: str, kind: str) -> dict[str, Any] | None:
-    """The stored state if it belongs to these tensors, else None (with a warning saying why)."""
-    if not path.is_file():
-        return None
+    """The stored state that belongs to these tensors (`.optim`, or a `.optim.next` whose trained file was written
+    just before a kill), else None with a warning saying why."""
+    found = [(p, _read_optim(p, kind)) for p in (path, pending_path(path)) if p.is_file()]
+    for candidate, data in found:
+        if data is not None and data.get("hash") == expected_hash:
+            if candidate != path:
+                log.info("Using %s: the run stopped after writing the weights it belongs to", candidate.name)
+            return data
+    for candidate, data in found:
+        if data is not None:
+            log.warning(
+                "Ignoring %s: it belongs to other weights (hash %s, expected %s); starting a fresh optimizer",
+                candidate,
+                data.get("hash"),
+                expected_hash,
+            )
+    return None
+
+
+def _read_optim(path: Path, kind: str) -> dict[str, Any] | None:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -60,13 +92,5 @@ def load_optim(path: Path, expected_hash: str, kind: str) -> dict[str, Any] | No
         return None
     if not isinstance(data, dict) or data.get("kind", kind) != kind or "optimizer_state_dict" not in data:
         log.warning("Ignoring %s: it is not a %s optimizer state", path, kind)
-        return None
-    if data.get("hash") != expected_hash:
-        log.warning(
-            "Ignoring %s: it belongs to other weights (hash %s, expected %s); starting a fresh optimizer",
-            path,
-            data.get("hash"),
-            expected_hash,
-        )
         return None
     return data

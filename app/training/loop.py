@@ -28,7 +28,7 @@ from app.errors import UserError
 from app.fileio import atomic_write_text
 from app.jobs import Job
 from app.models.manager import LoadedModel
-from app.training.checkpoint import load_optim, save_optim
+from app.training.checkpoint import commit_optim, load_optim, pending_path, save_optim
 from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
 from app.training.latents import LatentCache
@@ -229,18 +229,22 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     saved_step = step  # the step of the trained file on disk
 
     def checkpoint(at: int, copy: bool) -> None:
-        # The optimizer state first, then the trained file: a kill between the two leaves a hash mismatch that
-        # resume detects, never a silently wrong pairing.
+        # The optimizer state waits as `.optim.next` until the trained file is written, then replaces `.optim`:
+        # at any kill, one of the two belongs to the file on disk (checkpoint.py), so resume stays exact.
         nonlocal saved_step
         copy_to = log_dir / f"{target.kind}s" / f"{target.name}-{at}{target.copy_suffix}" if copy else None
+        written = False
         try:
             with writing(f"{target.kind} checkpoint", target.path.parent):
-                save_optim(target.optim_path, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
-                target.save(at, model, copy_to)
+                pending = pending_path(target.optim_path)
+                save_optim(pending, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
+                target.save(at, model, copy_to)  # the trained file, then its log copy
+                written = True
+                commit_optim(target.optim_path)
         except SaveFailed as e:
             failed_in = Path(str(getattr(e.__cause__, "filename", "") or "")).parent
-            if copy_to is not None and failed_in == copy_to.parent:
-                saved_step = at  # only the log copy failed; the main file was written
+            if written or (copy_to is not None and failed_in == copy_to.parent):
+                saved_step = at  # the trained file itself was written
             raise
         saved_step = at
 
