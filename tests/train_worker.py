@@ -1,8 +1,16 @@
 """Run by test_training_kill.py in a subprocess: train until killed or done.
 
-python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork]
+python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork] [KILL_AT]
+
+KILL_AT (`<point>:<n>`) makes the process SIGKILL itself the n-th time training reaches `point`: `latents` (a VAE
+encode), `unet` (a UNet forward), `rename:<glob>` (just before a file matching the glob is published by its
+rename), `csv` (half-way through writing a loss-log row). The hooks sit at the OS boundary and on modules; the
+training code runs unchanged.
 """
 
+import fnmatch
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +18,63 @@ from app.logs import quiet_libraries
 from app.services import build_services
 from app.settings import Settings
 from app.training.config import TrainConfig
+
+
+def arm(spec: str, services) -> None:
+    point, n = spec.rsplit(":", 1)
+    remaining = [int(n)]
+
+    def reached() -> bool:
+        remaining[0] -= 1
+        return remaining[0] == 0
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pipe = services.models.get().pipe
+    if point == "latents":
+        pipe.vae.encoder.register_forward_pre_hook(lambda *args: die() if reached() else None)
+    elif point == "unet":
+        pipe.unet.register_forward_pre_hook(lambda *args: die() if reached() else None)
+    elif point.startswith("rename:"):
+        pattern, real_replace = point.removeprefix("rename:"), os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if fnmatch.fnmatch(Path(dst).as_posix(), pattern) and reached():
+                die()
+            return real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace
+    elif point == "csv":
+        import app.training.loop as loop_module
+
+        real_open = open
+
+        class TornWriter:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, text):
+                if reached():
+                    self.f.write(text[: len(text) // 2])
+                    self.f.flush()
+                    die()
+                return self.f.write(text)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+        loop_module.open = lambda file, mode="r", *a, **k: (
+            TornWriter(real_open(file, mode, *a, **k)) if "a" in mode else real_open(file, mode, *a, **k)
+        )
+    else:
+        raise SystemExit(f"unknown kill point {spec}")
 
 
 def main() -> int:
@@ -39,6 +104,8 @@ def main() -> int:
             )
         cfg.template_filename, cfg.learn_rate = "hypernetwork.txt", "0.0001"
         train = services.training.train_hypernetwork
+    if len(sys.argv) > 5 and sys.argv[5]:
+        arm(sys.argv[5], services)
     print("READY", flush=True)
     result = train(cfg).wait()
     print(f"DONE {result.step} {result.error}", flush=True)
