@@ -171,14 +171,8 @@ class EmbeddingDatabase:
                     data.count,
                 )
                 continue
-            # SDXL's two parts side by side (clip_l, then clip_g), as the two encoders' conditioning is.
-            vectors = (
-                data.vectors
-                if data.vectors is not None
-                else torch.cat([data.parts["clip_l"], data.parts["clip_g"]], dim=1)
-            )
             loaded[data.name] = Embedding(
-                data.name, vectors, path, data.step, data.sd_checkpoint, data.sd_checkpoint_name
+                data.name, data.side_by_side(), path, data.step, data.sd_checkpoint, data.sd_checkpoint_name
             )
         self.loaded, self.skipped = loaded, skipped
         self._index()

@@ -54,6 +54,12 @@ class EmbeddingData:
             return int(self.vectors.shape[0])
         return int(self.parts["clip_g"].shape[0])
 
+    def side_by_side(self) -> torch.Tensor:
+        """The vectors; SDXL's two parts side by side (clip_l, then clip_g), as the two encoders' conditioning is."""
+        if self.vectors is not None:
+            return self.vectors
+        return torch.cat([self.parts["clip_l"], self.parts["clip_g"]], dim=1)
+
 
 def read_embedding_file(path: Path) -> EmbeddingData:
     """Parse `path`; raises EmbeddingFileError with a reason a person understands."""

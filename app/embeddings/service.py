@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from app.embeddings.database import EmbeddingDatabase
-from app.embeddings.writer import META_KEYS, SDXL_PARTS, a1111_dict, save_pt, save_tensors, sdxl_dict
+from app.embeddings.writer import a1111_dict, save_pt, save_sdxl, sdxl_dict
 from app.errors import UserError
 from app.models.devices import execution_device
 from app.models.manager import ModelManager
@@ -93,9 +93,7 @@ class EmbeddingService:
         vectors = initial_vectors(pipe.tokenizer, pipe.text_encoder.get_input_embeddings(), init_text, count)
         if model.is_xl:
             vectors_g = initial_vectors(pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings(), init_text, count)
-            data = sdxl_dict(cleaned, torch.cat([vectors, vectors_g], dim=1), vectors.shape[1], 0, None, None)
-            meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
-            save_tensors(path, {k: data[k] for k in SDXL_PARTS}, meta)
+            save_sdxl(path, sdxl_dict(cleaned, torch.cat([vectors, vectors_g], dim=1), vectors.shape[1], 0, None, None))
         else:
             save_pt(path, a1111_dict(cleaned, vectors, 0, None, None))
         self.db.refresh_if_changed()

@@ -61,6 +61,16 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=metadata))
 
 
+def safetensors_metadata(data: dict) -> dict[str, str]:
+    """The fields of an embedding dict that a .safetensors file keeps as string metadata."""
+    return {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
+
+
+def save_sdxl(path: Path, data: dict) -> None:
+    """An `sdxl_dict` as .safetensors: `clip_l` and `clip_g`, the rest as metadata."""
+    save_tensors(path, {k: data[k] for k in SDXL_PARTS}, safetensors_metadata(data))
+
+
 def save_pt(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from app.embeddings.formats import read_embedding_file
-from app.embeddings.writer import META_KEYS, SDXL_PARTS, a1111_dict, save_pt, save_tensors, sdxl_dict
+from app.embeddings.writer import a1111_dict, save_pt, save_sdxl, sdxl_dict
 from app.generation.txt2img import Txt2ImgParams
 from app.hypernetworks.attention import attention_widths
 from app.hypernetworks.files import read_hypernetwork_file
@@ -131,21 +131,14 @@ def generate_images(services: Services, prompts: list[str], seed: int) -> list[I
     ]
 
 
-def _embedding_vectors(path: Path) -> torch.Tensor:
-    """An embedding file's vectors; SDXL's two parts side by side (clip_l, clip_g), as the database keeps them."""
-    data = read_embedding_file(path)
-    return data.vectors if data.vectors is not None else torch.cat([data.parts[k] for k in SDXL_PARTS], dim=1)
-
-
 def _embedding_copy(services: Services, source: Path, name: str, vectors: torch.Tensor | None = None) -> None:
     """A copy of the embedding at `source` (or `vectors` in its layout) under another name, step 0."""
-    vectors = _embedding_vectors(source) if vectors is None else vectors
+    vectors = read_embedding_file(source).side_by_side() if vectors is None else vectors
     model = services.models.get()
     if model.is_xl:
         split = int(model.pipe.text_encoder.config.hidden_size)
         data = sdxl_dict(name, vectors, split, 0, None, None)
-        meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
-        save_tensors(services.settings.embeddings_dir / f"{name}.safetensors", {k: data[k] for k in SDXL_PARTS}, meta)
+        save_sdxl(services.settings.embeddings_dir / f"{name}.safetensors", data)
     else:
         save_pt(services.settings.embeddings_dir / f"{name}.pt", a1111_dict(name, vectors, 0, None, None))
 

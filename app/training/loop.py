@@ -248,11 +248,12 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             raise
         saved_step = at
 
-    write_failed = [False]
+    write_failed = False
 
     def save_failed(e: SaveFailed) -> None:
         """End the run because a file could not be written; what is on disk stays as it was."""
-        write_failed[0] = True
+        nonlocal write_failed
+        write_failed = True
         result.error = (
             f"Training stopped at step {result.step}: {e}. The last good {target.kind} is kept "
             f"({target.path.name}, step {saved_step}); {SAVE_REMEDY} and train again to continue from there."
@@ -384,10 +385,10 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             result.interrupted = True
             break
 
+    if write_failed:
+        return result  # the disk or folder that failed would fail again; what is there is the last good state
     try:
-        if write_failed[0]:
-            pass  # the disk or folder that failed would fail again; what is there is the last good state
-        elif optimizer_broken:
+        if optimizer_broken:
             # The moments may be half-updated: keep the good tensors; the old .optim no longer matches them, so a
             # resume starts a fresh optimizer (with a warning) instead of using a broken one.
             if result.step > target.initial_step:

@@ -12,13 +12,12 @@ from PIL import Image
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.embeddings.writer import (
-    META_KEYS,
-    SDXL_PARTS,
     a1111_dict,
+    safetensors_metadata,
     save_png,
     save_pt,
     save_safetensors,
-    save_tensors,
+    save_sdxl,
     sdxl_dict,
 )
 from app.errors import UserError
@@ -77,10 +76,6 @@ def encode(encoder, texts: list[str], clip_skip: int, with_grad: bool) -> Condit
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         cond, pooled = encoder.encode_with_pooled(texts, clip_skip)
     return cond, pooled
-
-
-def is_xl_encoder(encoder) -> bool:
-    return isinstance(encoder, XLPromptEncoder)
 
 
 TRAINABLE_EMBEDDING_SUFFIXES = (".pt", ".safetensors")
@@ -174,11 +169,10 @@ class EmbeddingTarget:
         if path.suffix.lower() != ".safetensors":
             save_pt(path, data)
             return
-        meta = {k: str(data[k]) for k in META_KEYS if data.get(k) is not None}
         if self._split:
-            save_tensors(path, {k: data[k] for k in SDXL_PARTS}, meta)
+            save_sdxl(path, data)
         else:
-            save_safetensors(path, self.vectors, meta)
+            save_safetensors(path, self.vectors, safetensors_metadata(data))
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         self._write(self.path, self._data(step, model))
