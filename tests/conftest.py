@@ -28,11 +28,13 @@ def model_store(tmp_path_factory) -> Path:
     return folder
 
 
-def make_data_dir(base: Path, model_store: Path) -> Path:
-    """A fresh data dir whose checkpoint folder already holds the default model (copied, not rebuilt)."""
+def make_data_dir(base: Path, model_store: Path, models: tuple[str, ...] = ("shapes-64",)) -> Path:
+    """A fresh data dir whose checkpoint folder already holds the default model (copied, not rebuilt); `models`
+    may add the shipped `shapes-xl`, as a fresh install has it."""
     ckpt = base / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
-    shutil.copytree(model_store / "shapes-64", ckpt / "shapes-64")
+    for name in models:
+        shutil.copytree(model_store / name, ckpt / name)
     return base
 
 
@@ -120,10 +122,14 @@ class Server:
 def server(tmp_path_factory, model_store):
     """`webui.py --api` serving UI and API, as a user starts it."""
     base = tmp_path_factory.mktemp("server")
-    data = make_data_dir(base / "data", model_store)
-    srv = Server(data, ["--api"], base / "server.log")
+    yield from serve(make_data_dir(base / "data", model_store), ["--api"], base / "server.log", "/sdapi/v1/sd-models")
+
+
+def serve(data: Path, args: list[str], log_path: Path, ready_path: str):
+    """A server over `data` for a fixture to yield, stopped when the fixture ends."""
+    srv = Server(data, args, log_path)
     try:
-        srv.wait_ready("/sdapi/v1/sd-models")
+        srv.wait_ready(ready_path)
         yield srv
     finally:
         srv.stop()

@@ -4,12 +4,10 @@ the size conditioning and pooled embedding every sample gets, hypernetworks and 
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from app.embeddings.service import initial_vectors
@@ -17,25 +15,13 @@ from app.errors import UserError
 from app.hypernetworks.attention import attention_widths
 from app.lora.files import read_lora_file
 from app.training.dataset import crop_of_fit, load_dataset
-from tests.test_training import cfg, make_dataset
+from tests.test_lora_training import tensors
+from tests.test_training import cfg, make_dataset, state_hash
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("xl-stars"))
-
-
-def tensors(path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
-
-
-def state_hash(module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fresh_embedding(xl, name, n=2, init="red circle"):
@@ -289,20 +275,11 @@ def test_lora_trains_on_sdxl_with_both_text_encoders_and_diffusers_loads_it(xl, 
 @pytest.fixture(scope="module")
 def xl_server(tmp_path_factory, model_store):
     """`webui.py --api` with both shipped shapes models; the client switches to shapes-xl itself."""
-    import shutil
-
-    from app.models.default_model import SHIPPED_XL_MODEL
-    from tests.conftest import Server, make_data_dir
+    from tests.conftest import make_data_dir, serve
 
     base = tmp_path_factory.mktemp("xl-server")
-    data = make_data_dir(base / "data", model_store)
-    shutil.copytree(SHIPPED_XL_MODEL, data / "models" / "Stable-diffusion" / SHIPPED_XL_MODEL.name)
-    srv = Server(data, ["--api"], base / "server.log")
-    try:
-        srv.wait_ready("/sdapi/v1/sd-models")
-        yield srv
-    finally:
-        srv.stop()
+    data = make_data_dir(base / "data", model_store, ("shapes-64", "shapes-xl"))
+    yield from serve(data, ["--api"], base / "server.log", "/sdapi/v1/sd-models")
 
 
 def test_sdxl_embedding_and_hypernetwork_train_through_the_api(xl_server, dataset):

@@ -361,20 +361,11 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
 @pytest.fixture(scope="module")
 def xl_ui_server(tmp_path_factory, model_store):
     """A server whose checkpoint folder holds both shipped shapes models (as a fresh install has them)."""
-    import shutil
-
-    from app.models.default_model import SHIPPED_XL_MODEL
-    from tests.conftest import Server, make_data_dir
+    from tests.conftest import make_data_dir, serve
 
     base = tmp_path_factory.mktemp("xl-ui")
-    data = make_data_dir(base / "data", model_store)
-    shutil.copytree(SHIPPED_XL_MODEL, data / "models" / "Stable-diffusion" / SHIPPED_XL_MODEL.name)
-    srv = Server(data, [], base / "server.log")
-    try:
-        srv.wait_ready("/")
-        yield srv
-    finally:
-        srv.stop()
+    data = make_data_dir(base / "data", model_store, ("shapes-64", "shapes-xl"))
+    yield from serve(data, [], base / "server.log", "/")
 
 
 def test_pick_shapes_xl_then_create_train_and_use_an_sdxl_embedding(page, xl_ui_server, tmp_path):
