@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.routing import Mount
 
+from app.access import AccessGate, gradio_session_user
 from app.jobs import JobRunner
 from app.services import Services
 from app.settings import parse_credentials
+
+log = logging.getLogger(__name__)
 
 
 def build_app(services: Services) -> FastAPI:
@@ -29,7 +34,31 @@ def build_app(services: Services) -> FastAPI:
         app = gr.mount_gradio_app(
             app, blocks, path="/", auth=auth, theme=ui_theme(), css=CSS, ssr_mode=False, footer_links=[]
         )
+    ui_user = None
+    if settings.gradio_auth and not settings.nowebui:
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
+        ui_user = gradio_session_user(gradio_app)
+    app.add_middleware(AccessGate, api_credentials=parse_credentials(settings.api_auth), ui_user=ui_user)
+    warn_open_surfaces(services)
     return app
+
+
+def warn_open_surfaces(services: Services) -> None:
+    """Reachable from other machines, a part served without a password is open to anyone who finds the port."""
+    settings = services.settings
+    if not services.folders.confined:
+        return
+    open_parts = []
+    if settings.serve_api and not settings.api_auth:
+        open_parts.append("the API (add --api-auth user:password)")
+    if not settings.nowebui and not settings.gradio_auth:
+        open_parts.append("the UI (add --gradio-auth user:password)")
+    if open_parts:
+        log.warning(
+            "Serving on %s without a password for %s: anyone who can reach this port can generate and train.",
+            settings.host,
+            " and ".join(open_parts),
+        )
 
 
 class StoppingServer(uvicorn.Server):

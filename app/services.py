@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import EmbeddingService
 from app.errors import BusyError, UserError
+from app.folders import FolderPolicy
 from app.generation.outputs import ImageSaver
 from app.generation.styles import StyleDatabase
 from app.generation.txt2img import Txt2ImgService
@@ -25,6 +26,9 @@ from app.training.service import TrainingService
 
 log = logging.getLogger(__name__)
 
+# Options that name a folder (relative to the data folder, or absolute): confined like request paths.
+PATH_OPTIONS = frozenset({"outdir_samples", "outdir_txt2img_samples"})
+
 
 @dataclass
 class Services:
@@ -38,6 +42,7 @@ class Services:
     hypernetworks: HypernetworkService
     styles: StyleDatabase
     loras: LoraService
+    folders: FolderPolicy
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
         """Switch the model (queued behind running jobs, so it never swaps mid-generation); saves the choice."""
@@ -94,6 +99,9 @@ class Services:
             values["CLIP_stop_at_last_layers"] = clip_skip
         checkpoint = values.pop("sd_model_checkpoint", None)
         vae = values.pop("sd_vae", None)
+        for key in PATH_OPTIONS.intersection(values):
+            if values[key]:
+                self.folders.check(self.settings.data_dir / str(values[key]), f"Option {key}")
         if checkpoint:
             self.models.find(str(checkpoint))  # refuse an unknown name before changing anything
         if vae and vae not in ("Automatic", "None") and vae not in self.models.vae_files():
@@ -123,9 +131,14 @@ def build_services(settings: Settings) -> Services:
     txt2img = Txt2ImgService(
         models, options, jobs, ImageSaver(outdir), embedding_db, [hypernetworks, loras], stack, styles
     )
-    training = TrainingService(settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack, loras)
+    folders = FolderPolicy.from_settings(settings)
+    training = TrainingService(
+        settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack, loras, folders
+    )
     embeddings = EmbeddingService(embedding_db, models)
-    services = Services(settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles, loras)
+    services = Services(
+        settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles, loras, folders
+    )
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)
     models.on_load(lambda model: _reapply_vae(models, options))

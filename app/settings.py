@@ -38,6 +38,8 @@ class Settings:
     no_hashing: bool = False
     opt_split_attention: bool = False
     queue_limit: int = 64
+    confine_paths: bool = False
+    allow_path: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -50,6 +52,7 @@ class Settings:
         self.lora_dir = Path(self.lora_dir) if self.lora_dir else self.models_dir / "Lora"
         # A1111 keeps templates beside the program, not in the data dir.
         self.templates_dir = Path(self.templates_dir) if self.templates_dir else ROOT / "textual_inversion_templates"
+        self.allow_path = [Path(p) for p in self.allow_path]
         if self.precision not in ("autocast", "full", "half"):
             raise ValueError(f"--precision must be autocast, full or half, not {self.precision!r}")
 
@@ -151,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=64,
         help="jobs that may wait behind the running one; more are refused with HTTP 503 and Retry-After",
+    )
+    p.add_argument(
+        "--confine-paths",
+        action="store_true",
+        help="folders named in requests must be inside the data folder (automatic with --listen or a non-local "
+        "--server-name; use it when a proxy or tunnel makes a local server public)",
+    )
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FOLDER",
+        help="a folder outside the data folder that requests may name (training data, log, preprocessing) when "
+        "paths are confined; repeat for several",
     )
     return p
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from app.access import credentials_match
 from app.api.imagecodec import decode_image, encode_png
 from app.api.memory import memory_report
 from app.api.models import (
@@ -51,21 +51,18 @@ _OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint", "sd_vae")
 
 
 def _auth_dependency(credentials_text: str | None):
+    """The API's HTTP Basic check as a dependency, so the schema declares it (the AccessGate enforces the same
+    check in front of the docs and the schema too)."""
     allowed = parse_credentials(credentials_text)
     if not allowed:
         return None
     basic = HTTPBasic(auto_error=False)
 
-    def check(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if credentials is not None:
-            for user, password in allowed:
-                if secrets.compare_digest(credentials.username.encode(), user.encode()) and secrets.compare_digest(
-                    credentials.password.encode(), password.encode()
-                ):
-                    return
-        raise HTTPException(
-            status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
-        )
+    def check(request: Request, _: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if not credentials_match(request.headers.get("authorization"), allowed):
+            raise HTTPException(
+                status_code=401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"}
+            )
 
     return check
 
@@ -394,7 +391,7 @@ def register_api(app: FastAPI, services: Services) -> None:
             overlap_ratio=req.process_overlap_ratio,
             keep_captions=req.preprocess_txt_action != "ignore",
         )
-        result = preprocess(options)
+        result = preprocess(options, folders=services.folders)
         notes = (
             " Captioning models (BLIP, deepbooru) are not available; captions were not generated."
             if (req.process_caption or req.process_caption_deepbooru)

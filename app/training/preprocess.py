@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from app.errors import UserError
 from app.fileio import atomic_write
+from app.folders import FolderPolicy
 from app.training.dataset import IMAGE_SUFFIXES, to_rgb
 
 CROPS = ("center", "auto", "none")
@@ -39,11 +40,17 @@ class PreprocessResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _validate(o: PreprocessOptions) -> tuple[Path, Path]:
-    if not o.src or not Path(o.src).is_dir():
-        raise UserError(f"Source directory '{o.src}' does not exist or is not a folder.")
+def _validate(o: PreprocessOptions, folders: FolderPolicy | None) -> tuple[Path, Path]:
+    if not o.src:
+        raise UserError("Source directory is empty: give the folder that holds your images.")
     if not o.dst:
         raise UserError("Destination directory is empty: give a folder for the processed images.")
+    if folders is not None:
+        # Before looking at the disk: a confined server does not say whether a folder outside exists.
+        folders.check(o.src, "Source directory")
+        folders.check(o.dst, "Destination directory")
+    if not Path(o.src).is_dir():
+        raise UserError(f"Source directory '{o.src}' does not exist or is not a folder.")
     src, dst = Path(o.src).resolve(), Path(o.dst).resolve()
     if src == dst or src in dst.parents:
         raise UserError("The destination must be outside the source directory: the source is never modified.")
@@ -99,8 +106,13 @@ def shape(image: Image.Image, width: int, height: int, crop: str) -> Image.Image
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def preprocess(o: PreprocessOptions, progress: Callable[[int, int], None] | None = None) -> PreprocessResult:
-    src, dst = _validate(o)
+def preprocess(
+    o: PreprocessOptions,
+    progress: Callable[[int, int], None] | None = None,
+    folders: FolderPolicy | None = None,
+) -> PreprocessResult:
+    """Write the processed images; `folders` (the server's FolderPolicy) decides which folders may be named."""
+    src, dst = _validate(o, folders)
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
+from app.folders import FolderPolicy
 from app.generation.txt2img import Txt2ImgParams, Txt2ImgService
 from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.hypernetwork import HypernetworkFormatError
@@ -57,6 +58,7 @@ class TrainingService:
         hypernetworks: HypernetworkService | None = None,
         stack: HypernetworkStack | None = None,
         loras: LoraService | None = None,
+        folders: FolderPolicy | None = None,
     ):
         self.settings = settings
         self.models = models
@@ -67,6 +69,7 @@ class TrainingService:
         self.hypernetworks = hypernetworks
         self.stack = stack or HypernetworkStack()
         self.loras = loras
+        self.folders = folders or FolderPolicy.from_settings(settings)
 
     def templates(self) -> list[str]:
         return list_templates(self.settings.templates_dir)
@@ -105,11 +108,13 @@ class TrainingService:
             LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
         templates = read_template(self.settings.templates_dir, cfg.template_filename, require_name)
         seed = cfg.seed if cfg.seed is not None else 0
+        if cfg.data_root:
+            self.folders.check(cfg.data_root, "Dataset directory")
+        base = Path(cfg.log_directory or "log")
+        base = self.folders.check(base if base.is_absolute() else self.settings.data_dir / base, "Log directory")
         images, problems = load_dataset(
             cfg.data_root, int(cfg.training_width), int(cfg.training_height), templates, seed, bool(cfg.varsize)
         )
-        base = Path(cfg.log_directory or "log")
-        base = base if base.is_absolute() else self.settings.data_dir / base
         log_dir = base / dt.date.today().isoformat() / cfg.name
         return PreparedRun(cfg, images, problems, templates, log_dir)
 

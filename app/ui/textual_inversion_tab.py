@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.errors import UserError
+from app.folders import FolderPolicy
 from app.services import Services
 from app.training.preprocess import PreprocessOptions, preprocess
 from app.ui.extra_networks import NetworkList
@@ -26,7 +27,7 @@ def build_textual_inversion_tab(
         result = gr.HTML(elem_id="ti_create_result")
 
     with gr.Tab("Preprocess images", id="ti_preprocess"):
-        build_preprocess_section()
+        build_preprocess_section(services.folders)
 
     with gr.Tab("Train", id="ti_train"):
         train = TrainSection(services, EMBEDDING, txt2img)
@@ -51,7 +52,7 @@ def build_textual_inversion_tab(
     )
 
 
-def build_preprocess_section() -> None:
+def build_preprocess_section(folders: FolderPolicy) -> None:
     with gr.Column():
         src = gr.Textbox(label="Source directory", elem_id="preprocess_src")
         dst = gr.Textbox(label="Destination directory", elem_id="preprocess_dst")
@@ -92,7 +93,7 @@ def build_preprocess_section() -> None:
             bool(captions_v),
         )
         try:
-            result = preprocess(options)
+            result = preprocess(options, folders=folders)
         except UserError as e:
             return f"<p class='gen-error' id='preprocess_error'>{html.escape(str(e))}</p>"
         skipped = f" Skipped: {html.escape('; '.join(result.skipped))}" if result.skipped else ""

@@ -405,3 +405,37 @@ def test_pick_shapes_xl_then_create_train_and_use_an_sdxl_embedding(page, xl_ui_
     info = page.locator("#generation_info_text").inner_text()
     assert 'TI hashes: "uixl: ' in info and "Model: shapes-xl," in info
     assert page.external_requests == []
+
+
+@pytest.fixture(scope="module")
+def locked_ui(tmp_path_factory, model_store):
+    """`--listen --gradio-auth`: the UI as someone serving it on their network starts it."""
+    from tests.conftest import make_data_dir, serve
+
+    base = tmp_path_factory.mktemp("locked_ui")
+    data = make_data_dir(base / "data", model_store)
+    yield from serve(data, ["--listen", "--gradio-auth", "carol:pw2"], base / "server.log", "/")
+
+
+def test_login_then_generate_and_the_image_needs_the_session(page, locked_ui):
+    import requests
+
+    page.goto(locked_ui.url + "/")
+    page.get_by_label("username").fill("carol")
+    page.get_by_label("password").fill("wrong")
+    page.get_by_role("button", name="Login").click()
+    page.get_by_text("Incorrect Credentials").wait_for()
+    page.get_by_label("username").fill("carol")  # the form is cleared after a failed try
+    page.get_by_label("password").fill("pw2")
+    page.get_by_role("button", name="Login").click()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    image = page.locator("#txt2img_gallery img").first
+    image.wait_for()
+    src = image.get_attribute("src")
+    assert "/gradio_api/file=" in src
+    url = src if src.startswith("http") else locked_ui.url + src
+    # The browser's session fetches it; the same address without the session is refused.
+    assert page.request.get(url).status == 200
+    assert requests.get(url, timeout=10).status_code == 401
+    assert page.external_requests == []
