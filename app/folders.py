@@ -45,18 +45,21 @@ class FolderPolicy:
         ]
         return cls(roots, confined)
 
+    def _inside(self, resolved: Path) -> bool:
+        return not self.confined or any(resolved.is_relative_to(root) for root in self.roots)
+
     def allows(self, path: str | Path) -> bool:
         # resolve() follows symlinks and '..', so neither can lead out of an allowed folder.
-        resolved = Path(path).resolve()
-        return not self.confined or any(resolved.is_relative_to(root) for root in self.roots)
+        return self._inside(Path(path).resolve())
 
     def check(self, path: str | Path, what: str) -> Path:
         """The path, resolved, or a UserError that names the field and the folders it may be in."""
-        if not self.allows(path):
+        resolved = Path(path).resolve()
+        if not self._inside(resolved):
             allowed = ", ".join(str(r) for r in self.roots)
             raise UserError(
                 f"{what} '{path}' is outside the folders this server may use ({allowed}). The server accepts "
                 "requests from other machines (--listen, --server-name or --confine-paths), so folders named in a "
                 "request must be inside its data folder; the owner can allow another one with --allow-path FOLDER."
             )
-        return Path(path).resolve()
+        return resolved

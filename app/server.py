@@ -38,7 +38,9 @@ def build_app(services: Services) -> FastAPI:
     if settings.gradio_auth and not settings.nowebui:
         gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
         ui_user = gradio_session_user(gradio_app)
-    app.add_middleware(AccessGate, api_credentials=parse_credentials(settings.api_auth), ui_user=ui_user)
+    api_credentials = parse_credentials(settings.api_auth)
+    if api_credentials or ui_user:  # without a password to ask for, requests skip the gate entirely
+        app.add_middleware(AccessGate, api_credentials=api_credentials, ui_user=ui_user)
     warn_open_surfaces(services)
     return app
 
