@@ -2,9 +2,14 @@
 
 
 class UserError(Exception):
-    """Bad input or a state the user can fix; the message says what was wrong and what to do."""
+    """Bad input or a state the user can fix; the message says what was wrong and what to do. `field` names the API
+    field at fault where there is one (the message uses the UI's label), so API clients can point at it."""
 
     status_code = 400
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class NotFoundError(UserError):

@@ -3,6 +3,9 @@ field and the allowed range, and the server keeps serving."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import requests
 
 SMALL = dict(width=64, height=64, steps=2)
@@ -22,7 +25,8 @@ def test_seeds_beyond_64_bits_are_refused_with_the_range(server):
 
 def test_resize_seed_from_a_huge_size_is_refused(server):
     response = post(server, "txt2img", prompt="cat", seed_resize_from_w=10**6, seed_resize_from_h=64, **SMALL)
-    assert response.status_code == 400 and "Resize seed from width must be between 64 and 2048" in response.text
+    assert response.status_code == 400, response.text
+    assert "Resize seed from width must be -1 (off) or between 64 and 2048" in response.json()["detail"]
 
 
 def test_a_lone_surrogate_in_a_prompt_is_refused_with_its_position(server):
@@ -67,3 +71,65 @@ def test_every_api_route_declares_its_error_answers_in_the_openapi_schema(server
             assert ref.endswith("/ErrorResponse"), (path, method, code)
         if "requestBody" in op:
             assert "422" in op["responses"], (path, method)
+
+
+def violations(prop: dict) -> list:
+    """Values just outside a property's declared bounds (a list for an array of bounded numbers)."""
+    if prop.get("type") == "array":
+        return [[value] for value in violations(prop["items"])]
+    whole = prop.get("type") == "integer"  # FastAPI writes every bound as a float (2**63 - 1 as 9.22e18)
+    step = 1 if whole else 0.5
+    out = []
+    if "maximum" in prop:
+        out.append(prop["maximum"] + step)
+    if "exclusiveMaximum" in prop:
+        out.append(prop["exclusiveMaximum"])
+    if "minimum" in prop:
+        out.append(prop["minimum"] - step)
+    if "exclusiveMinimum" in prop:
+        out.append(prop["exclusiveMinimum"])
+    return [int(v) if whole else v for v in out]
+
+
+def names_a_limit(detail: str, limits: list[float]) -> bool:
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", detail)]
+    return any(math.isclose(n, limit, rel_tol=1e-9) for n in numbers for limit in limits)
+
+
+def test_every_declared_bound_is_enforced_with_a_400_naming_the_field_and_the_range(server, tmp_path):
+    """The schema's numeric bounds are the services' own: a value just outside each one is refused with a 400 whose
+    `field` is that property and whose message gives the limit."""
+    assert post(server, "create/embedding", name="zqbounds", overwrite_old=True).ok
+    assert post(server, "create/hypernetwork", name="zqboundshn", enable_sizes=[32, 64], overwrite_old=True).ok
+    schema = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    train = dict(data_root=str(tmp_path), steps=2, training_width=64, training_height=64, learn_rate="0.001")
+    bases = {
+        "txt2img": dict(prompt="cat", **SMALL),
+        "train/embedding": dict(embedding_name="zqbounds", **train),
+        "train/hypernetwork": dict(hypernetwork_name="zqboundshn", **train),
+        "train/lora": dict(lora_name="zqboundslora", **train),
+        "create/embedding": dict(name="zqboundsb"),
+        "create/hypernetwork": dict(name="zqboundsc", enable_sizes=[32]),
+        "preprocess": dict(process_src=str(tmp_path), process_dst=f"{tmp_path}-out"),
+    }
+    checked = 0
+    for route, base in bases.items():
+        ref = schema["paths"][f"/sdapi/v1/{route}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        props = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
+        for name, prop in props.items():
+            for value in violations(prop):
+                body = {**base, name: value}
+                if name.startswith("hr_") or name == "denoising_strength":
+                    body.update(enable_hr=True, hr_upscaler="Latent")
+                if name.startswith("preview_"):
+                    body["preview_from_txt2img"] = True
+                answer = post(server, route, **body)
+                assert answer.status_code == 400, (route, name, value, answer.text)
+                error = answer.json()
+                assert error["field"] == name, (route, name, value, error)
+                limits = [prop.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")]
+                limits += [prop.get("items", {}).get(k) for k in ("minimum", "maximum")]
+                assert names_a_limit(error["detail"], [x for x in limits if x is not None]), error
+                checked += 1
+    assert checked >= 40
+    assert post(server, "txt2img", prompt="cat", **SMALL).status_code == 200  # and it keeps serving

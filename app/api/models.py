@@ -6,6 +6,49 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.embeddings.service import MAX_VECTORS
+from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from app.hypernetworks.service import MAX_WIDTH
+from app.training.service import MAX_LORA_ALPHA, MAX_LORA_RANK
+
+
+def bounded(
+    default: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    multiple_of: int | None = None,
+    exclusive_maximum: float | None = None,
+    exclusive_minimum: float | None = None,
+) -> Any:
+    """A field whose range is declared in the OpenAPI schema, for clients and fuzzers, but checked by the services:
+    a value outside it gets our 400 naming the field and the range (the same message the UI shows) rather than
+    pydantic's 422 list, and A1111 clients that send the odd out-of-range value on a field we ignore keep working."""
+    extra = {
+        key: value
+        for key, value in (
+            ("minimum", minimum),
+            ("maximum", maximum),
+            ("multipleOf", multiple_of),
+            ("exclusiveMaximum", exclusive_maximum),
+            ("exclusiveMinimum", exclusive_minimum),
+        )
+        if value is not None
+    }
+    return Field(default, json_schema_extra=extra)
+
+
+def name_field() -> Any:
+    """A name the services turn into a file name; empty (or nothing usable) gets a 400 that says which characters."""
+    return Field(json_schema_extra={"minLength": 1})
+
+
+def size(default: int, minimum: int = MIN_SIZE) -> Any:
+    return bounded(default, minimum, MAX_SIZE, 8)
+
+
+def seed_field(default: int = -1) -> Any:
+    return bounded(default, -1, MAX_SEED)
+
 
 class Txt2ImgRequest(BaseModel):
     """A1111's StableDiffusionProcessingTxt2Img API model, with its defaults."""
@@ -15,26 +58,26 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed: int = seed_field()
+    subseed: int = seed_field()
+    subseed_strength: float = bounded(0, 0, 1)
+    seed_resize_from_h: int = bounded(-1, -1, MAX_SIZE)
+    seed_resize_from_w: int = bounded(-1, -1, MAX_SIZE)
     sampler_name: str | None = None
     sampler_index: str | None = "Euler"
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    batch_size: int = bounded(1, 1, MAX_BATCH_SIZE)
+    n_iter: int = bounded(1, 1, MAX_BATCH_COUNT)
+    steps: int = bounded(50, 1, MAX_STEPS)
+    cfg_scale: float = bounded(7.0, 0, 100)
+    width: int = size(512)
+    height: int = size(512)
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = None
-    denoising_strength: float | None = None
+    denoising_strength: float | None = bounded(None, 0, 1)
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -50,11 +93,11 @@ class Txt2ImgRequest(BaseModel):
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_scale: float = 2.0
+    hr_scale: float = bounded(2.0, 1, MAX_SIZE / MIN_SIZE)
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
+    hr_second_pass_steps: int = bounded(0, 0, MAX_STEPS)
+    hr_resize_x: int = size(0, 0)
+    hr_resize_y: int = size(0, 0)
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
@@ -72,8 +115,8 @@ class Txt2ImgRequest(BaseModel):
 class CreateEmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    name: str
-    num_vectors_per_token: int = 1
+    name: str = name_field()
+    num_vectors_per_token: int = bounded(1, 1, MAX_VECTORS)
     overwrite_old: bool = False
     init_text: str = "*"
 
@@ -85,38 +128,40 @@ class TrainRequest(BaseModel):
 
     id_task: str | None = None
     learn_rate: str | float = "0.005"
-    batch_size: int = 1
-    gradient_step: int = 1
+    batch_size: int = bounded(1, 1)
+    gradient_step: int = bounded(1, 1)
     data_root: str = ""
     log_directory: str = "log"
-    training_width: int = 512
-    training_height: int = 512
+    training_width: int = size(512)
+    training_height: int = size(512)
     varsize: bool = False
-    steps: int = 100000
+    # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
+    # that holds the model and the queue for days.
+    steps: int = bounded(..., 1)
     clip_grad_mode: str = "disabled"
     clip_grad_value: str | float = "0.1"
     shuffle_tags: bool = False
-    tag_drop_out: float = 0.0
+    tag_drop_out: float = bounded(0.0, 0, exclusive_maximum=1)
     latent_sampling_method: str = "once"
     use_weight: bool = False
     gradient_checkpointing: bool = True  # ours: less memory for ~20-30 % more time per step
-    create_image_every: int = 500
+    create_image_every: int = bounded(500, 0)
     template_filename: str = "style_filewords.txt"
     preview_from_txt2img: bool = False
     preview_prompt: str = ""
     preview_negative_prompt: str = ""
-    preview_steps: int = 20
+    preview_steps: int = bounded(20, 1, MAX_STEPS)
     preview_sampler_name: str | None = "Euler a"
     preview_sampler_index: int | None = None
-    preview_cfg_scale: float = 7.0
-    preview_seed: int = -1
-    preview_width: int = 512
-    preview_height: int = 512
+    preview_cfg_scale: float = bounded(7.0, 0, 100)
+    preview_seed: int = seed_field()
+    preview_width: int = size(512)
+    preview_height: int = size(512)
 
 
 class TrainEmbeddingRequest(TrainRequest):
-    embedding_name: str
-    save_embedding_every: int = 500
+    embedding_name: str = name_field()
+    save_embedding_every: int = bounded(500, 0)
     save_image_with_stored_embedding: bool = True
 
 
@@ -128,16 +173,16 @@ class PreprocessRequest(BaseModel):
     id_task: str | None = None
     process_src: str
     process_dst: str
-    process_width: int = 512
-    process_height: int = 512
+    process_width: int = size(512)
+    process_height: int = size(512)
     preprocess_txt_action: str = "ignore"  # ignore | copy (we also accept prepend/append as copy)
     process_keep_original_size: bool = False
     process_flip: bool = False
     process_split: bool = False
     process_caption: bool = False
     process_caption_deepbooru: bool = False
-    process_split_threshold: float = 0.5
-    process_overlap_ratio: float = 0.2
+    process_split_threshold: float = bounded(0.5, 0, 10)
+    process_overlap_ratio: float = bounded(0.2, 0, exclusive_maximum=0.9)
     process_focal_crop: bool = False
     process_multicrop: bool = False
 
@@ -145,8 +190,11 @@ class PreprocessRequest(BaseModel):
 class CreateHypernetworkRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    name: str
-    enable_sizes: list[int] = Field(default_factory=lambda: [768, 320, 640, 1280])
+    name: str = name_field()
+    enable_sizes: list[int] = Field(
+        default_factory=lambda: [768, 320, 640, 1280],
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": MAX_WIDTH}},
+    )
     overwrite_old: bool = False
     layer_structure: str | list[float] | None = None
     activation_func: str | None = None
@@ -158,21 +206,21 @@ class CreateHypernetworkRequest(BaseModel):
 
 
 class TrainHypernetworkRequest(TrainRequest):
-    hypernetwork_name: str
+    hypernetwork_name: str = name_field()
     learn_rate: str | float = "0.00001"
     template_filename: str = "hypernetwork.txt"
-    save_hypernetwork_every: int = 500
+    save_hypernetwork_every: int = bounded(500, 0)
 
 
 class TrainLoraRequest(TrainRequest):
     """`train/hypernetwork`'s fields plus the LoRA's own; creates the LoRA or continues it (resume)."""
 
-    lora_name: str
+    lora_name: str = name_field()
     learn_rate: str | float = "0.0001"
     template_filename: str = "hypernetwork.txt"
-    save_lora_every: int = 500
-    rank: int = 8
-    alpha: float = 8.0
+    save_lora_every: int = bounded(500, 0)
+    rank: int = bounded(8, 1, MAX_LORA_RANK)
+    alpha: float = bounded(8.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
     train_text_encoder: bool = False
 
 
@@ -207,12 +255,14 @@ class ProgressResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every 4xx answer of ours: `detail` says what was wrong and what to do. `error` names the kind; the
-    create/train routes add A1111's `info` ("create embedding error: ...") that its clients read."""
+    """Every 4xx answer of ours: `detail` says what was wrong and what to do (for a number, the allowed range);
+    `field` names the request field at fault where there is one; `error` names the kind; the create/train routes
+    add A1111's `info` ("create embedding error: ...") that its clients read."""
 
     detail: str
     error: str | None = None
     info: str | None = None
+    field: str | None = None  # the request field at fault, where one is
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -118,11 +118,19 @@ def train_config(req: TrainRequest, name: str, save_every: int) -> TrainConfig:
     return TrainConfig(name=name, save_every=save_every, **fields)
 
 
-def a1111_error(error: UserError, action: str) -> JSONResponse:
+def error_body(error: UserError, renames: dict[str, str] | None = None) -> dict[str, Any]:
+    """`detail` and the error's kind, and the request field at fault (services name TrainConfig's fields; a route
+    whose payload calls one differently passes `renames`)."""
+    body: dict[str, Any] = {"detail": str(error), "error": type(error).__name__}
+    if error.field:
+        body["field"] = (renames or {}).get(error.field, error.field)
+    return body
+
+
+def a1111_error(error: UserError, action: str, renames: dict[str, str] | None = None) -> JSONResponse:
     """A 4xx with `detail` like every error here, plus A1111's `info: "<action> error: ..."` its clients read."""
-    return JSONResponse(
-        status_code=error.status_code, content={"detail": str(error), "info": f"{action} error: {error}"}
-    )
+    content = {**error_body(error, renames), "info": f"{action} error: {error}"}
+    return JSONResponse(status_code=error.status_code, content=content)
 
 
 def train_info(job, kind: str) -> str:
@@ -147,9 +155,7 @@ def register_api(app: FastAPI, services: Services) -> None:
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return JSONResponse(
-            status_code=exc.status_code, content={"detail": str(exc), "error": type(exc).__name__}, headers=headers
-        )
+        return JSONResponse(status_code=exc.status_code, content=error_body(exc), headers=headers)
 
     @router.post("/txt2img", response_model=Txt2ImgResponse)
     def txt2img(req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
@@ -323,7 +329,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             job = services.training.train_embedding(cfg)
         except UserError as e:
-            return a1111_error(e, "train embedding")
+            return a1111_error(e, "train embedding", {"save_every": "save_embedding_every"})
         return {"info": train_info(job, "embedding")}
 
     @router.get("/loras")
@@ -342,7 +348,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             job = services.training.train_lora(cfg, req.rank, req.alpha, req.train_text_encoder)
         except UserError as e:
-            return a1111_error(e, "train lora")
+            return a1111_error(e, "train lora", {"save_every": "save_lora_every"})
         return {"info": train_info(job, "lora")}
 
     @router.get("/hypernetworks")
@@ -374,7 +380,7 @@ def register_api(app: FastAPI, services: Services) -> None:
         try:
             job = services.training.train_hypernetwork(cfg)
         except UserError as e:
-            return a1111_error(e, "train hypernetwork")
+            return a1111_error(e, "train hypernetwork", {"save_every": "save_hypernetwork_every"})
         return {"info": train_info(job, "hypernetwork")}
 
     @router.post("/preprocess")

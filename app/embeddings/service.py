@@ -77,13 +77,20 @@ class EmbeddingService:
         tokenizer and token table (the layout A1111, ComfyUI and InvokeAI load)."""
         cleaned = clean_name(name)
         if not cleaned:
-            raise UserError(f"Embedding name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.")
+            raise UserError(
+                f"Embedding name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.", "name"
+            )
         try:
             count = int(num_vectors)
         except (TypeError, ValueError):
-            raise UserError(f"Number of vectors per token must be a whole number, got {num_vectors!r}.") from None
+            raise UserError(
+                f"Number of vectors per token must be a whole number, got {num_vectors!r}.", "num_vectors_per_token"
+            ) from None
         if not 1 <= count <= MAX_VECTORS:
-            raise UserError(f"Number of vectors per token must be between 1 and {MAX_VECTORS}, got {count}.")
+            raise UserError(
+                f"Number of vectors per token must be between 1 and {MAX_VECTORS}, got {count}.",
+                "num_vectors_per_token",
+            )
         model = self.models.get()
         pipe = model.pipe
         path = self.db.folder / f"{cleaned}{'.safetensors' if model.is_xl else '.pt'}"

@@ -188,20 +188,21 @@ class Txt2ImgResult:
         return json.dumps(self.info(), ensure_ascii=False)
 
 
-def check_text(label: str, text: str | None) -> None:
+def check_text(label: str, text: str | None, field: str | None = None) -> None:
     """Text must be encodable: a lone UTF-16 surrogate (JSON can carry "\\ud800") breaks the tokenizer."""
     try:
         (text or "").encode("utf-8")
     except UnicodeEncodeError as e:
         raise UserError(
             f"{label} contains a character that is not valid Unicode (a lone surrogate, {text[e.start]!r}, at "
-            f"position {e.start}); remove it."
+            f"position {e.start}); remove it.",
+            field,
         ) from None
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
+def _check_range(name: str, value: float, low: float, high: float, field: str | None = None) -> None:
     if not low <= value <= high:
-        raise UserError(f"{name} must be between {low} and {high}, got {value}.")
+        raise UserError(f"{name} must be between {low} and {high}, got {value}.", field)
 
 
 class Txt2ImgService:
@@ -228,56 +229,67 @@ class Txt2ImgService:
     # -- validation ------------------------------------------------------------------------------------------------
     def validate(self, p: Txt2ImgParams) -> None:
         """Refuse bad input before it reaches the queue, with a message that says what to change."""
-        for name, value in (("Width", p.width), ("Height", p.height)):
-            _check_range(name, value, MIN_SIZE, MAX_SIZE)
+        for name, value, key in (("Width", p.width, "width"), ("Height", p.height, "height")):
+            _check_range(name, value, MIN_SIZE, MAX_SIZE, key)
             if value % 8:
-                raise UserError(f"{name} must be a multiple of 8, got {value} (try {value - value % 8}).")
-        _check_range("Sampling steps", p.steps, 1, MAX_STEPS)
-        _check_range("CFG scale", p.cfg_scale, 0, 100)
-        _check_range("Batch size", p.batch_size, 1, MAX_BATCH_SIZE)
-        _check_range("Batch count", p.n_iter, 1, MAX_BATCH_COUNT)
+                raise UserError(f"{name} must be a multiple of 8, got {value} (try {value - value % 8}).", key)
+        _check_range("Sampling steps", p.steps, 1, MAX_STEPS, "steps")
+        _check_range("CFG scale", p.cfg_scale, 0, 100, "cfg_scale")
+        _check_range("Batch size", p.batch_size, 1, MAX_BATCH_SIZE, "batch_size")
+        _check_range("Batch count", p.n_iter, 1, MAX_BATCH_COUNT, "n_iter")
         if p.clip_skip is not None:
-            _check_range("Clip skip", p.clip_skip, 1, 12)
+            _check_range("Clip skip", p.clip_skip, 1, 12, "CLIP_stop_at_last_layers")
         find_sampler(p.sampler_name)
         find_schedule(p.scheduler)
-        _check_range("Variation strength", p.subseed_strength, 0, 1)
-        for name, seed in (("Seed", p.seed), ("Variation seed", p.subseed)):
+        _check_range("Variation strength", p.subseed_strength, 0, 1, "subseed_strength")
+        for name, seed, key in (("Seed", p.seed, "seed"), ("Variation seed", p.subseed, "subseed")):
             if seed is not None and seed != -1 and not 0 <= seed <= MAX_SEED:
-                raise UserError(f"{name} must be -1 (random) or between 0 and {MAX_SEED}, got {seed}.")
-        for name, value in (
-            ("Resize seed from width", p.seed_resize_from_w),
-            ("Resize seed from height", p.seed_resize_from_h),
+                raise UserError(f"{name} must be -1 (random) or between 0 and {MAX_SEED}, got {seed}.", key)
+        for name, value, key in (
+            ("Resize seed from width", p.seed_resize_from_w, "seed_resize_from_w"),
+            ("Resize seed from height", p.seed_resize_from_h, "seed_resize_from_h"),
         ):
-            if value is not None and value > 0:
-                _check_range(name, value, MIN_SIZE, MAX_SIZE)
+            if value is not None and value not in (-1, 0) and not MIN_SIZE <= value <= MAX_SIZE:
+                raise UserError(f"{name} must be -1 (off) or between {MIN_SIZE} and {MAX_SIZE}, got {value}.", key)
         if p.enable_hr:
             check_upscaler(p.hr_upscaler)
             if p.hr_sampler_name:
                 find_sampler(p.hr_sampler_name)
-            _check_range("Hires steps", p.hr_second_pass_steps, 0, MAX_STEPS)
-            _check_range("Denoising strength", p.denoising_strength if p.denoising_strength is not None else 0.7, 0, 1)
+            _check_range("Hires steps", p.hr_second_pass_steps, 0, MAX_STEPS, "hr_second_pass_steps")
+            strength = p.denoising_strength if p.denoising_strength is not None else 0.7
+            _check_range("Denoising strength", strength, 0, 1, "denoising_strength")
+            for name, value, key in (("Resize width to", p.hr_resize_x, "hr_resize_x"),
+                                       ("Resize height to", p.hr_resize_y, "hr_resize_y")):  # fmt: skip
+                _check_range(name, value, 0, MAX_SIZE, key)
+            if not (p.hr_resize_x or p.hr_resize_y):  # a resize target replaces the factor
+                _check_range("Upscale by", p.hr_scale, 1, MAX_SIZE / MIN_SIZE, "hr_scale")
             w, h = target_size(p.width, p.height, p.hr_scale, p.hr_resize_x, p.hr_resize_y)
             if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
                 raise UserError(
                     f"Hires fix would make {w}x{h} images; the size must stay between {MIN_SIZE} and "
-                    f"{MAX_SIZE}. Lower the upscale factor or the resize target."
+                    f"{MAX_SIZE}. Lower the upscale factor or the resize target.",
+                    "hr_scale" if not (p.hr_resize_x or p.hr_resize_y) else "hr_resize_x",
                 )
         if self.embeddings is not None:
             self.embeddings.refresh_if_changed()
-        for label, text in (
-            ("Prompt", p.prompt),
-            ("Negative prompt", p.negative_prompt),
-            ("Hires prompt", p.hr_prompt),
-            ("Hires negative prompt", p.hr_negative_prompt),
+        for label, text, key in (
+            ("Prompt", p.prompt, "prompt"),
+            ("Negative prompt", p.negative_prompt, "negative_prompt"),
+            ("Hires prompt", p.hr_prompt, "hr_prompt"),
+            ("Hires negative prompt", p.hr_negative_prompt, "hr_negative_prompt"),
         ):
-            check_text(label, text)
+            check_text(label, text, key)
         encoder = self.models.get().encoder
-        for label, text in (("Prompt", extract_extra_networks(p.prompt)[0]), ("Negative prompt", p.negative_prompt)):
+        for label, text, key in (
+            ("Prompt", extract_extra_networks(p.prompt)[0], "prompt"),
+            ("Negative prompt", p.negative_prompt, "negative_prompt"),
+        ):
             tokens = encoder.token_count(text)
             if tokens > MAX_PROMPT_CHUNKS * CHUNK_LENGTH:
                 raise UserError(
                     f"{label} is too long: {tokens} tokens; the limit is {MAX_PROMPT_CHUNKS * CHUNK_LENGTH} "
-                    f"({MAX_PROMPT_CHUNKS} chunks of {CHUNK_LENGTH})."
+                    f"({MAX_PROMPT_CHUNKS} chunks of {CHUNK_LENGTH}).",
+                    key,
                 )
 
     # -- running ---------------------------------------------------------------------------------------------------

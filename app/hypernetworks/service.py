@@ -27,9 +27,11 @@ def check_size(sizes: list[int], structure: list[float]) -> None:
     tensor is allocated."""
     bad = [w for w in sizes if not 1 <= w <= MAX_WIDTH]
     if bad:
-        raise UserError(f"Module widths must be between 1 and {MAX_WIDTH} (e.g. 768, 320, 640, 1280); got {bad}.")
+        raise UserError(
+            f"Module widths must be between 1 and {MAX_WIDTH} (e.g. 768, 320, 640, 1280); got {bad}.", "enable_sizes"
+        )
     if not all(math.isfinite(x) for x in structure):  # zero/negative entries get their own message later
-        raise UserError(f"Layer structure {structure} must hold finite numbers, e.g. 1, 2, 1.")
+        raise UserError(f"Layer structure {structure} must hold finite numbers, e.g. 1, 2, 1.", "layer_structure")
     total = sum(
         2 * (int(w * a) * int(w * b) + int(w * b))
         for w in sizes
@@ -38,7 +40,8 @@ def check_size(sizes: list[int], structure: list[float]) -> None:
     if total > MAX_PARAMETERS:
         raise UserError(
             f"Layer structure {structure} with widths {sizes} would have {total:,} parameters; the limit is "
-            f"{MAX_PARAMETERS:,}. Use smaller multipliers (A1111's default is 1, 2, 1)."
+            f"{MAX_PARAMETERS:,}. Use smaller multipliers (A1111's default is 1, 2, 1).",
+            "layer_structure",
         )
 
 
@@ -141,13 +144,17 @@ class HypernetworkService:
         """Write `models/hypernetworks/<name>.pt` (A1111 layout, step 0); returns the path and warnings."""
         cleaned = clean_name(name)
         if not cleaned:
-            raise UserError(f"Hypernetwork name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.")
+            raise UserError(
+                f"Hypernetwork name '{name}' has no usable characters: use letters, digits, '.', '_', '-'.", "name"
+            )
         try:
             sizes = sorted({int(s) for s in enable_sizes or []})
         except (TypeError, ValueError):
-            raise UserError(f"Modules must be widths such as 768, 320, 640, 1024, 1280; got {enable_sizes}.") from None
+            raise UserError(
+                f"Modules must be widths such as 768, 320, 640, 1024, 1280; got {enable_sizes}.", "enable_sizes"
+            ) from None
         if not sizes:
-            raise UserError("Choose at least one module width (e.g. 768, 320, 640, 1280).")
+            raise UserError("Choose at least one module width (e.g. 768, 320, 640, 1280).", "enable_sizes")
         structure = parse_numbers(layer_structure, "Layer structure")
         check_size(sizes, structure)
         dropout = parse_numbers(dropout_structure, "Dropout structure") if use_dropout and dropout_structure else None

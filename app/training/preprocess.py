@@ -54,13 +54,19 @@ def _validate(o: PreprocessOptions, folders: FolderPolicy | None) -> tuple[Path,
     src, dst = Path(o.src).resolve(), Path(o.dst).resolve()
     if src == dst or src in dst.parents:
         raise UserError("The destination must be outside the source directory: the source is never modified.")
-    for label, value in (("Width", o.width), ("Height", o.height)):
+    for label, value, key in (("Width", o.width, "process_width"), ("Height", o.height, "process_height")):
         if not 64 <= int(value) <= 2048 or int(value) % 8:
-            raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.")
+            raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.", key)
     if o.crop not in CROPS:
         raise UserError(f"Crop must be one of {', '.join(CROPS)}.")
-    if not 0 <= o.split_threshold <= 10 or not 0 <= o.overlap_ratio < 0.9:
-        raise UserError("Split threshold must be 0..10 and overlap ratio 0..0.9.")
+    if not 0 <= o.split_threshold <= 10:
+        raise UserError(
+            f"Split threshold must be between 0 and 10, got {o.split_threshold}.", "process_split_threshold"
+        )
+    if not 0 <= o.overlap_ratio < 0.9:
+        raise UserError(
+            f"Overlap ratio must be at least 0 and below 0.9, got {o.overlap_ratio}.", "process_overlap_ratio"
+        )
     return src, dst
 
 

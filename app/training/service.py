@@ -11,7 +11,7 @@ from pathlib import Path
 from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
 from app.folders import FolderPolicy
-from app.generation.txt2img import Txt2ImgParams, Txt2ImgService
+from app.generation.txt2img import MAX_SIZE, MIN_SIZE, Txt2ImgParams, Txt2ImgService
 from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.hypernetwork import HypernetworkFormatError
 from app.hypernetworks.service import HypernetworkService
@@ -83,29 +83,52 @@ class TrainingService:
         """Check every input and load the dataset; any problem is a UserError before anything starts."""
         if self.settings.lowvram:
             raise UserError(f"{LOWVRAM_REASON}: start without --lowvram to train (--medvram works).")
-        for label, value in (("Width", cfg.training_width), ("Height", cfg.training_height)):
-            if not 64 <= int(value) <= 2048 or int(value) % 8:
-                raise UserError(f"{label} must be a multiple of 8 between 64 and 2048, got {value}.")
-        if int(cfg.batch_size) < 1 or int(cfg.gradient_step) < 1:
-            raise UserError("Batch size and gradient accumulation steps must be at least 1.")
+        for label, value, field in (
+            ("Width", cfg.training_width, "training_width"),
+            ("Height", cfg.training_height, "training_height"),
+        ):
+            if not MIN_SIZE <= int(value) <= MAX_SIZE or int(value) % 8:
+                raise UserError(
+                    f"{label} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}.", field
+                )
+        for label, value, field in (
+            ("Batch size", cfg.batch_size, "batch_size"),
+            ("Gradient accumulation steps", cfg.gradient_step, "gradient_step"),
+        ):
+            if int(value) < 1:
+                raise UserError(f"{label} must be at least 1, got {value}.", field)
         if cfg.varsize and int(cfg.batch_size) > 1:
             raise UserError(
-                "'Do not resize images' needs batch size 1: images of different sizes cannot share a batch."
+                "'Do not resize images' needs batch size 1: images of different sizes cannot share a batch.",
+                "batch_size",
             )
         if int(cfg.steps) < 1:
-            raise UserError(f"Max steps must be at least 1, got {cfg.steps}.")
+            raise UserError(f"Max steps must be at least 1, got {cfg.steps}.", "steps")
         if cfg.latent_sampling_method not in LATENT_SAMPLING:
-            raise UserError(f"Latent sampling method must be one of {', '.join(LATENT_SAMPLING)}.")
+            raise UserError(
+                f"Latent sampling method must be one of {', '.join(LATENT_SAMPLING)}.", "latent_sampling_method"
+            )
         if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
-            raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.")
+            raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.", "clip_grad_mode")
         if not 0 <= float(cfg.tag_drop_out) < 1:
-            raise UserError(f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.")
-        for name, value in (("save every", cfg.save_every), ("image every", cfg.create_image_every)):
+            raise UserError(
+                f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.", "tag_drop_out"
+            )
+        for name, value, field in (
+            ("save every", cfg.save_every, "save_every"),
+            ("image every", cfg.create_image_every, "create_image_every"),
+        ):
             if int(value) < 0:
-                raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.")
+                raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.", field)
         LearnRateSchedule(cfg.learn_rate, cfg.steps)
         if cfg.clip_grad_mode != "disabled":
             LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
+        if cfg.preview_from_txt2img:
+            # Checked now, not at the first preview: a 100000 px preview must not start (or end) a run.
+            try:
+                self.txt2img.validate(preview_params(cfg, ""))
+            except UserError as e:
+                raise UserError(f"Preview settings (txt2img values): {e}", e.field and f"preview_{e.field}") from None
         templates = read_template(self.settings.templates_dir, cfg.template_filename, require_name)
         seed = cfg.seed if cfg.seed is not None else 0
         if cfg.data_root:
@@ -192,9 +215,11 @@ class TrainingService:
         except (TypeError, ValueError):
             raise UserError(f"Rank must be a whole number and alpha a number; got {rank!r} and {alpha!r}.") from None
         if not 1 <= rank_value <= MAX_LORA_RANK:
-            raise UserError(f"Rank must be between 1 and {MAX_LORA_RANK} (4-32 is usual), got {rank}.")
+            raise UserError(f"Rank must be between 1 and {MAX_LORA_RANK} (4-32 is usual), got {rank}.", "rank")
         if not (math.isfinite(alpha_value) and 0 < alpha_value <= MAX_LORA_ALPHA):
-            raise UserError(f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {alpha}.")
+            raise UserError(
+                f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {alpha}.", "alpha"
+            )
         existing_entry = self.loras.db.files().get(name)
         existing = None
         if existing_entry is not None:
@@ -238,34 +263,39 @@ class TrainingService:
             job.progress.extra["skipped_images"] = run.problems
 
         def preview(prompt: str, step: int):
-            if cfg.preview_from_txt2img:
-                params = Txt2ImgParams(
-                    prompt=cfg.preview_prompt,
-                    negative_prompt=cfg.preview_negative_prompt,
-                    steps=int(cfg.preview_steps),
-                    sampler_name=cfg.preview_sampler_name,
-                    cfg_scale=float(cfg.preview_cfg_scale),
-                    seed=int(cfg.preview_seed),
-                    width=int(cfg.preview_width),
-                    height=int(cfg.preview_height),
-                    save_images=False,
-                )
-            else:
-                params = Txt2ImgParams(
-                    prompt=prompt,
-                    negative_prompt="",
-                    steps=20,
-                    sampler_name="Euler a",
-                    cfg_scale=7.0,
-                    seed=cfg.seed if cfg.seed is not None else 0,
-                    width=int(cfg.training_width),
-                    height=int(cfg.training_height),
-                    save_images=False,
-                )
+            params = preview_params(cfg, prompt)
             result = self.txt2img.run_on_model(model, params, None, target.preview_encoder(), target.preview_networks())
             return result.images[0], result.infotexts[0]
 
         return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview)
+
+
+def preview_params(cfg: TrainConfig, prompt: str) -> Txt2ImgParams:
+    """The txt2img settings of a preview: the run's own (`preview_from_txt2img`) or the template prompt at the
+    training size with A1111's fixed 20 steps of Euler a."""
+    if cfg.preview_from_txt2img:
+        return Txt2ImgParams(
+            prompt=cfg.preview_prompt,
+            negative_prompt=cfg.preview_negative_prompt,
+            steps=int(cfg.preview_steps),
+            sampler_name=cfg.preview_sampler_name,
+            cfg_scale=float(cfg.preview_cfg_scale),
+            seed=int(cfg.preview_seed),
+            width=int(cfg.preview_width),
+            height=int(cfg.preview_height),
+            save_images=False,
+        )
+    return Txt2ImgParams(
+        prompt=prompt,
+        negative_prompt="",
+        steps=20,
+        sampler_name="Euler a",
+        cfg_scale=7.0,
+        seed=cfg.seed if cfg.seed is not None else 0,
+        width=int(cfg.training_width),
+        height=int(cfg.training_height),
+        save_images=False,
+    )
 
 
 def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: int, alpha: float, te: bool) -> dict:
