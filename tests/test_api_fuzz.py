@@ -128,7 +128,7 @@ def schemathesis_run(schema: dict, url: str, mode: str, folder: Path, max_exampl
             "--request-timeout", "120",
             "--no-color",
         ],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+        capture_output=True, text=True, timeout=1800, cwd=folder,  # its cache goes there, not in the checkout
         env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks", "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     (folder / f"report-{mode}.txt").write_text(done.stdout + done.stderr)
