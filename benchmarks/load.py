@@ -81,6 +81,17 @@ def timed(report: LoadReport, kind: str, phase: str, method: str, url: str, **kw
     return response
 
 
+def wait_for_training(api: str, trainer: threading.Thread, timeout: float) -> bool:
+    """Whether /progress reported a training job running before the trainer thread came back or `timeout`."""
+    deadline = time.time() + timeout
+    while trainer.is_alive() and time.time() < deadline:
+        state = requests.get(f"{api}/progress?skip_current_image=true", timeout=30).json()["state"]
+        if state["job"].startswith("train"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def run_load(url: str, seconds: float, dataset: Path, idle_rounds: int = 20, generators: int = 2) -> LoadReport:
     """The load described in the module docstring against a running server at `url`."""
     api = f"{url}/sdapi/v1"
@@ -129,9 +140,14 @@ def run_load(url: str, seconds: float, dataset: Path, idle_rounds: int = 20, gen
             stop.wait(0.5)
 
     workers = [threading.Thread(target=train, name="training")]
+    workers[0].start()
+    # The clock starts once the run holds the model: on a busy machine a run can take seconds to start, and a
+    # switch sent before it would (rightly) be queued ahead of it rather than refused.
+    if not wait_for_training(api, workers[0], timeout=seconds + 120):
+        raise RuntimeError(f"the training run did not start: {report.training_info or 'no answer yet'}")
     workers += [threading.Thread(target=generate, args=(i,), name=f"txt2img-{i}") for i in range(generators)]
     workers += [threading.Thread(target=list_routes, name="listing"), threading.Thread(target=change_options)]
-    for worker in workers:
+    for worker in workers[1:]:
         worker.start()
     time.sleep(seconds / 2)
     requests.post(f"{api}/interrupt", timeout=30)  # the training run saves and ends; queued generations run
