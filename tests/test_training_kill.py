@@ -6,12 +6,16 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from app.embeddings.formats import read_embedding_file
 from app.hypernetworks.files import read_hypernetwork_file
+from app.lora.files import read_lora_file
 from tests.conftest import make_data_dir
 from tests.test_training import make_dataset
 
@@ -89,76 +93,136 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
 
 # -- kill -9 at chosen moments ---------------------------------------------------------------------------------
 # Each point kills the worker (SIGKILL, from inside, so the moment is exact) at the n-th time it reaches: a VAE
-# encode while the latent cache is built, a UNet forward (mid-step), the publishing rename of the embedding, of its
-# optimizer state (`.optim.next` written, and its commit over `.optim`), of a log copy, of a preview, or half-way
+# encode while the latent cache is built, a UNet forward (mid-step), the publishing rename of the trained file, of
+# its optimizer state (`.optim.next` written, and its commit over `.optim`), of a log copy, of a preview, or half-way
 # through a loss-log row. Then training again runs to the end: the result must equal an uninterrupted run's, bit
-# for bit, and every file under a real name must load.
+# for bit, and every file under a real name must load. Embeddings get 20 seeded points; hypernetworks and LoRAs
+# (the same engine and save order, other files) one point of each kind.
 KILL_STEPS = 6
-KILL_KINDS = [
-    ("latents", 1, 4),
-    ("unet", 1, KILL_STEPS),
-    ("rename:*/embeddings/zqkill.pt", 1, KILL_STEPS),
-    ("rename:*/embeddings/zqkill.optim.next", 1, KILL_STEPS),
-    ("rename:*/embeddings/zqkill.optim", 1, KILL_STEPS),
-    ("rename:*/log/*/embeddings/zqkill-*.pt", 1, KILL_STEPS),
-    ("rename:*/images/zqkill-*.png", 1, 2),
-    ("csv", 1, KILL_STEPS),
-]
 
 
-def kill_points(seed: int = 20261205, count: int = 20) -> list[str]:
-    """`count` distinct seeded points, every kind at least once."""
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    folder: str  # of the trained file, in the data folder
+    suffix: str  # of the trained file and its log copies
+    loss_log: str
+
+    def kill_kinds(self) -> list[tuple[str, int, int]]:
+        return [
+            ("latents", 1, 4),
+            ("unet", 1, KILL_STEPS),
+            (f"rename:*/{self.folder}/zqkill{self.suffix}", 1, KILL_STEPS),
+            (f"rename:*/{self.folder}/zqkill.optim.next", 1, KILL_STEPS),
+            (f"rename:*/{self.folder}/zqkill.optim", 1, KILL_STEPS),
+            (f"rename:*/log/*/{self.name}s/zqkill-*{self.suffix}", 1, KILL_STEPS),
+            ("rename:*/images/zqkill-*.png", 1, 2),
+            ("csv", 1, KILL_STEPS),
+        ]
+
+    def step(self, path: Path) -> int:
+        """The step the trained file on disk is at (0 before the first save of a new LoRA)."""
+        if self.name == "embedding":
+            return read_embedding_file(path).step or 0
+        if self.name == "hypernetwork":
+            return read_hypernetwork_file(path).step or 0
+        return int(read_lora_file(path).metadata.get("ss_steps", 0)) if path.exists() else 0
+
+    def tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """The trained tensors, read the way the app reads the file (raises if it is damaged)."""
+        if self.name == "embedding":
+            return {"vectors": read_embedding_file(path).vectors}
+        if self.name == "hypernetwork":
+            read_hypernetwork_file(path)
+            return dict(flat_tensors(torch.load(path, weights_only=True)))
+        read_lora_file(path)
+        return load_file(path)
+
+
+KINDS = {
+    "embedding": Kind("embedding", "embeddings", ".pt", "textual_inversion_loss.csv"),
+    "hypernetwork": Kind("hypernetwork", "models/hypernetworks", ".pt", "hypernetwork_loss.csv"),
+    "lora": Kind("lora", "models/Lora", ".safetensors", "lora_loss.csv"),
+}
+
+
+def flat_tensors(value, prefix: str = ""):
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from flat_tensors(item, f"{prefix}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from flat_tensors(item, f"{prefix}/{i}")
+
+
+def kill_points(kind: Kind, seed: int = 20261205, count: int = 20) -> list[str]:
+    """`count` distinct seeded points, every kind of point at least once."""
     rng = random.Random(seed)
-    points = [f"{kind}:{rng.randint(lo, hi)}" for kind, lo, hi in KILL_KINDS]
+    kinds = kind.kill_kinds()
+    points = [f"{point}:{rng.randint(lo, hi)}" for point, lo, hi in kinds]
     while len(points) < count:
-        kind, lo, hi = rng.choice(KILL_KINDS)
-        point = f"{kind}:{rng.randint(lo, hi)}"
-        if point not in points:
-            points.append(point)
+        point, lo, hi = rng.choice(kinds)
+        chosen = f"{point}:{rng.randint(lo, hi)}"
+        if chosen not in points:
+            points.append(chosen)
     return points
+
+
+CASES = [("embedding", point) for point in kill_points(KINDS["embedding"])]
+CASES += [(name, point) for name in ("hypernetwork", "lora") for point in kill_points(KINDS[name], count=0)]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_store):
+    """Per kind: the tensors of a run never killed, and the dataset it used."""
     base = tmp_path_factory.mktemp("kill-straight")
-    data_dir = make_data_dir(base / "data", model_store)
     dataset = make_dataset(base / "stars")
-    out, _ = start(data_dir, dataset, KILL_STEPS, "embedding").communicate(timeout=180)
-    assert f"DONE {KILL_STEPS} None" in out, out
-    return read_embedding_file(data_dir / "embeddings" / "zqkill.pt").vectors, dataset
+    runs = {}
+
+    def run(name: str) -> tuple[dict[str, torch.Tensor], Path]:
+        if name not in runs:
+            data_dir = make_data_dir(base / name, model_store)
+            out, _ = start(data_dir, dataset, KILL_STEPS, name).communicate(timeout=180)
+            assert f"DONE {KILL_STEPS} None" in out, out
+            kind = KINDS[name]
+            runs[name] = kind.tensors(data_dir / kind.folder / f"zqkill{kind.suffix}"), dataset
+        return runs[name]
+
+    return run
 
 
-@pytest.mark.parametrize("point", kill_points())
-def test_kill_9_at_a_chosen_point_then_resume_ends_bit_identical(tmp_path, model_store, uninterrupted, point):
-    import torch
+@pytest.mark.parametrize("name, point", CASES)
+def test_kill_9_at_a_chosen_point_then_resume_ends_bit_identical(tmp_path, model_store, uninterrupted, name, point):
     from PIL import Image
 
-    straight, dataset = uninterrupted
+    kind = KINDS[name]
+    straight, dataset = uninterrupted(name)
     data_dir = make_data_dir(tmp_path / "data", model_store)
-    proc = start(data_dir, dataset, KILL_STEPS, "embedding", point)
+    proc = start(data_dir, dataset, KILL_STEPS, name, point)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == -9, f"the kill point {point} was never reached:\n{out}"
     # Every file under a real name is whole.
-    folder = data_dir / "embeddings"
-    assert {p.name for p in folder.iterdir() if not p.name.startswith(".")} <= {
-        "zqkill.pt",
-        "zqkill.optim",
-        "zqkill.optim.next",
-    }
-    read_embedding_file(folder / "zqkill.pt")
+    folder = data_dir / kind.folder
+    trained = folder / f"zqkill{kind.suffix}"
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
+    assert names <= {trained.name, "zqkill.optim", "zqkill.optim.next"}
     for optim in folder.glob("zqkill.optim*"):
         torch.load(optim, weights_only=True)
-    for copy in (data_dir / "log").rglob("zqkill-*.pt"):
-        read_embedding_file(copy)
+    for copy in (data_dir / "log").rglob(f"zqkill-*{kind.suffix}"):
+        kind.tensors(copy)
     for preview in (data_dir / "log").rglob("*.png"):
         with Image.open(preview) as image:
             image.load()
     # Training again finishes the run exactly as if it had never been killed (a kill after the last step's save,
-    # at its preview say, leaves nothing to finish).
-    if read_embedding_file(folder / "zqkill.pt").step < KILL_STEPS:
-        proc = start(data_dir, dataset, KILL_STEPS, "embedding")
+    # at its preview say, leaves nothing to finish; a kill before the first save leaves no file).
+    if kind.step(trained) < KILL_STEPS:
+        proc = start(data_dir, dataset, KILL_STEPS, name)
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0 and f"DONE {KILL_STEPS} None" in out, out
-    assert torch.equal(read_embedding_file(folder / "zqkill.pt").vectors, straight)
-    rows = next((data_dir / "log").rglob("textual_inversion_loss.csv")).read_text().splitlines()[1:]
+    result = kind.tensors(trained)
+    assert result.keys() == straight.keys()
+    assert all(torch.equal(result[key], straight[key]) for key in straight)
+    rows = next((data_dir / "log").rglob(kind.loss_log)).read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, KILL_STEPS + 1))

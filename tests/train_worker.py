@@ -1,6 +1,6 @@
 """Run by test_training_kill.py in a subprocess: train until killed or done.
 
-python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork] [KILL_AT]
+python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork|lora] [KILL_AT]
 
 KILL_AT (`<point>:<n>`) makes the process SIGKILL itself the n-th time training reaches `point`: `latents` (a VAE
 encode), `unet` (a UNet forward), `rename:<glob>` (just before a file matching the glob is published by its
@@ -97,8 +97,16 @@ def main() -> int:
             services.embeddings.create("zqkill", 2, "star")
         cfg.template_filename = "subject_filewords.txt"
         train = services.training.train_embedding
+    elif kind == "lora":
+        cfg.template_filename, cfg.learn_rate = "hypernetwork.txt", "0.001"
+
+        def train(cfg):  # rank 4, alpha 2, the text encoder trained too: every kind of tensor the file holds
+            return services.training.train_lora(cfg, 4, 2.0, True)
     else:
         if "zqkill" not in services.hypernetworks.names():
+            import torch
+
+            torch.manual_seed(0)  # new layers start random: the same start in every data folder, to compare runs
             services.hypernetworks.create(
                 "zqkill", [64, 32], "1, 2, 1", "relu", use_dropout=True, dropout_structure="0, 0.1, 0"
             )
