@@ -157,3 +157,6 @@ def assert_every_operation_ran(report: str, schema: dict) -> None:
     operations = sum(len(ops) for path, ops in schema["paths"].items() if path.startswith("/sdapi/v1/"))
     assert operations >= 30
     assert f"{operations} selected" in report or f"{operations} total" in report, report[-5000:]
+    # docs/reliability.md gives the count; it must stay the served one.
+    doc = " ".join((ROOT / "docs" / "reliability.md").read_text().split())
+    assert doc.count(f"all {operations} `/sdapi/v1` operations") >= 2
