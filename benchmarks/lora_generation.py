@@ -6,7 +6,9 @@ transformer blocks (kohya's default targets) and every projection of the text en
 
 Printed: seconds per whole generation (prompt encoding, sampling, decode) without a LoRA (the baseline), with
 `<lora:a:0.8>`, and alternating `<lora:a>`/`<lora:b>` (switching); the ratio to the baseline; the time to put the
-layers in and take them out (`lora_applied` enter + exit); the time to read a file the first time.
+layers in and take them out (`lora_applied` enter + exit); one UNet forward (a sampling step) with the LoRA
+merged against the same forward without, alternating (what scales with the step count); the time to read a file
+the first time.
 
     python benchmarks/lora_generation.py [--ckpt SD15.safetensors] [--steps 20] [--repeats 3] [--markdown OUT.md]
     python benchmarks/lora_generation.py --tiny      # the tiny layout at 64 px on the CPU (checks the script)
@@ -129,6 +131,27 @@ def measure(args) -> dict:
         times["none"].append(generate(PROMPT))
         times["one"].append(generate(f"{PROMPT} <lora:a:0.8>"))
         times["switching"].append(generate(f"{PROMPT} <lora:{'ab'[i % 2]}:0.8>"))
+    # Per sampling step: one UNet forward (CFG batch of 2) with the LoRA merged against the same forward without,
+    # alternating. This is the part that scales with the step count; merging is paid once per generation.
+    unet, latent = model.pipe.unet, args.size // 8
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, device=model.device, dtype=model.dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    timestep = torch.tensor([500, 500], device=model.device)
+
+    def forward() -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            unet(sample, timestep, encoder_hidden_states=context)
+        sync()
+        return time.perf_counter() - start
+
+    forward()
+    step_times: dict[str, list[float]] = {"none": [], "one": []}
+    for _ in range(max(3, args.repeats)):
+        step_times["none"].append(forward())
+        with lora_applied([Application(bound, 0.8, 0.8)]):
+            step_times["one"].append(forward())
     apply_times = []
     for _ in range(max(3, args.repeats)):
         start = time.perf_counter()
@@ -152,6 +175,9 @@ def measure(args) -> dict:
         "switching_s": switching,
         "one_ratio": one / none,
         "switching_ratio": switching / none,
+        "step_none_s": statistics.median(step_times["none"]),
+        "step_one_s": statistics.median(step_times["one"]),
+        "step_ratio": statistics.median(step_times["one"]) / statistics.median(step_times["none"]),
         "apply_and_remove_s": statistics.median(apply_times),
         "first_read_s": first_read,
     }
@@ -166,6 +192,8 @@ def markdown(r: dict) -> str:
             f"| no LoRA (baseline) | {r['none_s']:.3f} | 1.000 |",
             f"| `<lora:a:0.8>` | {r['one_s']:.3f} | {r['one_ratio']:.3f} |",
             f"| alternating `<lora:a>` / `<lora:b>` | {r['switching_s']:.3f} | {r['switching_ratio']:.3f} |",
+            f"| UNet forward (one sampling step, CFG batch 2) | {r['step_none_s']:.3f} -> {r['step_one_s']:.3f} "
+            f"| {r['step_ratio']:.3f} |",
             f"| put layers in + take them out | {r['apply_and_remove_s']:.3f} | |",
             f"| first read of the file | {r['first_read_s']:.3f} | |",
         ]
