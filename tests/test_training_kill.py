@@ -40,18 +40,11 @@ def start(data_dir: Path, dataset: Path, steps: int, kind: str, kill_at: str = "
     )
 
 
-def read_step(path: Path, kind: str) -> int:
-    """Loads the file the way the app does (raises if half-written or NaN) and returns its step."""
-    if kind == "embedding":
-        return read_embedding_file(path).step
-    return read_hypernetwork_file(path).step
-
-
 @pytest.mark.parametrize("kind", ["embedding", "hypernetwork"])
 def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model_store, kind):
     data_dir = make_data_dir(tmp_path / "data", model_store)
     dataset = make_dataset(tmp_path / "stars")
-    folder = data_dir / ("embeddings" if kind == "embedding" else "models/hypernetworks")
+    folder = data_dir / KINDS[kind].folder
     path = folder / "zqkill.pt"
     rng = random.Random(1234)
     last_step = 0
@@ -62,7 +55,7 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
         deadline = time.time() + 120
         while time.time() < deadline:  # wait for a save past the last one (slow machines too), then some more
             try:
-                if read_step(path, kind) > last_step:
+                if KINDS[kind].step(path) > last_step:
                     break
             except Exception:  # not there yet, or being replaced right now
                 pass
@@ -70,7 +63,7 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
         time.sleep(rng.uniform(0.0, 0.8))  # somewhere inside the stream of per-step saves
         proc.kill()  # SIGKILL: no cleanup runs
         proc.wait(10)
-        step = read_step(path, kind)
+        step = KINDS[kind].step(path)
         assert step >= last_step
         last_step = step
         # A write cut short leaves only a hidden temp file, which the scans ignore.
@@ -83,10 +76,9 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert f"DONE {target} None" in out
-    assert read_step(path, kind) == target
-    csv_name = "textual_inversion_loss.csv" if kind == "embedding" else "hypernetwork_loss.csv"
+    assert KINDS[kind].step(path) == target
     # log/<date>/<name>/: a run that crosses midnight continues in the new day's folder (A1111 does the same).
-    rows = sorted((data_dir / "log").rglob(csv_name))[-1].read_text().splitlines()[1:]
+    rows = sorted((data_dir / "log").rglob(KINDS[kind].loss_log))[-1].read_text().splitlines()[1:]
     steps = [int(r.split(",")[0]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == target  # no duplicate rows after resumes
 
