@@ -158,7 +158,6 @@ def train(
         model.pipe.vae,
         model.device,
         model.pipe.unet,
-        target.trained_text_encoders(),
         cfg.gradient_checkpointing,
         target.random_forward,
     ) as vae_needed:

@@ -141,9 +141,6 @@ class LoraTarget:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
 
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return self._text_encoders
-
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
         return encode(self._encoder, texts, clip_skip, with_grad=self.trains_text_encoder)
 

@@ -72,14 +72,15 @@ class MixedPrecision:
 
 
 @contextmanager
-def activation_checkpointing(
-    unet: torch.nn.Module, text_encoders: list[torch.nn.Module], enabled: bool, random_forward: bool = False
-) -> Iterator[None]:
-    """Recompute activations in backward instead of keeping them: the UNet, and the text encoders that are on the
-    gradient path (embedding training). Restores the modules' previous state after the run.
+def activation_checkpointing(unet: torch.nn.Module, enabled: bool, random_forward: bool = False) -> Iterator[None]:
+    """Recompute the UNet's activations in backward instead of keeping them; restores its state after the run.
+
+    Only the UNet: a text encoder's activations for 77-token prompts are small (about 60 MB for SD 1.x at batch 1
+    in fp32), while recomputing its layers cost 15-18 % of a step where launches dominate (measured on the tiny
+    model, docs/benchmarks.md), so an embedding's encoders keep theirs.
 
     `random_forward`: the forward draws random numbers (a hypernetwork's dropout), so each checkpoint saves and
-    replays the RNG state. Without it that bookkeeping is skipped: the frozen models run in eval mode (no dropout).
+    replays the RNG state. Without it that bookkeeping is skipped: the frozen model runs in eval mode (no dropout).
     """
     if not enabled:
         yield
@@ -89,40 +90,11 @@ def activation_checkpointing(
     def checkpointed(module, *args):
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, **options)
 
-    was_training = [m.training for m in text_encoders]
     unet.enable_gradient_checkpointing(checkpointed)
-    for encoder in text_encoders:
-        _encoder_checkpointing(encoder, options)
-        # transformers checkpoints only modules in training mode; CLIP's dropout is 0, so train mode changes nothing
-        # else. An encoder with dropout keeps eval mode (and then runs without checkpointing).
-        if _dropout_free(encoder):
-            encoder.train(True)
     try:
         yield
     finally:
         unet.disable_gradient_checkpointing()
-        for encoder, mode in zip(text_encoders, was_training, strict=True):
-            _encoder_checkpointing(encoder, None)
-            encoder.train(mode)
-
-
-def _encoder_checkpointing(encoder: torch.nn.Module, options: dict | None) -> None:
-    """On with `options` (torch checkpoint arguments), off with None. transformers >= 5.x names it activation
-    checkpointing (the old name warns); older versions only have the old name."""
-    if hasattr(encoder, "activation_checkpointing_enable"):
-        if options is not None:
-            encoder.activation_checkpointing_enable(options)
-        else:
-            encoder.activation_checkpointing_disable()
-    elif options is not None:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    else:
-        encoder.gradient_checkpointing_disable()
-
-
-def _dropout_free(encoder: torch.nn.Module) -> bool:
-    config = getattr(encoder, "config", None)
-    return all(float(getattr(config, name, 0.0) or 0.0) == 0.0 for name in ("dropout", "attention_dropout"))
 
 
 @contextmanager
@@ -145,7 +117,6 @@ def training_memory(
     vae: torch.nn.Module,
     device: torch.device,
     unet: torch.nn.Module,
-    text_encoders: list[torch.nn.Module],
     checkpointing: bool,
     random_forward: bool = False,
 ) -> Iterator[Any]:
@@ -163,7 +134,7 @@ def training_memory(
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda" or benchmark
     try:
-        with activation_checkpointing(unet, text_encoders, checkpointing, random_forward):
+        with activation_checkpointing(unet, checkpointing, random_forward):
             yield vae_needed
     finally:
         torch.backends.cudnn.benchmark = benchmark

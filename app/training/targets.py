@@ -42,10 +42,6 @@ class TrainingTarget(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        """Text encoders on the gradient path (their activations are checkpointed too)."""
-        ...
-
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
         """(hidden states, pooled): pooled is SDXL's second-encoder projection, None for SD 1.x/2.x."""
         ...
@@ -115,13 +111,11 @@ class EmbeddingTarget:
         pipe = model.pipe
         if model.is_xl:
             self._split = int(pipe.text_encoder.config.hidden_size)
-            self._text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
             self._encoder = XLPromptEncoder(
                 pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, self._find
             )
         else:
             self._split = None
-            self._text_encoders = [pipe.text_encoder]
             self._encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self._find)
         # Log copies: SDXL embeddings as .safetensors (the clip_l/clip_g layout), others as A1111's .pt.
         self.copy_suffix = ".safetensors" if self._split else ".pt"
@@ -134,9 +128,6 @@ class EmbeddingTarget:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.vectors]
-
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return self._text_encoders
 
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
         return encode(self._encoder, texts, clip_skip, with_grad=True)
@@ -222,9 +213,6 @@ class HypernetworkTarget:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return self._params
-
-    def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return []  # the prompt is encoded without gradients
 
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
         return encode(self._encoder, texts, clip_skip, with_grad=False)
