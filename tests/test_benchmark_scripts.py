@@ -36,3 +36,20 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert "tiny SDXL file" in sdxl
     for target in ("embedding", "hypernetwork"):
         assert re.search(rf"\| {target} \| 1 \| - \| \d+\.\d+ \|", sdxl), sdxl
+
+
+def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/checkpointing.py", "--tiny", "--steps", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
+    assert set(rows) == {"none", "unet", "unet+te"}
+    assert "(1.00x)" in rows["none"]
+    for line in rows.values():
+        ms, peak = (float(n) for n in re.findall(r"([\d.]+) (?:ms/step|MB)", line))
+        assert ms > 0 and peak > 0
