@@ -47,7 +47,10 @@ def build(tiny: bool):
     else:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's shapes
-        encoder = CLIPTextModel(CLIPTextConfig())  # CLIP ViT-L/14's text tower: SD1.5's encoder
+        # CLIP ViT-L/14's text tower: SD1.5's encoder
+        encoder = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+        )
     return unet.float().eval().requires_grad_(False), encoder.float().eval().requires_grad_(False)
 
 
