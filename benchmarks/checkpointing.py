@@ -5,6 +5,7 @@ to that row; every weight frozen) in three modes, each in its own process so its
 `none` (the baseline), `unet` (what training does: `app.training.precision.activation_checkpointing`) and
 `unet+te` (the UNet and the text encoder's layers both checkpointed, as training did before). Prints the median
 seconds per step, the peak RSS above the idle process (CPU) or peak allocated (CUDA) and the ratios to `none`.
+The frozen model runs as training runs it: fp32 on the CPU, fp16 on CUDA.
 
     .venv/bin/python benchmarks/checkpointing.py [--tiny] [--size 512] [--steps 3]
 
@@ -59,16 +60,17 @@ def child(args) -> dict:
     from app.training.precision import activation_checkpointing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, encoder = (m.to(device) for m in build(args.tiny))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # as training runs the frozen model
+    unet, encoder = (m.to(device, dtype) for m in build(args.tiny))
     latent = (64 if args.tiny else args.size) // 8
-    x = torch.randn(1, unet.config.in_channels, latent, latent, device=device)
+    x = torch.randn(1, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     ids = torch.randint(0, encoder.config.vocab_size - 2, (1, 77), device=device)
     row = torch.randn(encoder.config.hidden_size, device=device, requires_grad=True)  # the trained vector
 
     def put_row(module, inputs, output):
         output = output.clone()
-        output[:, 5] = row
+        output[:, 5] = row.to(output.dtype)
         return output
 
     encoder.get_input_embeddings().register_forward_hook(put_row)
@@ -78,7 +80,7 @@ def child(args) -> dict:
 
     def step() -> None:
         context = encoder(input_ids=ids).last_hidden_state
-        loss = torch.nn.functional.mse_loss(unet(x, t, context).sample.float(), x)
+        loss = torch.nn.functional.mse_loss(unet(x, t, context).sample.float(), x.float())
         loss.backward()
         row.grad = None
 

@@ -92,6 +92,8 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
         --targets lora --markdown "$OUT_DIR/train_lora.md"
     section "LoRA training against diffusers' train_text_to_image_lora way, 512 px" "$OUT_DIR/train_lora.md"
+    { echo '```'; "$PY" benchmarks/checkpointing.py --size 512 --steps 5; echo '```'; } >"$OUT_DIR/checkpointing.md"
+    section "Activation checkpointing: one embedding step at 512 px, fp16" "$OUT_DIR/checkpointing.md"
     elapsed "extras"
 fi
 cat "$report"
