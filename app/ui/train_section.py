@@ -137,7 +137,7 @@ class TrainSection:
         f["use_weight"] = gr.Checkbox(False, label="Use PNG alpha channel as loss weight", elem_id=f"{p}_use_weight")
         f["gradient_checkpointing"] = gr.Checkbox(
             True,
-            label="Gradient checkpointing (much less memory, about a quarter slower)",
+            label="Gradient checkpointing (about half the memory, a third slower)",
             elem_id=f"{p}_gradient_checkpointing",
         )
         f["preview_from_txt2img"] = gr.Checkbox(
