@@ -21,20 +21,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "unet", "unet+te")
-
-
-def rss_peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build(tiny: bool):
@@ -57,6 +49,8 @@ def build(tiny: bool):
 
 def child(args) -> dict:
     sys.path.insert(0, str(ROOT))
+    from baselines import PeakMemory, timed_steps
+
     from app.training.precision import activation_checkpointing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,27 +72,18 @@ def child(args) -> dict:
         encoder.activation_checkpointing_enable({"use_reentrant": False, "preserve_rng_state": False})
         encoder.train()  # transformers checkpoints only modules in training mode (CLIP has no dropout)
 
-    def step() -> None:
+    def step(_: int) -> None:
         context = encoder(input_ids=ids).last_hidden_state
         loss = torch.nn.functional.mse_loss(unet(x, t, context).sample.float(), x.float())
         loss.backward()
         row.grad = None
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
-    idle = 0.0 if device.type == "cuda" else rss_peak_mb()
-    times = []
+    memory = PeakMemory(device)
+    memory.start()
     with activation_checkpointing(unet, args.mode != "none"):
-        for i in range(1 + args.steps):
-            started = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_peak_mb() - idle
+        times = timed_steps(step, 1, args.steps, device)
+    # As train_full_size.py states its goals: CUDA peak allocated, CPU peak RSS above idle.
+    peak = memory.peak_mb() if device.type == "cuda" else memory.peak_mb() - memory.idle_mb
     return {"s_per_step": statistics.median(times), "peak_mb": peak}
 
 
