@@ -76,7 +76,7 @@ def activation_checkpointing(unet: torch.nn.Module, enabled: bool, random_forwar
     """Recompute the UNet's activations in backward instead of keeping them; restores its state after the run.
 
     Only the UNet: a text encoder's activations for 77-token prompts are small (about 60 MB for SD 1.x at batch 1
-    in fp32), while recomputing its layers cost 15-18 % of a step where launches dominate (measured on the tiny
+    in fp32), while recomputing its layers added 8-23 % to a step where launches dominate (measured on the tiny
     model, docs/benchmarks.md), so an embedding's encoders keep theirs.
 
     `random_forward`: the forward draws random numbers (a hypernetwork's dropout), so each checkpoint saves and
