@@ -53,3 +53,17 @@ def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
     for line in rows.values():
         ms, peak = (float(n) for n in re.findall(r"([\d.]+) (?:ms/step|MB)", line))
         assert ms > 0 and peak > 0
+
+
+def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/step_overhead.py", "--tiny", "--repeats", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "baseline" in line and "ours" in line]
+    assert len(lines) == 5, done.stdout  # the heading, three costs, the per-step total
+    assert "8 layers" in done.stdout  # shapes-64's attention layers, counted from the model

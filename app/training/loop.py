@@ -78,6 +78,14 @@ def step_generator(seed: int, step: int, sample: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 1_009 + sample)
 
 
+def seed_forward(seed: int, device: torch.device) -> None:
+    """Seed the global generators a forward pass on `device` draws from. Not `torch.manual_seed`: on a machine
+    without CUDA that also queues lazy seeds for CUDA, XPU and MTIA, each recording a stack trace, every step."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
 def sample_indices(n_images: int, seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
     """(image index, epoch) of each sample of `step`: a fresh seeded shuffle per epoch, read as one stream."""
     picks = []
@@ -127,7 +135,7 @@ def denoising_loss(
 
     SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
     six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained."""
-    unet_dtype = unet.dtype
+    unet_dtype = amp.model_dtype
     with amp.autocast():
         cond, pooled = target.conditioning(texts, clip_skip)
         added = None
@@ -305,7 +313,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
             # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
             with torch.random.fork_rng(devices=[]), target.unet_context():
-                torch.manual_seed(gens[0].initial_seed())
+                seed_forward(gens[0].initial_seed(), device)
                 loss = denoising_loss(
                     target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids
                 )

@@ -28,6 +28,7 @@ class MixedPrecision:
 
     def __init__(self, device: torch.device, model_dtype: torch.dtype, init_scale: float = 2.0**16):
         self.device_type = device.type
+        self.model_dtype = model_dtype  # read per step: diffusers' `unet.dtype` walks every parameter each time
         self.dtype = model_dtype if model_dtype in HALF_DTYPES else None
         self.scaler = (
             torch.amp.GradScaler(self.device_type, init_scale=init_scale) if model_dtype == torch.float16 else None
