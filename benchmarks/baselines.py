@@ -3,8 +3,9 @@
 Embedding (like diffusers' `textual_inversion.py`): a placeholder token added to a copy of the tokenizer and of the
 text encoder (the copy in fp32: its token-embedding matrix is the trained parameter, every row but the
 placeholder's restored after each step), the VAE encoding the batch at every step (no latent cache), no activation
-checkpointing (the example's default), the UNet in the model's dtype under autocast, and a GradScaler when that
-dtype is fp16 (accelerate's `mixed_precision="fp16"`).
+checkpointing (the example's default; `checkpointing=True` runs it as `--gradient_checkpointing` does: the UNet's
+and the text encoder's), the UNet in the model's dtype under autocast, and a GradScaler when that dtype is fp16
+(accelerate's `mixed_precision="fp16"`).
 
 Hypernetwork: the same loop shape (VAE every step, no checkpointing, autocast and scaler), the prompt through the
 pipeline's own tokenizer and text encoder without gradients, the hypernetwork applied through our attention
@@ -99,10 +100,18 @@ def _amp(model) -> tuple[Callable, torch.amp.GradScaler | None]:
 
 
 def baseline_step(
-    kind: str, model, files: list[Path], templates: list[str], size: int, batch: int, hypernetwork=None, stack=None
+    kind: str,
+    model,
+    files: list[Path],
+    templates: list[str],
+    size: int,
+    batch: int,
+    hypernetwork=None,
+    stack=None,
+    checkpointing: bool = False,
 ) -> Callable[[int], float]:
     """A `step(i) -> loss` closure that trains an embedding (`kind="embedding"`), a LoRA (`"lora"`) or `hypernetwork`
-    the diffusers examples' way."""
+    the diffusers examples' way; `checkpointing`: with the examples' `--gradient_checkpointing`."""
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -155,6 +164,13 @@ def baseline_step(
             p.requires_grad_(True)
         hypernetwork.train(True)
         weight_decay, name = 0.01, "zqbench"
+    if checkpointing:
+        # As the examples' --gradient_checkpointing: the UNet's blocks, and the trained text encoder's layers
+        # (transformers checkpoints only layers in training mode; CLIP has no dropout, so train() changes nothing else).
+        unet.enable_gradient_checkpointing()
+        if kind == "embedding":
+            text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+            text_encoder.train()
     rate = {"embedding": 0.005, "lora": 1e-4}.get(kind, 1e-5)
     optimizer = torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay)
 
@@ -188,7 +204,7 @@ def baseline_step(
         if kind == "embedding":
             with torch.no_grad():
                 table.weight[keep] = original[keep]
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -101,7 +101,15 @@ def child(args) -> dict:
 
             hypernetwork = read_hypernetwork_file(settings.hypernetwork_dir / "zqbench.pt").to(model.device)
         step = baseline_step(
-            args.target, model, files, templates, args.size, args.batch, hypernetwork, services.training.stack
+            args.target,
+            model,
+            files,
+            templates,
+            args.size,
+            args.batch,
+            hypernetwork,
+            services.training.stack,
+            args.baseline_checkpointing,
         )
         times = timed_steps(step, 1, args.steps, model.device)
     peak = memory.peak_mb()
@@ -127,6 +135,11 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-half", action="store_true")
     parser.add_argument("--no-checkpointing", action="store_true", help="ours without activation checkpointing")
+    parser.add_argument(
+        "--baseline-checkpointing",
+        action="store_true",
+        help="the baseline with the examples' --gradient_checkpointing (UNet, and the text encoder of an embedding)",
+    )
     parser.add_argument("--ckpt", type=Path, default=None, help="use this single file instead of generating one")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--ours-only", action="store_true", help="skip the baseline (a check that ours runs)")
@@ -152,7 +165,8 @@ def main() -> None:
             script = Path(__file__).with_name("random_checkpoint.py")
             device = "cuda" if use_cuda else "cpu"
             subprocess.run([sys.executable, str(script), config, str(ckpt), "--device", device], check=True)
-        flags = [f for f in ("cpu", "medvram", "bf16", "no_half", "no_checkpointing") if getattr(args, f)]
+        flags = ("cpu", "medvram", "bf16", "no_half", "no_checkpointing", "baseline_checkpointing")
+        flags = [f for f in flags if getattr(args, f)]
         rows = []
         for target in args.targets.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
@@ -205,7 +219,8 @@ def markdown(rows, args) -> str:
     lines = [
         f"{name}, {args.size} px, {first['device']} {first['dtype']}, median of {args.steps} steps after 1 warm-up"
         + (" (--medvram)" if args.medvram else "")
-        + (" (ours without checkpointing)" if args.no_checkpointing else ""),
+        + (" (ours without checkpointing)" if args.no_checkpointing else "")
+        + (" (the baseline with --gradient_checkpointing)" if args.baseline_checkpointing else ""),
         "",
         f"| target | batch | baseline s/step | ours s/step | speed ours/baseline | baseline {memory} | ours {memory} "
         "| memory ours/baseline |",

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from tests.conftest import make_data_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,3 +71,39 @@ def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
     lines = [line for line in done.stdout.splitlines() if "baseline" in line and "ours" in line]
     assert len(lines) == 5, done.stdout  # the heading, three costs, the per-step total
     assert "8 layers" in done.stdout  # shapes-64's attention layers, counted from the model
+
+
+def test_baseline_with_gradient_checkpointing_recomputes_the_unet_and_the_text_encoder(tmp_path, model_store):
+    """`--baseline-checkpointing` runs the example the way its `--gradient_checkpointing` does: every UNet block
+    and every layer of the trained text encoder runs its forward a second time in backward."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from baselines import baseline_step, make_images
+
+    from app.services import build_services
+    from app.settings import Settings
+
+    services = build_services(Settings(data_dir=make_data_dir(tmp_path / "data", model_store)))
+    model = services.models.get()
+    make_images(tmp_path / "images", 64, n=2)
+    files = sorted((tmp_path / "images").glob("*.png"))
+    step = baseline_step("embedding", model, files, ["a photo of [name]"], 64, 1, checkpointing=True)
+    resnet = model.pipe.unet.up_blocks[-1].resnets[0]  # after a cross-attention: it needs a gradient
+    calls = {"resnet": 0, "clip attention": 0}
+
+    def count(module, args):
+        if module is resnet:
+            calls["resnet"] += 1
+        elif type(module).__name__ == "CLIPAttention":
+            calls["clip attention"] += 1
+
+    # A global hook: the baseline trains its own copy of the text encoder, out of reach otherwise. Pre-hooks on
+    # submodules: transformers' checkpointing recomputes a layer's forward, not its __call__, so hooks on the layer
+    # itself would not see the recompute.
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        step(0)
+    finally:
+        handle.remove()
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert calls["resnet"] == 2  # forward, and again in backward
+    assert calls["clip attention"] == 2 * model.pipe.text_encoder.config.num_hidden_layers
