@@ -86,6 +86,10 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
         --targets embedding --no-checkpointing --markdown "$OUT_DIR/train_nockpt.md"
     section "Training without activation checkpointing, 512 px" "$OUT_DIR/train_nockpt.md"
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
+        --targets embedding --baseline-checkpointing --markdown "$OUT_DIR/train_both_ckpt.md"
+    section "Training, both sides checkpointed (the baseline with --gradient_checkpointing), 512 px" \
+        "$OUT_DIR/train_both_ckpt.md"
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
         --targets embedding --bf16 --markdown "$OUT_DIR/train_bf16.md"
     section "Training in bf16 (--bf16), 512 px" "$OUT_DIR/train_bf16.md"
