@@ -32,11 +32,7 @@ def check_size(sizes: list[int], structure: list[float]) -> None:
         )
     if not all(math.isfinite(x) for x in structure):  # zero/negative entries get their own message later
         raise UserError(f"Layer structure {structure} must hold finite numbers, e.g. 1, 2, 1.", "layer_structure")
-    total = sum(
-        2 * (int(w * a) * int(w * b) + int(w * b))
-        for w in sizes
-        for a, b in itertools.pairwise(structure)
-    )
+    total = sum(2 * (int(w * a) * int(w * b) + int(w * b)) for w in sizes for a, b in itertools.pairwise(structure))
     if total > MAX_PARAMETERS:
         raise UserError(
             f"Layer structure {structure} with widths {sizes} would have {total:,} parameters; the limit is "
