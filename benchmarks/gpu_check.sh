@@ -98,6 +98,8 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     section "LoRA training against diffusers' train_text_to_image_lora way, 512 px" "$OUT_DIR/train_lora.md"
     { echo '```'; "$PY" benchmarks/checkpointing.py --size 512 --steps 5; echo '```'; } >"$OUT_DIR/checkpointing.md"
     section "Activation checkpointing: one embedding step at 512 px, fp16" "$OUT_DIR/checkpointing.md"
+    { echo '```'; "$PY" benchmarks/step_overhead.py; echo '```'; } >"$OUT_DIR/step_overhead.md"
+    section "Python and syncs per step (the finite checks on the GPU)" "$OUT_DIR/step_overhead.md"
     elapsed "extras"
 fi
 cat "$report"

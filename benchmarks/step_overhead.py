@@ -7,7 +7,10 @@ Python per step is a millisecond of step time. Three costs, each timed old way v
   the run stored when it started (`MixedPrecision.model_dtype`);
 - the processor signature diffusers' `Attention.forward` reads on every call (to warn about unused kwargs), times
   the UNet's attention layers: diffusers' `AttnProcessor2_0` (baseline) vs. our processor with a stored signature;
-- seeding the forward's RNG once per micro-batch: `torch.manual_seed` vs. `seed_forward` (CPU and the device).
+- seeding the forward's RNG once per micro-batch: `torch.manual_seed` vs. `seed_forward` (CPU and the device);
+- the finite checks of a rank-4 LoRA's 256 tensors (SD 1.x attention projections), gradients and then weights,
+  each step: one `bool()` per tensor vs. `all_finite` (one for all). These tensors go to CUDA when there is one:
+  there each `bool()` is also a round trip to the GPU, which a CPU timing cannot show.
 
     .venv/bin/python benchmarks/step_overhead.py [--tiny] [--repeats 200]
 
@@ -41,6 +44,15 @@ def per_call_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(rounds) * 1000
 
 
+def lora_shaped_tensors(unet: torch.nn.Module, rank: int = 4) -> list[torch.Tensor]:
+    """A rank-`rank` LoRA's down and up matrices for every attention projection of `unet` (q, k, v, out)."""
+    tensors = []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
+            tensors += [torch.randn(rank, module.in_features), torch.randn(module.out_features, rank)]
+    return tensors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="the shipped shapes-64 model")
@@ -51,7 +63,7 @@ def main() -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from app.hypernetworks.attention import HypernetworkAttnProcessor, HypernetworkStack
-    from app.training.loop import seed_forward
+    from app.training.loop import all_finite, seed_forward
     from app.training.precision import MixedPrecision
 
     unet, _ = build(args.tiny)
@@ -59,6 +71,11 @@ def main() -> None:
     layers = len(unet.attn_processors)
     amp = MixedPrecision(device, unet.dtype)
     ours, stock = HypernetworkAttnProcessor(HypernetworkStack()), AttnProcessor2_0()
+
+    lora = [t.to("cuda" if torch.cuda.is_available() else "cpu") for t in lora_shaped_tensors(unet)]
+
+    def one_by_one() -> bool:
+        return all(torch.isfinite(t).all() for t in lora) and all(torch.isfinite(t).all() for t in lora)
 
     rows = [
         (
@@ -76,16 +93,21 @@ def main() -> None:
             per_call_ms(lambda: torch.manual_seed(1234), args.repeats),
             per_call_ms(lambda: seed_forward(1234, device), args.repeats),
         ),
+        (
+            f"finite checks, {len(lora)} LoRA tensors ({lora[0].device.type}), a step",
+            per_call_ms(one_by_one, args.repeats),
+            per_call_ms(lambda: all_finite(lora) and all_finite(lora), args.repeats),
+        ),
     ]
     what = "shapes-64" if args.tiny else "SD1.5 UNet shapes"
-    print(f"{what}, CPU; Python time per occurrence, baseline (the old way) vs. ours")
+    print(f"{what}; time per occurrence, baseline (the old way) vs. ours")
     for name, old, new in rows:
         print(f"{name:50s} baseline {old:6.3f} ms  ours {new:6.3f} ms  saved {old - new:6.3f} ms")
-    # A checkpointed training step: one dtype read, two UNet forwards (the second in backward), one seed.
+    # A checkpointed embedding step: one dtype read, two UNet forwards (the second in backward), one seed.
     old_step = rows[0][1] + 2 * rows[1][1] + rows[2][1]
     new_step = rows[0][2] + 2 * rows[1][2] + rows[2][2]
     print(
-        f"{'per checkpointed training step, batch 1':50s} baseline {old_step:6.3f} ms  ours {new_step:6.3f} ms  "
+        f"{'per checkpointed embedding step, batch 1':50s} baseline {old_step:6.3f} ms  ours {new_step:6.3f} ms  "
         f"ratio {old_step / new_step:.1f}x"
     )
 

@@ -69,8 +69,9 @@ def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "baseline" in line and "ours" in line]
-    assert len(lines) == 5, done.stdout  # the heading, three costs, the per-step total
+    assert len(lines) == 6, done.stdout  # the heading, four costs, the per-step total
     assert "8 layers" in done.stdout  # shapes-64's attention layers, counted from the model
+    assert "64 LoRA tensors (cpu)" in done.stdout  # 8 layers x 4 projections x (down, up)
 
 
 def test_baseline_with_gradient_checkpointing_recomputes_the_unet_and_the_text_encoder(tmp_path, model_store):

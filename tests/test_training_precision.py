@@ -20,7 +20,7 @@ from app.prompts.encoder import PromptEncoder
 from app.settings import Settings
 from app.training.config import TrainConfig
 from app.training.dataset import load_dataset
-from app.training.loop import denoising_loss, train
+from app.training.loop import all_finite, denoising_loss, train
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, activation_checkpointing
 from app.training.targets import EmbeddingTarget, HypernetworkTarget
 from app.training.templates import read_template
@@ -211,6 +211,16 @@ def test_half_precision_run_stopped_and_resumed_equals_a_straight_run(services, 
     resumed = read_embedding_file(path).vectors
     assert torch.equal(resumed, expected)
     assert not torch.equal(resumed, initial)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_one_bad_element_among_many_tensors(bad, dtype):
+    tensors = [torch.randn(4, 320, dtype=dtype) for _ in range(64)]
+    assert all_finite(tensors) and all_finite([]) and all_finite(t for t in tensors)
+    tensors[37][3, 111] = bad
+    assert not all_finite(tensors)
+    assert not all_finite(t for t in tensors)  # a generator, as the loop passes the gradients
 
 
 def test_fp16_overflow_on_every_step_stops_after_a_bounded_number_of_skips(services, dataset, tmp_path):

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,13 @@ def seed_forward(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one device sync for all of them, not one per tensor (a
+    LoRA has 256 tensors on SD 1.x, each `bool()` a GPU round trip)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def sample_indices(n_images: int, seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
@@ -321,7 +328,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             step_loss += loss.item() / cfg.gradient_step
 
         amp.unscale(optimizer)
-        grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        grads_finite = all_finite(p.grad for p in params if p.grad is not None)
         if not math.isfinite(step_loss) or (not grads_finite and amp.scaler is None):
             what = "loss" if not math.isfinite(step_loss) else "gradient"
             stop(f"the {what} became {step_loss if what == 'loss' else 'NaN/inf'}")
@@ -420,7 +427,7 @@ def _update(optimizer, params, amp: MixedPrecision, cfg: TrainConfig, clip_value
     try:
         amp.step(optimizer)
         amp.update()
-        if all(torch.isfinite(p).all() for p in params):
+        if all_finite(params):
             return True
     except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update
         log.error("Optimizer step failed: %s", e)
