@@ -42,16 +42,18 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
         assert re.search(rf"\| {target} \| 1 \| - \| \d+\.\d+ \|", sdxl), sdxl
 
 
-def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
+def run_benchmark(script: str, *args: str) -> str:
+    """Run `benchmarks/<script>` with this Python; its stdout, once it has exited cleanly."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/checkpointing.py", "--tiny", "--steps", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
+    return done.stdout
+
+
+def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
+    out = run_benchmark("checkpointing.py", "--tiny", "--steps", "3")
+    rows = {line.split()[0]: line for line in out.splitlines() if "ms/step" in line}
     assert set(rows) == {"none", "unet", "unet+te"}
     assert "(1.00x)" in rows["none"]
     for line in rows.values():
@@ -60,18 +62,11 @@ def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
 
 
 def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
-    done = subprocess.run(
-        [sys.executable, "benchmarks/step_overhead.py", "--tiny", "--repeats", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if "baseline" in line and "ours" in line]
-    assert len(lines) == 6, done.stdout  # the heading, four costs, the per-step total
-    assert "8 layers" in done.stdout  # shapes-64's attention layers, counted from the model
-    assert "64 LoRA tensors (cpu)" in done.stdout  # 8 layers x 4 projections x (down, up)
+    out = run_benchmark("step_overhead.py", "--tiny", "--repeats", "3")
+    lines = [line for line in out.splitlines() if "baseline" in line and "ours" in line]
+    assert len(lines) == 6, out  # the heading, four costs, the per-step total
+    assert "8 layers" in out  # shapes-64's attention layers, counted from the model
+    assert "64 LoRA tensors (cpu)" in out  # 8 layers x 4 projections x (down, up)
 
 
 def test_baseline_with_gradient_checkpointing_recomputes_the_unet_and_the_text_encoder(tmp_path, model_store):
