@@ -115,8 +115,6 @@ def baseline_step(
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from app.models.tokenizer import load_clip_tokenizer
-
     device, vae, unet = model.device, model.pipe.vae, model.pipe.unet
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
@@ -124,7 +122,7 @@ def baseline_step(
 
     if kind == "embedding":
         unet.set_attn_processor(AttnProcessor2_0())  # diffusers' default SDPA processor, as the example runs
-        tokenizer = load_clip_tokenizer()
+        tokenizer = copy.deepcopy(model.pipe.tokenizer)  # the model's own: SD 2.x pads with "!", SD 1.x with EOS
         tokenizer.add_tokens(["<zqbench>"])
         placeholder = tokenizer.convert_tokens_to_ids("<zqbench>")
         text_encoder = copy.deepcopy(model.pipe.text_encoder).float()
@@ -182,6 +180,11 @@ def baseline_step(
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator).to(device)
         noisy = noise_schedule.add_noise(latents, noise, t)
+        # As the examples: an SD 2.x 768 model predicts the velocity, the others the noise.
+        if noise_schedule.config.prediction_type == "v_prediction":
+            wanted = noise_schedule.get_velocity(latents, noise, t)
+        else:
+            wanted = noise
         prompts = [templates[(i + k) % len(templates)].replace("[name]", name) for k in range(batch)]
         ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         context = stack.using([(hypernetwork, 1.0)]) if kind == "hypernetwork" else torch.enable_grad()
@@ -193,7 +196,7 @@ def baseline_step(
                     with torch.no_grad():
                         hidden = text_encoder(ids.to(device))[0]
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype)).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = F.mse_loss(pred.float(), wanted.float())
             (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.step(optimizer)

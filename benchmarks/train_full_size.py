@@ -8,7 +8,10 @@ above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` 
 ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
 
     .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4] [--targets embedding,hypernetwork,lora]
-        [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md] [--arch sdxl]
+        [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md] [--arch sd2|sdxl]
+
+`--arch sd2`: an SD 2.1-768-size file (OpenCLIP-H text encoder, 1024-wide context, v-prediction as the 768 px
+models are) at 768 px, against the same baseline, which trains SD 2.x the examples' way (the velocity target).
 
 `--arch sdxl`: an SDXL-size file (3.5 B parameters, both text encoders) at 1024 px, ours only: the baseline is
 written for SD 1.x (diffusers' SDXL TI example is a separate script); the figures are the absolute ones the goal is
@@ -127,8 +130,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--targets", default="embedding,hypernetwork")
-    parser.add_argument("--size", type=int, default=None, help="training size in px (512, SDXL 1024; 64 with --tiny)")
-    parser.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1", help="the generated file's architecture")
+    parser.add_argument(
+        "--size", type=int, default=None, help="training size in px (512, SD2 768, SDXL 1024; 64 with --tiny)"
+    )
+    parser.add_argument(
+        "--arch", choices=["sd1", "sd2", "sdxl"], default="sd1", help="the generated file's architecture"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--tiny", action="store_true", help="a tiny SD1 file: checks the script, measures nothing")
     parser.add_argument("--medvram", action="store_true")
@@ -147,7 +154,7 @@ def main() -> None:
     parser.add_argument("--target", default=None)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    args.size = args.size or (64 if args.tiny else 1024 if args.arch == "sdxl" else 512)
+    args.size = args.size or (64 if args.tiny else {"sd1": 512, "sd2": 768, "sdxl": 1024}[args.arch])
     if args.arch == "sdxl":
         args.ours_only = True  # the baseline trains SD 1.x only
     if args.child:
@@ -210,11 +217,10 @@ def markdown(rows, args) -> str:
     first = rows[0][3]
     on_cuda = first["device"].startswith("cuda")
     memory = "peak allocated" if on_cuda else "peak RSS above idle"
-    arch = "SDXL" if args.arch == "sdxl" else "SD1"
     if args.tiny:
-        name = f"tiny {arch} file"
+        name = f"tiny {args.arch.upper()} file"
     else:
-        name = "SDXL-size" if args.arch == "sdxl" else "SD1.5-size"
+        name = {"sd1": "SD1.5-size", "sd2": "SD2.1-768-size (v-prediction)", "sdxl": "SDXL-size"}[args.arch]
         name += " single file (random weights)"
     lines = [
         f"{name}, {args.size} px, {first['device']} {first['dtype']}, median of {args.steps} steps after 1 warm-up"

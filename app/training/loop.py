@@ -125,6 +125,23 @@ class LossLog:
             csv.writer(f).writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def denoising_target(noise_schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict for `x0` noised with `noise` at `t`, by the model's `prediction_type`: the
+    noise (SD 1.x, SDXL, SD 2.x 512 px), the velocity sqrt(a)*noise - sqrt(1-a)*x0 (SD 2.x 768 px "v" models), or
+    the clean latent. Training a v model on the noise would teach it the wrong thing and still lower a loss."""
+    prediction = noise_schedule.config.prediction_type
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return noise_schedule.get_velocity(x0, noise, t)
+    if prediction == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction!r}")
+
+
 def denoising_loss(
     target: TrainingTarget,
     unet: torch.nn.Module,
@@ -188,6 +205,12 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         else None
     )
     end_step, step = schedule.end_step, target.initial_step
+    noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
+    if (prediction := noise_schedule.config.prediction_type) not in PREDICTION_TYPES:
+        raise UserError(
+            f"This model's scheduler predicts {prediction!r}; training knows {', '.join(PREDICTION_TYPES)}. "
+            "Fix prediction_type in its scheduler config (or the .yaml beside a single file)."
+        )
     if step >= end_step:
         raise UserError(
             f"'{target.name}' is already at step {step}; max steps is {end_step}. Raise max steps to train further."
@@ -208,8 +231,6 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     with vae_needed():
         latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, device)
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
-    noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
-    prediction = noise_schedule.config.prediction_type
     per_step = cfg.batch_size * cfg.gradient_step
     steps_per_epoch = max(1, len(images) // per_step)
 
@@ -315,7 +336,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
             )
             noisy = noise_schedule.add_noise(x0, noise, t).to(device)
-            wanted = (noise_schedule.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise).to(device)
+            wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
             weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
             time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
             # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
