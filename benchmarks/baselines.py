@@ -154,9 +154,10 @@ def baseline_step(
             p.data = p.data.float()
         weight_decay, name = 1e-2, "zqbench"
     else:
-        from app.hypernetworks.attention import attention_widths
+        from app.hypernetworks.attention import attention_widths, install
 
         tokenizer, text_encoder = model.pipe.tokenizer, model.pipe.text_encoder
+        install(unet, stack, fold=False)  # every module runs as the MLP it is, the straightforward way
         params = hypernetwork.parameters_for(attention_widths(unet) & set(hypernetwork.widths))
         for p in params:
             p.requires_grad_(True)

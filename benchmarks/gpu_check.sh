@@ -2,7 +2,8 @@
 # The GPU check: real-scale figures on one CUDA GPU in about 6-8 minutes, as markdown in $OUT (or ./gpu-check/).
 #   bash benchmarks/gpu_check.sh            # on a machine with a GPU, from a clean working tree
 #   bash benchmarks/gpu_check.sh --tiny     # the same scripts on tiny files on the CPU: checks them, measures nothing
-# Full-size files with random weights are written by our exporter into a temp folder (SD1.5 2 GB, SDXL 7 GB).
+# Full-size files with random weights are written by our exporter into a temp folder (SD1.5 2 GB, SD2 2.6 GB, SDXL
+# 7 GB).
 # Python packages the machine lacks can travel as wheels in .whl/ (see docs/benchmarks.md); they are installed
 # into a temp folder, never into the system.
 set -euo pipefail
@@ -49,6 +50,9 @@ if [ -n "$TINY" ]; then
     "$PY" benchmarks/train_full_size.py --tiny --cpu --arch sdxl --steps 2 --batches 1 \
         --targets embedding,hypernetwork --markdown "$OUT_DIR/train_sdxl.md"
     section "Training on SDXL" "$OUT_DIR/train_sdxl.md"
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --arch sd2 --steps 2 --batches 1 --targets embedding \
+        --markdown "$OUT_DIR/train_sd2.md"
+    section "Training on SD 2.x" "$OUT_DIR/train_sd2.md"
     cat "$report"
     exit 0
 fi
@@ -100,6 +104,10 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     section "Activation checkpointing: one embedding step at 512 px, fp16" "$OUT_DIR/checkpointing.md"
     { echo '```'; "$PY" benchmarks/step_overhead.py; echo '```'; } >"$OUT_DIR/step_overhead.md"
     section "Python and syncs per step (the finite checks on the GPU)" "$OUT_DIR/step_overhead.md"
+    "$PY" benchmarks/random_checkpoint.py sd2 "$files/sd2-random.safetensors" --device cuda
+    "$PY" benchmarks/train_full_size.py --ckpt "$files/sd2-random.safetensors" --arch sd2 --steps 3 --batches 1 \
+        --targets embedding,hypernetwork --markdown "$OUT_DIR/train_sd2.md"
+    section "Training on SD 2.x (768 px, v-prediction), fp16" "$OUT_DIR/train_sd2.md"
     elapsed "extras"
 fi
 cat "$report"

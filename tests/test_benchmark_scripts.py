@@ -40,6 +40,9 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert "tiny SDXL file" in sdxl
     for target in ("embedding", "hypernetwork"):
         assert re.search(rf"\| {target} \| 1 \| - \| \d+\.\d+ \|", sdxl), sdxl
+    sd2 = report.split("## Training on SD 2.x")[1]
+    assert "tiny SD2 file" in sd2
+    assert re.search(r"\| embedding \| 1 \| \d+\.\d+ \| \d+\.\d+ \|", sd2), sd2  # the baseline trains SD 2.x too
 
 
 def run_benchmark(script: str, *args: str) -> str:

@@ -31,6 +31,8 @@ class HypernetworkStack:
         # Cross-attention contexts repeat across layers and steps; without autograd their k/v inputs are kept
         # here (with the context itself, so its memory cannot be reused by another tensor while cached).
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Folded projection weights (see `folded`), per layer and weight version, also only without autograd.
+        self._folds: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextmanager
     def using(self, networks: list[tuple[Hypernetwork, float]]) -> Iterator[None]:
@@ -38,12 +40,12 @@ class HypernetworkStack:
         # Nested uses add up (a training preview's network plus the prompt's tags); 0 disables: exactly the
         # image without it.
         self.active = previous + [(hn, m) for hn, m in networks if m != 0]
-        self._cache = {}
+        self._cache, self._folds = {}, {}
         try:
             yield
         finally:
             self.active = previous
-            self._cache = {}
+            self._cache, self._folds = {}, {}
 
     def apply(self, context: torch.Tensor, cross_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """k and v inputs for `context`. Cross-attention contexts (the prompt) are cached outside autograd."""
@@ -56,6 +58,49 @@ class HypernetworkStack:
                 self._cache.clear()
             hit = self._cache[key] = (context, *self._apply(context))
         return hit[1], hit[2]
+
+    def affine_maps(self, width: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The k and v input maps for `width` of all active networks chained, each as one affine map (A, c) in
+        fp32; None when a module on the way is not affine or no active network has this width."""
+        maps = None
+        for hn, multiplier in self.active:
+            pair = hn.layers.get(width)
+            if pair is None:
+                continue
+            step = [module.affine(multiplier) for module in pair]
+            if step[0] is None or step[1] is None:
+                return None
+            # Chained, as `_apply`: the later network maps the earlier one's output.
+            maps = step if maps is None else [(a @ a0, a @ c0 + c) for (a, c), (a0, c0) in zip(step, maps, strict=True)]
+        return maps
+
+    def folded(self, to_k: torch.nn.Module, to_v: torch.nn.Module, x: torch.Tensor):
+        """key and value for the self-attention input `x`, with affine hypernetwork maps folded into the
+        projections: to_k(x A.T + c) = x (W A).T + W c + b. For A1111's default ("linear") hypernetworks this drops
+        their cost per token: one (width x width) product per layer instead of the MLP over every position, and
+        in training the MLP's backward over every position too. None where it does not apply: a map that is not
+        affine, no module for this width, or projections that are not plain Linear layers with their weights here
+        (PEFT's LoRA layers while a LoRA trains; --lowvram keeps weights on the meta device between calls)."""
+        if not (type(to_k) is type(to_v) is torch.nn.Linear) or to_k.weight.is_meta or to_v.weight.is_meta:
+            return None
+        cached = not torch.is_grad_enabled()
+        key = (id(to_k), x.shape[-1], to_k.weight.data_ptr(), to_k.weight._version, to_v.weight.data_ptr())
+        key += (to_v.weight._version,)
+        hit = self._folds.get(key) if cached else None
+        if hit is None:
+            maps = self.affine_maps(x.shape[-1])
+            if maps is None:
+                return None
+            hit = []
+            for proj, (a, c) in zip((to_k, to_v), maps, strict=True):
+                weight = proj.weight.float()
+                bias = weight @ c + (proj.bias.float() if proj.bias is not None else 0)
+                hit.append((weight @ a, bias))
+            if cached:
+                if len(self._folds) >= 256:  # one per attention layer; more means weights were swapped meanwhile
+                    self._folds.clear()
+                self._folds[key] = hit
+        return tuple(F.linear(x, w.to(x.dtype), b.to(x.dtype)) for w, b in hit)
 
     def _apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_in = v_in = context
@@ -70,9 +115,10 @@ class HypernetworkStack:
 class HypernetworkAttnProcessor:
     """SDPA attention with hypernetwork-transformed k/v inputs; `slice_size` heads at a time when set."""
 
-    def __init__(self, stack: HypernetworkStack, slice_size: int | None = None):
+    def __init__(self, stack: HypernetworkStack, slice_size: int | None = None, fold: bool = True):
         self.stack = stack
         self.slice_size = slice_size
+        self.fold = fold  # off: every hypernetwork runs as its MLP (benchmarks/hypernetwork.py compares the two)
 
     def __call__(
         self,
@@ -106,11 +152,19 @@ class HypernetworkAttnProcessor:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
         else:
             context = encoder_hidden_states
-        if self.stack.active:
-            k_in, v_in = self.stack.apply(context, cross_attention=encoder_hidden_states is not None)
+        folded = None
+        # Folding pays where positions outnumber the width (a 64x64 latent's 4096 positions at width 320); the
+        # prompt's 77-token context is cached instead (`apply`).
+        if self.stack.active and self.fold and encoder_hidden_states is None and context.shape[1] >= context.shape[2]:
+            folded = self.stack.folded(attn.to_k, attn.to_v, context)
+        if folded is not None:
+            key, value = folded
         else:
-            k_in = v_in = context
-        key, value = attn.to_k(k_in), attn.to_v(v_in)
+            if self.stack.active:
+                k_in, v_in = self.stack.apply(context, cross_attention=encoder_hidden_states is not None)
+            else:
+                k_in = v_in = context
+            key, value = attn.to_k(k_in), attn.to_v(v_in)
 
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
@@ -153,5 +207,5 @@ def attention_widths(unet: torch.nn.Module) -> set[int]:
     return {int(m.to_k.in_features) for m in unet.modules() if hasattr(m, "to_k") and hasattr(m, "processor")}
 
 
-def install(unet: torch.nn.Module, stack: HypernetworkStack, slice_size: int | None = None) -> None:
-    unet.set_attn_processor(HypernetworkAttnProcessor(stack, slice_size))
+def install(unet: torch.nn.Module, stack: HypernetworkStack, slice_size: int | None = None, fold: bool = True) -> None:
+    unet.set_attn_processor(HypernetworkAttnProcessor(stack, slice_size, fold))

@@ -103,6 +103,22 @@ class HypernetworkModule(nn.Module):
         scale = 1.0 if self.training else multiplier
         return x + self.linear(x.to(self.linear[0].weight.dtype)).to(x.dtype) * scale
 
+    def affine(self, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This module as one affine map, `forward(x, multiplier) == x @ A.T + c`, in fp32; None when it is not
+        one (an activation, a layer norm, or dropout that is active). A1111's default hypernetwork ("linear", no
+        layer norm, no dropout) is one, so its k and v maps can be folded into the attention's own projections."""
+        scale = 1.0 if self.training else multiplier
+        product = bias = None
+        for layer in self.linear:
+            if isinstance(layer, nn.Linear):
+                weight, b = layer.weight.float(), layer.bias.float()
+                product = weight if product is None else weight @ product
+                bias = b if bias is None else weight @ bias + b
+            elif not (isinstance(layer, nn.Dropout) and (layer.p == 0 or not self.training)):
+                return None
+        eye = torch.eye(product.shape[1], dtype=product.dtype, device=product.device)
+        return eye + scale * product, scale * bias
+
     def initialize(self, method: str, activation: str | None) -> None:
         """A1111's initialisations; LayerNorms always get N(0, 0.01) weights and zero bias."""
         if method not in WEIGHT_INITS:
