@@ -4,11 +4,13 @@ against running its MLPs (the baseline: what every other tool does, and what we 
 Self-attention sees every latent position, so a hypernetwork's MLP runs over 4096 positions per layer at 512 px;
 folded, each layer's k/v maps become one (width x width) product. Measured with SD1.5's UNet shapes (random weights,
 no file, no download) and a hypernetwork for every width the UNet has:
-- generation: one UNet call without autograd (a sampling step at batch 1), no hypernetwork / MLPs / folded;
+- generation: `--sampling-steps` UNet calls without autograd at batch 1 with the networks active for all of them, as
+  in a generation, per call: no hypernetwork / MLPs / folded;
 - training: one step as training runs it (activation checkpointing, backward to the hypernetwork), MLPs / folded.
 Runs alternate in one process; medians.
 
-    .venv/bin/python benchmarks/hypernetwork_fold.py [--size 512] [--repeats 3] [--train-size 512] [--tiny]
+    .venv/bin/python benchmarks/hypernetwork_fold.py [--size 512] [--repeats 3] [--sampling-steps 4]
+        [--train-size 512] [--tiny]
 
 `--tiny`: the shipped shapes-64 model at 64 px (checks the script; its widths are too small to show much).
 """
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="generation size in px")
     parser.add_argument("--train-size", type=int, default=512, help="training size in px (0: skip training)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sampling-steps", type=int, default=4, help="UNet calls per generation")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     if args.tiny:
@@ -79,8 +82,10 @@ def main() -> None:
         def call():
             install(unet, stack, fold=fold)
             hn.train(False)
+            # As a generation: the networks active for all its sampling steps (the folds are made once).
             with torch.no_grad(), stack.using(networks):
-                unet(x, t, context)
+                for _ in range(args.sampling_steps):
+                    unet(x, t, context)
 
         return call
 
@@ -100,7 +105,8 @@ def main() -> None:
     base = statistics.median(gen["MLPs (baseline)"])
     for name, times in gen.items():
         m = statistics.median(times)
-        print(f"generation {args.size} px, one UNet call, {name:16s} {m * 1000:9.1f} ms  ({m / base:.2f}x the MLPs)")
+        per_call = m / args.sampling_steps * 1000
+        print(f"generation {args.size} px, per UNet call, {name:16s} {per_call:9.1f} ms  ({m / base:.2f}x the MLPs)")
 
     if not args.train_size:
         return

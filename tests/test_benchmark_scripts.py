@@ -106,3 +106,13 @@ def test_baseline_with_gradient_checkpointing_recomputes_the_unet_and_the_text_e
         sys.path.remove(str(ROOT / "benchmarks"))
     assert calls["resnet"] == 2  # forward, and again in backward
     assert calls["clip attention"] == 2 * model.pipe.text_encoder.config.num_hidden_layers
+
+
+def test_hypernetwork_fold_benchmark_times_the_mlps_and_the_fold_in_generation_and_training():
+    out = run_benchmark("hypernetwork_fold.py", "--tiny", "--repeats", "1")
+    generation = [line for line in out.splitlines() if line.startswith("generation")]
+    training = [line for line in out.splitlines() if line.startswith("training")]
+    assert [line.split(",")[2].split()[0] for line in generation] == ["no", "MLPs", "folded"], out
+    assert [line.split(",")[2].split()[0] for line in training] == ["MLPs", "folded"], out
+    assert "(1.00x the MLPs)" in generation[1] and "(1.00x the speed)" in training[0]
+    assert all(float(re.search(r"([\d.]+) m?s ", line).group(1)) > 0 for line in generation + training)

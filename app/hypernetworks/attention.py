@@ -153,9 +153,15 @@ class HypernetworkAttnProcessor:
         else:
             context = encoder_hidden_states
         folded = None
-        # Folding pays where positions outnumber the width (a 64x64 latent's 4096 positions at width 320); the
-        # prompt's 77-token context is cached instead (`apply`).
-        if self.stack.active and self.fold and encoder_hidden_states is None and context.shape[1] >= context.shape[2]:
+        # Self-attention only: the prompt's 77-token context has its k/v inputs cached instead (`apply`). Without
+        # autograd the fold is made once per generation (cached), so it always pays; with autograd it is remade on
+        # every call and pays where positions outnumber the width (4096 positions at width 320 at 512 px).
+        if (
+            self.stack.active
+            and self.fold
+            and encoder_hidden_states is None
+            and (not torch.is_grad_enabled() or context.shape[1] >= context.shape[2])
+        ):
             folded = self.stack.folded(attn.to_k, attn.to_v, context)
         if folded is not None:
             key, value = folded
