@@ -32,7 +32,7 @@ class HypernetworkStack:
         # here (with the context itself, so its memory cannot be reused by another tensor while cached).
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Folded projection weights (see `folded`), per layer and weight version, also only without autograd.
-        self._folds: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._folds: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @contextmanager
     def using(self, networks: list[tuple[Hypernetwork, float]]) -> Iterator[None]:
@@ -84,8 +84,8 @@ class HypernetworkStack:
         if not (type(to_k) is type(to_v) is torch.nn.Linear) or to_k.weight.is_meta or to_v.weight.is_meta:
             return None
         cached = not torch.is_grad_enabled()
-        key = (id(to_k), x.shape[-1], to_k.weight.data_ptr(), to_k.weight._version, to_v.weight.data_ptr())
-        key += (to_v.weight._version,)
+        key = (id(to_k), x.shape[-1], x.dtype, to_k.weight.data_ptr(), to_k.weight._version)
+        key += (to_v.weight.data_ptr(), to_v.weight._version)
         hit = self._folds.get(key) if cached else None
         if hit is None:
             maps = self.affine_maps(x.shape[-1])
@@ -95,12 +95,12 @@ class HypernetworkStack:
             for proj, (a, c) in zip((to_k, to_v), maps, strict=True):
                 weight = proj.weight.float()
                 bias = weight @ c + (proj.bias.float() if proj.bias is not None else 0)
-                hit.append((weight @ a, bias))
+                hit.append(((weight @ a).to(x.dtype), bias.to(x.dtype)))
             if cached:
                 if len(self._folds) >= 256:  # one per attention layer; more means weights were swapped meanwhile
                     self._folds.clear()
                 self._folds[key] = hit
-        return tuple(F.linear(x, w.to(x.dtype), b.to(x.dtype)) for w, b in hit)
+        return tuple(F.linear(x, w, b) for w, b in hit)
 
     def _apply(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_in = v_in = context
@@ -118,7 +118,7 @@ class HypernetworkAttnProcessor:
     def __init__(self, stack: HypernetworkStack, slice_size: int | None = None, fold: bool = True):
         self.stack = stack
         self.slice_size = slice_size
-        self.fold = fold  # off: every hypernetwork runs as its MLP (benchmarks/hypernetwork.py compares the two)
+        self.fold = fold  # off: every hypernetwork runs as its MLP (benchmarks/hypernetwork_fold.py compares the two)
 
     def __call__(
         self,
