@@ -115,6 +115,8 @@ def baseline_step(
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from app.training.loop import denoising_target
+
     device, vae, unet = model.device, model.pipe.vae, model.pipe.unet
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
@@ -182,10 +184,7 @@ def baseline_step(
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator).to(device)
         noisy = noise_schedule.add_noise(latents, noise, t)
         # As the examples: an SD 2.x 768 model predicts the velocity, the others the noise.
-        if noise_schedule.config.prediction_type == "v_prediction":
-            wanted = noise_schedule.get_velocity(latents, noise, t)
-        else:
-            wanted = noise
+        wanted = denoising_target(noise_schedule, latents, noise, t)
         prompts = [templates[(i + k) % len(templates)].replace("[name]", name) for k in range(batch)]
         ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         context = stack.using([(hypernetwork, 1.0)]) if kind == "hypernetwork" else torch.enable_grad()

@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,13 +45,17 @@ def build_unet(tiny: bool) -> torch.nn.Module:
     return unet.float().eval().requires_grad_(False)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
+def alternating(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run: one warm-up each, then `repeats` rounds that take the runs in turn."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -78,7 +83,7 @@ def main() -> None:
 
     x = latents(args.size)
 
-    def generate(fold: bool, networks) -> callable:
+    def generate(fold: bool, networks) -> Callable[[], None]:
         def call():
             install(unet, stack, fold=fold)
             hn.train(False)
@@ -94,17 +99,11 @@ def main() -> None:
         "MLPs (baseline)": generate(False, [(hn, 1.0)]),
         "folded": generate(True, [(hn, 1.0)]),
     }
-    for call in runs.values():
-        call()  # warm-up
-    gen = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, call in runs.items():
-            gen[name] += timed(call, 1)
+    gen = alternating(runs, args.repeats)
     what = "shapes-64" if args.tiny else "SD1.5 UNet shapes"
     print(f"{what}, hypernetwork for widths {widths} (1-2-1, linear), CPU fp32, medians of {args.repeats}")
-    base = statistics.median(gen["MLPs (baseline)"])
-    for name, times in gen.items():
-        m = statistics.median(times)
+    base = gen["MLPs (baseline)"]
+    for name, m in gen.items():
         per_call = m / args.sampling_steps * 1000
         print(f"generation {args.size} px, per UNet call, {name:16s} {per_call:9.1f} ms  ({m / base:.2f}x the MLPs)")
 
@@ -114,7 +113,7 @@ def main() -> None:
     for p in params:
         p.requires_grad_(True)
 
-    def train(fold: bool) -> callable:
+    def train(fold: bool) -> Callable[[], None]:
         def step():
             install(unet, stack, fold=fold)
             hn.train(True)
@@ -126,20 +125,12 @@ def main() -> None:
 
         return step
 
-    steps = {"MLPs (baseline)": train(False), "folded": train(True)}
-    for step in steps.values():
-        step()
-    trained = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            trained[name] += timed(step, 1)
-    base = statistics.median(trained["MLPs (baseline)"])
-    for name, times in trained.items():
-        m = statistics.median(times)
+    trained = alternating({"MLPs (baseline)": train(False), "folded": train(True)}, args.repeats)
+    base = trained["MLPs (baseline)"]
+    for name, m in trained.items():
         print(
             f"training {args.train_size} px, one step (checkpointed), {name:16s} {m:8.3f} s ({base / m:.2f}x the speed)"
         )
-    install(unet, stack)
 
 
 if __name__ == "__main__":

@@ -165,12 +165,11 @@ class HypernetworkAttnProcessor:
             folded = self.stack.folded(attn.to_k, attn.to_v, context)
         if folded is not None:
             key, value = folded
-        else:
-            if self.stack.active:
-                k_in, v_in = self.stack.apply(context, cross_attention=encoder_hidden_states is not None)
-            else:
-                k_in = v_in = context
+        elif self.stack.active:
+            k_in, v_in = self.stack.apply(context, cross_attention=encoder_hidden_states is not None)
             key, value = attn.to_k(k_in), attn.to_v(v_in)
+        else:
+            key, value = attn.to_k(context), attn.to_v(context)
 
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
