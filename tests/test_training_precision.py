@@ -223,6 +223,14 @@ def test_all_finite_finds_one_bad_element_among_many_tensors(bad, dtype):
     assert not all_finite(t for t in tensors)  # a generator, as the loop passes the gradients
 
 
+def test_all_finite_takes_mixed_dtypes_empty_tensors_and_huge_finite_values():
+    tensors = [torch.randn(8), torch.randn(8).half(), torch.empty(0), torch.full((4,), 3e38)]
+    assert all_finite(tensors)  # 3e38 is finite in fp32 (a norm-2 check would overflow on it)
+    tensors[1][2] = float("nan")
+    assert not all_finite(tensors)
+    assert all_finite([torch.empty(0)])
+
+
 def test_fp16_overflow_on_every_step_stops_after_a_bounded_number_of_skips(services, dataset, tmp_path):
     model = half_model(services, torch.float16)
     path = new_embedding(services, "zqoverflow").path
