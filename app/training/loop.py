@@ -94,8 +94,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     tensors = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined; it holds no NaN
     if not tensors:
         return True
-    largest = torch._foreach_norm(tensors, float("inf"))
-    return bool(torch.stack(largest).isfinite().all())
+    with torch.no_grad():  # the trained weights require grad; a check needs no graph
+        largest = torch._foreach_norm(tensors, float("inf"))
+        return bool(torch.stack(largest).isfinite().all())
 
 
 def sample_indices(n_images: int, seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
