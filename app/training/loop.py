@@ -90,7 +90,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite: one device sync for all of them, not one per tensor (a
     LoRA has 256 tensors on SD 1.x, each `bool()` a GPU round trip). The largest |value| of each tensor comes from
     one fused kernel per dtype (`_foreach_norm`, ord inf; NaN propagates through it), not four ops per tensor as
-    `isfinite` is: half the time on the CPU (docs/benchmarks.md), a handful of launches instead of 1000 on CUDA."""
+    `isfinite` is: 1.5-4x less time on the CPU (docs/benchmarks.md), a handful of launches instead of 1000 on CUDA."""
     tensors = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined; it holds no NaN
     if not tensors:
         return True
