@@ -1,12 +1,14 @@
 """Mixed precision and activation checkpointing in training, proven on the CPU with the real tiny model.
 
-The frozen model is cast to fp16/bf16 here (on the CPU the app itself keeps fp32), so the same code that runs on a
-GPU in half precision — autocast, the GradScaler, fp32 master tensors — runs under test.
+The frozen model is cast to fp16/bf16 here (on the CPU the app keeps fp32 unless --bf16 asks), so the same code
+that runs on a GPU in half precision — autocast, the GradScaler, fp32 master tensors — runs under test.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from diffusers import DDPMScheduler
 from app.embeddings.formats import read_embedding_file
 from app.errors import UserError
 from app.hypernetworks.attention import attention_widths
-from app.models.manager import LoadedModel, choose_dtypes
+from app.models.manager import LoadedModel, choose_dtypes, cpu_has_native_bf16
 from app.prompts.encoder import PromptEncoder
 from app.settings import Settings
 from app.training.config import TrainConfig
@@ -271,8 +273,29 @@ def test_bf16_without_hardware_support_is_refused_at_start():
         choose_dtypes(Settings(bf16=True), torch.device("cuda"))
 
 
-def test_bf16_flag_on_the_cpu_keeps_fp32():
-    assert choose_dtypes(Settings(bf16=True), torch.device("cpu")) == (torch.float32, torch.float32)
+def test_bf16_on_a_cpu_without_it_in_hardware_is_refused_at_start():
+    with pytest.raises(UserError, match="--bf16 on the CPU needs a CPU with bfloat16 in hardware"):
+        choose_dtypes(Settings(bf16=True), torch.device("cpu"), cpu_bf16=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"bf16": True}, (torch.bfloat16, torch.bfloat16)),
+        ({"bf16": True, "no_half_vae": True}, (torch.bfloat16, torch.float32)),
+        ({"bf16": True, "no_half": True}, (torch.float32, torch.float32)),
+        ({"bf16": True, "precision": "full"}, (torch.float32, torch.float32)),
+        ({}, (torch.float32, torch.float32)),
+    ],
+)
+def test_bf16_on_a_cpu_with_it_in_hardware_runs_the_model_in_bf16(flags, expected):
+    assert choose_dtypes(Settings(**flags), torch.device("cpu"), cpu_bf16=True) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_native_bf16_probe_agrees_with_the_cpu_flags():
+    flags = set(re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[0].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 # -- --medvram ---------------------------------------------------------------------------------------------------
