@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from app.models.manager import cpu_has_native_bf16
 from tests.conftest import make_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +118,13 @@ def test_hypernetwork_fold_benchmark_times_the_mlps_and_the_fold_in_generation_a
     assert [line.split(",")[2].split()[0] for line in training] == ["MLPs", "folded"], out
     assert "(1.00x the MLPs)" in generation[1] and "(1.00x the speed)" in training[0]
     assert all(float(re.search(r"([\d.]+) m?s ", line).group(1)) > 0 for line in generation + training)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no bfloat16 in hardware: --bf16 is refused")
+def test_cpu_bf16_benchmark_runs_both_precisions_and_reports_the_ratios():
+    out = run_benchmark("cpu_bf16.py", "--tiny", "--gen-steps", "2", "--train-steps", "1")
+    assert re.search(r"^fp32 \(float32\): txt2img [\d.]+ s/it", out, re.M), out
+    assert re.search(r"^bf16 \(bfloat16\): txt2img [\d.]+ s/it", out, re.M), out  # the child really ran bf16
+    for row in ("txt2img s/it", "embedding training s/step"):
+        assert re.search(rf"\| {row} \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", out), out
+    assert "Mean |difference| of the two images" in out
