@@ -6,10 +6,12 @@ process, the app's own services as the UI and API run them (`Settings(bf16=True)
 - txt2img: `--size` px, `--gen-steps` steps, Euler a, CFG 7, one warm-up generation of 1 step; s/it is the time of
   the whole timed generation (text encoding and decode included) over its steps;
 - training: an embedding (1 vector) at `--size` px, batch 1, activation checkpointing on (the default), median s/step
-  of `--train-steps` steps after one warm-up step; peak RSS above the loaded model's idle RSS.
+  of `--train-steps` steps after one warm-up step; peak RSS above the loaded model's idle RSS, and that idle RSS
+  (the process after loading the model and generating, before training).
 
 Printed: both sides, the speed ratio bf16/fp32 (the baseline is fp32), and the mean |difference| of the two images
-(same seed, 0-255) so that a faster but broken bf16 would show.
+(same seed, 0-255) so that a faster but broken bf16 would show (random weights give near-flat images, so at full
+size this says little; tests/test_cpu_bf16.py compares real images of the shipped model).
 
     .venv/bin/python benchmarks/cpu_bf16.py [--size 512] [--gen-steps 8] [--train-steps 2] [--markdown OUT.md]
     .venv/bin/python benchmarks/cpu_bf16.py --tiny     # a tiny SD1 file at 64 px: checks the script only
@@ -95,6 +97,7 @@ def child(args) -> dict:
         "s_per_it": gen_s / args.gen_steps,
         "s_per_step": statistics.median(result.step_seconds[1:]),
         "train_mb": memory.peak_mb() - memory.idle_mb,
+        "idle_mb": memory.idle_mb,
         "image": str(image_path),
     }
 
@@ -168,6 +171,8 @@ def markdown(runs: dict, image_diff: float, args) -> str:
         f"{fp32['s_per_it'] / bf16['s_per_it']:.2f}x |",
         f"| embedding training s/step | {fp32['s_per_step']:.3f} | {bf16['s_per_step']:.3f} | "
         f"{fp32['s_per_step'] / bf16['s_per_step']:.2f}x |",
+        f"| RSS of the loaded model (idle, after one generation) | {fp32['idle_mb']:.0f} MB | "
+        f"{bf16['idle_mb']:.0f} MB | memory x{bf16['idle_mb'] / fp32['idle_mb']:.2f} |",
         f"| training peak RSS above idle | {fp32['train_mb']:.0f} MB | {bf16['train_mb']:.0f} MB | "
         f"memory x{bf16['train_mb'] / max(fp32['train_mb'], 1.0):.2f} |",
         "",
