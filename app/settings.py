@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "half precision as bfloat16: instead of float16 on CUDA (Ampere or newer; fp32's range, no loss "
-            "scaling), instead of float32 on a CPU with bfloat16 in hardware (AVX512-BF16/AMX; about 1.7x faster)"
+            "scaling), instead of float32 on a CPU with bfloat16 in hardware (AVX512-BF16/AMX; 1.5-1.8x faster)"
         ),
     )
     p.add_argument("--lowvram", action="store_true")

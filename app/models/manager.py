@@ -88,7 +88,7 @@ def choose_dtypes(
     settings: Settings, device: torch.device, cpu_bf16: bool | None = None
 ) -> tuple[torch.dtype, torch.dtype]:
     """(model dtype, VAE dtype). fp32 on the CPU unless `--bf16` asks for bfloat16 on a CPU that has it in hardware
-    (about 1.7x faster there, measured in docs/benchmarks.md); fp16 on the CPU is slow and unsupported in places.
+    (1.5-1.8x faster there, measured in docs/benchmarks.md); fp16 on the CPU is slow and unsupported in places.
 
     `cpu_bf16`: whether the CPU has native bf16; None asks the CPU (tests pass it to try both answers)."""
     full = settings.no_half or settings.precision == "full"
@@ -96,7 +96,7 @@ def choose_dtypes(
         native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
         if not settings.bf16 or full:
             if native and not full:
-                log.info("This CPU computes bfloat16 in hardware: --bf16 runs the model about 1.7x faster")
+                log.info("This CPU computes bfloat16 in hardware: --bf16 runs the model 1.5-1.8x faster")
             return torch.float32, torch.float32
         if not native:
             # Said at start: emulated bf16 would make every step slower than the fp32 it is meant to beat.
