@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import html
+import platform
+
+import diffusers
 import gradio as gr
+import torch
+import transformers
 
 from app.errors import UserError
 from app.services import Services
@@ -16,6 +22,7 @@ CSS = """
 #generate_box button { min-height: 4.5em; }
 #tool_button { max-width: 3em; min-width: 3em !important; }
 .gen-error { color: #c0392b; font-weight: 600; }
+#footer { text-align: center; opacity: 0.7; font-size: 0.85em; margin-top: 1em; }
 #progress_text { min-height: 1.5em; }
 """
 
@@ -26,6 +33,24 @@ def ui_theme() -> gr.themes.Base:
         font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
         font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
     )
+
+
+def footer_text(services: Services) -> str:
+    """A1111's footer line, for bug reports: versions, and where and in what precision the model runs (so that
+    whether `--bf16` or `--no-half` took effect is visible on the page)."""
+    models = services.models
+    precision = str(models.dtype).replace("torch.", "")
+    if models.vae_dtype != models.dtype:
+        precision += ", VAE " + str(models.vae_dtype).replace("torch.", "")
+    parts = [
+        f"python: {platform.python_version()}",
+        f"torch: {torch.__version__}",
+        f"diffusers: {diffusers.__version__}",
+        f"transformers: {transformers.__version__}",
+        f"gradio: {gr.__version__}",
+        f"device: {models.device} ({precision})",
+    ]
+    return " \u2022 ".join(parts)
 
 
 def build_ui(services: Services) -> gr.Blocks:
@@ -86,6 +111,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 TrainSection(services, LORA, txt2img_fields)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
+        gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")
 
         # The page is built once; what changed since (new files, a model picked through the API) shows on load.
         def on_page_load():

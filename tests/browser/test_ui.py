@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +60,8 @@ def test_generate_shows_image_and_info_and_saves_file(page, server):
     page.locator("#txt2img_reuse_seed").click()
     page.wait_for_function("document.querySelector('#txt2img_seed input').value === '42'")
     assert page.external_requests == []
+    footer = page.locator("#footer").inner_text()  # versions and the precision the model runs in, as A1111's
+    assert f"torch: {torch.__version__}" in footer and "device: cpu (float32)" in footer, footer
 
 
 def test_interrupt_button_stops_a_long_run(page, server):
