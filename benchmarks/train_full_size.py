@@ -203,7 +203,9 @@ def memory_mb(run: dict) -> float:
 
 def print_row(target: str, batch: int, base: dict | None, ours: dict, flush: bool = False) -> None:
     if base is None:
-        print(f"{target} batch {batch}: ours {ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB", flush=flush)
+        idle = "" if ours["device"].startswith("cuda") else f" (loaded model idle: {ours['idle_mb']:.0f} MB)"
+        line = f"{target} batch {batch}: ours {ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB{idle}"
+        print(line, flush=flush)
         return
     print(
         f"{target} batch {batch}: baseline {base['s_per_step']:.3f} s/step {memory_mb(base):.0f} MB; ours "
