@@ -53,6 +53,8 @@ if [ -n "$TINY" ]; then
     "$PY" benchmarks/train_full_size.py --tiny --cpu --arch sd2 --steps 2 --batches 1 --targets embedding \
         --markdown "$OUT_DIR/train_sd2.md"
     section "Training on SD 2.x" "$OUT_DIR/train_sd2.md"
+    "$PY" benchmarks/step_profile.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/step_profile.md"
+    section "Per step: ops, launches, syncs" "$OUT_DIR/step_profile.md"
     cat "$report"
     exit 0
 fi
@@ -87,6 +89,12 @@ section "Training on SDXL: an SDXL embedding (clip_l + clip_g) at 1024 px, fp16"
 elapsed "SDXL training"
 
 if [ $(($(date +%s) - started)) -lt 420 ]; then
+    # Why a step is slower where launches bound it: ops, kernel launches, GPU busy time and host syncs per step.
+    # Not yet run on a GPU: a failure here is reported and the other parts still run.
+    "$PY" benchmarks/step_profile.py --ckpt "$files/sd15-random.safetensors" --steps 3 \
+        --markdown "$OUT_DIR/step_profile.md" || echo "step_profile.py failed: see the log" >"$OUT_DIR/step_profile.md"
+    section "Per step: ops, launches, syncs (embedding, 512 px, fp16)" "$OUT_DIR/step_profile.md"
+    elapsed "step profile"
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
         --targets embedding --no-checkpointing --markdown "$OUT_DIR/train_nockpt.md"
     section "Training without activation checkpointing, 512 px" "$OUT_DIR/train_nockpt.md"

@@ -27,7 +27,14 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "failed" not in report
-    for heading in ("## Generation", "## LoRA", "## Training", "## Training under --medvram", "## Training on SDXL"):
+    for heading in (
+        "## Generation",
+        "## LoRA",
+        "## Training",
+        "## Training under --medvram",
+        "## Training on SDXL",
+        "## Per step: ops, launches, syncs",
+    ):
         assert heading in report
     for row in ("| SD1.5 64 px |", "| SDXL 64 px |", "| --medvram |", "| --lowvram (4 steps) |"):
         assert row in report
@@ -45,6 +52,8 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     sd2 = report.split("## Training on SD 2.x")[1]
     assert "tiny SD2 file" in sd2
     assert re.search(r"\| embedding \| 1 \| \d+\.\d+ \| \d+\.\d+ \|", sd2), sd2  # the baseline trains SD 2.x too
+    profile = report.split("## Per step: ops, launches, syncs")[1]
+    assert re.search(r"\| aten ops dispatched \| (\d+) \| (\d+) \| \d+\.\d+ \|", profile), profile
 
 
 def run_benchmark(script: str, *args: str) -> str:
