@@ -40,7 +40,7 @@ def image(services, seed: int) -> np.ndarray:
     return np.asarray(services.txt2img.generate(params).images[0], dtype=np.float32)
 
 
-def test_the_model_is_loaded_in_bf16_and_its_images_are_fp32_images(services, bf16_services):
+def test_the_model_is_loaded_in_bf16_and_its_images_match_fp32s(services, bf16_services):
     pipe = bf16_services.models.get().pipe
     for part in (pipe.unet, pipe.text_encoder, pipe.vae):
         assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
