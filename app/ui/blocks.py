@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import html
 import platform
+from importlib.metadata import PackageNotFoundError, version
 
-import diffusers
 import gradio as gr
-import torch
-import transformers
 
 from app.errors import UserError
 from app.services import Services
@@ -35,21 +33,24 @@ def ui_theme() -> gr.themes.Base:
     )
 
 
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
 def footer_text(services: Services) -> str:
     """A1111's footer line, for bug reports: versions, and where and in what precision the model runs (so that
-    whether `--bf16` or `--no-half` took effect is visible on the page)."""
+    whether `--bf16` or `--no-half` took effect is visible on the page). Versions from the installed packages'
+    metadata: the UI does not import torch."""
     models = services.models
     precision = str(models.dtype).replace("torch.", "")
     if models.vae_dtype != models.dtype:
         precision += ", VAE " + str(models.vae_dtype).replace("torch.", "")
-    parts = [
-        f"python: {platform.python_version()}",
-        f"torch: {torch.__version__}",
-        f"diffusers: {diffusers.__version__}",
-        f"transformers: {transformers.__version__}",
-        f"gradio: {gr.__version__}",
-        f"device: {models.device} ({precision})",
-    ]
+    parts = [f"python: {platform.python_version()}"]
+    parts += [f"{name}: {_version(name)}" for name in ("torch", "diffusers", "transformers", "gradio")]
+    parts.append(f"device: {models.device} ({precision})")
     return " \u2022 ".join(parts)
 
 
