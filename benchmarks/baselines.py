@@ -11,12 +11,16 @@ Hypernetwork: the same loop shape (VAE every step, no checkpointing, autocast an
 pipeline's own tokenizer and text encoder without gradients, the hypernetwork applied through our attention
 processor and only its parameters trained (AdamW, weight decay 0.01 as A1111).
 
-Also the shared helpers of the training benchmarks: a synthetic dataset and peak-memory measurement.
+Also the shared helpers of the training benchmarks: a synthetic dataset, peak-memory measurement, and running one
+measured side in a process of its own.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+
+def run_child(command: list[str], what: str) -> dict:
+    """Run one measured side (`command`, a script's child mode) and read the JSON its last stdout line holds; on
+    failure, show its stderr and stop, naming `what` failed."""
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        why = " (killed: out of memory?)" if out.returncode == -9 else ""
+        raise SystemExit(f"{what} failed: exit {out.returncode}{why}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def make_images(folder: Path, size: int, n: int = 8) -> None:

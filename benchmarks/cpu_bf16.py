@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from baselines import run_child
+from random_checkpoint import make_in_subprocess
 
 PROMPT, NEGATIVE = "a photo of a red fox in the snow, detailed, sharp focus", "blurry, low quality"
 
@@ -123,21 +124,12 @@ def main() -> None:
     if not cpu_has_native_bf16():
         raise SystemExit("This CPU has no bfloat16 in hardware (AVX512-BF16 or AMX): --bf16 is refused on it.")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt
-        if ckpt is None:
-            config = "tiny-sd1" if args.tiny else "sd1"
-            ckpt = Path(tmp) / f"{config}-random.safetensors"
-            script = Path(__file__).with_name("random_checkpoint.py")
-            subprocess.run([sys.executable, str(script), config, str(ckpt), "--device", "cpu"], check=True)
+        ckpt = args.ckpt or make_in_subprocess("tiny-sd1" if args.tiny else "sd1", Path(tmp))
         runs = {}
         for name, flags in (("fp32", []), ("bf16", ["--bf16"])):
             command = [sys.executable, __file__, "--child", "--ckpt", str(ckpt), "--size", str(args.size)]
             command += ["--gen-steps", str(args.gen_steps), "--train-steps", str(args.train_steps), *flags]
-            out = subprocess.run(command, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{name} failed: exit {out.returncode}")
-            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name] = run_child(command, name)
             run = runs[name]
             print(
                 f"{name} ({run['dtype']}): txt2img {run['s_per_it']:.3f} s/it; embedding training "

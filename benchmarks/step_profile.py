@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from baselines import run_child
+from random_checkpoint import make_in_subprocess
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 
@@ -45,7 +46,6 @@ def counts(prof) -> Counter:
 
 
 def child(args) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
     from baselines import baseline_step, make_images
 
     from app.logs import quiet_libraries
@@ -141,23 +141,14 @@ def main() -> None:
         return
     use_cuda = torch.cuda.is_available() and not args.cpu
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt
-        if ckpt is None:
-            config = "tiny-sd1" if args.tiny else "sd1"
-            ckpt = Path(tmp) / f"{config}-random.safetensors"
-            script = Path(__file__).with_name("random_checkpoint.py")
-            device = "cuda" if use_cuda else "cpu"
-            subprocess.run([sys.executable, str(script), config, str(ckpt), "--device", device], check=True)
+        config = "tiny-sd1" if args.tiny else "sd1"
+        ckpt = args.ckpt or make_in_subprocess(config, Path(tmp), "cuda" if use_cuda else "cpu")
         runs = {}
         for side in ("baseline", "ours"):
             command = [sys.executable, __file__, "--side", side, "--ckpt", str(ckpt), "--size", str(args.size)]
             command += ["--steps", str(args.steps)]
             command += ["--cpu"] * args.cpu + ["--no-checkpointing"] * args.no_checkpointing
-            out = subprocess.run(command, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} failed: exit {out.returncode}")
-            runs[side] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[side] = run_child(command, side)
     table = markdown(runs, args)
     print(table)
     if args.markdown:

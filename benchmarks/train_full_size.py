@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from baselines import run_child
+from random_checkpoint import make_in_subprocess
 
 
 def child(args) -> dict:
@@ -163,15 +164,8 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available() and not args.cpu
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt
-        if ckpt is None:
-            config = ("tiny-" if args.tiny else "") + args.arch
-            ckpt = Path(tmp) / f"{config}-random.safetensors"
-            # In its own process: drawing the numbers leaves gigabytes in this process's allocator otherwise (5 GB
-            # of RSS after an SDXL-size file), memory the measured runs would then lack.
-            script = Path(__file__).with_name("random_checkpoint.py")
-            device = "cuda" if use_cuda else "cpu"
-            subprocess.run([sys.executable, str(script), config, str(ckpt), "--device", device], check=True)
+        config = ("tiny-" if args.tiny else "") + args.arch
+        ckpt = args.ckpt or make_in_subprocess(config, Path(tmp), "cuda" if use_cuda else "cpu")
         flags = ("cpu", "medvram", "bf16", "no_half", "no_checkpointing", "baseline_checkpointing")
         flags = [f for f in flags if getattr(args, f)]
         rows = []
@@ -182,12 +176,7 @@ def main() -> None:
                     command = [sys.executable, __file__, "--child", side, "--target", target, "--batch", str(batch)]
                     command += ["--steps", str(args.steps), "--size", str(args.size), "--ckpt", str(ckpt)]
                     command += [f"--{f.replace('_', '-')}" for f in flags]
-                    out = subprocess.run(command, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        print(out.stderr[-3000:], file=sys.stderr)
-                        why = " (killed: out of memory?)" if out.returncode == -9 else ""
-                        raise SystemExit(f"{side} {target} batch {batch} failed: exit {out.returncode}{why}")
-                    runs[side] = json.loads(out.stdout.strip().splitlines()[-1])
+                    runs[side] = run_child(command, f"{side} {target} batch {batch}")
                 rows.append((target, batch, runs.get("baseline"), runs["ours"]))
                 print_row(*rows[-1], flush=True)
     table = markdown(rows, args)
