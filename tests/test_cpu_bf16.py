@@ -35,8 +35,8 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("stars-bf16"))
 
 
-def image(services, seed: int) -> np.ndarray:
-    params = Txt2ImgParams(prompt="a red circle", width=64, height=64, steps=8, seed=seed, save_images=False)
+def image(services, seed: int, prompt: str = "a red circle") -> np.ndarray:
+    params = Txt2ImgParams(prompt=prompt, width=64, height=64, steps=8, seed=seed, save_images=False)
     return np.asarray(services.txt2img.generate(params).images[0], dtype=np.float32)
 
 
@@ -69,8 +69,5 @@ def test_hypernetwork_training_in_bf16_runs_and_changes_the_image(bf16_services,
     result = bf16_services.training.train_hypernetwork(hn_cfg("zqbf16hn", dataset, steps=4, save_every=0)).wait()
     assert result.error is None and result.step == 4 and path.is_file()
     plain = image(bf16_services, 7)
-    params = Txt2ImgParams(
-        prompt="a red circle <hypernet:zqbf16hn:1>", width=64, height=64, steps=8, seed=7, save_images=False
-    )
-    shaped = np.asarray(bf16_services.txt2img.generate(params).images[0], dtype=np.float32)
+    shaped = image(bf16_services, 7, "a red circle <hypernet:zqbf16hn:1>")
     assert all(np.isfinite(loss) for _, loss in result.losses) and not np.array_equal(plain, shaped)
