@@ -273,4 +273,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "The job queue is full (--queue-limit) or the server is stopping; see the Retry-After header",
     },
+    507: {
+        "model": ErrorResponse,
+        "description": "Out of memory: the request needs more memory than the device has free; the message says what "
+        "ran out and what to make smaller",
+    },
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -34,10 +35,13 @@ from app.generation.hires import LATENT_MODES
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
 from app.generation.txt2img import Txt2ImgParams
+from app.models.out_of_memory import OutOfMemoryError, is_out_of_memory, memory_state
 from app.services import Services
 from app.settings import parse_credentials
 from app.training.config import TrainConfig
 from app.training.preprocess import PreprocessOptions, preprocess
+
+log = logging.getLogger(__name__)
 
 # A1111 request fields we accept but do not act on; a request that sets one gets a note in `info`.
 _IGNORED = {
@@ -156,6 +160,20 @@ def register_api(app: FastAPI, services: Services) -> None:
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
         return JSONResponse(status_code=exc.status_code, content=error_body(exc), headers=headers)
+
+    @app.exception_handler(MemoryError)
+    @app.exception_handler(RuntimeError)
+    async def out_of_memory(request: Request, exc: Exception) -> JSONResponse:
+        # The services turn running out of memory into OutOfMemoryError where it is likely (generating, training,
+        # loading); anywhere else in a request it is still the request's size, not a server fault: 507, not 500.
+        if not is_out_of_memory(exc):
+            raise exc
+        error = OutOfMemoryError(
+            f"Out of memory while handling {request.method} {request.url.path} "
+            f"({memory_state(services.models.device)}). Try a smaller request."
+        )
+        log.warning("%s", error)
+        return JSONResponse(status_code=error.status_code, content=error_body(error))
 
     @router.post("/txt2img", response_model=Txt2ImgResponse)
     def txt2img(req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:

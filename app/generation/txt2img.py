@@ -34,6 +34,7 @@ from app.generation.tiling import circular_padding
 from app.hypernetworks.attention import HypernetworkStack
 from app.jobs import Interrupted, Job, JobRunner
 from app.models.manager import LoadedModel, ModelManager
+from app.models.out_of_memory import guarded, smaller_advice
 from app.networks.activation import NetworkKind, activate_all
 from app.options import Options
 from app.prompts.chunking import CHUNK_LENGTH
@@ -323,9 +324,24 @@ class Txt2ImgService:
     ) -> Txt2ImgResult:
         """Generate with `model` (the caller holds the model lock); `encoder` overrides the model's prompt encoder
         (training previews use the embedding being trained), `networks` adds hypernetworks (the one training).
-        Extra networks from the prompt's tags are applied for this call only: the model is restored on return."""
-        with ExitStack() as applied:
-            return self._run(model, p, job, encoder, list(networks or []), applied)
+        Extra networks from the prompt's tags are applied for this call only: the model is restored on return.
+        Running out of memory ends it with an OutOfMemoryError that says what to make smaller."""
+
+        def work() -> Txt2ImgResult:
+            with ExitStack() as applied:
+                return self._run(model, p, job, encoder, list(networks or []), applied)
+
+        count = p.batch_size * p.n_iter
+        size = f"{p.width}×{p.height}"
+        if p.enable_hr:
+            hr_width, hr_height = target_size(p.width, p.height, p.hr_scale, p.hr_resize_x, p.hr_resize_y)
+            size += f", hires fix to {hr_width}×{hr_height}"
+        return guarded(
+            model.device,
+            work,
+            f"generating {count} image{'s' if count > 1 else ''} of {size}",
+            f"Try a smaller batch size or image size, or {smaller_advice(model.device)}.",
+        )
 
     def _run(
         self,

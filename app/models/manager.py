@@ -21,6 +21,7 @@ from app.models.hashes import HashCache
 from app.models.single_file import check_checkpoint, load_single_file
 from app.models.tokenizer import load_clip_tokenizer
 from app.models.vae import load_vae, scan_vae_files
+from app.models.out_of_memory import guarded, smaller_advice
 from app.prompts.chunking import EmbeddingFinder
 from app.prompts.encoder import PromptEncoder
 from app.prompts.xl_encoder import XLPromptEncoder
@@ -214,7 +215,12 @@ class ModelManager:
             try:
                 if not self.settings.no_hashing and info.sha256 is None:
                     info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
-                pipe = self._load_pipeline(info)
+                pipe = guarded(
+                    self.device,
+                    lambda: self._load_pipeline(info),
+                    f"loading {info.title} on {self.device}",
+                    f"This model needs more memory than is free; {smaller_advice(self.device)}.",
+                )
             except Exception:
                 if previous is not None:
                     log.warning("Loading %s failed; reloading %s", info.title, previous.title)

@@ -28,6 +28,7 @@ from app.errors import UserError
 from app.fileio import atomic_write_text
 from app.jobs import Job
 from app.models.manager import LoadedModel
+from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory, smaller_advice
 from app.training.checkpoint import commit_optim, load_optim, pending_path, save_optim
 from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
@@ -309,6 +310,20 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         )
         log.error(result.error)
 
+    def out_of_memory(where: str, done: int, first: str = "a smaller batch size or training size") -> None:
+        """End the run because `where` ran out of memory; the steps done so far are saved on the way out."""
+        kept = (
+            f"The {target.kind} is saved at step {done}: train again to continue from there."
+            if done > target.initial_step
+            else f"Nothing was changed ({target.path.name} is still at step {done})."
+        )
+        checkpointing = "" if cfg.gradient_checkpointing else "gradient checkpointing on, "
+        result.error = (
+            f"Training stopped: out of memory in {where}. {kept} "
+            f"Try {first}, {checkpointing}or {smaller_advice(device)}."
+        )
+        log.error(result.error)
+
     # -- the loop ----------------------------------------------------------------------------------------------
     optimizer_broken = False
     skipped_in_row = 0
@@ -319,40 +334,51 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
         picks = sample_indices(len(images), seed, step, per_step)
-        step_loss = 0.0
-        first_prompt = ""
-        for micro in range(cfg.gradient_step):
-            batch = range(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
-            gens = [step_generator(seed, step, k) for k in batch]
-            texts = [
-                prompt_for(
-                    images[picks[k][0]],
-                    target.name,
-                    templates,
-                    random.Random(gens[i].initial_seed()),
-                    cfg.shuffle_tags,
-                    cfg.tag_drop_out,
+
+        def micro_batches(step: int = step, picks: list = picks) -> tuple[float, str]:
+            # A function of its own, so that when memory runs out its frame (the activations, the graph behind the
+            # loss) is dropped with the error before the memory is released (out_of_memory.guarded).
+            step_loss, first_prompt = 0.0, ""
+            for micro in range(cfg.gradient_step):
+                batch = range(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+                gens = [step_generator(seed, step, k) for k in batch]
+                texts = [
+                    prompt_for(
+                        images[picks[k][0]],
+                        target.name,
+                        templates,
+                        random.Random(gens[i].initial_seed()),
+                        cfg.shuffle_tags,
+                        cfg.tag_drop_out,
+                    )
+                    for i, k in enumerate(batch)
+                ]
+                first_prompt = first_prompt or texts[0]
+                x0 = torch.stack([latents.get(picks[k][0], g) for k, g in zip(batch, gens, strict=True)])
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+                t = torch.tensor(
+                    [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
                 )
-                for i, k in enumerate(batch)
-            ]
-            first_prompt = first_prompt or texts[0]
-            x0 = torch.stack([latents.get(picks[k][0], g) for k, g in zip(batch, gens, strict=True)])
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-            t = torch.tensor(
-                [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
-            )
-            noisy = noise_schedule.add_noise(x0, noise, t).to(device)
-            wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
-            weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
-            time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
-            # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
-            with torch.random.fork_rng(devices=[]), target.unet_context():
-                seed_forward(gens[0].initial_seed(), device)
-                loss = denoising_loss(
-                    target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids
-                )
-                amp.backward(loss / cfg.gradient_step)
-            step_loss += loss.item() / cfg.gradient_step
+                noisy = noise_schedule.add_noise(x0, noise, t).to(device)
+                wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
+                weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
+                time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
+                # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
+                with torch.random.fork_rng(devices=[]), target.unet_context():
+                    seed_forward(gens[0].initial_seed(), device)
+                    loss = denoising_loss(
+                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids
+                    )
+                    amp.backward(loss / cfg.gradient_step)
+                step_loss += loss.item() / cfg.gradient_step
+            return step_loss, first_prompt
+
+        try:
+            step_loss, first_prompt = guarded(device, micro_batches)
+        except OutOfMemoryError as e:
+            optimizer.zero_grad(set_to_none=True)
+            out_of_memory(f"training step {step + 1} ({e.detail})", step)
+            break
 
         amp.unscale(optimizer)
         grads_finite = all_finite(p.grad for p in params if p.grad is not None)
@@ -362,7 +388,13 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             break
         if grads_finite:
             skipped_in_row = 0
-            if not _update(optimizer, params, amp, cfg, clip_values, step):
+            try:
+                updated = guarded(device, lambda at=step: _update(optimizer, params, amp, cfg, clip_values, at))
+            except OutOfMemoryError as e:
+                optimizer_broken = True  # its moments may be half-made; the tensors are as before the step
+                out_of_memory(f"the optimizer update of step {step + 1} ({e.detail})", step)
+                break
+            if not updated:
                 optimizer_broken = True
                 stop(f"the update made the {target.kind} NaN or infinite")
                 break
@@ -418,6 +450,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         except SaveFailed as e:
             save_failed(e)
             break
+        except OutOfMemoryError as e:  # the preview's generation (txt2img.run_on_model) ran out
+            out_of_memory(f"the preview image after step {step} ({e.detail})", step, "a smaller preview size")
+            break
         if previewed and job is not None:
             job.progress.preview = lambda image=image: image
             job.progress.preview_id += 1
@@ -456,9 +491,14 @@ def _update(optimizer, params, amp: MixedPrecision, cfg: TrainConfig, clip_value
         amp.update()
         if all_finite(params):
             return True
-    except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update
-        log.error("Optimizer step failed: %s", e)
+        failure = None
+    except RuntimeError as e:  # e.g. an absurd learning rate overflowing the update, or memory running out
+        failure = e
     with torch.no_grad():
         for p, g in zip(params, good, strict=True):
             p.copy_(g)
+    if failure is not None:
+        if is_out_of_memory(failure):
+            raise failure  # the caller's guard reports it as that, not as a broken update
+        log.error("Optimizer step failed: %s", failure)
     return False

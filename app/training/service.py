@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from app.embeddings.database import EmbeddingDatabase
 from app.errors import UserError
@@ -19,6 +22,7 @@ from app.jobs import Job, JobRunner
 from app.lora.files import LoraFormatError, bind
 from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
+from app.models.out_of_memory import guarded, smaller_advice
 from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
@@ -135,8 +139,12 @@ class TrainingService:
             self.folders.check(cfg.data_root, "Dataset directory")
         base = Path(cfg.log_directory or "log")
         base = self.folders.check(base if base.is_absolute() else self.settings.data_dir / base, "Log directory")
-        images, problems = load_dataset(
-            cfg.data_root, int(cfg.training_width), int(cfg.training_height), templates, seed, bool(cfg.varsize)
+        width, height = int(cfg.training_width), int(cfg.training_height)
+        images, problems = guarded(
+            torch.device("cpu"),  # the images are decoded and resized in system memory
+            lambda: load_dataset(cfg.data_root, width, height, templates, seed, bool(cfg.varsize)),
+            f"loading the training images at {width}×{height}",
+            "Nothing was changed. Try a smaller training size, or fewer or smaller images.",
         )
         log_dir = base / dt.date.today().isoformat() / cfg.name
         return PreparedRun(cfg, images, problems, templates, log_dir)
@@ -168,7 +176,7 @@ class TrainingService:
                 finally:
                     self.embeddings.refresh()
 
-        return self.jobs.submit("train embedding", run_job, description=cfg.name)
+        return self._submit("train embedding", run_job, cfg.name)
 
     # -- hypernetworks -----------------------------------------------------------------------------------------------
     def train_hypernetwork(self, cfg: TrainConfig) -> Job:
@@ -199,7 +207,7 @@ class TrainingService:
                 finally:
                     self.hypernetworks.db.forget(entry.path)
 
-        return self.jobs.submit("train hypernetwork", run_job, description=cfg.name)
+        return self._submit("train hypernetwork", run_job, cfg.name)
 
     # -- LoRAs -----------------------------------------------------------------------------------------------------
     def train_lora(self, cfg: TrainConfig, rank: int = 8, alpha: float = 8.0, train_text_encoder: bool = False) -> Job:
@@ -253,7 +261,22 @@ class TrainingService:
                     target.close()
                     self.loras.db.forget(path)
 
-        return self.jobs.submit("train lora", run_job, description=name)
+        return self._submit("train lora", run_job, name)
+
+    def _submit(self, kind: str, run_job: Callable[[Job], TrainResult], name: str) -> Job:
+        """Queue `run_job`. Memory running out inside the loop ends the run with the steps done saved (loop.py);
+        here it is caught where it happens before the first step (placing the model, the latent cache)."""
+        device = self.models.device
+
+        def guarded_job(job: Job) -> TrainResult:
+            return guarded(
+                device,
+                lambda: run_job(job),
+                f"preparing to train '{name}'",
+                f"Nothing was changed. Try a smaller training size or batch size, or {smaller_advice(device)}.",
+            )
+
+        return self.jobs.submit(kind, guarded_job, description=name)
 
     def _run(self, target: TrainingTarget, model: LoadedModel, run: PreparedRun, job: Job) -> TrainResult:
         cfg = run.cfg
