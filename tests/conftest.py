@@ -81,12 +81,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, args: list[str], log_path: Path):
+    def __init__(self, data_dir: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.data_dir = data_dir
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "webui.py"), "--port", str(self.port), "--data-dir", str(data_dir), *args],
@@ -125,9 +125,9 @@ def server(tmp_path_factory, model_store):
     yield from serve(make_data_dir(base / "data", model_store), ["--api"], base / "server.log", "/sdapi/v1/sd-models")
 
 
-def serve(data: Path, args: list[str], log_path: Path, ready_path: str):
-    """A server over `data` for a fixture to yield, stopped when the fixture ends."""
-    srv = Server(data, args, log_path)
+def serve(data: Path, args: list[str], log_path: Path, ready_path: str, env: dict[str, str] | None = None):
+    """A server over `data` for a fixture to yield, stopped when the fixture ends; `env` adds to its environment."""
+    srv = Server(data, args, log_path, env)
     try:
         srv.wait_ready(ready_path)
         yield srv

@@ -221,11 +221,14 @@ class ModelManager:
                     f"loading {info.title} on {self.device}",
                     f"This model needs more memory than is free; {smaller_advice(self.device)}.",
                 )
-            except Exception:
+            except Exception as failed:
                 if previous is not None:
                     log.warning("Loading %s failed; reloading %s", info.title, previous.title)
-                    self.load(previous)
-                raise
+                    try:
+                        self.load(previous)
+                    except Exception as again:  # noqa: BLE001 - the error to report is the first one
+                        log.error("Reloading %s failed too (%s); the next job loads a model again", previous.title, again)
+                raise failed
             if getattr(pipe, "text_encoder_2", None) is not None:
                 encoder = XLPromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2,
                                           self.embedding_finder)

@@ -11,6 +11,7 @@ raises a fresh `OutOfMemoryError` (a UserError: HTTP 507, a message in the UI) t
 
 from __future__ import annotations
 
+import errno
 import gc
 import re
 from collections.abc import Callable
@@ -39,10 +40,13 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation failure, on whichever device."""
     if isinstance(error, torch.OutOfMemoryError | MemoryError):
         return True
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOMEM
     if isinstance(error, RuntimeError):
         text = str(error)
         return (
             "can't allocate memory" in text  # torch's CPU allocator
+            or "Cannot allocate memory" in text  # ENOMEM in words: e.g. mapping a .safetensors file
             or "out of memory" in text.lower()  # MPS, and CUDA builds that raise a plain RuntimeError
             # oneDNN (CPU convolutions) when it cannot allocate a kernel or its scratch space; a kernel it does not
             # support fails earlier, at "could not create a primitive descriptor"
