@@ -55,6 +55,8 @@ if [ -n "$TINY" ]; then
     section "Training on SD 2.x" "$OUT_DIR/train_sd2.md"
     "$PY" benchmarks/step_profile.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/step_profile.md"
     section "Per step: ops, launches, syncs" "$OUT_DIR/step_profile.md"
+    "$PY" benchmarks/oom_check.py --tiny --markdown "$OUT_DIR/oom.md"
+    section "Out of memory" "$OUT_DIR/oom.md"
     cat "$report"
     exit 0
 fi
@@ -87,6 +89,12 @@ elapsed "training under --medvram"
     --targets embedding --markdown "$OUT_DIR/train_sdxl.md"
 section "Training on SDXL: an SDXL embedding (clip_l + clip_g) at 1024 px, fp16" "$OUT_DIR/train_sdxl.md"
 elapsed "SDXL training"
+
+# Not yet run on a GPU: a failure here is reported and the other parts still run.
+"$PY" benchmarks/oom_check.py --ckpt "$files/sd15-random.safetensors" --card-gb 6 --markdown "$OUT_DIR/oom.md" \
+    || echo "oom_check.py failed: see the log" >>"$OUT_DIR/oom.md"
+section "Out of memory on a 6 GB card (a per-process cap), SD1.5, fp16" "$OUT_DIR/oom.md"
+elapsed "out of memory"
 
 if [ $(($(date +%s) - started)) -lt 420 ]; then
     # Why a step is slower where launches bound it: ops, kernel launches, GPU busy time and host syncs per step.

@@ -34,6 +34,7 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
         "## Training under --medvram",
         "## Training on SDXL",
         "## Per step: ops, launches, syncs",
+        "## Out of memory",
     ):
         assert heading in report
     for row in ("| SD1.5 64 px |", "| SDXL 64 px |", "| --medvram |", "| --lowvram (4 steps) |"):
@@ -54,6 +55,14 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     assert re.search(r"\| embedding \| 1 \| \d+\.\d+ \| \d+\.\d+ \|", sd2), sd2  # the baseline trains SD 2.x too
     profile = report.split("## Per step: ops, launches, syncs")[1]
     assert re.search(r"\| aten ops dispatched \| (\d+) \| (\d+) \| \d+\.\d+ \|", profile), profile
+    oom = report.split("## Out of memory")[1]
+    for row in (
+        "| txt2img 2048 px, batch 8 (again) | out of memory |",
+        "| txt2img 64 px, batch 1 (again) | ok |",
+        "| embedding 384 px, batch 16, no checkpointing | out of memory |",
+        "| embedding 64 px, batch 1, checkpointing | ok |",
+    ):
+        assert row in oom, oom
 
 
 def run_benchmark(script: str, *args: str) -> str:

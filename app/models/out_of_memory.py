@@ -70,7 +70,7 @@ def _asked(error: BaseException) -> str:
     amount = match.group(1)
     if amount.endswith("bytes"):
         size = int(amount.split()[0])
-        amount = f"{size / GB:.2f} GB" if size >= GB / 10 else f"{size / 1024**2:.0f} MB"
+        amount = f"{size / GB:.2f} GB" if size >= GB else f"{size / 1024**2:.0f} MB"
     return f"it tried to allocate {amount}"
 
 
@@ -80,10 +80,14 @@ def memory_state(device: torch.device) -> str:
         free, total = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_allocated(device)
         name = torch.cuda.get_device_name(device)
-        return (
+        state = (
             f"{name}: {total / GB:.1f} GB in all, {held / GB:.1f} GB held by the loaded model and this app, "
             f"{free / GB:.1f} GB free"
         )
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+        if fraction is not None and fraction(device) < 1:
+            state += f"; this process is limited to {total * fraction(device) / GB:.1f} GB"
+        return state
     parts = []
     try:
         info = {}

@@ -1,0 +1,173 @@
+"""Running out of memory on a small GPU, for real: a 6 GB card made on a bigger one with torch's per-process cap
+(`torch.cuda.set_per_process_memory_fraction`: the caching allocator refuses what would go past it, with the same
+`torch.OutOfMemoryError` a 6 GB card raises). Checks what tests/test_out_of_memory.py checks on the CPU, on CUDA:
+each too-large request ends with our message, the memory comes back (allocated after = allocated before), and the
+request after it works.
+
+Cases, in one process on an SD1.5-size file in fp16: txt2img 1024x1024 at batch 8 (too large), then 512x512 at
+batch 1, twice each; an embedding trained at 512 px batch 8 without checkpointing (too large: the step), then at
+batch 1 with checkpointing (as a 6 GB card trains). Prints a markdown table: case, outcome, seconds, GPU memory
+allocated after it, the message.
+
+    python benchmarks/oom_check.py --ckpt SD15.safetensors [--card-gb 6] [--markdown OUT.md]
+    python benchmarks/oom_check.py --tiny    # CPU check of the script: shapes-64, data memory capped (RLIMIT_DATA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 2**30
+
+
+def dataset(folder: Path, n: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (96, 96), (30 * i % 255, 180, 90))
+        ImageDraw.Draw(im).regular_polygon((48, 48, 30), 5, fill=(250, 220, 0))
+        im.save(folder / f"{i:02d}-a yellow star.png")
+    return folder
+
+
+def allocated(device: torch.device) -> float:
+    """GB the app holds now: the CUDA allocator's count, or the process's data size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / GB
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmData:\s+(\d+) kB", status).group(1)) * 1024 / GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, help="an SD1.5-size single file (benchmarks/random_checkpoint.py sd1)")
+    parser.add_argument("--tiny", action="store_true", help="shapes-64 on the CPU, sizes scaled down")
+    parser.add_argument("--card-gb", type=float, default=6.0, help="the card to act as (CUDA)")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from app.generation.txt2img import Txt2ImgParams
+    from app.logs import quiet_libraries
+    from app.models.out_of_memory import OutOfMemoryError
+    from app.services import build_services
+    from app.settings import Settings
+    from app.training.config import TrainConfig
+
+    quiet_libraries()
+    work = Path(tempfile.mkdtemp())
+    if args.tiny:
+        folder = work / "models" / "Stable-diffusion"
+        shutil.copytree(ROOT / "models" / "Stable-diffusion" / "shapes-64", folder / "shapes-64")
+        settings = Settings(data_dir=work, use_cpu=["all"], no_hashing=True)
+        big, small, train_big, train_small = (2048, 8), (64, 1), (384, 16), (64, 1)
+    else:
+        if args.ckpt is None:
+            parser.error("--ckpt is needed (or --tiny)")
+        settings = Settings(data_dir=work, ckpt_dir=args.ckpt.parent, ckpt=args.ckpt, no_hashing=True)
+        big, small, train_big, train_small = (1024, 8), (512, 1), (512, 8), (512, 1)
+    services = build_services(settings)
+    model = services.models.get()
+    device = model.device
+    images = dataset(work / "stars", max(train_big[1], 4))
+    services.embeddings.create("oomcheck", 1, "star", True)
+
+    def generate(size: int, batch: int) -> str:
+        params = Txt2ImgParams(
+            prompt="a star",
+            steps=4 if args.tiny else 10,
+            width=size,
+            height=size,
+            batch_size=batch,
+            seed=1,
+            save_images=False,
+        )
+        services.txt2img.generate(params)
+        return "ok"
+
+    def train(size: int, batch: int, checkpointing: bool) -> str:
+        cfg = TrainConfig(
+            name="oomcheck",
+            data_root=str(images),
+            training_width=size,
+            training_height=size,
+            batch_size=batch,
+            steps=(services.embeddings.listing()["loaded"]["oomcheck"]["step"] or 0) + 1,
+            learn_rate="0.001",
+            create_image_every=0,
+            save_every=0,
+            template_filename="style_filewords.txt",
+            gradient_checkpointing=checkpointing,
+        )
+        result = services.training.train_embedding(cfg).wait()
+        return result.error or "ok"
+
+    generate(*small)  # warm-up: kernels, allocator pools, threads
+    cases = [
+        (f"txt2img {big[0]} px, batch {big[1]}", lambda: generate(*big)),
+        (f"txt2img {small[0]} px, batch {small[1]}", lambda: generate(*small)),
+        (f"txt2img {big[0]} px, batch {big[1]} (again)", lambda: generate(*big)),
+        (f"txt2img {small[0]} px, batch {small[1]} (again)", lambda: generate(*small)),
+        (
+            f"embedding {train_big[0]} px, batch {train_big[1]}, no checkpointing",
+            lambda: train(*train_big, checkpointing=False),
+        ),
+        (
+            f"embedding {train_small[0]} px, batch {train_small[1]}, checkpointing",
+            lambda: train(*train_small, checkpointing=True),
+        ),
+    ]
+    before = allocated(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gb * GB / total), device)
+        cap = f"{args.card_gb:g} GB card (per-process cap on {torch.cuda.get_device_name(device)})"
+    else:
+        # glibc hands freed blocks of 64 KB and more back, so the data size is what is in use; then cap it
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        limit = int(allocated(device) * GB) + 300 * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        cap = f"data memory capped at {limit / GB:.2f} GB (RLIMIT_DATA), CPU"
+    rows = []
+    for name, run in cases:
+        start = time.perf_counter()
+        try:
+            outcome = run()
+        except OutOfMemoryError as e:
+            outcome = str(e)
+        seconds = time.perf_counter() - start
+        kind = "ok" if outcome == "ok" else "out of memory" if "out of memory" in outcome.lower() else "error"
+        message = "" if outcome == "ok" else outcome.replace("|", "/")
+        rows.append(f"| {name} | {kind} | {seconds:.1f} | {allocated(device):.2f} | {message} |")
+        print(rows[-1], flush=True)
+    lines = [
+        f"{model.info.title}, {str(model.dtype).replace('torch.', '')}; {cap}; allocated before the cases: "
+        f"{before:.2f} GB.",
+        "",
+        "| case | outcome | s | allocated after (GB) | message |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    expected = ["out of memory", "ok"] * 2 + ["out of memory", "ok"]
+    got = [row.split(" | ")[1] for row in rows]
+    if got != expected:
+        sys.exit(f"expected {expected}, got {got}")
+
+
+if __name__ == "__main__":
+    main()
