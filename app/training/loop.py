@@ -312,8 +312,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
 
     def out_of_memory(where: str, done: int, first: str = "a smaller batch size or training size") -> None:
         """End the run because `where` ran out of memory; the steps done so far are saved on the way out."""
+        afresh = " (its optimizer state starts afresh)" if optimizer_broken else ""
         kept = (
-            f"The {target.kind} is saved at step {done}: train again to continue from there."
+            f"The {target.kind} is saved at step {done}: train again to continue from there{afresh}."
             if done > target.initial_step
             else f"Nothing was changed ({target.path.name} is still at step {done})."
         )
