@@ -9,6 +9,8 @@ import pytest
 import torch
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from tests.test_out_of_memory import capped_at, warm  # noqa: F401 - `warm` is a fixture used by name
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.browser
 
@@ -442,3 +444,24 @@ def test_login_then_generate_and_the_image_needs_the_session(page, locked_ui):
     assert page.request.get(url).status == 200
     assert requests.get(url, timeout=10).status_code == 401
     assert page.external_requests == []
+
+
+def test_out_of_memory_shows_the_message_and_the_next_image_works(page, warm):  # noqa: F811 - the fixture
+    open_ui(page, warm)
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    for elem_id, value in (("txt2img_width", 2048), ("txt2img_height", 2048), ("txt2img_batch_size", 8)):
+        set_number(page, elem_id, value)
+    set_number(page, "txt2img_steps", 1)
+    with capped_at(warm, 300):  # data memory 300 MB above the warm server's (tests/test_out_of_memory.py)
+        page.locator("#txt2img_generate").click()
+        error = page.locator("#generation_error")
+        error.wait_for(timeout=120000)
+        text = error.inner_text()
+        assert text.startswith("Out of memory while generating 8 images of 2048×2048 ("), text
+        assert "Try a smaller batch size or image size" in text
+        for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_batch_size", 1)):
+            set_number(page, elem_id, value)
+        page.locator("#txt2img_generate").click()
+        page.locator("#generation_info_text").wait_for()
+    assert "Size: 64x64" in page.locator("#generation_info_text").inner_text()
+    assert page.locator("#txt2img_gallery img").count() >= 1
