@@ -7,20 +7,20 @@ from typing import Any
 
 import torch
 
+from app.models.out_of_memory import system_memory
+
 
 def _ram() -> dict[str, Any]:
+    system = system_memory()
+    if system is None:
+        return {"error": "/proc/meminfo cannot be read here"}
+    total, free = system
     try:
-        info = {}
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                info[key] = int(value.split()[0]) * 1024
-        total, free = info["MemTotal"], info.get("MemAvailable", info["MemFree"])
         with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"free": free, "used": rss, "total": total}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         return {"error": str(e)}
+    return {"free": free, "used": rss, "total": total}
 
 
 def memory_report() -> dict[str, Any]:

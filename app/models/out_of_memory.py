@@ -88,21 +88,30 @@ def memory_state(device: torch.device) -> str:
         if fraction is not None and fraction(device) < 1:
             state += f"; this process is limited to {total * fraction(device) / GB:.1f} GB"
         return state
-    parts = []
+    system = system_memory()
+    parts = [
+        f"system memory: {system[0] / GB:.1f} GB in all, {system[1] / GB:.1f} GB available"
+        if system is not None
+        else f"device: {device}"
+    ]
+    # A container's or a shell's limit is what runs out first there, and /proc/meminfo does not show it.
+    limit = _process_limit()
+    if limit is not None:
+        parts.append(f"this process is limited to {limit / GB:.1f} GB")
+    return "; ".join(parts)
+
+
+def system_memory() -> tuple[int, int] | None:
+    """(total, available) bytes of system memory from /proc/meminfo; None where there is none (not Linux)."""
     try:
         info = {}
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 key, value = line.split(":", 1)
                 info[key] = int(value.split()[0]) * 1024
-        parts.append(f"system memory: {info['MemTotal'] / GB:.1f} GB in all, {info['MemAvailable'] / GB:.1f} GB available")
+        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
     except (OSError, ValueError, KeyError):
-        parts.append(f"device: {device}")
-    # A container's or a shell's limit is what runs out first there, and /proc/meminfo does not show it.
-    limit = _process_limit()
-    if limit is not None:
-        parts.append(f"this process is limited to {limit / GB:.1f} GB")
-    return "; ".join(parts)
+        return None
 
 
 def _process_limit() -> int | None:
@@ -121,8 +130,9 @@ def _process_limit() -> int | None:
         with open("/proc/self/cgroup", encoding="ascii") as f:
             group = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
         if group is not None:
-            text = open(f"/sys/fs/cgroup{group.rstrip('/')}/memory.max", encoding="ascii").read().strip()  # noqa: SIM115
-            if text.isdigit():
+            with open(f"/sys/fs/cgroup{group.rstrip('/')}/memory.max", encoding="ascii") as f:
+                text = f.read().strip()
+            if text.isdigit():  # "max": no limit
                 limits.append(int(text))
     except (OSError, ValueError):
         pass
