@@ -272,10 +272,11 @@ class ModelManager:
             yield
             return
         pipe.remove_all_hooks()
-        for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.to(self.device)
         try:
+            # inside the try: running out of memory while moving them still puts the offload back
+            for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+                if module is not None:
+                    module.to(self.device)
             yield
         finally:
             pipe.enable_model_cpu_offload(device=self.device)
