@@ -33,7 +33,7 @@ from app.generation.styles import StyleDatabase
 from app.generation.tiling import circular_padding
 from app.hypernetworks.attention import HypernetworkStack
 from app.jobs import Interrupted, Job, JobRunner
-from app.models.manager import LoadedModel, ModelManager
+from app.models.manager import LoadedModel, ModelManager, offload_mode
 from app.models.out_of_memory import guarded, smaller_advice
 from app.networks.activation import NetworkKind, activate_all
 from app.options import Options
@@ -340,7 +340,8 @@ class Txt2ImgService:
             model.device,
             work,
             f"generating {count} image{'s' if count > 1 else ''} of {size}",
-            f"Try a smaller batch size or image size, or {smaller_advice(model.device)}.",
+            f"Try a smaller batch size or image size, or "
+            f"{smaller_advice(model.device, offload_mode(self.models.settings, model.device))}.",
         )
 
     def _run(

@@ -219,7 +219,8 @@ class ModelManager:
                     self.device,
                     lambda: self._load_pipeline(info),
                     f"loading {info.title} on {self.device}",
-                    f"This model needs more memory than is free; {smaller_advice(self.device)}.",
+                    f"This model needs more memory than is free; "
+                    f"{smaller_advice(self.device, offload_mode(self.settings, self.device))}.",
                 )
             except Exception as failed:
                 if previous is not None:

@@ -139,9 +139,15 @@ def _process_limit() -> int | None:
     return min(limits) if limits else None
 
 
-def smaller_advice(device: torch.device) -> str:
-    """The start-up flags that trade speed for memory, where they mean something (CUDA)."""
+def smaller_advice(device: torch.device, offload: str | None = None, training: bool = False) -> str:
+    """What else frees memory: on CUDA the start-up flags that trade speed for it (`offload`: the one in use, as
+    `manager.offload_mode` gives it; training keeps the whole model on the GPU whatever the flag), elsewhere the
+    process's limit or the other programs."""
     if device.type == "cuda":
+        if training or offload == "sequential":
+            return "close other programs that use the GPU"
+        if offload == "model":
+            return "start the app with --lowvram (one layer at a time on the GPU: slower, least memory)"
         return "start the app with --medvram (or --lowvram) so that only the part in use sits on the GPU"
     if _process_limit() is not None:
         return "raise this process's memory limit (its container's, or the shell's ulimit)"

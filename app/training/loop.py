@@ -321,7 +321,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         checkpointing = "" if cfg.gradient_checkpointing else "gradient checkpointing on, "
         result.error = (
             f"Training stopped: out of memory in {where}. {kept} "
-            f"Try {first}, {checkpointing}or {smaller_advice(device)}."
+            f"Try {first}, {checkpointing}or {smaller_advice(device, training=True)}."
         )
         log.error(result.error)
 

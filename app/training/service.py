@@ -273,7 +273,8 @@ class TrainingService:
                 device,
                 lambda: run_job(job),
                 f"preparing to train '{name}'",
-                f"Nothing was changed. Try a smaller training size or batch size, or {smaller_advice(device)}.",
+                "Nothing was changed. Try a smaller training size or batch size, or "
+                f"{smaller_advice(device, training=True)}.",
             )
 
         return self.jobs.submit(kind, guarded_job, description=name)
