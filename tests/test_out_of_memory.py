@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory
+from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory, smaller_advice
 from tests.conftest import make_data_dir, serve
 from tests.test_training import make_dataset
 from tests.test_training_api import payload
@@ -181,3 +181,12 @@ def test_recognises_each_device_s_out_of_memory_error():
 
     with pytest.raises(ValueError, match="not memory"):
         guarded(torch.device("cpu"), lambda: (_ for _ in ()).throw(ValueError("not memory")))
+
+
+def test_the_advice_names_the_flag_that_would_help():
+    cuda = torch.device("cuda")  # only a device value here: no GPU is touched
+    assert "--medvram (or --lowvram)" in smaller_advice(cuda)
+    assert "--lowvram" in smaller_advice(cuda, "model") and "--medvram" not in smaller_advice(cuda, "model")
+    assert smaller_advice(cuda, "sequential") == "close other programs that use the GPU"
+    # training keeps the whole model on the GPU under --medvram, and --lowvram refuses it: no flag helps there
+    assert smaller_advice(cuda, None, training=True) == "close other programs that use the GPU"
