@@ -4,9 +4,10 @@
 each too-large request ends with our message, the memory comes back (allocated after = allocated before), and the
 request after it works.
 
-Cases, in one process on an SD1.5-size file in fp16: txt2img 1024x1024 at batch 8 (too large), then 512x512 at
-batch 1, twice each; an embedding trained at 512 px batch 8 without checkpointing (too large: the step), then at
-batch 1 with checkpointing (as a 6 GB card trains). Prints a markdown table: case, outcome, seconds, GPU memory
+Cases, in one process on an SD1.5-size file in fp16: txt2img 2048x2048 at batch 8 (too large: the first
+feed-forward's inner activations alone are 5 GB), then 512x512 at batch 1, twice each; an embedding trained at
+512 px batch 8 without checkpointing (too large: the step), then at batch 1 with checkpointing (as a 6 GB card
+trains). Prints a markdown table: case, outcome, seconds, GPU memory
 allocated after it, the message.
 
     python benchmarks/oom_check.py --ckpt SD15.safetensors [--card-gb 6] [--markdown OUT.md]
@@ -76,7 +77,7 @@ def main() -> None:
         if args.ckpt is None:
             parser.error("--ckpt is needed (or --tiny)")
         settings = Settings(data_dir=work, ckpt_dir=args.ckpt.parent, ckpt=args.ckpt, no_hashing=True)
-        big, small, train_big, train_small = (1024, 8), (512, 1), (512, 8), (512, 1)
+        big, small, train_big, train_small = (2048, 8), (512, 1), (512, 8), (512, 1)
     services = build_services(settings)
     model = services.models.get()
     device = model.device
