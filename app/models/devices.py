@@ -19,4 +19,3 @@ def execution_device(module: torch.nn.Module) -> torch.device:
             return torch.device(device)
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-

@@ -18,10 +18,10 @@ from app.errors import NotFoundError, UserError
 from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
 from app.models.default_model import ensure_default_model
 from app.models.hashes import HashCache
+from app.models.out_of_memory import guarded, smaller_advice
 from app.models.single_file import check_checkpoint, load_single_file
 from app.models.tokenizer import load_clip_tokenizer
 from app.models.vae import load_vae, scan_vae_files
-from app.models.out_of_memory import guarded, smaller_advice
 from app.prompts.chunking import EmbeddingFinder
 from app.prompts.encoder import PromptEncoder
 from app.prompts.xl_encoder import XLPromptEncoder
@@ -103,8 +103,8 @@ def choose_dtypes(
             # Said at start: emulated bf16 would make every step slower than the fp32 it is meant to beat.
             raise UserError(
                 "--bf16 on the CPU needs a CPU with bfloat16 in hardware (AVX512-BF16 or AMX: Intel Xeon Cooper "
-                "Lake, Sapphire Rapids or newer; AMD Zen 4 or newer); this one has none, so bf16 would be slower than fp32 "
-                "here. Start without --bf16."
+                "Lake, Sapphire Rapids or newer; AMD Zen 4 or newer); this one has none, so bf16 would be slower "
+                "than fp32 here. Start without --bf16."
             )
         return torch.bfloat16, (torch.float32 if settings.no_half_vae else torch.bfloat16)
     if full:
@@ -227,12 +227,15 @@ class ModelManager:
                     log.warning("Loading %s failed; reloading %s", info.title, previous.title)
                     try:
                         self.load(previous)
-                    except Exception as again:  # noqa: BLE001 - the error to report is the first one
-                        log.error("Reloading %s failed too (%s); the next job loads a model again", previous.title, again)
+                    except Exception as again:
+                        log.error(
+                            "Reloading %s failed too (%s); the next job loads a model again", previous.title, again
+                        )
                 raise failed
             if getattr(pipe, "text_encoder_2", None) is not None:
-                encoder = XLPromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2,
-                                          self.embedding_finder)
+                encoder = XLPromptEncoder(
+                    pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, self.embedding_finder
+                )
             else:
                 encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.embedding_finder)
             self._loaded = LoadedModel(info, pipe, self.device, self.dtype, self.vae_dtype, encoder)
@@ -257,8 +260,9 @@ class ModelManager:
             path = self.vae_files().get(choice)
             if path is None:
                 names = ", ".join(["Automatic", "None", *self.vae_files()])
-                raise NotFoundError(f"VAE '{choice}' not found in {self.settings.models_dir / 'VAE'}. Available: "
-                                    f"{names}.")
+                raise NotFoundError(
+                    f"VAE '{choice}' not found in {self.settings.models_dir / 'VAE'}. Available: {names}."
+                )
             model.pipe.vae = load_vae(path, own, self.vae_dtype, self.device)
             return choice
 
@@ -309,7 +313,9 @@ class ModelManager:
         index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
         if index.get("_class_name") == "StableDiffusionXLPipeline":
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                info.path, local_files_only=True, dtype=self.dtype,
+                info.path,
+                local_files_only=True,
+                dtype=self.dtype,
                 tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
                 tokenizer_2=load_clip_tokenizer(_tokenizer_folder(info.path, "tokenizer_2")),
             )

@@ -159,7 +159,7 @@ def guarded(device: torch.device, work: Callable[[], T], doing: str = "", advice
     memory while <doing> (<what ran out>). <advice>". Other errors pass through unchanged."""
     try:
         return work()
-    except Exception as e:  # noqa: BLE001 - everything but running out of memory is re-raised as it was
+    except Exception as e:
         if not is_out_of_memory(e):
             raise
         asked = _asked(e)

@@ -10,8 +10,8 @@ transformers 5 has no `text_model.` level, which diffusers' own single-file load
 from __future__ import annotations
 
 import json
-import re
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +54,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         data = torch.load(path, map_location="cpu", weights_only=True)
     except SafetensorError as e:
-        raise UserError(f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
-                        "or still downloading.") from None
+        raise UserError(
+            f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
+            "or still downloading."
+        ) from None
     except pickle.UnpicklingError as e:
-        detail = "it holds Python objects other than tensors, which could run code" if "GLOBAL" in str(e) else (
-            "it is not a readable torch file")
+        detail = (
+            "it holds Python objects other than tensors, which could run code"
+            if "GLOBAL" in str(e)
+            else ("it is not a readable torch file")
+        )
         raise UserError(f"Checkpoint {path.name} was refused: {detail}. Use a .safetensors version.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"Checkpoint {path.name} could not be read ({str(e).splitlines()[0][:160]}); it may be "
-                        "truncated.") from None
+        raise UserError(
+            f"Checkpoint {path.name} could not be read ({str(e).splitlines()[0][:160]}); it may be truncated."
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -80,8 +86,10 @@ def read_header(path: Path) -> _Header:
             with safe_open(str(path), "pt") as f:
                 return _Header({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
-                            "or still downloading.") from None
+            raise UserError(
+                f"Checkpoint {path.name} is not a readable safetensors file ({e}); it may be truncated "
+                "or still downloading."
+            ) from None
     return _Header({k: tuple(v.shape) for k, v in read_state_dict(path).items()})
 
 
@@ -96,15 +104,19 @@ def detect(state: dict, name: str) -> Architecture:
     state = _Header({k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
     keys = state.keys()
     if any("lora_down" in k or k.startswith("lora_") for k in keys):
-        raise UserError(f"'{name}' looks like a LoRA, not a checkpoint; LoRAs are not supported, and this folder "
-                        "is for full Stable Diffusion models.")
+        raise UserError(
+            f"'{name}' looks like a LoRA, not a checkpoint; LoRAs are not supported, and this folder "
+            "is for full Stable Diffusion models."
+        )
     if not any(k.startswith(UNET) for k in keys):
         if any(k.startswith(("encoder.down", "decoder.up", "first_stage_model.")) for k in keys):
             raise UserError(f"'{name}' looks like a VAE; put it in models/VAE and pick it as the SD VAE.")
         raise UserError(f"'{name}' has no Stable Diffusion UNet weights ({UNET}...); it is not a checkpoint.")
     if IN_CONV_KEY in state and state[IN_CONV_KEY][1] != 4:
-        raise UserError(f"'{name}' is an inpainting or other special model ({state[IN_CONV_KEY][1]} input "
-                        "channels); only text-to-image checkpoints can be loaded.")
+        raise UserError(
+            f"'{name}' is an inpainting or other special model ({state[IN_CONV_KEY][1]} input "
+            "channels); only text-to-image checkpoints can be loaded."
+        )
     if any(k.startswith(XL_G) for k in keys):
         family, label = "sdxl", "Stable Diffusion XL"
     elif any(k.startswith(OPEN_CLIP) for k in keys):
@@ -112,8 +124,9 @@ def detect(state: dict, name: str) -> Architecture:
     elif any(k.startswith(CLIP) for k in keys):
         family, label = "sd1", "Stable Diffusion 1.x"
     else:
-        raise UserError(f"'{name}' has no text encoder weights that this app knows; expected an SD 1.x or 2.x "
-                        "checkpoint.")
+        raise UserError(
+            f"'{name}' has no text encoder weights that this app knows; expected an SD 1.x or 2.x checkpoint."
+        )
     context_keys = sorted(k for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
     if not context_keys:
         raise UserError(f"'{name}' has an unknown UNet layout; expected an SD 1.x, 2.x or XL checkpoint.")
@@ -122,8 +135,7 @@ def detect(state: dict, name: str) -> Architecture:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         if unet["cross_attention_dim"] == context and _fits(state, unet):
             return Architecture(folder.name, label if folder.name == family else f"{label} ({folder.name})")
-    raise UserError(f"'{name}' is {label}-like with {context}-wide text conditioning, which no shipped config "
-                    "matches.")
+    raise UserError(f"'{name}' is {label}-like with {context}-wide text conditioning, which no shipped config matches.")
 
 
 def _fits(state: dict, unet_config: dict) -> bool:
@@ -137,12 +149,12 @@ def _text_encoder_state(state: dict[str, torch.Tensor], model: CLIPTextModel, pr
     if prefix in (OPEN_CLIP, XL_G):
         source = convert_open_clip_checkpoint(model, state, prefix)
     else:
-        source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        source = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     wanted = set(model.state_dict())
     out = {}
     for key, value in source.items():
         if key not in wanted and key.startswith("text_model."):
-            key = key[len("text_model."):]
+            key = key[len("text_model.") :]
         if key in wanted:
             out[key] = value
     return out
@@ -179,8 +191,13 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-    encoders = [("text_encoder", CLIPTextModel, XL_L if arch.name.endswith("sdxl") else
-                 (OPEN_CLIP if arch.name.endswith("sd2") else CLIP))]
+    encoders = [
+        (
+            "text_encoder",
+            CLIPTextModel,
+            XL_L if arch.name.endswith("sdxl") else (OPEN_CLIP if arch.name.endswith("sd2") else CLIP),
+        )
+    ]
     if arch.name.endswith("sdxl"):
         encoders.append(("text_encoder_2", CLIPTextModelWithProjection, XL_G))
     text_encoders = {}
@@ -188,34 +205,52 @@ def load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
         with _no_init_weights():  # every weight is overwritten from the file right after
             model = cls(CLIPTextConfig(**json.loads((folder / component / "config.json").read_text())))
         weights = _text_encoder_state(state, model, prefix)
-        missing = set(model.state_dict()) - set(weights) - {"embeddings.position_ids", "text_model.embeddings.position_ids"}
+        missing = (
+            set(model.state_dict()) - set(weights) - {"embeddings.position_ids", "text_model.embeddings.position_ids"}
+        )
         if missing:
             raise UserError(f"'{path.name}' lacks {component} weights ({sorted(missing)[:3]}...).")
         model.load_state_dict(weights, strict=False)
         text_encoders[component] = model
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = prediction_type(path, scheduler_config.get("prediction_type", "epsilon"))
-    scheduler_class = next(s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ ==
-                           scheduler_config["_class_name"])
+    scheduler_class = next(
+        s.scheduler_class for s in SAMPLERS if s.scheduler_class.__name__ == scheduler_config["_class_name"]
+    )
     try:
         unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True, assign=True)
         vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True, assign=True)
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"'{path.name}' looked like {arch.label} but its weights do not fit that architecture "
-                        f"({str(e).splitlines()[0][:200]}).") from None
+        raise UserError(
+            f"'{path.name}' looked like {arch.label} but its weights do not fit that architecture "
+            f"({str(e).splitlines()[0][:200]})."
+        ) from None
     still_empty = [n for m in (unet, vae) for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
     if still_empty:
         raise UserError(f"'{path.name}' lacks weights for {still_empty[:3]}...")
     scheduler = scheduler_class.from_config(scheduler_config)
     first = text_encoders["text_encoder"]
     if "text_encoder_2" in text_encoders:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first, text_encoder_2=text_encoders["text_encoder_2"],
-                                         tokenizer=load_clip_tokenizer(), tokenizer_2=load_clip_tokenizer(pad_token="!"),
-                                         unet=unet, scheduler=scheduler)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=first,
+            text_encoder_2=text_encoders["text_encoder_2"],
+            tokenizer=load_clip_tokenizer(),
+            tokenizer_2=load_clip_tokenizer(pad_token="!"),
+            unet=unet,
+            scheduler=scheduler,
+        )
     else:
         pad = "!" if first.config.pad_token_id == 0 else None  # OpenCLIP pads with "!" (id 0)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=first, tokenizer=load_clip_tokenizer(pad_token=pad),
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=first,
+            tokenizer=load_clip_tokenizer(pad_token=pad),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.to(dtype=dtype)
     return pipe

@@ -20,10 +20,10 @@ def scan_vae_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*")):
-        if path.is_dir() and (path / "config.json").is_file():
-            found[path.relative_to(folder).as_posix()] = path
-        elif path.is_file() and path.suffix.lower() in VAE_SUFFIXES and not any(
-            (parent / "config.json").is_file() for parent in path.parents if folder in parent.parents
+        if (path.is_dir() and (path / "config.json").is_file()) or (
+            path.is_file()
+            and path.suffix.lower() in VAE_SUFFIXES
+            and not any((parent / "config.json").is_file() for parent in path.parents if folder in parent.parents)
         ):
             found[path.relative_to(folder).as_posix()] = path
     return found
@@ -61,4 +61,4 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise UserError(f"VAE {path.name} does not hold a state dict.")
     prefix = "first_stage_model."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
