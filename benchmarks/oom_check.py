@@ -27,20 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from baselines import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
-
-
-def dataset(folder: Path, n: int) -> Path:
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", (96, 96), (30 * i % 255, 180, 90))
-        ImageDraw.Draw(im).regular_polygon((48, 48, 30), 5, fill=(250, 220, 0))
-        im.save(folder / f"{i:02d}-a yellow star.png")
-    return folder
 
 
 def allocated(device: torch.device) -> float:
@@ -81,7 +71,8 @@ def main() -> None:
     services = build_services(settings)
     model = services.models.get()
     device = model.device
-    images = dataset(work / "stars", max(train_big[1], 4))
+    images = work / "stars"
+    make_images(images, 96, max(train_big[1], 4))
     services.embeddings.create("oomcheck", 1, "star", True)
 
     def generate(size: int, batch: int) -> str:

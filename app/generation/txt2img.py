@@ -340,8 +340,10 @@ class Txt2ImgService:
             model.device,
             work,
             f"generating {count} image{'s' if count > 1 else ''} of {size}",
-            f"Try a smaller batch size or image size, or "
-            f"{smaller_advice(model.device, offload_mode(self.models.settings, model.device))}.",
+            lambda: (
+                "Try a smaller batch size or image size, or "
+                f"{smaller_advice(model.device, offload_mode(self.models.settings, model.device))}."
+            ),
         )
 
     def _run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import threading
@@ -18,7 +17,7 @@ from app.errors import NotFoundError, UserError
 from app.models.checkpoints import CheckpointInfo, fill_cached_hashes, find_checkpoint, scan_checkpoints
 from app.models.default_model import ensure_default_model
 from app.models.hashes import HashCache
-from app.models.out_of_memory import guarded, smaller_advice
+from app.models.out_of_memory import guarded, release_memory, smaller_advice
 from app.models.single_file import check_checkpoint, load_single_file
 from app.models.tokenizer import load_clip_tokenizer
 from app.models.vae import load_vae, scan_vae_files
@@ -219,8 +218,10 @@ class ModelManager:
                     self.device,
                     lambda: self._load_pipeline(info),
                     f"loading {info.title} on {self.device}",
-                    f"This model needs more memory than is free; "
-                    f"{smaller_advice(self.device, offload_mode(self.settings, self.device))}.",
+                    lambda: (
+                        "This model needs more memory than is free; "
+                        f"{smaller_advice(self.device, offload_mode(self.settings, self.device))}."
+                    ),
                 )
             except Exception as failed:
                 if previous is not None:
@@ -289,9 +290,7 @@ class ModelManager:
     def unload(self) -> None:
         with self.lock:
             self._loaded = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory(self.device)
 
     def _preflight(self, info: CheckpointInfo) -> None:
         if not info.path.exists():

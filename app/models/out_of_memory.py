@@ -154,9 +154,10 @@ def smaller_advice(device: torch.device, offload: str | None = None, training: b
     return "close other programs that use a lot of memory"
 
 
-def guarded(device: torch.device, work: Callable[[], T], doing: str = "", advice: str = "") -> T:
+def guarded(device: torch.device, work: Callable[[], T], doing: str = "", advice: str | Callable[[], str] = "") -> T:
     """`work()`, with running out of memory turned into an OutOfMemoryError after the memory is released: "Out of
-    memory while <doing> (<what ran out>). <advice>". Other errors pass through unchanged."""
+    memory while <doing> (<what ran out>). <advice>". Other errors pass through unchanged. An `advice` that needs
+    work (reading the flags, the process's limits) is given as a function: it runs only when memory ran out."""
     try:
         return work()
     except Exception as e:
@@ -167,6 +168,7 @@ def guarded(device: torch.device, work: Callable[[], T], doing: str = "", advice
     release_memory(device)
     detail = "; ".join(part for part in (asked, memory_state(device)) if part)
     message = f"Out of memory{f' while {doing}' if doing else ''} ({detail})."
+    advice = advice() if callable(advice) else advice
     if advice:
         message += f" {advice}"
     raise OutOfMemoryError(message, detail)

@@ -273,8 +273,10 @@ class TrainingService:
                 device,
                 lambda: run_job(job),
                 f"preparing to train '{name}'",
-                "Nothing was changed. Try a smaller training size or batch size, or "
-                f"{smaller_advice(device, training=True)}.",
+                lambda: (
+                    "Nothing was changed. Try a smaller training size or batch size, or "
+                    f"{smaller_advice(device, training=True)}."
+                ),
             )
 
         return self.jobs.submit(kind, guarded_job, description=name)
