@@ -12,6 +12,7 @@ allocated after it, the message.
 
     python benchmarks/oom_check.py --ckpt SD15.safetensors [--card-gb 6] [--markdown OUT.md]
     python benchmarks/oom_check.py --tiny    # CPU check of the script: shapes-64, data memory capped (RLIMIT_DATA)
+    python benchmarks/oom_check.py --ckpt SD15.safetensors --cpu-headroom-gb 2.5   # the same at full size, CPU
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, help="an SD1.5-size single file (benchmarks/random_checkpoint.py sd1)")
     parser.add_argument("--tiny", action="store_true", help="shapes-64 on the CPU, sizes scaled down")
     parser.add_argument("--card-gb", type=float, default=6.0, help="the card to act as (CUDA)")
+    parser.add_argument(
+        "--cpu-headroom-gb", type=float, default=0.3, help="on the CPU: the cap above the warmed-up process's data"
+    )
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -128,7 +132,7 @@ def main() -> None:
     else:
         # glibc hands freed blocks of 64 KB and more back, so the data size is what is in use; then cap it
         ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        limit = int(allocated(device) * GB) + 300 * 2**20
+        limit = int((allocated(device) + args.cpu_headroom_gb) * GB)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
         cap = f"data memory capped at {limit / GB:.2f} GB (RLIMIT_DATA), CPU"
     rows = []
