@@ -18,6 +18,8 @@ from tests.conftest import make_data_dir, serve
 from tests.test_training import make_dataset
 from tests.test_training_api import payload
 
+CHECKPOINTING_MARGIN_MB = 260  # passes from 200 to 320 MB here
+
 
 def data_size(pid: int) -> int:
     status = open(f"/proc/{pid}/status", encoding="ascii").read()  # noqa: SIM115 - procfs, read at once
@@ -147,6 +149,39 @@ def test_training_out_of_memory_in_a_preview_keeps_the_steps_done_and_resumes(wa
     assert again.json()["info"].endswith("error: None")
     assert embedding_step(url, "oompreview") == 4
     assert "Resuming embedding 'oompreview' at step 2 with its optimizer state" in warm.log_path.read_text()
+
+
+def test_auto_checkpointing_turns_on_when_a_step_runs_out_and_trains_as_if_it_had_been_on(warm, tmp_path):
+    """`auto` starts without gradient checkpointing where running out is an error the run sees (here: the cap is an
+    rlimit). The cap is set between a 384 px batch-8 step's need without checkpointing and with it (uncapped, peak
+    RSS about 320 and 155 MB above the idle server's)."""
+    url = f"{warm.url}/sdapi/v1"
+    dataset = make_dataset(tmp_path / "eight", n=8)
+    body = dict(training_width=384, training_height=384, batch_size=8, steps=2, create_image_every=0)
+    names = ("oomauto", "oomon", "oomoff")
+    for name in names:
+        assert requests.post(f"{url}/create/embedding", json={"name": name}, timeout=30).status_code == 200
+    off_before = (warm.data_dir / "embeddings" / "oomoff.pt").read_bytes()
+    with capped_at(warm, CHECKPOINTING_MARGIN_MB):
+        off = requests.post(
+            f"{url}/train/embedding", json=payload("oomoff", dataset, gradient_checkpointing="off", **body), timeout=300
+        ).json()["info"]
+        auto = requests.post(f"{url}/train/embedding", json=payload("oomauto", dataset, **body), timeout=300)
+    on = requests.post(
+        f"{url}/train/embedding", json=payload("oomon", dataset, gradient_checkpointing=True, **body), timeout=300
+    )
+    # off: the step does not fit under this cap, and the message says what would have helped
+    assert "error: Training stopped: out of memory in training step 1 (" in off
+    assert "gradient checkpointing on, " in off
+    assert (warm.data_dir / "embeddings" / "oomoff.pt").read_bytes() == off_before
+    # auto: the same step ran out, was done again with checkpointing, and the run finished
+    assert auto.json()["info"].endswith("error: None"), auto.text
+    assert "Step 1 ran out of memory without gradient checkpointing: turned it on" in warm.log_path.read_text()
+    assert embedding_step(url, "oomauto") == 2
+    # ... and its result is the run that had checkpointing on from the start: the failed attempt left nothing behind
+    assert on.json()["info"].endswith("error: None")
+    trained = {n: torch.load(warm.data_dir / "embeddings" / f"{n}.pt", weights_only=True) for n in names[:2]}
+    assert torch.equal(trained["oomauto"]["string_to_param"]["*"], trained["oomon"]["string_to_param"]["*"])
 
 
 def test_recognises_each_device_s_out_of_memory_error():

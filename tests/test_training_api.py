@@ -72,6 +72,11 @@ def test_train_errors_and_interrupt_through_the_api(server, tmp_path):
     assert bad.status_code == 400 and "does not exist" in bad.json()["detail"]
     bad_lr = requests.post(f"{url}/train/embedding", json=payload("apilong", dataset, learn_rate="fast"), timeout=30)
     assert bad_lr.status_code == 400 and "'fast'" in bad_lr.json()["detail"]
+    bad_mode = requests.post(
+        f"{url}/train/embedding", json=payload("apilong", dataset, gradient_checkpointing="sometimes"), timeout=30
+    )
+    assert bad_mode.status_code == 422
+    assert all(e["loc"][:2] == ["body", "gradient_checkpointing"] for e in bad_mode.json()["detail"])
 
     box = {}
     thread = threading.Thread(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import resource
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,19 @@ from app.embeddings.formats import read_embedding_file
 from app.errors import UserError
 from app.hypernetworks.attention import attention_widths
 from app.models.manager import LoadedModel, choose_dtypes, cpu_has_native_bf16
+from app.models.out_of_memory import allocation_can_fail
 from app.prompts.encoder import PromptEncoder
 from app.settings import Settings
 from app.training.config import TrainConfig
 from app.training.dataset import load_dataset
 from app.training.loop import all_finite, denoising_loss, train
-from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, activation_checkpointing
+from app.training.precision import (
+    MAX_SKIPPED_IN_A_ROW,
+    Checkpointing,
+    MixedPrecision,
+    activation_checkpointing,
+    checkpointing_mode,
+)
 from app.training.targets import EmbeddingTarget, HypernetworkTarget
 from app.training.templates import read_template
 from tests.test_training import make_dataset
@@ -129,6 +137,40 @@ def test_checkpointed_hypernetwork_gradients_equal_plain_ones_with_dropout(servi
     assert len(plain) > 0 and any(float(p.abs().sum()) > 0 for p in plain)
     for a, b in zip(checkpointed, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_checkpointing_starts_off_only_where_running_out_is_an_error_the_run_sees(services):
+    """`auto` trains without checkpointing only where an allocation failure reaches the run (a GPU; system memory
+    only under an rlimit: otherwise the kernel's OOM killer ends the process), and turns it on after a failed step.
+    The run itself, under a real memory cap: tests/test_out_of_memory.py."""
+    unet = services.models.get().pipe.unet
+    assert allocation_can_fail(torch.device("cuda"))  # only the device's type is read: no GPU is touched
+    capped = any(resource.getrlimit(r)[0] != resource.RLIM_INFINITY for r in (resource.RLIMIT_DATA, resource.RLIMIT_AS))
+    assert allocation_can_fail(torch.device("cpu")) == capped
+
+    for mode, can_recover, starts_on in (
+        ("auto", False, True),
+        ("auto", True, False),
+        ("on", True, True),
+        (True, True, True),
+        ("off", False, False),
+        (False, True, False),
+    ):
+        checkpointing = Checkpointing(unet, mode, False, can_recover)
+        try:
+            assert checkpointing.on == starts_on == unet.is_gradient_checkpointing, (mode, can_recover)
+            assert checkpointing.can_turn_on == (mode == "auto" and not starts_on)
+            if checkpointing.can_turn_on:
+                checkpointing.turn_on(3)
+                assert unet.is_gradient_checkpointing and checkpointing.turned_on_at == 3
+                assert not checkpointing.can_turn_on
+        finally:
+            checkpointing.close()
+        assert not unet.is_gradient_checkpointing
+    assert [checkpointing_mode(v) for v in (" Auto", "OFF", True, False)] == ["auto", "off", "on", "off"]
+    with pytest.raises(UserError, match="must be one of auto, on, off") as caught:
+        checkpointing_mode("sometimes")
+    assert caught.value.field == "gradient_checkpointing"
 
 
 # -- fp16 / bf16 gradients -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -144,7 +144,9 @@ class TrainRequest(BaseModel):
     tag_drop_out: float = bounded(0.0, 0, exclusive_maximum=1)
     latent_sampling_method: str = "once"
     use_weight: bool = False
-    gradient_checkpointing: bool = True  # ours: about half the memory for ~1.3x the time per step
+    # ours: "on" is about half the memory for ~1.3x the time per step; "auto" is off until a step runs out of memory
+    # (on a GPU); true/false mean on/off
+    gradient_checkpointing: bool | Literal["auto", "on", "off"] = "auto"
     create_image_every: int = bounded(500, 0)
     template_filename: str = "style_filewords.txt"
     preview_from_txt2img: bool = False

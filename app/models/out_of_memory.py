@@ -114,8 +114,8 @@ def system_memory() -> tuple[int, int] | None:
         return None
 
 
-def _process_limit() -> int | None:
-    """The smallest of the cgroup v2 memory limit and the data / address-space rlimits, if any is set."""
+def _rlimits() -> list[int]:
+    """The soft data and address-space rlimits that are set (`ulimit -d`, `ulimit -v`), in bytes."""
     limits = []
     try:
         import resource  # not on Windows
@@ -126,6 +126,21 @@ def _process_limit() -> int | None:
                 limits.append(soft)
     except (ImportError, OSError, ValueError):
         pass
+    return limits
+
+
+def allocation_can_fail(device: torch.device) -> bool:
+    """Whether running out of memory on `device` is an error this process sees (and can recover from).
+
+    A GPU's allocator raises one. In system memory Linux overcommits: with no rlimit, no allocation fails, and when
+    memory runs out the kernel's OOM killer ends the process (a container's cgroup limit works the same way). Only a
+    data or address-space rlimit makes the allocation itself fail there."""
+    return device.type != "cpu" or bool(_rlimits())
+
+
+def _process_limit() -> int | None:
+    """The smallest of the cgroup v2 memory limit and the data / address-space rlimits, if any is set."""
+    limits = _rlimits()
     try:
         with open("/proc/self/cgroup", encoding="ascii") as f:
             group = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)

@@ -28,7 +28,9 @@ class TrainConfig:
     tag_drop_out: float = 0.0
     latent_sampling_method: str = "once"
     use_weight: bool = False
-    gradient_checkpointing: bool = True  # recomputes activations: ~half the memory, ~1.3x the time
+    # auto / on / off (True/False: on/off). On recomputes activations: ~half the memory, ~1.3x the time; auto is
+    # off until a step runs out of memory, where that is an error the run sees (precision.Checkpointing)
+    gradient_checkpointing: bool | str = "auto"
     create_image_every: int = 500
     save_every: int = 500  # save_embedding_every / save_hypernetwork_every
     save_image_with_stored_embedding: bool = True

@@ -72,6 +72,11 @@ class TrainResult:
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed (no update; the loss scale was halved)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step, checkpoints/previews excluded
     losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpointing_from: int | None = None  # `auto` turned gradient checkpointing on at this step (out of memory)
+
+
+def checkpointing_note(step: int) -> str:
+    return f"Gradient checkpointing was turned on at step {step}: that step ran out of memory without it."
 
 
 def step_generator(seed: int, step: int, sample: int) -> torch.Generator:
@@ -191,19 +196,22 @@ def train(
     clip_skip: int,
     job: Job | None = None,
     preview: PreviewFn | None = None,
+    can_recover: bool = False,
 ) -> TrainResult:
-    """Train `target` on `images`; memory plan (VAE parked, checkpointing) held for the whole run."""
+    """Train `target` on `images`; memory plan (VAE parked, checkpointing) held for the whole run. `can_recover`:
+    running out of memory is an error this run sees, so `auto` checkpointing may start off (precision.Checkpointing)."""
     with training_memory(
         model.pipe.vae,
         model.device,
         model.pipe.unet,
         cfg.gradient_checkpointing,
         target.random_forward,
-    ) as vae_needed:
-        return _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, vae_needed)
+        can_recover,
+    ) as memory:
+        return _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, memory)
 
 
-def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, vae_needed) -> TrainResult:
+def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, preview, memory) -> TrainResult:
     # -- schedule, seed, precision, optimizer ------------------------------------------------------------------
     schedule = LearnRateSchedule(cfg.learn_rate, cfg.steps)
     clip_values = (
@@ -235,7 +243,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         log.info("Resuming %s '%s' at step %d with its optimizer state", target.kind, target.name, step)
 
     # -- data: latents once (kept in CPU memory), prompts per image --------------------------------------------
-    with vae_needed():
+    with memory.vae_needed():
         latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, device)
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     per_step = cfg.batch_size * cfg.gradient_step
@@ -318,7 +326,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             if done > target.initial_step
             else f"Nothing was changed ({target.path.name} is still at step {done})."
         )
-        checkpointing = "" if cfg.gradient_checkpointing else "gradient checkpointing on, "
+        checkpointing = "" if memory.checkpointing.on else "gradient checkpointing on, "
         result.error = (
             f"Training stopped: out of memory in {where}. {kept} "
             f"Try {first}, {checkpointing}or {smaller_advice(device, training=True)}."
@@ -378,6 +386,12 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             step_loss, first_prompt = guarded(device, micro_batches)
         except OutOfMemoryError as e:
             optimizer.zero_grad(set_to_none=True)
+            if memory.checkpointing.can_turn_on:  # `auto`: the same step again, with checkpointing
+                memory.checkpointing.turn_on(step + 1)
+                result.checkpointing_from = step + 1
+                if job is not None:
+                    job.progress.extra["gradient_checkpointing"] = checkpointing_note(step + 1)
+                continue
             out_of_memory(f"training step {step + 1} ({e.detail})", step)
             break
 
@@ -443,7 +457,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint(step, copy=True)
             if previewed:
-                with vae_needed():
+                with memory.vae_needed():
                     image, infotext = preview(first_prompt, step)
                 path = log_dir / "images" / f"{target.name}-{step}.png"
                 with writing("preview image", path.parent):

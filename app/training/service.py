@@ -22,15 +22,16 @@ from app.jobs import Job, JobRunner
 from app.lora.files import LoraFormatError, bind
 from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
-from app.models.out_of_memory import guarded, smaller_advice
+from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advice
 from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
 from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, load_dataset
-from app.training.loop import TrainResult, train
+from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import LoraTarget
 from app.training.lr_schedule import LearnRateSchedule
+from app.training.precision import checkpointing_mode
 from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
 from app.training.templates import list_templates, read_template
 
@@ -112,6 +113,7 @@ class TrainingService:
             raise UserError(
                 f"Latent sampling method must be one of {', '.join(LATENT_SAMPLING)}.", "latent_sampling_method"
             )
+        checkpointing_mode(cfg.gradient_checkpointing)
         if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
             raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.", "clip_grad_mode")
         if not 0 <= float(cfg.tag_drop_out) < 1:
@@ -293,7 +295,10 @@ class TrainingService:
             result = self.txt2img.run_on_model(model, params, None, target.preview_encoder(), target.preview_networks())
             return result.images[0], result.infotexts[0]
 
-        return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview)
+        # `auto` checkpointing may start off only where running out of memory is an error the run sees, and not
+        # under --medvram, whose user has said memory is tight
+        can_recover = allocation_can_fail(model.device) and not self.settings.medvram
+        return train(target, model, cfg, run.images, run.templates, run.log_dir, clip_skip, job, preview, can_recover)
 
 
 def preview_params(cfg: TrainConfig, prompt: str) -> Txt2ImgParams:
@@ -354,7 +359,8 @@ def result_message(result: TrainResult, kind: str) -> str:
         return result.error
     how = "interrupted" if result.interrupted else "finished"
     noun = "LoRA" if kind == "lora" else kind.capitalize()
+    note = f" {checkpointing_note(result.checkpointing_from)}" if result.checkpointing_from else ""
     return (
         f"Training {how} at step {result.step}. {noun} saved to {result.path}; log, previews and "
-        f"copies in {result.log_dir}."
+        f"copies in {result.log_dir}.{note}"
     )

@@ -135,9 +135,11 @@ class TrainSection:
                 True, label="Save images with embedding in PNG chunks", elem_id=f"{p}_save_image_with_stored_embedding"
             )
         f["use_weight"] = gr.Checkbox(False, label="Use PNG alpha channel as loss weight", elem_id=f"{p}_use_weight")
-        f["gradient_checkpointing"] = gr.Checkbox(
-            True,
-            label="Gradient checkpointing (about half the memory, a third slower)",
+        f["gradient_checkpointing"] = gr.Radio(
+            [("Auto", "auto"), ("On", "on"), ("Off", "off")],
+            value="auto",
+            label="Gradient checkpointing (on: about half the memory, a third slower; auto: off on a GPU until a step "
+            "runs out of memory, then on)",
             elem_id=f"{p}_gradient_checkpointing",
         )
         f["preview_from_txt2img"] = gr.Checkbox(

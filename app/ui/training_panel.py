@@ -22,10 +22,12 @@ def _progress_html(job) -> str:
     percent = int(p.fraction * 100)
     eta = job.eta_seconds()
     eta_text = f" · ETA {eta:.0f}s" if eta is not None and job.status == "running" else ""
-    skipped = p.extra.get("skipped_images")
-    note = (
-        f"<div class='gen-note'>Skipped unreadable images: {html.escape('; '.join(skipped))}</div>" if (skipped) else ""
-    )
+    notes = []
+    if skipped := p.extra.get("skipped_images"):
+        notes.append(f"Skipped unreadable images: {'; '.join(skipped)}")
+    if checkpointing := p.extra.get("gradient_checkpointing"):
+        notes.append(checkpointing)
+    note = "".join(f"<div class='gen-note'>{html.escape(text)}</div>" for text in notes)
     return (
         "<div style='width:100%;background:#eee;border-radius:4px'>"
         f"<div class='train-progress-bar' style='width:{percent}%;background:#f97316;height:8px;border-radius:4px'>"
