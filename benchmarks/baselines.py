@@ -51,6 +51,27 @@ def make_images(folder: Path, size: int, n: int = 8) -> None:
         im.save(folder / f"{i:02d}-a yellow star.png")
 
 
+def data_size_gb() -> float:
+    """This process's data size (VmData), in GB: what RLIMIT_DATA limits."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmData in /proc/self/status")
+
+
+def cap_data_memory(headroom_gb: float) -> int:
+    """Limit this process's data memory to `headroom_gb` above what it holds now (RLIMIT_DATA), so that an allocation
+    past it fails as on a full GPU. glibc is told to hand freed blocks of 64 KB and more back first, so the data size
+    is what is in use. Returns the limit in bytes."""
+    import ctypes
+    import resource
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    limit = int((data_size_gb() + headroom_gb) * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    return limit
+
+
 class PeakMemory:
     """Peak memory of this process from `start()` on. CUDA: `max_memory_allocated` (total, weights included).
     CPU: peak RSS, read from VmHWM after resetting it (/proc/self/clear_refs), or sampled every 5 ms where the

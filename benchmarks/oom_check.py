@@ -6,9 +6,9 @@ request after it works.
 
 Cases, in one process on an SD1.5-size file in fp16: txt2img 2048x2048 at batch 8 (too large: the first
 feed-forward's inner activations alone are 5 GB), then 512x512 at batch 1, twice each; an embedding trained at
-512 px batch 8 without checkpointing (too large: the step), then at batch 1 with checkpointing (as a 6 GB card
-trains). Prints a markdown table: case, outcome, seconds, GPU memory
-allocated after it, the message.
+512 px batch 8 without checkpointing (too large: the step), then the same with checkpointing `auto` (the default:
+the first step runs out without it, and is done again with it), then at batch 1 with checkpointing on. Prints a
+markdown table: case, outcome, seconds, GPU memory allocated after it, the message.
 
     python benchmarks/oom_check.py --ckpt SD15.safetensors [--card-gb 6] [--markdown OUT.md]
     python benchmarks/oom_check.py --tiny    # CPU check of the script: shapes-64, data memory capped (RLIMIT_DATA)
@@ -18,9 +18,6 @@ allocated after it, the message.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import re
-import resource
 import shutil
 import sys
 import tempfile
@@ -28,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from baselines import make_images
+from baselines import cap_data_memory, data_size_gb, make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
@@ -38,8 +35,7 @@ def allocated(device: torch.device) -> float:
     """GB the app holds now: the CUDA allocator's count, or the process's data size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / GB
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmData:\s+(\d+) kB", status).group(1)) * 1024 / GB
+    return data_size_gb()
 
 
 def main() -> None:
@@ -48,7 +44,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="shapes-64 on the CPU, sizes scaled down")
     parser.add_argument("--card-gb", type=float, default=6.0, help="the card to act as (CUDA)")
     parser.add_argument(
-        "--cpu-headroom-gb", type=float, default=0.3, help="on the CPU: the cap above the warmed-up process's data"
+        "--cpu-headroom-gb", type=float, default=0.25, help="on the CPU: the cap above the warmed-up process's data"
     )
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -66,7 +62,7 @@ def main() -> None:
         folder = work / "models" / "Stable-diffusion"
         shutil.copytree(ROOT / "models" / "Stable-diffusion" / "shapes-64", folder / "shapes-64")
         settings = Settings(data_dir=work, use_cpu=["all"], no_hashing=True)
-        big, small, train_big, train_small = (2048, 8), (64, 1), (384, 16), (64, 1)
+        big, small, train_big, train_small = (2048, 8), (64, 1), (384, 8), (64, 1)
     else:
         if args.ckpt is None:
             parser.error("--ckpt is needed (or --tiny)")
@@ -92,7 +88,9 @@ def main() -> None:
         services.txt2img.generate(params)
         return "ok"
 
-    def train(size: int, batch: int, checkpointing: bool) -> str:
+    notes: dict[str, str] = {}
+
+    def train(size: int, batch: int, checkpointing: str) -> str:
         cfg = TrainConfig(
             name="oomcheck",
             data_root=str(images),
@@ -107,6 +105,8 @@ def main() -> None:
             gradient_checkpointing=checkpointing,
         )
         result = services.training.train_embedding(cfg).wait()
+        if result.checkpointing_from:
+            notes[f"{size} {batch} {checkpointing}"] = f"checkpointing turned on at step {result.checkpointing_from}"
         return result.error or "ok"
 
     generate(*small)  # warm-up: kernels, allocator pools, threads
@@ -117,11 +117,15 @@ def main() -> None:
         (f"txt2img {small[0]} px, batch {small[1]} (again)", lambda: generate(*small)),
         (
             f"embedding {train_big[0]} px, batch {train_big[1]}, no checkpointing",
-            lambda: train(*train_big, checkpointing=False),
+            lambda: train(*train_big, checkpointing="off"),
+        ),
+        (
+            f"embedding {train_big[0]} px, batch {train_big[1]}, checkpointing auto",
+            lambda: train(*train_big, checkpointing="auto"),
         ),
         (
             f"embedding {train_small[0]} px, batch {train_small[1]}, checkpointing",
-            lambda: train(*train_small, checkpointing=True),
+            lambda: train(*train_small, checkpointing="on"),
         ),
     ]
     before = allocated(device)
@@ -130,12 +134,10 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gb * GB / total), device)
         cap = f"{args.card_gb:g} GB card (per-process cap on {torch.cuda.get_device_name(device)})"
     else:
-        # glibc hands freed blocks of 64 KB and more back, so the data size is what is in use; then cap it
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-        limit = int((allocated(device) + args.cpu_headroom_gb) * GB)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        limit = cap_data_memory(args.cpu_headroom_gb)
         cap = f"data memory capped at {limit / GB:.2f} GB (RLIMIT_DATA), CPU"
     rows = []
+    auto_case = f"{train_big[0]} {train_big[1]} auto"
     for name, run in cases:
         start = time.perf_counter()
         try:
@@ -144,7 +146,8 @@ def main() -> None:
             outcome = str(e)
         seconds = time.perf_counter() - start
         kind = "ok" if outcome == "ok" else "out of memory" if "out of memory" in outcome.lower() else "error"
-        message = "" if outcome == "ok" else outcome.replace("|", "/")
+        message = notes.get(auto_case, "") if name.endswith("auto") else ""
+        message = message if outcome == "ok" else outcome.replace("|", "/")
         rows.append(f"| {name} | {kind} | {seconds:.1f} | {allocated(device):.2f} | {message} |")
         print(rows[-1], flush=True)
     lines = [
@@ -159,10 +162,12 @@ def main() -> None:
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
-    expected = ["out of memory", "ok"] * 2 + ["out of memory", "ok"]
+    expected = ["out of memory", "ok"] * 2 + ["out of memory", "ok", "ok"]
     got = [row.split(" | ")[1] for row in rows]
     if got != expected:
         sys.exit(f"expected {expected}, got {got}")
+    if auto_case not in notes:
+        sys.exit("checkpointing auto: the step that ran out without it should have turned it on")
 
 
 if __name__ == "__main__":

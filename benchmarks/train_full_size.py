@@ -35,7 +35,7 @@ from random_checkpoint import make_in_subprocess
 
 def child(args) -> dict:
     """One run (one side, one target, one batch size) in this process."""
-    from baselines import PeakMemory, baseline_step, make_images, timed_steps
+    from baselines import PeakMemory, baseline_step, cap_data_memory, make_images, timed_steps
 
     from app.logs import quiet_libraries
     from app.services import build_services
@@ -70,6 +70,8 @@ def child(args) -> dict:
         services.hypernetworks.create("zqbench", sorted(attention_widths(model.pipe.unet)), "1, 2, 1")
     memory = PeakMemory(model.device)
     memory.start()
+    if args.cpu_headroom_gb and args.child == "ours" and model.device.type == "cpu":
+        cap_data_memory(args.cpu_headroom_gb)  # so that `auto` checkpointing starts off, as on a GPU
     if args.child == "ours":
         cfg = TrainConfig(
             name="zqbench",
@@ -82,7 +84,7 @@ def child(args) -> dict:
             save_every=0,
             create_image_every=0,
             template_filename=template,
-            gradient_checkpointing=not args.no_checkpointing,
+            gradient_checkpointing=args.checkpointing,
         )
         if args.target == "lora":
             result = services.training.train_lora(cfg, 4, 4.0).wait()  # the example's rank 4, scale 1
@@ -96,6 +98,7 @@ def child(args) -> dict:
         if result.error:
             raise SystemExit(result.error)
         times = result.step_seconds[1:]
+        checkpointing = result.checkpointing
     else:
         files = sorted((tmp / "data").glob("*.png"))
         templates = read_template(settings.templates_dir, template, args.target == "embedding")
@@ -116,6 +119,7 @@ def child(args) -> dict:
             args.baseline_checkpointing,
         )
         times = timed_steps(step, 1, args.steps, model.device)
+        checkpointing = "on" if args.baseline_checkpointing else "off"
     peak = memory.peak_mb()
     return {
         "s_per_step": statistics.median(times),
@@ -123,6 +127,7 @@ def child(args) -> dict:
         "idle_mb": memory.idle_mb,
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
+        "checkpointing": checkpointing,
     }
 
 
@@ -142,7 +147,21 @@ def main() -> None:
     parser.add_argument("--medvram", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-half", action="store_true")
-    parser.add_argument("--no-checkpointing", action="store_true", help="ours without activation checkpointing")
+    parser.add_argument(
+        "--checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ours: gradient checkpointing as the train form sets it (auto, the default: on on a CPU without a memory "
+        "limit; on a GPU off until a step runs out of memory)",
+    )
+    parser.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing off")
+    parser.add_argument(
+        "--cpu-headroom-gb",
+        type=float,
+        default=0.0,
+        help="CPU, ours: cap the data memory this far above the loaded model's (RLIMIT_DATA) before training, so "
+        "that running out is an error the run sees, as on a GPU (and checkpointing auto starts off)",
+    )
     parser.add_argument(
         "--baseline-checkpointing",
         action="store_true",
@@ -155,6 +174,8 @@ def main() -> None:
     parser.add_argument("--target", default=None)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
+    if args.no_checkpointing:
+        args.checkpointing = "off"
     args.size = args.size or (64 if args.tiny else {"sd1": 512, "sd2": 768, "sdxl": 1024}[args.arch])
     if args.arch == "sdxl":
         args.ours_only = True  # the baseline trains SD 1.x only
@@ -166,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = ("tiny-" if args.tiny else "") + args.arch
         ckpt = args.ckpt or make_in_subprocess(config, Path(tmp), "cuda" if use_cuda else "cpu")
-        flags = ("cpu", "medvram", "bf16", "no_half", "no_checkpointing", "baseline_checkpointing")
+        flags = ("cpu", "medvram", "bf16", "no_half", "baseline_checkpointing")
         flags = [f for f in flags if getattr(args, f)]
         rows = []
         for target in args.targets.split(","):
@@ -175,7 +196,8 @@ def main() -> None:
                 for side in ("ours",) if args.ours_only else ("baseline", "ours"):
                     command = [sys.executable, __file__, "--child", side, "--target", target, "--batch", str(batch)]
                     command += ["--steps", str(args.steps), "--size", str(args.size), "--ckpt", str(ckpt)]
-                    command += [f"--{f.replace('_', '-')}" for f in flags]
+                    command += [f"--{f.replace('_', '-')}" for f in flags] + ["--checkpointing", args.checkpointing]
+                    command += ["--cpu-headroom-gb", str(args.cpu_headroom_gb)]
                     runs[side] = run_child(command, f"{side} {target} batch {batch}")
                 rows.append((target, batch, runs.get("baseline"), runs["ours"]))
                 print_row(*rows[-1], flush=True)
@@ -193,12 +215,15 @@ def memory_mb(run: dict) -> float:
 def print_row(target: str, batch: int, base: dict | None, ours: dict, flush: bool = False) -> None:
     if base is None:
         idle = "" if ours["device"].startswith("cuda") else f" (loaded model idle: {ours['idle_mb']:.0f} MB)"
-        line = f"{target} batch {batch}: ours {ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB{idle}"
+        line = (
+            f"{target} batch {batch}: ours {ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB{idle}, "
+            f"checkpointing {ours['checkpointing']}"
+        )
         print(line, flush=flush)
         return
     print(
         f"{target} batch {batch}: baseline {base['s_per_step']:.3f} s/step {memory_mb(base):.0f} MB; ours "
-        f"{ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB; "
+        f"{ours['s_per_step']:.3f} s/step {memory_mb(ours):.0f} MB (checkpointing {ours['checkpointing']}); "
         f"speed x{base['s_per_step'] / ours['s_per_step']:.2f}, memory x{memory_mb(ours) / memory_mb(base):.2f}",
         flush=flush,
     )
@@ -216,23 +241,25 @@ def markdown(rows, args) -> str:
     lines = [
         f"{name}, {args.size} px, {first['device']} {first['dtype']}, median of {args.steps} steps after 1 warm-up"
         + (" (--medvram)" if args.medvram else "")
-        + (" (ours without checkpointing)" if args.no_checkpointing else "")
+        + f" (ours: checkpointing {args.checkpointing})"
+        + (f" (ours: data memory capped {args.cpu_headroom_gb:g} GB above idle)" if args.cpu_headroom_gb else "")
         + (" (the baseline with --gradient_checkpointing)" if args.baseline_checkpointing else ""),
         "",
         f"| target | batch | baseline s/step | ours s/step | speed ours/baseline | baseline {memory} | ours {memory} "
-        "| memory ours/baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| memory ours/baseline | ours: checkpointing |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for target, batch, base, ours in rows:
         if base is None:
             lines.append(
-                f"| {target} | {batch} | - | {ours['s_per_step']:.3f} | - | - | {memory_mb(ours):.0f} MB | - |"
+                f"| {target} | {batch} | - | {ours['s_per_step']:.3f} | - | - | {memory_mb(ours):.0f} MB | - "
+                f"| {ours['checkpointing']} |"
             )
             continue
         lines.append(
             f"| {target} | {batch} | {base['s_per_step']:.3f} | {ours['s_per_step']:.3f} | "
             f"{base['s_per_step'] / ours['s_per_step']:.2f}x | {memory_mb(base):.0f} MB | {memory_mb(ours):.0f} MB | "
-            f"{memory_mb(ours) / memory_mb(base):.2f} |"
+            f"{memory_mb(ours) / memory_mb(base):.2f} | {ours['checkpointing']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,7 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step, checkpoints/previews excluded
     losses: list[tuple[int, float]] = field(default_factory=list)
     checkpointing_from: int | None = None  # `auto` turned gradient checkpointing on at this step (out of memory)
+    checkpointing: str = ""  # how the run ended up: "on", "off", or "on from step N"
 
 
 def checkpointing_note(step: int) -> str:
@@ -476,6 +477,8 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             result.interrupted = True
             break
 
+    ckpt = memory.checkpointing
+    result.checkpointing = f"on from step {ckpt.turned_on_at}" if ckpt.turned_on_at else "on" if ckpt.on else "off"
     if write_failed:
         return result  # the disk or folder that failed would fail again; what is there is the last good state
     try:
