@@ -59,14 +59,20 @@ def data_size_gb() -> float:
     raise RuntimeError("no VmData in /proc/self/status")
 
 
-def cap_data_memory(headroom_gb: float) -> int:
-    """Limit this process's data memory to `headroom_gb` above what it holds now (RLIMIT_DATA), so that an allocation
-    past it fails as on a full GPU. glibc is told to hand freed blocks of 64 KB and more back first, so the data size
-    is what is in use. Returns the limit in bytes."""
+def hand_freed_memory_back() -> None:
+    """Tell glibc to give freed blocks of 64 KB and more back to the system at once (as MALLOC_MMAP_THRESHOLD_ does),
+    so that the data size is what is in use. It changes the allocator's speed too: compare runs that both set it."""
     import ctypes
-    import resource
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def cap_data_memory(headroom_gb: float) -> int:
+    """Limit this process's data memory to `headroom_gb` above what it holds now (RLIMIT_DATA), so that an allocation
+    past it fails as on a full GPU (after `hand_freed_memory_back`). Returns the limit in bytes."""
+    import resource
+
+    hand_freed_memory_back()
     limit = int((data_size_gb() + headroom_gb) * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     return limit

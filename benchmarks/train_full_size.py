@@ -35,7 +35,14 @@ from random_checkpoint import make_in_subprocess
 
 def child(args) -> dict:
     """One run (one side, one target, one batch size) in this process."""
-    from baselines import PeakMemory, baseline_step, cap_data_memory, make_images, timed_steps
+    from baselines import (
+        PeakMemory,
+        baseline_step,
+        cap_data_memory,
+        hand_freed_memory_back,
+        make_images,
+        timed_steps,
+    )
 
     from app.logs import quiet_libraries
     from app.services import build_services
@@ -70,8 +77,11 @@ def child(args) -> dict:
         services.hypernetworks.create("zqbench", sorted(attention_widths(model.pipe.unet)), "1, 2, 1")
     memory = PeakMemory(model.device)
     memory.start()
-    if args.cpu_headroom_gb and args.child == "ours" and model.device.type == "cpu":
-        cap_data_memory(args.cpu_headroom_gb)  # so that `auto` checkpointing starts off, as on a GPU
+    if args.cpu_headroom_gb and model.device.type == "cpu":
+        if args.child == "ours":
+            cap_data_memory(args.cpu_headroom_gb)  # so that `auto` checkpointing starts off, as on a GPU
+        else:
+            hand_freed_memory_back()  # the same allocator setting as ours, uncapped
     if args.child == "ours":
         cfg = TrainConfig(
             name="zqbench",
@@ -160,7 +170,8 @@ def main() -> None:
         type=float,
         default=0.0,
         help="CPU, ours: cap the data memory this far above the loaded model's (RLIMIT_DATA) before training, so "
-        "that running out is an error the run sees, as on a GPU (and checkpointing auto starts off)",
+        "that running out is an error the run sees, as on a GPU (and checkpointing auto starts off); the baseline "
+        "gets the same allocator setting, uncapped",
     )
     parser.add_argument(
         "--baseline-checkpointing",

@@ -31,6 +31,7 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
         "## Generation",
         "## LoRA",
         "## Training",
+        "## Training with checkpointing on",
         "## Training under --medvram",
         "## Training on SDXL",
         "## Per step: ops, launches, syncs",
@@ -59,10 +60,16 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
     for row in (
         "| txt2img 2048 px, batch 8 (again) | out of memory |",
         "| txt2img 64 px, batch 1 (again) | ok |",
-        "| embedding 384 px, batch 16, no checkpointing | out of memory |",
+        "| embedding 384 px, batch 8, no checkpointing | out of memory |",
+        "| embedding 384 px, batch 8, checkpointing auto | ok | ",  # ran out without it, then on
         "| embedding 64 px, batch 1, checkpointing | ok |",
     ):
         assert row in oom, oom
+    assert "checkpointing turned on at step 1" in oom
+    # the default (auto) is on on a CPU without a memory limit; the section with it on says so too
+    assert "(ours: checkpointing auto)" in training and training.count("| on |") == 4
+    forced = report.split("## Training with checkpointing on")[1]
+    assert re.search(r"\| embedding \| 1 \| - \| \d+\.\d+ \|.*\| on \|", forced), forced
 
 
 def run_benchmark(script: str, *args: str) -> str:
