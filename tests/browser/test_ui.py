@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -350,10 +351,13 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_steps", 8)
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
+    page.locator("#train_lora_gradient_checkpointing").get_by_text("Off", exact=True).click()
     page.locator("#train_lora_train_lora").click()
     done = page.locator("#lora_train_message #train_result")
     done.wait_for(timeout=90000)
     assert "Training finished at step 8" in done.inner_text(), done.inner_text()
+    run_settings = next((server.data_dir / "log").glob("*/uitrained/settings.json"))
+    assert json.loads(run_settings.read_text())["gradient_checkpointing"] == "off"  # the radio reached the run
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
     assert (server.data_dir / "models" / "Lora" / "uitrained.safetensors").is_file()
