@@ -132,10 +132,13 @@ def _rlimits() -> list[int]:
 def allocation_can_fail(device: torch.device) -> bool:
     """Whether running out of memory on `device` is an error this process sees (and can recover from).
 
-    A GPU's allocator raises one. In system memory Linux overcommits: with no rlimit, no allocation fails, and when
-    memory runs out the kernel's OOM killer ends the process (a container's cgroup limit works the same way). Only a
-    data or address-space rlimit makes the allocation itself fail there."""
-    return device.type != "cpu" or bool(_rlimits())
+    CUDA's allocator raises one as soon as a request does not fit. In system memory Linux overcommits: with no
+    rlimit, no allocation fails, and when memory runs out the kernel's OOM killer ends the process (a container's
+    cgroup limit works the same way). Only a data or address-space rlimit makes the allocation itself fail there.
+    Other devices are not assumed to fail cleanly (Apple's MPS shares system memory and may swap first)."""
+    if device.type == "cpu":
+        return bool(_rlimits())
+    return device.type == "cuda"
 
 
 def _process_limit() -> int | None:
