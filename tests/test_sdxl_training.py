@@ -81,6 +81,37 @@ def test_every_training_sample_gets_its_pooled_embedding_and_size_conditioning(x
         assert rows == [(64, 64, 0, 0, 64, 64), (64, 96, 0, 16, 64, 64), (128, 64, 32, 0, 64, 64)]
 
 
+def test_with_buckets_each_sample_is_conditioned_on_its_bucket_and_crop(xl, tmp_path):
+    """Bucketing: batches of one bucket each, and the target size in SDXL's conditioning is the bucket's."""
+    folder = tmp_path / "buckets"
+    folder.mkdir()
+    for i, size in enumerate([(96, 64), (96, 64), (64, 128), (64, 128)]):
+        Image.new("RGB", size, (60 * i, 100, 200)).save(folder / f"{i}-a shape.png")
+    fresh_embedding(xl, "zqxlbuckets")
+    unet = xl.models.get().pipe.unet
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0].shape, kwargs["added_cond_kwargs"]["time_ids"].tolist()))
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = xl.training.train_embedding(
+            cfg("zqxlbuckets", folder, steps=4, batch_size=2, template_filename="subject.txt", enable_bucket=True)
+        ).wait()
+    finally:
+        handle.remove()
+    assert result.error is None, result.error
+    wide = (64, 96, 3, 0, 48, 80)  # 3:2 in the 5:3 bucket (80x48 px): a little of the top and bottom cut
+    tall = (128, 64, 0, 2, 88, 40)  # 1:2 in the 5:11 bucket (40x88 px): a little of the sides cut
+    assert len(seen) == 4
+    for shape, rows in seen:
+        assert len({tuple(r) for r in rows}) == 1  # one bucket per batch
+        target = rows[0]
+        assert tuple(target) in (wide, tall), target
+        assert shape[-2:] == (target[4] // 8, target[5] // 8)  # the latents are the bucket's size
+
+
 # -- embeddings ----------------------------------------------------------------------------------------------------
 
 

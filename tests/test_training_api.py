@@ -76,6 +76,10 @@ def test_train_errors_and_interrupt_through_the_api(server, tmp_path):
         f"{url}/train/embedding", json=payload("apilong", dataset, gradient_checkpointing="sometimes"), timeout=30
     )
     assert bad_mode.status_code == 422
+    both = requests.post(
+        f"{url}/train/embedding", json=payload("apilong", dataset, varsize=True, enable_bucket=True), timeout=30
+    )
+    assert both.status_code == 400 and "Bucket images by aspect ratio" in both.json()["detail"]
     assert all(e["loc"][:2] == ["body", "gradient_checkpointing"] for e in bad_mode.json()["detail"])
 
     box = {}

@@ -135,6 +135,7 @@ class TrainRequest(BaseModel):
     training_width: int = size(512)
     training_height: int = size(512)
     varsize: bool = False
+    enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets instead of one square size
     # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
     # that holds the model and the queue for days.
     steps: int = bounded(..., 1)

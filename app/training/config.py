@@ -21,6 +21,7 @@ class TrainConfig:
     training_width: int = 512
     training_height: int = 512
     varsize: bool = False
+    enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets, see buckets.py
     steps: int = 100000
     clip_grad_mode: str = "disabled"
     clip_grad_value: str = "0.1"

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import UserError
+from app.training.buckets import bucket_sizes, nearest_bucket
 from app.training.templates import fill
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ _LEADING_NUMBER = re.compile(r"^[-\d]+\s*")
 @dataclass
 class TrainingImage:
     path: Path
-    image: Image.Image  # RGB, the training size (or its own size rounded to 8 with "do not resize")
+    image: Image.Image  # RGB: the training size, its bucket's size, or its own size rounded to 8 ("do not resize")
     filewords: str
     template: str  # the template line picked for this image when the dataset was built
     alpha: Image.Image | None = None  # the image's alpha channel, cropped and resized like it (for use_weight)
@@ -99,14 +100,17 @@ def load_dataset(
     templates: list[str],
     seed: int,
     varsize: bool = False,
+    bucketing: bool = False,
 ) -> tuple[list[TrainingImage], list[str]]:
-    """All usable images in `folder` (sorted), and a warning line per file that could not be used."""
+    """All usable images in `folder` (sorted), and a warning line per file that could not be used. Each is cropped
+    to the training size, kept at its own size (`varsize`), or cropped to its aspect-ratio bucket (`bucketing`)."""
     root = Path(folder) if folder else None
     if root is None or not str(folder).strip():
         raise UserError("Dataset directory is empty: give the folder that holds your training images.")
     if not root.is_dir():
         raise UserError(f"Dataset directory {root} does not exist or is not a folder.")
     rng = random.Random(seed)
+    buckets = bucket_sizes(width, height) if bucketing else None
     images: list[TrainingImage] = []
     problems: list[str] = []
     for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
@@ -120,9 +124,10 @@ def load_dataset(
                 rgb = round_to_8(rgb)
                 crop = crop_of_fit(original, rgb.width, rgb.height)
             else:
-                rgb, crop = fit(rgb, width, height), crop_of_fit(original, width, height)
+                w, h = nearest_bucket(original, buckets) if buckets else (width, height)
+                rgb, crop = fit(rgb, w, h), crop_of_fit(original, w, h)
             if alpha is not None:
-                alpha = alpha.resize(rgb.size, Image.Resampling.BILINEAR) if varsize else fit(alpha, width, height)
+                alpha = alpha.resize(rgb.size, Image.Resampling.BILINEAR) if varsize else fit(alpha, *rgb.size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             problems.append(f"{path.name}: {e}")
             continue

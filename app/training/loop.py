@@ -29,6 +29,7 @@ from app.fileio import atomic_write_text
 from app.jobs import Job
 from app.models.manager import LoadedModel
 from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory, smaller_advice
+from app.training.buckets import BucketSchedule
 from app.training.checkpoint import commit_optim, load_optim, pending_path, save_optim
 from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
@@ -249,6 +250,14 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     per_step = cfg.batch_size * cfg.gradient_step
     steps_per_epoch = max(1, len(images) // per_step)
+    if cfg.enable_bucket:  # batches of one bucket (aspect ratio) each: the images have several sizes
+        buckets = BucketSchedule([im.image.size for im in images], cfg.batch_size, seed, cfg.gradient_step)
+        batches_of, steps_per_epoch = buckets.micro_batches, buckets.steps_per_epoch
+    else:
+
+        def batches_of(step: int) -> list[list[tuple[int, int]]]:
+            picks = sample_indices(len(images), seed, step, per_step)
+            return [picks[m * cfg.batch_size : (m + 1) * cfg.batch_size] for m in range(cfg.gradient_step)]
 
     # -- logging (a folder that cannot be written stops here, before any step, with nothing changed) -----------
     try:
@@ -343,36 +352,38 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)
-        picks = sample_indices(len(images), seed, step, per_step)
+        picks = batches_of(step)  # (image index, epoch) of each sample, one list per micro-batch
 
         def micro_batches(step: int = step, picks: list = picks) -> tuple[float, str]:
             # A function of its own, so that when memory runs out its frame (the activations, the graph behind the
             # loss) is dropped with the error before the memory is released (out_of_memory.guarded).
-            step_loss, first_prompt = 0.0, ""
-            for micro in range(cfg.gradient_step):
-                batch = range(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
-                gens = [step_generator(seed, step, k) for k in batch]
+            step_loss, first_prompt, first = 0.0, "", 0
+            for micro_picks in picks:
+                # sample k of the step draws from its own generator, k counted across the micro-batches
+                gens = [step_generator(seed, step, k) for k in range(first, first + len(micro_picks))]
+                first += len(micro_picks)
+                chosen = [index for index, _ in micro_picks]
                 texts = [
                     prompt_for(
-                        images[picks[k][0]],
+                        images[index],
                         target.name,
                         templates,
-                        random.Random(gens[i].initial_seed()),
+                        random.Random(g.initial_seed()),
                         cfg.shuffle_tags,
                         cfg.tag_drop_out,
                     )
-                    for i, k in enumerate(batch)
+                    for index, g in zip(chosen, gens, strict=True)
                 ]
                 first_prompt = first_prompt or texts[0]
-                x0 = torch.stack([latents.get(picks[k][0], g) for k, g in zip(batch, gens, strict=True)])
+                x0 = torch.stack([latents.get(index, g) for index, g in zip(chosen, gens, strict=True)])
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
                 t = torch.tensor(
                     [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
                 )
                 noisy = noise_schedule.add_noise(x0, noise, t).to(device)
                 wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
-                weight = torch.stack([weights[picks[k][0]] for k in batch]).to(device) if cfg.use_weight else None
-                time_ids = torch.tensor([images[picks[k][0]].time_ids() for k in batch])
+                weight = torch.stack([weights[index] for index in chosen]).to(device) if cfg.use_weight else None
+                time_ids = torch.tensor([images[index].time_ids() for index in chosen])
                 # Dropout (hypernetworks) draws from the global RNG: seed it per micro-batch so resume is exact.
                 with torch.random.fork_rng(devices=[]), target.unet_context():
                     seed_forward(gens[0].initial_seed(), device)

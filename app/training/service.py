@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -102,9 +103,16 @@ class TrainingService:
         ):
             if int(value) < 1:
                 raise UserError(f"{label} must be at least 1, got {value}.", field)
+        if cfg.varsize and cfg.enable_bucket:
+            raise UserError(
+                "Choose one of 'Do not resize images' and 'Bucket images by aspect ratio': one keeps each image's "
+                "own size, the other resizes it to the bucket nearest its shape.",
+                "enable_bucket",
+            )
         if cfg.varsize and int(cfg.batch_size) > 1:
             raise UserError(
-                "'Do not resize images' needs batch size 1: images of different sizes cannot share a batch.",
+                "'Do not resize images' needs batch size 1: images of different sizes cannot share a batch. "
+                "'Bucket images by aspect ratio' trains wide and tall images at larger batch sizes.",
                 "batch_size",
             )
         if int(cfg.steps) < 1:
@@ -144,7 +152,9 @@ class TrainingService:
         width, height = int(cfg.training_width), int(cfg.training_height)
         images, problems = guarded(
             torch.device("cpu"),  # the images are decoded and resized in system memory
-            lambda: load_dataset(cfg.data_root, width, height, templates, seed, bool(cfg.varsize)),
+            lambda: load_dataset(
+                cfg.data_root, width, height, templates, seed, bool(cfg.varsize), bool(cfg.enable_bucket)
+            ),
             f"loading the training images at {width}×{height}",
             "Nothing was changed. Try a smaller training size, or fewer or smaller images.",
         )
@@ -349,8 +359,19 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_batch_size_per_device": str(int(cfg.batch_size)),
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
         "ss_num_train_images": str(len(run.images)),
+        "ss_enable_bucket": str(bool(cfg.enable_bucket)),
+        **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }
+
+
+def bucket_info(images: list[TrainingImage]) -> str:
+    """kohya's `ss_bucket_info`: each bucket's resolution and how many images it holds."""
+    counts: dict[tuple[int, int], int] = {}
+    for im in images:
+        counts[im.image.size] = counts.get(im.image.size, 0) + 1
+    buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))}
+    return json.dumps({"buckets": buckets})
 
 
 def result_message(result: TrainResult, kind: str) -> str:

@@ -115,6 +115,11 @@ class TrainSection:
         f["training_width"] = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id=f"{p}_width")
         f["training_height"] = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id=f"{p}_height")
         f["varsize"] = gr.Checkbox(False, label="Do not resize images", elem_id=f"{p}_varsize")
+        f["enable_bucket"] = gr.Checkbox(
+            False,
+            label="Bucket images by aspect ratio (wide and tall images keep their shape, at any batch size)",
+            elem_id=f"{p}_enable_bucket",
+        )
         f["steps"] = gr.Number(value=100000, precision=0, label="Max steps", elem_id=f"{p}_steps")
         with gr.Row():
             f["create_image_every"] = gr.Number(
