@@ -135,6 +135,7 @@ def test_a_bucketed_lora_records_its_buckets_as_kohya_does(services, shaped):
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
     assert meta["ss_enable_bucket"] == "True"
+    assert meta["ss_min_snr_gamma"] == meta["ss_noise_offset"] == "None"  # off, written as kohya does
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     images, _ = load_dataset(shaped, 64, 64, ["[filewords]"], 0, bucketing=True)
     expected = Counter(im.image.size for im in images)

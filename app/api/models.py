@@ -136,6 +136,8 @@ class TrainRequest(BaseModel):
     training_height: int = size(512)
     varsize: bool = False
     enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets instead of one square size
+    min_snr_gamma: float = bounded(0.0, 0, 100)  # ours (kohya's name): Min-SNR loss weighting, 0 = off
+    noise_offset: float = bounded(0.0, 0, 1)  # ours (kohya's name): per-channel noise offset, 0 = off
     # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
     # that holds the model and the queue for days.
     steps: int = bounded(..., 1)

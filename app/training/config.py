@@ -22,6 +22,8 @@ class TrainConfig:
     training_height: int = 512
     varsize: bool = False
     enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets, see buckets.py
+    min_snr_gamma: float = 0.0  # ours (kohya's name): Min-SNR loss weighting, 0 = off (5 is the usual value)
+    noise_offset: float = 0.0  # ours (kohya's name): per-channel noise offset, 0 = off (0.05-0.1 usual)
     steps: int = 100000
     clip_grad_mode: str = "disabled"
     clip_grad_value: str = "0.1"

@@ -156,6 +156,22 @@ def denoising_target(noise_schedule, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise ValueError(f"unknown prediction_type {prediction!r}")
 
 
+def min_snr_weights(noise_schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR loss weights (Hang et al. 2023, kohya's `min_snr_gamma`), one per sample: the loss at timestep t
+    counts min(SNR(t), gamma) / SNR(t) for noise prediction, min(SNR(t), gamma) / (SNR(t) + 1) for velocity
+    (whose loss is (SNR + 1) / SNR times the noise loss). Low-noise timesteps, whose easy losses otherwise pull the
+    hardest, count less; the rest as before. SNR(t) = alpha_bar / (1 - alpha_bar)."""
+    alpha_bar = noise_schedule.alphas_cumprod.to(torch.float64)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    prediction = noise_schedule.config.prediction_type
+    if prediction == "v_prediction":
+        return (clipped / (snr + 1)).float()
+    if prediction == "epsilon":
+        return (clipped / snr).float()
+    return clipped.float()  # "sample": the loss on x0 is the noise loss divided by SNR
+
+
 def denoising_loss(
     target: TrainingTarget,
     unet: torch.nn.Module,
@@ -167,12 +183,14 @@ def denoising_loss(
     clip_skip: int,
     weight: torch.Tensor | None = None,
     time_ids: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One micro-batch's loss: the conditioning and the UNet under autocast, the MSE in fp32. Call it inside
     `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward.
 
     SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
-    six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained."""
+    six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained.
+    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR)."""
     unet_dtype = amp.model_dtype
     with amp.autocast():
         cond, pooled = target.conditioning(texts, clip_skip)
@@ -183,9 +201,14 @@ def denoising_loss(
                 time_ids = torch.tensor([[height, width, 0, 0, height, width]] * noisy.shape[0], dtype=torch.float32)
             added = {"text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(noisy.device, unet_dtype)}
         pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), added_cond_kwargs=added).sample
-    if weight is None:
+    if weight is None and sample_weights is None:
         return F.mse_loss(pred.float(), wanted.float())
-    return (F.mse_loss(pred.float(), wanted.float(), reduction="none") * weight).mean()
+    errors = F.mse_loss(pred.float(), wanted.float(), reduction="none")
+    if weight is not None:
+        errors = errors * weight
+    if sample_weights is None:
+        return errors.mean()
+    return (errors.mean(dim=tuple(range(1, errors.dim()))) * sample_weights.to(errors.device)).mean()
 
 
 def train(
@@ -380,6 +403,10 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 t = torch.tensor(
                     [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
                 )
+                if cfg.noise_offset:  # one offset per channel and sample: drawn last, so 0 changes no other number
+                    channels = (x0.shape[1], 1, 1)
+                    noise = noise + cfg.noise_offset * torch.stack([torch.randn(channels, generator=g) for g in gens])
+                snr = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
                 noisy = noise_schedule.add_noise(x0, noise, t).to(device)
                 wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
                 weight = torch.stack([weights[index] for index in chosen]).to(device) if cfg.use_weight else None
@@ -388,7 +415,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 with torch.random.fork_rng(devices=[]), target.unet_context():
                     seed_forward(gens[0].initial_seed(), device)
                     loss = denoising_loss(
-                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids
+                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids, snr
                     )
                     amp.backward(loss / cfg.gradient_step)
                 step_loss += loss.item() / cfg.gradient_step

@@ -128,6 +128,12 @@ class TrainingService:
             raise UserError(
                 f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.", "tag_drop_out"
             )
+        for label, value, field, top in (
+            ("Min-SNR gamma", cfg.min_snr_gamma, "min_snr_gamma", 100.0),
+            ("Noise offset", cfg.noise_offset, "noise_offset", 1.0),
+        ):
+            if not 0 <= float(value) <= top:  # NaN fails this too
+                raise UserError(f"{label} must be between 0 (off) and {top:g}, got {value}.", field)
         for name, value, field in (
             ("save every", cfg.save_every, "save_every"),
             ("image every", cfg.create_image_every, "create_image_every"),
@@ -360,6 +366,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
         "ss_num_train_images": str(len(run.images)),
         "ss_enable_bucket": str(bool(cfg.enable_bucket)),
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
+        "ss_noise_offset": str(cfg.noise_offset or None),
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }

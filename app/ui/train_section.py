@@ -158,6 +158,17 @@ class TrainSection:
         f["tag_drop_out"] = gr.Slider(
             0, 0.99, value=0, step=0.01, label="Drop out tags when creating prompts.", elem_id=f"{p}_tag_drop_out"
         )
+        with gr.Row():
+            f["min_snr_gamma"] = gr.Number(
+                value=0,
+                label="Min-SNR gamma (0 = off; 5 is usual): easy low-noise steps count less",
+                elem_id=f"{p}_min_snr_gamma",
+            )
+            f["noise_offset"] = gr.Number(
+                value=0,
+                label="Noise offset (0 = off; 0.05-0.1 lets it learn darker and brighter images)",
+                elem_id=f"{p}_noise_offset",
+            )
         f["latent_sampling_method"] = gr.Radio(
             ["once", "deterministic", "random"],
             value="once",
@@ -185,6 +196,8 @@ class TrainSection:
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
+        for key in ("min_snr_gamma", "noise_offset"):  # an emptied number box means off
+            fields[key] = float(fields[key] or 0)
         return TrainConfig(
             **fields,
             preview_prompt=prompt or "",

@@ -1,0 +1,110 @@
+"""kohya's two loss options, on the real tiny model: Min-SNR weighting (`min_snr_gamma`) and the noise offset
+(`noise_offset`). Each is checked against its definition on a real training step, and a run with both resumes bit
+for bit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from app.errors import UserError
+from app.training.loop import min_snr_weights
+from tests.test_training import cfg, fresh, make_dataset, vectors
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("stars-loss"))
+
+
+def test_min_snr_weights_follow_the_paper_for_each_prediction_type(services):
+    config = services.models.get().pipe.scheduler.config
+    t = torch.tensor([1, 50, 400, 999])
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        schedule = DDPMScheduler.from_config(config, prediction_type=prediction)
+        alpha_bar = schedule.alphas_cumprod.double()[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        weights = min_snr_weights(schedule, t, 5.0).double()
+        expected = {
+            "epsilon": torch.minimum(snr, torch.tensor(5.0)) / snr,
+            "v_prediction": torch.minimum(snr, torch.tensor(5.0)) / (snr + 1),
+            "sample": torch.minimum(snr, torch.tensor(5.0)),
+        }[prediction]
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+    eps = min_snr_weights(DDPMScheduler.from_config(config, prediction_type="epsilon"), t, 5.0)
+    assert eps[0] < 0.01 and float(eps[-1]) == 1.0  # nearly clean steps count least; noisy ones as before
+
+
+def first_step(services, name, dataset, **kw):
+    """The UNet's inputs and the logged loss of step 1 (batch 1) from a fresh embedding."""
+    fresh(services, name)
+    seen = []
+    unet = services.models.get().pipe.unet
+
+    def hook(module, args, kwargs):
+        seen.append((args[0].detach().clone(), args[1].detach().clone()))
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        result = services.training.train_embedding(cfg(name, dataset, steps=1, **kw)).wait()
+    finally:
+        handle.remove()
+    assert result.error is None and len(seen) == 1
+    noisy, t = seen[0]
+    return noisy, t, result.losses[0][1]
+
+
+def test_min_snr_scales_the_step_s_loss_by_its_timestep_s_weight(services, dataset):
+    _, t, plain = first_step(services, "zqsnr", dataset)
+    _, t_snr, weighted = first_step(services, "zqsnr", dataset, min_snr_gamma=5.0)
+    assert torch.equal(t, t_snr)  # the same sample, noise and timestep
+    schedule = DDPMScheduler.from_config(services.models.get().pipe.scheduler.config)
+    expected = float(min_snr_weights(schedule, t.cpu(), 5.0)[0])
+    assert weighted == pytest.approx(plain * expected, rel=1e-5)
+
+
+def test_the_noise_offset_shifts_each_channel_by_one_value(services, dataset):
+    plain, t, _ = first_step(services, "zqoffset", dataset)
+    offset, t_offset, _ = first_step(services, "zqoffset", dataset, noise_offset=0.1)
+    assert torch.equal(t, t_offset)
+    shift = offset - plain  # = sqrt(1 - alpha_bar_t) * 0.1 * one draw per channel
+    per_channel = shift.mean(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(shift, per_channel.expand_as(shift), rtol=0, atol=1e-5)
+    assert float(per_channel.abs().min()) > 1e-4
+
+
+def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
+    options = dict(steps=12, min_snr_gamma=5.0, noise_offset=0.05)
+    path = fresh(services, "zqlossresume")
+    services.training.train_embedding(cfg("zqlossresume", dataset, **options)).wait()
+    straight = vectors(path)
+    fresh(services, "zqlossresume")
+    job = services.training.train_embedding(cfg("zqlossresume", dataset, **options))
+    event = threading.Event()
+    while not job.finished and job.progress.sampling_step < 4:
+        event.wait(0.001)
+    services.jobs.interrupt(job)
+    assert job.wait().interrupted
+    services.training.train_embedding(cfg("zqlossresume", dataset, **options)).wait()
+    assert torch.equal(vectors(path), straight)
+    fresh(services, "zqlossresume")
+    services.training.train_embedding(cfg("zqlossresume", dataset, steps=12)).wait()
+    assert not torch.equal(vectors(path), straight)  # the options changed what was learned
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("min_snr_gamma", -1.0, "Min-SNR gamma must be between 0 \\(off\\) and 100"),
+        ("min_snr_gamma", float("nan"), "Min-SNR gamma must be between"),
+        ("noise_offset", 2.0, "Noise offset must be between 0 \\(off\\) and 1"),
+    ],
+)
+def test_out_of_range_loss_options_are_refused_before_anything_starts(services, dataset, field, value, message):
+    fresh(services, "zqlossbad")
+    with pytest.raises(UserError, match=message) as caught:
+        services.training.train_embedding(cfg("zqlossbad", dataset, **{field: value}))
+    assert caught.value.field == field
