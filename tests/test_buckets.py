@@ -18,6 +18,7 @@ from safetensors import safe_open
 from app.errors import UserError
 from app.training.buckets import BucketSchedule, bucket_sizes, bucket_step, epoch_batches, nearest_bucket
 from app.training.dataset import load_dataset
+from app.training.loop import sample_indices
 from tests.test_training import cfg, fresh, vectors
 
 
@@ -141,3 +142,41 @@ def test_a_bucketed_lora_records_its_buckets_as_kohya_does(services, shaped):
     expected = Counter(im.image.size for im in images)
     assert {tuple(b["resolution"]): b["count"] for b in buckets.values()} == expected
     assert len(expected) >= 3
+
+
+def test_repeats_count_in_every_epoch_with_and_without_buckets():
+    items = [0, 0, 0, 1]  # image 0 from a "3_" folder, image 1 once
+    picks = [p for step in range(8) for p in sample_indices(items, 5, step, 1)]
+    assert Counter(picks) == {(0, 0): 3, (1, 0): 1, (0, 1): 3, (1, 1): 1}
+    # without repeats the draw is the one before repeats existed: each epoch a seeded permutation of the images
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(5 * 100_003 + 1))
+    assert sample_indices(list(range(4)), 5, 2, 2) == [(int(i), 1) for i in order[:2]]
+
+
+def test_a_kohya_dataset_trains_with_repeats_resumes_exactly_and_is_recorded(services, tmp_path):
+    root = tmp_path / "kohya"
+    make_shaped_dataset(root / "4_zqstar", shapes=((96, 64), (64, 64)))
+    make_shaped_dataset(root / "1_zqstar", shapes=((64, 96),))
+    run = dict(steps=6, batch_size=2, enable_bucket=True, template_filename="hypernetwork.txt")
+    result = services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0).wait()
+    assert result.error is None
+    with safe_open(str(result.path), "pt") as f:
+        meta = f.metadata()
+        straight = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "4_zqstar": {"n_repeats": 4, "img_count": 2},
+        "1_zqstar": {"n_repeats": 1, "img_count": 1},
+    }
+    assert meta["ss_num_train_images"] == "9"
+    # the same run, interrupted and trained again, ends on the same weights
+    result.path.unlink()
+    result.path.with_suffix(".optim").unlink(missing_ok=True)
+    job = services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0)
+    event = threading.Event()
+    while not job.finished and job.progress.sampling_step < 2:
+        event.wait(0.001)
+    services.jobs.interrupt(job)
+    assert job.wait().interrupted
+    assert services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0).wait().step == 6
+    with safe_open(str(result.path), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in straight.items())

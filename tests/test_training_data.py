@@ -101,3 +101,31 @@ def test_shipped_templates():
         read_template(folder, "hypernetwork.txt", require_name=True)
     with pytest.raises(UserError, match="not found"):
         read_template(folder, "../pyproject.toml")
+
+
+def test_kohya_folders_repeat_their_images_and_caption_them_by_name(tmp_path):
+    """kohya's layout: `<repeats>_<name>` subfolders; other subfolders are not read, and say so when nothing is."""
+    (tmp_path / "10_sks dog").mkdir()
+    (tmp_path / "3_").mkdir()
+    (tmp_path / "originals").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "10_sks dog" / "a.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "10_sks dog" / "b.png")
+    (tmp_path / "10_sks dog" / "b.caption").write_text("sks dog, running", encoding="utf-8")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "3_" / "7-a blue thing.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "originals" / "skip.png")
+    Image.new("RGB", (64, 64), "green").save(tmp_path / "top.png")
+    images, problems = load_dataset(tmp_path, 64, 64, ["[filewords]"], seed=0)
+    got = {(im.path.parent.name, im.path.name): (im.repeats, im.filewords) for im in images}
+    assert got == {
+        (tmp_path.name, "top.png"): (1, "top"),
+        ("10_sks dog", "a.png"): (10, "sks dog"),  # no caption file: the folder's name
+        ("10_sks dog", "b.png"): (10, "sks dog, running"),  # kohya's .caption
+        ("3_", "7-a blue thing.png"): (3, "a blue thing"),  # an empty folder name: the file name, as A1111
+    }
+    assert not problems
+
+    only_other = tmp_path / "plain"
+    (only_other / "pictures").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(only_other / "pictures" / "a.png")
+    with pytest.raises(UserError, match=r"named as kohya's are, <repeats>_<name> \(e\.g\. 10_pictures\)"):
+        load_dataset(only_other, 64, 64, ["x"], seed=0)

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _LEADING_NUMBER = re.compile(r"^[-\d]+\s*")
+# kohya's dataset layout: subfolders named "<repeats>_<name>" (e.g. "10_sks dog"), each image used <repeats> times
+# per epoch; <name> is the caption of images that have no caption file
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class TrainingImage:
     # taken from it, in the trained image's pixels (as SDXL itself was trained).
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
+    repeats: int = 1  # times per epoch (kohya's "<repeats>_<name>" folders)
 
     def time_ids(self) -> list[float]:
         """SDXL's six size numbers: original (h, w), crop (top, left), target (h, w)."""
@@ -85,12 +89,33 @@ def round_to_8(image: Image.Image) -> Image.Image:
     return ImageOps.fit(image, (w, h), Image.Resampling.LANCZOS) if (w, h) != image.size else image
 
 
-def caption_for(path: Path) -> str:
-    """The `<stem>.txt` beside the image, else the file name without a leading number (A1111)."""
-    text_file = path.with_suffix(".txt")
-    if text_file.is_file():
-        return text_file.read_text(encoding="utf-8").strip()
-    return _LEADING_NUMBER.sub("", path.stem)
+def caption_for(path: Path, folder_caption: str = "") -> str:
+    """The `<stem>.txt` beside the image (A1111; kohya's `.caption` too), else the name of its kohya folder
+    (`folder_caption`), else the file name without a leading number (A1111)."""
+    for suffix in (".txt", ".caption"):
+        text_file = path.with_suffix(suffix)
+        if text_file.is_file():
+            return text_file.read_text(encoding="utf-8").strip()
+    return folder_caption or _LEADING_NUMBER.sub("", path.stem)
+
+
+def image_files(root: Path) -> tuple[list[tuple[Path, int, str]], list[str]]:
+    """(path, repeats, folder caption) of every image: those in `root` itself once each, and those in kohya's
+    `<repeats>_<name>` subfolders <repeats> times each; and the names of the subfolders that were not read."""
+    found: list[tuple[Path, int, str]] = []
+    ignored: list[str] = []
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    found += [(p, 1, "") for p in images_in(root)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = KOHYA_FOLDER.match(sub.name)
+        if match is None or int(match.group(1)) < 1:
+            ignored.append(sub.name)
+            continue
+        found += [(p, int(match.group(1)), match.group(2).strip()) for p in images_in(sub)]
+    return found, ignored
 
 
 def load_dataset(
@@ -113,7 +138,9 @@ def load_dataset(
     buckets = bucket_sizes(width, height) if bucketing else None
     images: list[TrainingImage] = []
     problems: list[str] = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    files, ignored = image_files(root)
+    for path, repeats, folder_caption in files:
+        name = path.name if path.parent == root else f"{path.parent.name}/{path.name}"
         try:
             with Image.open(path) as raw:
                 raw.load()
@@ -129,17 +156,24 @@ def load_dataset(
             if alpha is not None:
                 alpha = alpha.resize(rgb.size, Image.Resampling.BILINEAR) if varsize else fit(alpha, *rgb.size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            problems.append(f"{path.name}: {e}")
+            problems.append(f"{name}: {e}")
             continue
+        caption = caption_for(path, folder_caption)
         images.append(
-            TrainingImage(path, rgb, caption_for(path), rng.choice(templates), alpha, (original[1], original[0]), crop)
+            TrainingImage(path, rgb, caption, rng.choice(templates), alpha, (original[1], original[0]), crop, repeats)
         )
     for problem in problems:
         log.warning("Skipped training image %s", problem)
     if not images:
         detail = f" ({len(problems)} unreadable: {'; '.join(problems[:5])})" if problems else ""
+        folders = (
+            f" Subfolders are read only when named as kohya's are, <repeats>_<name> (e.g. 10_{ignored[0]}); "
+            f"not read: {', '.join(ignored[:5])}."
+            if ignored
+            else ""
+        )
         raise UserError(
-            f"Dataset directory {root} has no usable images{detail}. Supported: {', '.join(IMAGE_SUFFIXES)}."
+            f"Dataset directory {root} has no usable images{detail}. Supported: {', '.join(IMAGE_SUFFIXES)}.{folders}"
         )
     return images, problems
 

@@ -107,13 +107,14 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
         return bool(torch.stack(largest).isfinite().all())
 
 
-def sample_indices(n_images: int, seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
-    """(image index, epoch) of each sample of `step`: a fresh seeded shuffle per epoch, read as one stream."""
+def sample_indices(items: list[int], seed: int, step: int, per_step: int) -> list[tuple[int, int]]:
+    """(image index, epoch) of each sample of `step`: a fresh seeded shuffle of an epoch's `items` (image indices;
+    an image with repeats is there that many times) per epoch, read as one stream."""
     picks = []
     for position in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(position, n_images)
-        order = torch.randperm(n_images, generator=torch.Generator("cpu").manual_seed(seed * 100_003 + epoch))
-        picks.append((int(order[offset]), epoch))
+        epoch, offset = divmod(position, len(items))
+        order = torch.randperm(len(items), generator=torch.Generator("cpu").manual_seed(seed * 100_003 + epoch))
+        picks.append((items[int(order[offset])], epoch))
     return picks
 
 
@@ -272,14 +273,19 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, device)
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     per_step = cfg.batch_size * cfg.gradient_step
-    steps_per_epoch = max(1, len(images) // per_step)
+    epoch_items = [i for i, im in enumerate(images) for _ in range(im.repeats)]  # kohya's repeats
+    steps_per_epoch = max(1, len(epoch_items) // per_step)
     if cfg.enable_bucket:  # batches of one bucket (aspect ratio) each: the images have several sizes
-        buckets = BucketSchedule([im.image.size for im in images], cfg.batch_size, seed, cfg.gradient_step)
-        batches_of, steps_per_epoch = buckets.micro_batches, buckets.steps_per_epoch
+        buckets = BucketSchedule([images[i].image.size for i in epoch_items], cfg.batch_size, seed, cfg.gradient_step)
+        steps_per_epoch = buckets.steps_per_epoch
+
+        def batches_of(step: int) -> list[list[tuple[int, int]]]:
+            return [[(epoch_items[j], epoch) for j, epoch in micro] for micro in buckets.micro_batches(step)]
+
     else:
 
         def batches_of(step: int) -> list[list[tuple[int, int]]]:
-            picks = sample_indices(len(images), seed, step, per_step)
+            picks = sample_indices(epoch_items, seed, step, per_step)
             return [picks[m * cfg.batch_size : (m + 1) * cfg.batch_size] for m in range(cfg.gradient_step)]
 
     # -- logging (a folder that cannot be written stops here, before any step, with nothing changed) -----------

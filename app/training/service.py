@@ -364,13 +364,23 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_learning_rate": str(cfg.learn_rate),
         "ss_batch_size_per_device": str(int(cfg.batch_size)),
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
-        "ss_num_train_images": str(len(run.images)),
+        "ss_num_train_images": str(sum(im.repeats for im in run.images)),  # as kohya counts: with repeats
+        **({"ss_dataset_dirs": dataset_dirs(run.images)} if any(im.repeats > 1 for im in run.images) else {}),
         "ss_enable_bucket": str(bool(cfg.enable_bucket)),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }
+
+
+def dataset_dirs(images: list[TrainingImage]) -> str:
+    """kohya's `ss_dataset_dirs`: each folder's repeats and image count."""
+    dirs: dict[str, dict[str, int]] = {}
+    for im in images:
+        entry = dirs.setdefault(im.path.parent.name, {"n_repeats": im.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return json.dumps(dirs)
 
 
 def bucket_info(images: list[TrainingImage]) -> str:
