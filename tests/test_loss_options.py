@@ -101,6 +101,7 @@ def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
         ("min_snr_gamma", -1.0, "Min-SNR gamma must be between 0 \\(off\\) and 100"),
         ("min_snr_gamma", float("nan"), "Min-SNR gamma must be between"),
         ("noise_offset", 2.0, "Noise offset must be between 0 \\(off\\) and 1"),
+        ("keep_tokens", -1, "Keep tokens must be between 0 and 1000"),
     ],
 )
 def test_out_of_range_loss_options_are_refused_before_anything_starts(services, dataset, field, value, message):

@@ -69,6 +69,10 @@ def test_shuffle_and_drop_out_vary_per_sample(tmp_path):
     assert len(shuffled) > 1 and all(sorted(s.split(",")) == list("abcdef") for s in shuffled)
     dropped = [prompt_for(images[0], "n", ["[filewords]"], rng, False, 0.5) for _ in range(20)]
     assert any(len(d.split(",")) < 6 for d in dropped)
+    # kohya's keep_tokens: the first tags stay first, never dropped
+    kept = [prompt_for(images[0], "n", ["[filewords]"], rng, True, 0.5, keep_tokens=2) for _ in range(30)]
+    assert all(k.startswith("a,b") and set(k.split(",")) <= set("abcdef") for k in kept)
+    assert len({k for k in kept}) > 1 and any(len(k.split(",")) < 6 for k in kept)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ class TrainConfig:
     clip_grad_value: str = "0.1"
     shuffle_tags: bool = False
     tag_drop_out: float = 0.0
+    keep_tokens: int = 0  # ours (kohya's name): the first N tags stay first, never shuffled or dropped
     latent_sampling_method: str = "once"
     use_weight: bool = False
     # auto / on / off (True/False: on/off). On recomputes activations: ~half the memory, ~1.3x the time; auto is

@@ -179,14 +179,23 @@ def load_dataset(
 
 
 def prompt_for(
-    item: TrainingImage, name: str, templates: list[str], rng: random.Random, shuffle_tags: bool, tag_drop_out: float
+    item: TrainingImage,
+    name: str,
+    templates: list[str],
+    rng: random.Random,
+    shuffle_tags: bool,
+    tag_drop_out: float,
+    keep_tokens: int = 0,
 ) -> str:
-    """The training prompt of one sample. With shuffle/drop-out a line and the tags are drawn per sample (A1111)."""
+    """The training prompt of one sample. With shuffle/drop-out a line and the tags are drawn per sample (A1111);
+    the first `keep_tokens` tags (kohya: comma-separated "tokens", e.g. a trigger word) stay first and are never
+    dropped."""
     if not shuffle_tags and not tag_drop_out:
         return fill(item.template, name, item.filewords)
     tags = item.filewords.split(",")
+    kept, tags = tags[:keep_tokens], tags[keep_tokens:]
     if tag_drop_out:
         tags = [t for t in tags if rng.random() > tag_drop_out]
     if shuffle_tags:
         rng.shuffle(tags)
-    return fill(rng.choice(templates), name, ",".join(tags))
+    return fill(rng.choice(templates), name, ",".join(kept + tags))

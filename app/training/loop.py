@@ -400,6 +400,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                         random.Random(g.initial_seed()),
                         cfg.shuffle_tags,
                         cfg.tag_drop_out,
+                        cfg.keep_tokens,
                     )
                     for index, g in zip(chosen, gens, strict=True)
                 ]

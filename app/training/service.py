@@ -124,6 +124,8 @@ class TrainingService:
         checkpointing_mode(cfg.gradient_checkpointing)
         if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
             raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.", "clip_grad_mode")
+        if not 0 <= int(cfg.keep_tokens) <= 1000:
+            raise UserError(f"Keep tokens must be between 0 and 1000, got {cfg.keep_tokens}.", "keep_tokens")
         if not 0 <= float(cfg.tag_drop_out) < 1:
             raise UserError(
                 f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.", "tag_drop_out"
@@ -369,6 +371,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_enable_bucket": str(bool(cfg.enable_bucket)),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_keep_tokens": str(int(cfg.keep_tokens)),
+        "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }

@@ -155,6 +155,12 @@ class TrainSection:
         f["shuffle_tags"] = gr.Checkbox(
             False, label="Shuffle tags by ',' when creating prompts.", elem_id=f"{p}_shuffle_tags"
         )
+        f["keep_tokens"] = gr.Number(
+            value=0,
+            precision=0,
+            label="Keep the first N tags in place (never shuffled or dropped; e.g. a trigger word)",
+            elem_id=f"{p}_keep_tokens",
+        )
         f["tag_drop_out"] = gr.Slider(
             0, 0.99, value=0, step=0.01, label="Drop out tags when creating prompts.", elem_id=f"{p}_tag_drop_out"
         )
@@ -191,6 +197,7 @@ class TrainSection:
             "steps",
             "create_image_every",
             "save_every",
+            "keep_tokens",
         )
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         fields["name"] = fields["name"] or ""
