@@ -1,9 +1,10 @@
-"""kohya's two loss options, on the real tiny model: Min-SNR weighting (`min_snr_gamma`) and the noise offset
-(`noise_offset`). Each is checked against its definition on a real training step, and a run with both resumes bit
-for bit."""
+"""kohya's training options on the real tiny model: the LR scheduler, Min-SNR weighting (`min_snr_gamma`), the
+noise offset (`noise_offset`) and their ranges. Each is checked against its definition on a real training step,
+and a run with both loss options resumes bit for bit."""
 
 from __future__ import annotations
 
+import csv
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ from diffusers import DDPMScheduler
 
 from app.errors import UserError
 from app.training.loop import min_snr_weights
+from app.training.lr_schedule import rate_factor
 from tests.test_training import cfg, fresh, make_dataset, vectors
 
 
@@ -102,6 +104,9 @@ def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
         ("min_snr_gamma", float("nan"), "Min-SNR gamma must be between"),
         ("noise_offset", 2.0, "Noise offset must be between 0 \\(off\\) and 1"),
         ("keep_tokens", -1, "Keep tokens must be between 0 and 1000"),
+        ("lr_scheduler", "exponential", "LR scheduler must be one of constant"),
+        ("lr_warmup_steps", -5, "Warmup steps must be between 0 and 10000000"),
+        ("lr_scheduler_num_cycles", 0, "Cycles must be between 1 and 1000"),
     ],
 )
 def test_out_of_range_loss_options_are_refused_before_anything_starts(services, dataset, field, value, message):
@@ -109,3 +114,15 @@ def test_out_of_range_loss_options_are_refused_before_anything_starts(services, 
     with pytest.raises(UserError, match=message) as caught:
         services.training.train_embedding(cfg("zqlossbad", dataset, **{field: value}))
     assert caught.value.field == field
+
+
+def test_the_lr_scheduler_sets_each_step_s_rate_and_the_log_shows_it(services, dataset):
+    fresh(services, "zqsched")
+    run = dict(steps=8, learn_rate="0.01:4, 0.02", lr_scheduler="cosine", lr_warmup_steps=2)
+    result = services.training.train_embedding(cfg("zqsched", dataset, **run)).wait()
+    assert result.error is None
+    with open(result.log_dir / "textual_inversion_loss.csv", encoding="utf-8") as f:
+        rates = [float(row["learn_rate"]) for row in csv.DictReader(f)]
+    expected = [(0.01 if s < 4 else 0.02) * rate_factor("cosine", s, 8, 2) for s in range(8)]
+    assert rates == pytest.approx(expected)
+    assert rates[0] < rates[1] < rates[2] and rates[-1] < 0.002  # warmup, then down to almost 0

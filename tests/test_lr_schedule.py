@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.errors import UserError
-from app.training.lr_schedule import LearnRateSchedule, parse_schedule
+from app.training.lr_schedule import LR_SCHEDULERS, LearnRateSchedule, parse_schedule, rate_factor
 
 
 def test_constant_rate_runs_to_max_steps():
@@ -63,3 +63,27 @@ def test_generated_schedules_parse_and_follow_their_steps(pairs, last_rate, max_
         expected = next((r for r, s in entries if step < s), last_rate)
         assert schedule.rate_at(step) == expected
     assert schedule.end_step == max_steps
+
+
+def test_scheduler_shapes_warm_up_then_follow_their_curve():
+    end = 110  # steps 0..109, 10 of them warmup
+    factor = {name: [rate_factor(name, s, end, warmup=10, cycles=2) for s in range(end)] for name in LR_SCHEDULERS}
+    for curve in factor.values():
+        assert curve[:10] == pytest.approx([(s + 1) / 11 for s in range(10)])  # warmup: rising, never 0
+        assert curve[10] == 1.0  # the full rate when warmup ends
+    assert set(factor["constant"][10:]) == {1.0} and factor["constant_with_warmup"] == factor["constant"]
+    assert factor["linear"][60] == pytest.approx(0.5) and factor["linear"][-1] == pytest.approx(0.01)
+    assert factor["cosine"][60] == pytest.approx(0.5) and factor["cosine"][-1] < 0.001
+    assert all(a >= b for a, b in zip(factor["cosine"][10:], factor["cosine"][11:], strict=False))  # only falls
+    restarts = factor["cosine_with_restarts"]
+    assert restarts[60] == pytest.approx(1.0) and restarts[59] < 0.01 and restarts[35] == pytest.approx(0.5)
+    assert rate_factor("cosine", 500, end) == 0.0  # past the end (raised max steps aside): no negative rate
+    with pytest.raises(UserError, match="LR scheduler must be one of constant, constant_with_warmup"):
+        rate_factor("exponential", 0, 10)
+
+
+@given(
+    st.sampled_from(LR_SCHEDULERS), st.integers(0, 5000), st.integers(1, 5000), st.integers(0, 100), st.integers(1, 9)
+)
+def test_rate_factors_stay_between_0_and_1(name, step, end, warmup, cycles):
+    assert 0.0 <= rate_factor(name, step, end, warmup, cycles) <= 1.0

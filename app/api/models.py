@@ -128,6 +128,10 @@ class TrainRequest(BaseModel):
 
     id_task: str | None = None
     learn_rate: str | float = "0.005"
+    # ours (kohya's names): the shape of the rate over the run, applied to the A1111 schedule above
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant"
+    lr_warmup_steps: int = bounded(0, 0, 10_000_000)
+    lr_scheduler_num_cycles: int = bounded(1, 1, 1000)
     batch_size: int = bounded(1, 1)
     gradient_step: int = bounded(1, 1)
     data_root: str = ""

@@ -34,7 +34,7 @@ from app.training.checkpoint import commit_optim, load_optim, pending_path, save
 from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
 from app.training.latents import LatentCache
-from app.training.lr_schedule import LearnRateSchedule
+from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
 from app.training.targets import TrainingTarget
 
@@ -377,7 +377,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     skipped_in_row = 0
     while step < end_step:
         step_started = time.perf_counter()
-        rate = schedule.rate_at(step)
+        rate = schedule.rate_at(step) * rate_factor(
+            cfg.lr_scheduler, step, end_step, int(cfg.lr_warmup_steps), int(cfg.lr_scheduler_num_cycles)
+        )
         for group in optimizer.param_groups:
             group["lr"] = rate
         optimizer.zero_grad(set_to_none=True)

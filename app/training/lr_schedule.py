@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from app.errors import UserError
@@ -74,3 +75,26 @@ def parse_schedule(text: str, what: str = "Learning rate") -> list[ScheduleEntry
     if not entries:
         raise UserError(f"{what} schedule is empty. Expected RATE or RATE:STEP, separated by commas, {_EXAMPLE}")
     return entries
+
+
+# kohya's (transformers') scheduler names; each shapes the A1111 schedule's rate over the run
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
+
+
+def rate_factor(scheduler: str, step: int, end_step: int, warmup: int = 0, cycles: int = 1) -> float:
+    """What the rate of `step` (0-based) is multiplied by: a linear warmup over the first `warmup` steps (reaching
+    the full rate at step `warmup`), then constant, falling linearly to 0 at `end_step`, a half cosine to 0, or
+    `cycles` half cosines each starting again from the full rate. A pure function of the step, so a resumed run
+    continues the curve exactly (raising max steps stretches what is left of it)."""
+    if scheduler not in LR_SCHEDULERS:
+        raise UserError(f"LR scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {scheduler!r}.", "lr_scheduler")
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if scheduler in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, end_step - warmup)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return 0.5 * (1.0 + math.cos(math.pi * ((max(1, cycles) * min(progress, 1.0 - 1e-12)) % 1.0)))

@@ -31,7 +31,7 @@ from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import LoraTarget
-from app.training.lr_schedule import LearnRateSchedule
+from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.precision import checkpointing_mode
 from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
 from app.training.templates import list_templates, read_template
@@ -143,6 +143,13 @@ class TrainingService:
             if int(value) < 0:
                 raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.", field)
         LearnRateSchedule(cfg.learn_rate, cfg.steps)
+        rate_factor(cfg.lr_scheduler, 0, 1)  # a name it does not know is refused here
+        for label, value, field, low, top in (
+            ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
+            ("Cycles", cfg.lr_scheduler_num_cycles, "lr_scheduler_num_cycles", 1, 1000),
+        ):
+            if not low <= int(value) <= top:
+                raise UserError(f"{label} must be between {low} and {top}, got {value}.", field)
         if cfg.clip_grad_mode != "disabled":
             LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
         if cfg.preview_from_txt2img:
@@ -372,6 +379,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
         "ss_keep_tokens": str(int(cfg.keep_tokens)),
+        "ss_lr_scheduler": str(cfg.lr_scheduler),
+        "ss_lr_warmup_steps": str(int(cfg.lr_warmup_steps)),
         "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",

@@ -11,6 +11,7 @@ import gradio as gr
 from app.errors import UserError
 from app.services import Services
 from app.training.config import TrainConfig
+from app.training.lr_schedule import LR_SCHEDULERS
 from app.ui.training_panel import TrainingPanel
 
 
@@ -83,6 +84,17 @@ class TrainSection:
         f["learn_rate"] = gr.Textbox(
             label=f"{label} Learning rate", value=spec.learn_rate, elem_id=f"{p}_{spec.kind}_lr"
         )
+        with gr.Row():
+            f["lr_scheduler"] = gr.Dropdown(
+                list(LR_SCHEDULERS),
+                value="constant",
+                label="LR scheduler (shapes the rate above over the run)",
+                elem_id=f"{p}_lr_scheduler",
+            )
+            f["lr_warmup_steps"] = gr.Number(value=0, precision=0, label="Warmup steps", elem_id=f"{p}_lr_warmup")
+            f["lr_scheduler_num_cycles"] = gr.Number(
+                value=1, precision=0, label="Cycles (cosine with restarts)", elem_id=f"{p}_lr_cycles"
+            )
         with gr.Row():
             f["clip_grad_mode"] = gr.Dropdown(
                 ["disabled", "value", "norm"],
@@ -198,6 +210,8 @@ class TrainSection:
             "create_image_every",
             "save_every",
             "keep_tokens",
+            "lr_warmup_steps",
+            "lr_scheduler_num_cycles",
         )
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         fields["name"] = fields["name"] or ""
