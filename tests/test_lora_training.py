@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import requests
@@ -48,7 +50,8 @@ def test_new_lora_is_a_kohya_file_the_tag_uses_and_the_model_is_restored(service
     data, meta = tensors(path)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in data
     assert not any(k.startswith("lora_te_") for k in data)
-    assert all(v.dtype == torch.float32 for v in data.values())
+    # shared as LoRAs are, in fp16 (half the size; the fp32 values stay in .optim for resume), alpha as a float
+    assert all(v.dtype == (torch.float32 if k.endswith(".alpha") else torch.float16) for k, v in data.items())
     assert data["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape[0] == 4
     assert meta["ss_steps"] == "6" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_resolution"] == "(64, 64)"
@@ -81,6 +84,33 @@ def test_resume_ends_bit_identical_to_a_straight_run(services, dataset):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a["ss_steps"] == meta_b["ss_steps"] == "6"
+    # the files are fp16; the fp32 values the runs ended on (kept in .optim) are equal too, so the resumed run
+    # continued from its fp32 values, not from the file's rounded ones
+    optims = [
+        torch.load(services.settings.lora_dir / f"{n}.optim", weights_only=True) for n in ("zqstraight", "zqresumed")
+    ]
+    masters = [o["master_weights"] for o in optims]
+    assert len(masters[0]) == len(masters[1]) > 0 and all(m.dtype == torch.float32 for m in masters[0])
+    assert all(torch.equal(x, y) for x, y in zip(*masters, strict=True))
+    assert any(not torch.equal(m.half().float(), m) for m in masters[0])  # fp16 would have lost something
+
+
+def test_save_precision_is_asked_or_kept_and_a_continued_run_still_resumes(services, dataset, caplog):
+    for name, asked, dtype in (("zqfp32", "fp32", torch.float32), ("zqbf16", "bf16", torch.bfloat16)):
+        clean(services, name)
+        first = services.training.train_lora(lora_cfg(name, dataset, steps=2, save_precision=asked), 4, 4.0).wait()
+        assert first.error is None
+        path = services.settings.lora_dir / f"{name}.safetensors"
+        assert {v.dtype for k, v in tensors(path)[0].items() if not k.endswith(".alpha")} == {dtype}
+        # continued with the default: the file keeps its precision, and its .optim is taken (no fresh optimizer)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            again = services.training.train_lora(lora_cfg(name, dataset, steps=4), 4, 4.0).wait()
+        assert again.error is None and again.step == 4
+        assert {v.dtype for k, v in tensors(path)[0].items() if not k.endswith(".alpha")} == {dtype}
+        assert "Ignoring" not in caplog.text and f"Resuming lora '{name}' at step 2" in caplog.text
+    with pytest.raises(UserError, match="Save precision must be one of fp16, bf16, fp32"):
+        services.training.train_lora(lora_cfg("zqfp8", dataset, steps=2, save_precision="fp8"), 4, 4.0)
 
 
 def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset):

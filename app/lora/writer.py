@@ -29,13 +29,14 @@ def save_kohya_lora(
     layers: list[tuple[str, str, torch.Tensor, torch.Tensor, float]],
     metadata: dict[str, str],
     xl: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write (component, module path, down, up, alpha) layers to `path` atomically, in fp32 (so a resumed run
-    continues from exactly the trained values)."""
+    """Write (component, module path, down, up, alpha) layers to `path` atomically, the weights in `dtype` (fp16
+    is what LoRAs are shared in: half the size; training keeps its fp32 values in `.optim` to resume exactly)."""
     tensors: dict[str, torch.Tensor] = {}
     for component, module_path, down, up, alpha in layers:
         name = kohya_name(component, module_path, xl)
-        tensors[name + ".lora_down.weight"] = down.detach().float().cpu().contiguous()
-        tensors[name + ".lora_up.weight"] = up.detach().float().cpu().contiguous()
+        tensors[name + ".lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
+        tensors[name + ".lora_up.weight"] = up.detach().to(dtype).cpu().contiguous()
         tensors[name + ".alpha"] = torch.tensor(float(alpha))
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

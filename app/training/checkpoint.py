@@ -50,8 +50,10 @@ def save_optim(
     tensors_digest: str,
     kind: str,
     scaler_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """`scaler_state`: the fp16 loss scale and its growth counter, so a resumed fp16 run continues exactly."""
+    """`scaler_state`: the fp16 loss scale and its growth counter, so a resumed fp16 run continues exactly; `extra`:
+    the target's own (`resume_state`)."""
     data = {
         "hash": tensors_digest,
         "optimizer_state_dict": optimizer.state_dict(),
@@ -61,6 +63,7 @@ def save_optim(
     }
     if scaler_state is not None:
         data["scaler_state_dict"] = scaler_state
+    data.update(extra or {})
     atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 

@@ -27,6 +27,8 @@ class TrainConfig:
     enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets, see buckets.py
     min_snr_gamma: float = 0.0  # ours (kohya's name): Min-SNR loss weighting, 0 = off (5 is the usual value)
     noise_offset: float = 0.0  # ours (kohya's name): per-channel noise offset, 0 = off (0.05-0.1 usual)
+    # LoRAs: "fp16", "bf16" or "fp32" for the file; "" = fp16 for a new LoRA, the file's own for a continued one
+    save_precision: str = ""
     steps: int = 100000
     clip_grad_mode: str = "disabled"
     clip_grad_value: str = "0.1"

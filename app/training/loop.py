@@ -265,6 +265,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     if stored is not None:
         optimizer.load_state_dict(stored["optimizer_state_dict"])
         amp.load_state_dict(stored.get("scaler_state_dict"))
+        target.restore(stored)
         seed = int(stored.get("seed", seed)) if cfg.seed is None else seed
         log.info("Resuming %s '%s' at step %d with its optimizer state", target.kind, target.name, step)
 
@@ -326,7 +327,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         try:
             with writing(f"{target.kind} checkpoint", target.path.parent):
                 pending = pending_path(target.optim_path)
-                save_optim(pending, optimizer, at, seed, target.digest(), target.kind, amp.state_dict())
+                save_optim(
+                    pending, optimizer, at, seed, target.digest(), target.kind, amp.state_dict(), target.resume_state()
+                )
                 target.save(at, model, copy_to)  # the trained file, then its log copy
                 written = True
                 commit_optim(target.optim_path)

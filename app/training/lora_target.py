@@ -66,8 +66,10 @@ class LoraTarget:
         seed: int,
         metadata: dict[str, str],
         existing: LoraFile | None = None,
+        save_dtype: torch.dtype = torch.float32,
     ):
         self.path, self.name = path, path.stem
+        self.save_dtype = save_dtype
         self._metadata = dict(metadata)
         self._components = model_components(model.pipe)
         plan: dict[str, list[tuple[str, int, float, torch.Tensor | None, torch.Tensor | None]]] = {}
@@ -154,7 +156,27 @@ class LoraTarget:
         return []
 
     def digest(self) -> str:
-        return tensors_hash(self._params)
+        """The hash of the weights as the file holds them (in its precision): a continued run's weights come from
+        the file, and its `.optim` must be found by them. The fp32 values themselves travel in `resume_state`."""
+        return tensors_hash([p.detach().to(self.save_dtype) for p in self._params])
+
+    def resume_state(self) -> dict:
+        """The fp32 weights, kept in `.optim` when the file rounds them (fp16, bf16), so resume is exact."""
+        if self.save_dtype == torch.float32:
+            return {}
+        return {"master_weights": [p.detach().float().cpu().clone() for p in self._params]}
+
+    def restore(self, stored: dict) -> None:
+        """Put back the fp32 weights of a matching `.optim` (their rounding is what the file holds)."""
+        masters = stored.get("master_weights")
+        if not masters or len(masters) != len(self._params):
+            return
+        with torch.no_grad():
+            for p, m in zip(self._params, masters, strict=True):
+                if m.shape != p.shape or not torch.equal(m.to(self.save_dtype).float(), p.detach().float().cpu()):
+                    return  # not this file's weights after all: keep the file's values
+            for p, m in zip(self._params, masters, strict=True):
+                p.copy_(m)
 
     @property
     def optim_path(self) -> Path:
@@ -179,9 +201,10 @@ class LoraTarget:
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}
-        save_kohya_lora(self.path, self._layers(), metadata, self._xl)
+        save_kohya_lora(self.path, self._layers(), metadata, self._xl, self.save_dtype)
         if copy_to is not None:
-            save_kohya_lora(copy_to, self._layers(), {**metadata, "ss_output_name": f"{self.name}-{step}"}, self._xl)
+            copy_metadata = {**metadata, "ss_output_name": f"{self.name}-{step}"}
+            save_kohya_lora(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype)
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel

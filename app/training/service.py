@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 LOWVRAM_REASON = "Training models with lowvram not possible"
 MAX_LORA_RANK = 1024
 MAX_LORA_ALPHA = 100_000.0
+SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # a LoRA file's
 
 
 @dataclass
@@ -269,6 +270,18 @@ class TrainingService:
                 bind(existing, self.loras.table(model), model_label(model))
             except LoraFormatError as e:
                 raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
+        if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
+            raise UserError(
+                f"Save precision must be one of {', '.join(SAVE_PRECISIONS)} (or empty), got {cfg.save_precision!r}.",
+                "save_precision",
+            )
+        if cfg.save_precision:
+            save_dtype = SAVE_PRECISIONS[cfg.save_precision]
+        elif existing is not None and existing.layers:  # continue in the file's own precision (its .optim fits it)
+            save_dtype = next(iter(existing.layers.values())).down.dtype
+            save_dtype = save_dtype if save_dtype in SAVE_PRECISIONS.values() else torch.float32
+        else:
+            save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
         path = existing_entry.path if existing_entry else self.settings.lora_dir / f"{name}.safetensors"
         step = int(existing.metadata.get("ss_steps", "0") or 0) if existing else 0
         run = self.prepare(cfg, require_name=False)
@@ -280,7 +293,9 @@ class TrainingService:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
                 seed = cfg.seed if cfg.seed is not None else 0
-                target = LoraTarget(path, model, rank_value, alpha_value, train_text_encoder, seed, metadata, existing)
+                target = LoraTarget(
+                    path, model, rank_value, alpha_value, train_text_encoder, seed, metadata, existing, save_dtype
+                )
                 try:
                     with self.models.placed_for_training(model):
                         return self._run(target, model, run, job)

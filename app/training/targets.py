@@ -54,6 +54,14 @@ class TrainingTarget(Protocol):
 
     def digest(self) -> str: ...
 
+    def resume_state(self) -> dict:
+        """What `.optim` must also keep for an exact resume (a LoRA saved in fp16: its fp32 weights)."""
+        ...
+
+    def restore(self, stored: dict) -> None:
+        """Take back what `resume_state` kept, from a `.optim` that matched `digest()`."""
+        ...
+
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None: ...
 
     def save_preview(
@@ -144,6 +152,12 @@ class EmbeddingTarget:
     def digest(self) -> str:
         return tensors_hash([self.vectors])
 
+    def resume_state(self) -> dict:
+        return {}  # the file holds the exact fp32 values
+
+    def restore(self, stored: dict) -> None:
+        pass
+
     @property
     def optim_path(self) -> Path:
         return self.path.with_suffix(".optim")
@@ -232,6 +246,12 @@ class HypernetworkTarget:
 
     def digest(self) -> str:
         return tensors_hash(self._params)
+
+    def resume_state(self) -> dict:
+        return {}  # the file holds the exact fp32 values
+
+    def restore(self, stored: dict) -> None:
+        pass
 
     @property
     def optim_path(self) -> Path:

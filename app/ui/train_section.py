@@ -81,6 +81,12 @@ class TrainSection:
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
+            f["save_precision"] = gr.Dropdown(
+                [("Auto: fp16, or a continued LoRA's own", ""), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")],
+                value="",
+                label="Save precision (of the file; training itself keeps fp32)",
+                elem_id=f"{p}_save_precision",
+            )
         f["learn_rate"] = gr.Textbox(
             label=f"{label} Learning rate", value=spec.learn_rate, elem_id=f"{p}_{spec.kind}_lr"
         )
