@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from app.errors import UserError
 from app.lora.files import read_lora_file
+from app.training.checkpoint import fit_param_groups
 from tests.test_lora import gen, pixels, snapshot, unet_probe
 from tests.test_training import cfg, make_dataset
 
@@ -111,6 +112,29 @@ def test_save_precision_is_asked_or_kept_and_a_continued_run_still_resumes(servi
         assert "Ignoring" not in caplog.text and f"Resuming lora '{name}' at step 2" in caplog.text
     with pytest.raises(UserError, match="Save precision must be one of fp16, bf16, fp32"):
         services.training.train_lora(lora_cfg("zqfp8", dataset, steps=2, save_precision="fp8"), 4, 4.0)
+
+
+def test_the_text_encoder_has_its_own_learning_rate(services, dataset):
+    clean(services, "zqtelr")
+    run = lora_cfg("zqtelr", dataset, steps=3, text_encoder_lr="0", save_precision="fp32")
+    result = services.training.train_lora(run, 4, 4.0, True).wait()
+    assert result.error is None
+    data, meta = tensors(services.settings.lora_dir / "zqtelr.safetensors")
+    ups = {k: v for k, v in data.items() if k.endswith("lora_up.weight")}
+    # the up halves start at zero: at rate 0 the text encoder's stay there, the UNet's move
+    assert all(not v.any() for k, v in ups.items() if k.startswith("lora_te_"))
+    assert any(v.any() for k, v in ups.items() if k.startswith("lora_unet_"))
+    assert meta["ss_text_encoder_lr"] == "0" and meta["ss_unet_lr"] == meta["ss_learning_rate"]
+    optim = torch.load(services.settings.lora_dir / "zqtelr.optim", weights_only=True)
+    assert [g["lr"] for g in optim["optimizer_state_dict"]["param_groups"]][1] == 0.0
+
+
+def test_a_single_group_optimizer_state_splits_into_the_run_s_groups():
+    state = {"state": {0: "a", 1: "b", 2: "c"}, "param_groups": [{"lr": 1.0, "params": [0, 1, 2]}]}
+    split = fit_param_groups(state, [2, 1])
+    assert split["param_groups"] == [{"lr": 1.0, "params": [0, 1]}, {"lr": 1.0, "params": [2]}]
+    assert split["state"] is state["state"]
+    assert fit_param_groups(state, [3]) is state and fit_param_groups(state, [1, 1]) is state
 
 
 def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset):

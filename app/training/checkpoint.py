@@ -97,3 +97,17 @@ def _read_optim(path: Path, kind: str) -> dict[str, Any] | None:
         log.warning("Ignoring %s: it is not a %s optimizer state", path, kind)
         return None
     return data
+
+
+def fit_param_groups(state: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
+    """An optimizer state saved with one parameter group, split into groups of `sizes` (in order), for a run that
+    gives part of its parameters their own learning rate (a LoRA's text encoder): the per-parameter state is keyed
+    by position, so it carries over unchanged. Any other state is returned as it is."""
+    groups = state.get("param_groups", [])
+    if len(groups) != 1 or len(sizes) < 2 or sum(sizes) != len(groups[0]["params"]):
+        return state
+    ids, split, start = groups[0]["params"], [], 0
+    for n in sizes:
+        split.append({**groups[0], "params": ids[start : start + n]})
+        start += n
+    return {**state, "param_groups": split}

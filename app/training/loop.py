@@ -30,7 +30,7 @@ from app.jobs import Job
 from app.models.manager import LoadedModel
 from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory, smaller_advice
 from app.training.buckets import BucketSchedule
-from app.training.checkpoint import commit_optim, load_optim, pending_path, save_optim
+from app.training.checkpoint import commit_optim, fit_param_groups, load_optim, pending_path, save_optim
 from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, prompt_for
 from app.training.latents import LatentCache
@@ -245,6 +245,11 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         if (cfg.clip_grad_mode != "disabled")
         else None
     )
+    text_encoder_schedule = (
+        LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
+        if str(cfg.text_encoder_lr).strip()
+        else schedule
+    )
     end_step, step = schedule.end_step, target.initial_step
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     if (prediction := noise_schedule.config.prediction_type) not in PREDICTION_TYPES:
@@ -259,11 +264,17 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     device, unet = model.device, model.pipe.unet
     amp = MixedPrecision(device, unet.dtype, float(cfg.extra.get("initial_loss_scale", 2.0**16)))
     params = target.parameters()
-    optimizer = torch.optim.AdamW(params, lr=schedule.rate_at(step), weight_decay=target.weight_decay)
+    # a LoRA's text encoder layers (the end of the list) are a group of their own: they may have their own rate
+    split = len(params) - target.text_encoder_parameters
+    groups = [g for g in (params[:split], params[split:]) if g]
+    rates = [schedule, *([text_encoder_schedule] if len(groups) > 1 else [])]
+    optimizer = torch.optim.AdamW(
+        [{"params": g} for g in groups], lr=schedule.rate_at(step), weight_decay=target.weight_decay
+    )
     stored = load_optim(target.optim_path, target.digest(), target.kind)
     seed = cfg.seed if cfg.seed is not None else 0
     if stored is not None:
-        optimizer.load_state_dict(stored["optimizer_state_dict"])
+        optimizer.load_state_dict(fit_param_groups(stored["optimizer_state_dict"], [len(g) for g in groups]))
         amp.load_state_dict(stored.get("scaler_state_dict"))
         target.restore(stored)
         seed = int(stored.get("seed", seed)) if cfg.seed is None else seed
@@ -380,11 +391,12 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     skipped_in_row = 0
     while step < end_step:
         step_started = time.perf_counter()
-        rate = schedule.rate_at(step) * rate_factor(
+        factor = rate_factor(
             cfg.lr_scheduler, step, end_step, int(cfg.lr_warmup_steps), int(cfg.lr_scheduler_num_cycles)
         )
-        for group in optimizer.param_groups:
-            group["lr"] = rate
+        for group, group_schedule in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = group_schedule.rate_at(step) * factor
+        rate = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         picks = batches_of(step)  # (image index, epoch) of each sample, one list per micro-batch
 

@@ -103,6 +103,10 @@ class LoraTarget:
             raise
         self._text_encoders = [self._components[c] for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan]
         self.trains_text_encoder = bool(self._text_encoders)
+        # `_params` follows COMPONENTS (the UNet first), two tensors per layer
+        self.text_encoder_parameters = 2 * sum(
+            len(self._plan[c]) for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan
+        )
         self._encoder = model.encoder
         self._xl = model.is_xl
 

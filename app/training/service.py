@@ -145,6 +145,8 @@ class TrainingService:
                 raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.", field)
         LearnRateSchedule(cfg.learn_rate, cfg.steps)
         rate_factor(cfg.lr_scheduler, 0, 1)  # a name it does not know is refused here
+        if str(cfg.text_encoder_lr).strip():
+            LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
         for label, value, field, low, top in (
             ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
             ("Cycles", cfg.lr_scheduler_num_cycles, "lr_scheduler_num_cycles", 1, 1000),
@@ -386,6 +388,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_new_sd_model_hash": model.info.sha256 or "",
         "ss_resolution": f"({int(cfg.training_width)}, {int(cfg.training_height)})",
         "ss_learning_rate": str(cfg.learn_rate),
+        "ss_unet_lr": str(cfg.learn_rate),
+        **({"ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learn_rate)} if te else {}),
         "ss_batch_size_per_device": str(int(cfg.batch_size)),
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
         "ss_num_train_images": str(sum(im.repeats for im in run.images)),  # as kohya counts: with repeats

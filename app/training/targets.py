@@ -39,6 +39,9 @@ class TrainingTarget(Protocol):
     weight_decay: float
     random_forward: bool  # the forward draws random numbers (dropout): checkpointing must replay the RNG state
     copy_suffix: str  # of the copies saved in the log folder every N steps
+    # how many of `parameters()`, at the end of the list, belong to the text encoders (a LoRA's): they may have
+    # their own learning rate (kohya's text_encoder_lr)
+    text_encoder_parameters: int
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -101,6 +104,7 @@ class EmbeddingTarget:
     kind = "embedding"
     weight_decay = 0.0
     random_forward = False
+    text_encoder_parameters = 0  # the vectors are the encoder's input; the learning rate is the main one
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
         check_trainable(embedding)
@@ -204,6 +208,7 @@ class HypernetworkTarget:
     kind = "hypernetwork"
     weight_decay = 0.01  # A1111's AdamW weight decay for hypernetworks
     copy_suffix = ".pt"
+    text_encoder_parameters = 0
 
     def __init__(self, path: Path, model: LoadedModel, stack: HypernetworkStack):
         self.path = path

@@ -81,6 +81,11 @@ class TrainSection:
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
+            f["text_encoder_lr"] = gr.Textbox(
+                value="",
+                label="Text encoder learning rate (when it is trained; empty: the learning rate below)",
+                elem_id=f"{p}_text_encoder_lr",
+            )
             f["save_precision"] = gr.Dropdown(
                 [("Auto: fp16, or a continued LoRA's own", ""), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")],
                 value="",
