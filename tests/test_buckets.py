@@ -168,6 +168,8 @@ def test_a_kohya_dataset_trains_with_repeats_resumes_exactly_and_is_recorded(ser
         "1_zqstar": {"n_repeats": 1, "img_count": 1},
     }
     assert meta["ss_num_train_images"] == "9"
+    buckets = {tuple(b["resolution"]): b["count"] for b in json.loads(meta["ss_bucket_info"])["buckets"].values()}
+    assert buckets == {(80, 48): 4, (64, 64): 4, (48, 80): 1}  # per epoch, repeats counted as kohya counts them
     # the same run, interrupted and trained again, ends on the same weights
     result.path.unlink()
     result.path.with_suffix(".optim").unlink(missing_ok=True)

@@ -416,10 +416,11 @@ def dataset_dirs(images: list[TrainingImage]) -> str:
 
 
 def bucket_info(images: list[TrainingImage]) -> str:
-    """kohya's `ss_bucket_info`: each bucket's resolution and how many images it holds."""
+    """kohya's `ss_bucket_info`: each bucket's resolution and how many images it holds per epoch (repeats counted,
+    as kohya counts them)."""
     counts: dict[tuple[int, int], int] = {}
     for im in images:
-        counts[im.image.size] = counts.get(im.image.size, 0) + 1
+        counts[im.image.size] = counts.get(im.image.size, 0) + im.repeats
     buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))}
     return json.dumps({"buckets": buckets})
 

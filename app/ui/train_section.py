@@ -224,6 +224,9 @@ class TrainSection:
             "lr_warmup_steps",
             "lr_scheduler_num_cycles",
         )
+        for key in numbers:
+            if key in given and given[key] is None:  # an emptied number box: say which, not int(None)'s TypeError
+                raise UserError(f"'{self.fields[key].label}' is empty: enter a whole number.", key)
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""

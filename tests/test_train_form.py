@@ -1,0 +1,59 @@
+"""The Train form's values on their way to a run, through the real section built in a Gradio Blocks: an emptied
+number box is named in the message (not a TypeError), and the kohya options reach the TrainConfig."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+
+from app.ui.train_section import EMBEDDING, LORA, TrainSection
+
+
+def build(services, spec) -> TrainSection:
+    with gr.Blocks():
+        txt2img = {
+            "prompt": gr.Textbox(),
+            "negative_prompt": gr.Textbox(),
+            "steps": gr.Number(),
+            "sampler": gr.Textbox(),
+            "cfg_scale": gr.Number(),
+            "seed": gr.Number(),
+            "width": gr.Number(),
+            "height": gr.Number(),
+        }
+        return TrainSection(services, spec, txt2img)
+
+
+def values(section: TrainSection, **changes) -> list:
+    given = {key: section.fields[key].value for key in section.order}
+    given.update(changes)
+    return [given[key] for key in section.order] + ["", "", 20, "Euler a", 7, -1, 64, 64]
+
+
+@pytest.mark.parametrize(("field", "label"), [("batch_size", "Batch size"), ("steps", "Max steps")])
+def test_an_emptied_number_box_is_named(services, field, label):
+    section = build(services, EMBEDDING)
+    message = section.on_train(*values(section, name="anything", **{field: None}))
+    assert "id='train_error'" in message and f"&#x27;{label}&#x27; is empty: enter a whole number." in message
+
+
+def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
+    section = build(services, LORA)
+    cfg = section.config(
+        values(
+            section,
+            name="zqform",
+            enable_bucket=True,
+            min_snr_gamma=5,
+            noise_offset=None,  # emptied: off
+            keep_tokens=2,
+            lr_scheduler="cosine",
+            lr_warmup_steps=10,
+            text_encoder_lr="5e-5",
+            save_precision="bf16",
+            gradient_checkpointing="off",
+        )
+    )
+    assert (cfg.enable_bucket, cfg.min_snr_gamma, cfg.noise_offset, cfg.keep_tokens) == (True, 5.0, 0.0, 2)
+    assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.text_encoder_lr) == ("cosine", 10, "5e-5")
+    assert (cfg.save_precision, cfg.gradient_checkpointing) == ("bf16", "off")
