@@ -104,6 +104,7 @@ def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
         ("min_snr_gamma", float("nan"), "Min-SNR gamma must be between"),
         ("noise_offset", 2.0, "Noise offset must be between 0 \\(off\\) and 1"),
         ("keep_tokens", -1, "Keep tokens must be between 0 and 1000"),
+        ("caption_dropout_rate", 1.0, "Caption dropout must be between 0 and 1"),
         ("lr_scheduler", "exponential", "LR scheduler must be one of constant"),
         ("lr_warmup_steps", -5, "Warmup steps must be between 0 and 10000000"),
         ("lr_scheduler_num_cycles", 0, "Cycles must be between 1 and 1000"),

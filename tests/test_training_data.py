@@ -69,6 +69,12 @@ def test_shuffle_and_drop_out_vary_per_sample(tmp_path):
     assert len(shuffled) > 1 and all(sorted(s.split(",")) == list("abcdef") for s in shuffled)
     dropped = [prompt_for(images[0], "n", ["[filewords]"], rng, False, 0.5) for _ in range(20)]
     assert any(len(d.split(",")) < 6 for d in dropped)
+    # kohya's caption dropout: about that share of samples gets an empty prompt; without it, no draw moves
+    prompts = [prompt_for(images[0], "n", ["[filewords]"], random.Random(k), False, 0, 0, 0.3) for k in range(400)]
+    assert 0.22 < prompts.count("") / 400 < 0.38 and set(prompts) == {"", "a,b,c,d,e,f"}
+    assert prompt_for(images[0], "n", ["[filewords]"], random.Random(1), True, 0, 0, 0.0) == prompt_for(
+        images[0], "n", ["[filewords]"], random.Random(1), True, 0
+    )
     # kohya's keep_tokens: the first tags stay first, never dropped
     kept = [prompt_for(images[0], "n", ["[filewords]"], rng, True, 0.5, keep_tokens=2) for _ in range(30)]
     assert all(k.startswith("a,b") and set(k.split(",")) <= set("abcdef") for k in kept)

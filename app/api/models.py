@@ -150,6 +150,7 @@ class TrainRequest(BaseModel):
     shuffle_tags: bool = False
     tag_drop_out: float = bounded(0.0, 0, exclusive_maximum=1)
     keep_tokens: int = bounded(0, 0, 1000)  # ours (kohya's name): the first N tags are never shuffled or dropped
+    caption_dropout_rate: float = bounded(0.0, 0, exclusive_maximum=1)  # ours (kohya's): empty-prompt share
     latent_sampling_method: str = "once"
     use_weight: bool = False
     # ours: "on" is about half the memory for ~1.3x the time per step; "auto" is off until a step runs out of memory

@@ -36,6 +36,7 @@ class TrainConfig:
     shuffle_tags: bool = False
     tag_drop_out: float = 0.0
     keep_tokens: int = 0  # ours (kohya's name): the first N tags stay first, never shuffled or dropped
+    caption_dropout_rate: float = 0.0  # ours (kohya's name): the share of samples trained with an empty prompt
     latent_sampling_method: str = "once"
     use_weight: bool = False
     # auto / on / off (True/False: on/off). On recomputes activations: ~half the memory, ~1.3x the time; auto is

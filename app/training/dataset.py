@@ -186,10 +186,14 @@ def prompt_for(
     shuffle_tags: bool,
     tag_drop_out: float,
     keep_tokens: int = 0,
+    caption_dropout: float = 0.0,
 ) -> str:
     """The training prompt of one sample. With shuffle/drop-out a line and the tags are drawn per sample (A1111);
     the first `keep_tokens` tags (kohya: comma-separated "tokens", e.g. a trigger word) stay first and are never
-    dropped."""
+    dropped. `caption_dropout` (kohya's `caption_dropout_rate`): the share of samples trained with an empty prompt,
+    so the model also learns the images unconditioned (drawn only when set: without it no other draw moves)."""
+    if caption_dropout and rng.random() < caption_dropout:
+        return ""
     if not shuffle_tags and not tag_drop_out:
         return fill(item.template, name, item.filewords)
     tags = item.filewords.split(",")

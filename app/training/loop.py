@@ -418,6 +418,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                         cfg.shuffle_tags,
                         cfg.tag_drop_out,
                         cfg.keep_tokens,
+                        cfg.caption_dropout_rate,
                     )
                     for index, g in zip(chosen, gens, strict=True)
                 ]

@@ -125,6 +125,11 @@ class TrainingService:
         checkpointing_mode(cfg.gradient_checkpointing)
         if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
             raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.", "clip_grad_mode")
+        if not 0 <= float(cfg.caption_dropout_rate) < 1:
+            raise UserError(
+                f"Caption dropout must be between 0 and 1 (exclusive), got {cfg.caption_dropout_rate}.",
+                "caption_dropout_rate",
+            )
         if not 0 <= int(cfg.keep_tokens) <= 1000:
             raise UserError(f"Keep tokens must be between 0 and 1000, got {cfg.keep_tokens}.", "keep_tokens")
         if not 0 <= float(cfg.tag_drop_out) < 1:
@@ -398,6 +403,7 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
         "ss_keep_tokens": str(int(cfg.keep_tokens)),
+        "ss_caption_dropout_rate": str(float(cfg.caption_dropout_rate)),
         "ss_lr_scheduler": str(cfg.lr_scheduler),
         "ss_lr_warmup_steps": str(int(cfg.lr_warmup_steps)),
         "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),

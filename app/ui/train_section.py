@@ -184,6 +184,14 @@ class TrainSection:
             label="Keep the first N tags in place (never shuffled or dropped; e.g. a trigger word)",
             elem_id=f"{p}_keep_tokens",
         )
+        f["caption_dropout_rate"] = gr.Slider(
+            0,
+            0.99,
+            value=0,
+            step=0.01,
+            label="Caption dropout: the share of samples trained with an empty prompt",
+            elem_id=f"{p}_caption_dropout_rate",
+        )
         f["tag_drop_out"] = gr.Slider(
             0, 0.99, value=0, step=0.01, label="Drop out tags when creating prompts.", elem_id=f"{p}_tag_drop_out"
         )
@@ -231,6 +239,7 @@ class TrainSection:
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
+        fields["caption_dropout_rate"] = float(fields["caption_dropout_rate"] or 0)
         for key in ("min_snr_gamma", "noise_offset"):  # an emptied number box means off
             fields[key] = float(fields[key] or 0)
         return TrainConfig(
