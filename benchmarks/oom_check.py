@@ -75,7 +75,7 @@ def main() -> None:
     make_images(images, 96, max(train_big[1], 4))
     services.embeddings.create("oomcheck", 1, "star", True)
 
-    def generate(size: int, batch: int) -> str:
+    def generate(size: int, batch: int) -> tuple[str, str]:
         params = Txt2ImgParams(
             prompt="a star",
             steps=4 if args.tiny else 10,
@@ -86,11 +86,10 @@ def main() -> None:
             save_images=False,
         )
         services.txt2img.generate(params)
-        return "ok"
+        return "ok", ""
 
-    notes: dict[str, str] = {}
-
-    def train(size: int, batch: int, checkpointing: str) -> str:
+    def train(size: int, batch: int, checkpointing: str) -> tuple[str, str]:
+        """(outcome, note): the note says when `auto` turned checkpointing on."""
         cfg = TrainConfig(
             name="oomcheck",
             data_root=str(images),
@@ -105,11 +104,11 @@ def main() -> None:
             gradient_checkpointing=checkpointing,
         )
         result = services.training.train_embedding(cfg).wait()
-        if result.checkpointing_from:
-            notes[f"{size} {batch} {checkpointing}"] = f"checkpointing turned on at step {result.checkpointing_from}"
-        return result.error or "ok"
+        turned_on = result.checkpointing_from
+        return result.error or "ok", f"checkpointing turned on at step {turned_on}" if turned_on else ""
 
     generate(*small)  # warm-up: kernels, allocator pools, threads
+    auto_case = f"embedding {train_big[0]} px, batch {train_big[1]}, checkpointing auto"
     cases = [
         (f"txt2img {big[0]} px, batch {big[1]}", lambda: generate(*big)),
         (f"txt2img {small[0]} px, batch {small[1]}", lambda: generate(*small)),
@@ -119,10 +118,7 @@ def main() -> None:
             f"embedding {train_big[0]} px, batch {train_big[1]}, no checkpointing",
             lambda: train(*train_big, checkpointing="off"),
         ),
-        (
-            f"embedding {train_big[0]} px, batch {train_big[1]}, checkpointing auto",
-            lambda: train(*train_big, checkpointing="auto"),
-        ),
+        (auto_case, lambda: train(*train_big, checkpointing="auto")),
         (
             f"embedding {train_small[0]} px, batch {train_small[1]}, checkpointing",
             lambda: train(*train_small, checkpointing="on"),
@@ -136,18 +132,16 @@ def main() -> None:
     else:
         limit = cap_data_memory(args.cpu_headroom_gb)
         cap = f"data memory capped at {limit / GB:.2f} GB (RLIMIT_DATA), CPU"
-    rows = []
-    auto_case = f"{train_big[0]} {train_big[1]} auto"
+    rows, notes = [], {}
     for name, run in cases:
         start = time.perf_counter()
         try:
-            outcome = run()
+            outcome, notes[name] = run()
         except OutOfMemoryError as e:
-            outcome = str(e)
+            outcome, notes[name] = str(e), ""
         seconds = time.perf_counter() - start
         kind = "ok" if outcome == "ok" else "out of memory" if "out of memory" in outcome.lower() else "error"
-        message = notes.get(auto_case, "") if name.endswith("auto") else ""
-        message = message if outcome == "ok" else outcome.replace("|", "/")
+        message = notes[name] if outcome == "ok" else outcome.replace("|", "/")
         rows.append(f"| {name} | {kind} | {seconds:.1f} | {allocated(device):.2f} | {message} |")
         print(rows[-1], flush=True)
     lines = [
@@ -166,7 +160,7 @@ def main() -> None:
     got = [row.split(" | ")[1] for row in rows]
     if got != expected:
         sys.exit(f"expected {expected}, got {got}")
-    if auto_case not in notes:
+    if not notes[auto_case]:
         sys.exit("checkpointing auto: the step that ran out without it should have turned it on")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections import Counter
 
 import pytest
@@ -19,7 +18,7 @@ from app.errors import UserError
 from app.training.buckets import BucketSchedule, bucket_sizes, bucket_step, epoch_batches, nearest_bucket
 from app.training.dataset import load_dataset
 from app.training.loop import sample_indices
-from tests.test_training import cfg, fresh, vectors
+from tests.test_training import cfg, fresh, interrupt_at, vectors
 
 
 @pytest.mark.parametrize(("width", "height"), [(512, 512), (1024, 1024), (768, 512), (64, 64), (128, 96)])
@@ -102,12 +101,7 @@ def test_bucketed_training_resumes_bit_for_bit_and_batches_one_size(services, sh
     straight = vectors(path)
 
     fresh(services, "zqbucket")
-    job = services.training.train_embedding(cfg("zqbucket", shaped, **run))
-    event = threading.Event()
-    while not job.finished and job.progress.sampling_step < 3:
-        event.wait(0.001)
-    services.jobs.interrupt(job)
-    first = job.wait()
+    first = interrupt_at(services, services.training.train_embedding(cfg("zqbucket", shaped, **run)), 3)
     assert first.interrupted and 3 <= first.step < 10
     second = services.training.train_embedding(cfg("zqbucket", shaped, **run)).wait()
     assert second.step == 10
@@ -173,12 +167,7 @@ def test_a_kohya_dataset_trains_with_repeats_resumes_exactly_and_is_recorded(ser
     # the same run, interrupted and trained again, ends on the same weights
     result.path.unlink()
     result.path.with_suffix(".optim").unlink(missing_ok=True)
-    job = services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0)
-    event = threading.Event()
-    while not job.finished and job.progress.sampling_step < 2:
-        event.wait(0.001)
-    services.jobs.interrupt(job)
-    assert job.wait().interrupted
+    assert interrupt_at(services, services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0), 2).interrupted
     assert services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0).wait().step == 6
     with safe_open(str(result.path), "pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in straight.items())

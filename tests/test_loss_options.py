@@ -5,7 +5,6 @@ and a run with both loss options resumes bit for bit."""
 from __future__ import annotations
 
 import csv
-import threading
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from diffusers import DDPMScheduler
 from app.errors import UserError
 from app.training.loop import min_snr_weights
 from app.training.lr_schedule import rate_factor
-from tests.test_training import cfg, fresh, make_dataset, vectors
+from tests.test_training import cfg, fresh, interrupt_at, make_dataset, vectors
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +84,7 @@ def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
     straight = vectors(path)
     fresh(services, "zqlossresume")
     job = services.training.train_embedding(cfg("zqlossresume", dataset, **options))
-    event = threading.Event()
-    while not job.finished and job.progress.sampling_step < 4:
-        event.wait(0.001)
-    services.jobs.interrupt(job)
-    assert job.wait().interrupted
+    assert interrupt_at(services, job, 4).interrupted
     services.training.train_embedding(cfg("zqlossresume", dataset, **options)).wait()
     assert torch.equal(vectors(path), straight)
     fresh(services, "zqlossresume")

@@ -67,6 +67,15 @@ def vectors(path):
     return read_embedding_file(path).vectors
 
 
+def interrupt_at(services, job, step: int):
+    """Interrupt a training job once it has done `step` steps (or has ended); its result."""
+    event = threading.Event()
+    while not job.finished and job.progress.sampling_step < step:
+        event.wait(0.001)
+    services.jobs.interrupt(job)
+    return job.wait()
+
+
 def state_hash(module) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
@@ -121,12 +130,7 @@ def test_resume_after_interrupt_is_bitwise_identical(services, dataset, template
     straight = vectors(path)
 
     fresh(services, "zqresume")
-    job = services.training.train_embedding(cfg("zqresume", dataset, steps=14))
-    event = threading.Event()
-    while not job.finished and job.progress.sampling_step < 4:
-        event.wait(0.001)
-    services.jobs.interrupt(job)
-    first = job.wait()
+    first = interrupt_at(services, services.training.train_embedding(cfg("zqresume", dataset, steps=14)), 4)
     assert first.interrupted and 4 <= first.step < 14
     assert read_embedding_file(path).step == first.step
     second = services.training.train_embedding(cfg("zqresume", dataset, steps=14)).wait()

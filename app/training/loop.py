@@ -452,7 +452,6 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             optimizer.zero_grad(set_to_none=True)
             if memory.checkpointing.can_turn_on:  # `auto`: the same step again, with checkpointing
                 memory.checkpointing.turn_on(step + 1)
-                result.checkpointing_from = step + 1
                 if job is not None:
                     job.progress.extra["gradient_checkpointing"] = checkpointing_note(step + 1)
                 continue
@@ -541,6 +540,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             break
 
     ckpt = memory.checkpointing
+    result.checkpointing_from = ckpt.turned_on_at
     result.checkpointing = f"on from step {ckpt.turned_on_at}" if ckpt.turned_on_at else "on" if ckpt.on else "off"
     if write_failed:
         return result  # the disk or folder that failed would fail again; what is there is the last good state

@@ -107,14 +107,11 @@ def activation_checkpointing(unet: torch.nn.Module, enabled: bool, random_forwar
     in fp32), while recomputing its layers added 8-23 % to a step where launches dominate (measured on the tiny
     model, docs/benchmarks.md), so an embedding's encoders keep theirs.
     """
-    if not enabled:
-        yield
-        return
-    _enable(unet, random_forward)
+    checkpointing = Checkpointing(unet, "on" if enabled else "off", random_forward, can_recover=False)
     try:
         yield
     finally:
-        unet.disable_gradient_checkpointing()
+        checkpointing.close()
 
 
 def _enable(unet: torch.nn.Module, random_forward: bool) -> None:

@@ -125,17 +125,12 @@ class TrainingService:
         checkpointing_mode(cfg.gradient_checkpointing)
         if cfg.clip_grad_mode not in CLIP_GRAD_MODES:
             raise UserError(f"Gradient clipping must be one of {', '.join(CLIP_GRAD_MODES)}.", "clip_grad_mode")
-        if not 0 <= float(cfg.caption_dropout_rate) < 1:
-            raise UserError(
-                f"Caption dropout must be between 0 and 1 (exclusive), got {cfg.caption_dropout_rate}.",
-                "caption_dropout_rate",
-            )
-        if not 0 <= int(cfg.keep_tokens) <= 1000:
-            raise UserError(f"Keep tokens must be between 0 and 1000, got {cfg.keep_tokens}.", "keep_tokens")
-        if not 0 <= float(cfg.tag_drop_out) < 1:
-            raise UserError(
-                f"Drop out tags must be between 0 and 1 (exclusive), got {cfg.tag_drop_out}.", "tag_drop_out"
-            )
+        for label, value, field in (
+            ("Drop out tags", cfg.tag_drop_out, "tag_drop_out"),
+            ("Caption dropout", cfg.caption_dropout_rate, "caption_dropout_rate"),
+        ):
+            if not 0 <= float(value) < 1:
+                raise UserError(f"{label} must be between 0 and 1 (exclusive), got {value}.", field)
         for label, value, field, top in (
             ("Min-SNR gamma", cfg.min_snr_gamma, "min_snr_gamma", 100.0),
             ("Noise offset", cfg.noise_offset, "noise_offset", 1.0),
@@ -153,6 +148,7 @@ class TrainingService:
         if str(cfg.text_encoder_lr).strip():
             LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
         for label, value, field, low, top in (
+            ("Keep tokens", cfg.keep_tokens, "keep_tokens", 0, 1000),
             ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
             ("Cycles", cfg.lr_scheduler_num_cycles, "lr_scheduler_num_cycles", 1, 1000),
         ):

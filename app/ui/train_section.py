@@ -239,8 +239,7 @@ class TrainSection:
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
-        fields["caption_dropout_rate"] = float(fields["caption_dropout_rate"] or 0)
-        for key in ("min_snr_gamma", "noise_offset"):  # an emptied number box means off
+        for key in ("min_snr_gamma", "noise_offset", "caption_dropout_rate"):  # an emptied box means off
             fields[key] = float(fields[key] or 0)
         return TrainConfig(
             **fields,
