@@ -54,7 +54,10 @@ class FolderPolicy:
 
     def check(self, path: str | Path, what: str) -> Path:
         """The path, resolved, or a UserError that names the field and the folders it may be in."""
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop: no folder has that name
+            raise UserError(f"{what} {str(path)!r} is not a usable folder path: {e}.") from None
         if not self._inside(resolved):
             allowed = ", ".join(str(r) for r in self.roots)
             raise UserError(

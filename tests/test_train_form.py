@@ -52,8 +52,19 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
             text_encoder_lr="5e-5",
             save_precision="bf16",
             gradient_checkpointing="off",
+            reg_data_dir="/data/reg",
+            prior_loss_weight=None,  # emptied: the default weight
         )
     )
     assert (cfg.enable_bucket, cfg.min_snr_gamma, cfg.noise_offset, cfg.keep_tokens) == (True, 5.0, 0.0, 2)
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.text_encoder_lr) == ("cosine", 10, "5e-5")
     assert (cfg.save_precision, cfg.gradient_checkpointing) == ("bf16", "off")
+    assert (cfg.reg_data_dir, cfg.prior_loss_weight) == ("/data/reg", 1.0)
+    given = section.config(values(section, name="zqform", prior_loss_weight=0.5))
+    assert (given.reg_data_dir, given.prior_loss_weight) == ("", 0.5)
+
+
+def test_the_embedding_form_has_no_regularization_folder(services):
+    section = build(services, EMBEDDING)  # regularization prompts never hold an embedding
+    assert "reg_data_dir" not in section.fields and "prior_loss_weight" not in section.fields
+    assert section.config(values(section, name="zqform")).reg_data_dir == ""

@@ -135,6 +135,9 @@ class TrainRequest(BaseModel):
     batch_size: int = bounded(1, 1)
     gradient_step: int = bounded(1, 1)
     data_root: str = ""
+    # ours (kohya's names): regularization images (prior preservation; LoRAs and hypernetworks), their loss weight
+    reg_data_dir: str = ""
+    prior_loss_weight: float = bounded(1.0, maximum=100, exclusive_minimum=0)
     log_directory: str = "log"
     training_width: int = size(512)
     training_height: int = size(512)

@@ -20,6 +20,9 @@ class TrainConfig:
     batch_size: int = 1
     gradient_step: int = 1
     data_root: str = ""
+    # ours (kohya's names): regularization images (prior preservation), LoRAs and hypernetworks; "" = none
+    reg_data_dir: str = ""
+    prior_loss_weight: float = 1.0  # the loss weight of a regularization sample (a training sample's is 1)
     log_directory: str = "log"
     template_filename: str = "style_filewords.txt"
     training_width: int = 512

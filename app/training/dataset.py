@@ -22,6 +22,7 @@ _LEADING_NUMBER = re.compile(r"^[-\d]+\s*")
 # kohya's dataset layout: subfolders named "<repeats>_<name>" (e.g. "10_sks dog"), each image used <repeats> times
 # per epoch; <name> is the caption of images that have no caption file
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+REG_TEMPLATE = "[filewords]"  # a regularization image's prompt: its class caption, never the trained name
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TrainingImage:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     repeats: int = 1  # times per epoch (kohya's "<repeats>_<name>" folders)
+    # a regularization image (kohya's reg_data_dir, DreamBooth's prior preservation): trained on its own caption
+    # alone, without the trained name, so the network keeps what the model already made of that class
+    is_reg: bool = False
 
     def time_ids(self) -> list[float]:
         """SDXL's six size numbers: original (h, w), crop (top, left), target (h, w)."""
@@ -126,14 +130,17 @@ def load_dataset(
     seed: int,
     varsize: bool = False,
     bucketing: bool = False,
+    regularization: bool = False,
 ) -> tuple[list[TrainingImage], list[str]]:
     """All usable images in `folder` (sorted), and a warning line per file that could not be used. Each is cropped
-    to the training size, kept at its own size (`varsize`), or cropped to its aspect-ratio bucket (`bucketing`)."""
+    to the training size, kept at its own size (`varsize`), or cropped to its aspect-ratio bucket (`bucketing`).
+    `regularization`: the folder holds regularization images (their prompt is their caption alone)."""
+    what = "Regularization image directory" if regularization else "Dataset directory"
     root = Path(folder) if folder else None
     if root is None or not str(folder).strip():
-        raise UserError("Dataset directory is empty: give the folder that holds your training images.")
+        raise UserError(f"{what} is empty: give the folder that holds your training images.")
     if not root.is_dir():
-        raise UserError(f"Dataset directory {root} does not exist or is not a folder.")
+        raise UserError(f"{what} {root} does not exist or is not a folder.")
     rng = random.Random(seed)
     buckets = bucket_sizes(width, height) if bucketing else None
     images: list[TrainingImage] = []
@@ -159,11 +166,14 @@ def load_dataset(
             problems.append(f"{name}: {e}")
             continue
         caption = caption_for(path, folder_caption)
+        template = REG_TEMPLATE if regularization else rng.choice(templates)
         images.append(
-            TrainingImage(path, rgb, caption, rng.choice(templates), alpha, (original[1], original[0]), crop, repeats)
+            TrainingImage(
+                path, rgb, caption, template, alpha, (original[1], original[0]), crop, repeats, regularization
+            )
         )
     for problem in problems:
-        log.warning("Skipped training image %s", problem)
+        log.warning("Skipped %s image %s", "regularization" if regularization else "training", problem)
     if not images:
         detail = f" ({len(problems)} unreadable: {'; '.join(problems[:5])})" if problems else ""
         folders = (
@@ -172,10 +182,17 @@ def load_dataset(
             if ignored
             else ""
         )
-        raise UserError(
-            f"Dataset directory {root} has no usable images{detail}. Supported: {', '.join(IMAGE_SUFFIXES)}.{folders}"
-        )
+        raise UserError(f"{what} {root} has no usable images{detail}. Supported: {', '.join(IMAGE_SUFFIXES)}.{folders}")
     return images, problems
+
+
+def epoch_items(images: list[TrainingImage]) -> list[int]:
+    """The image indices of one epoch: each training image `repeats` times, then as many regularization samples
+    as there are training samples (kohya's balance: the regularization images with their repeats, in order, cycled
+    when they are fewer and cut off when they are more), so prior preservation weighs as much as the subject."""
+    train = [i for i, im in enumerate(images) if not im.is_reg for _ in range(im.repeats)]
+    pool = [i for i, im in enumerate(images) if im.is_reg for _ in range(im.repeats)]
+    return train + ([pool[k % len(pool)] for k in range(len(train))] if pool else [])
 
 
 def prompt_for(
@@ -202,4 +219,5 @@ def prompt_for(
         tags = [t for t in tags if rng.random() > tag_drop_out]
     if shuffle_tags:
         rng.shuffle(tags)
-    return fill(rng.choice(templates), name, ",".join(kept + tags))
+    line = item.template if item.is_reg else rng.choice(templates)
+    return fill(line, name, ",".join(kept + tags))

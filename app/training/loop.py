@@ -32,7 +32,7 @@ from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory
 from app.training.buckets import BucketSchedule
 from app.training.checkpoint import commit_optim, fit_param_groups, load_optim, pending_path, save_optim
 from app.training.config import TrainConfig
-from app.training.dataset import TrainingImage, prompt_for
+from app.training.dataset import TrainingImage, epoch_items, prompt_for
 from app.training.latents import LatentCache
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
@@ -191,7 +191,7 @@ def denoising_loss(
 
     SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
     six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained.
-    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR)."""
+    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR, prior loss weight)."""
     unet_dtype = amp.model_dtype
     with amp.autocast():
         cond, pooled = target.conditioning(texts, clip_skip)
@@ -285,19 +285,22 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         latents = LatentCache(model.pipe.vae, [im.image for im in images], cfg.latent_sampling_method, seed, device)
     weights = [latents.loss_weight(im.alpha, i) for i, im in enumerate(images)] if cfg.use_weight else []
     per_step = cfg.batch_size * cfg.gradient_step
-    epoch_items = [i for i, im in enumerate(images) for _ in range(im.repeats)]  # kohya's repeats
-    steps_per_epoch = max(1, len(epoch_items) // per_step)
+    items = epoch_items(images)  # kohya's repeats, and as many regularization samples as training ones
+    steps_per_epoch = max(1, len(items) // per_step)
+    # a regularization sample's loss counts prior_loss_weight; without any (or at 1) the loss is the plain mean
+    prior_weight = float(cfg.prior_loss_weight)
+    weigh_prior = prior_weight != 1.0 and any(im.is_reg for im in images)
     if cfg.enable_bucket:  # batches of one bucket (aspect ratio) each: the images have several sizes
-        buckets = BucketSchedule([images[i].image.size for i in epoch_items], cfg.batch_size, seed, cfg.gradient_step)
+        buckets = BucketSchedule([images[i].image.size for i in items], cfg.batch_size, seed, cfg.gradient_step)
         steps_per_epoch = buckets.steps_per_epoch
 
         def batches_of(step: int) -> list[list[tuple[int, int]]]:
-            return [[(epoch_items[j], epoch) for j, epoch in micro] for micro in buckets.micro_batches(step)]
+            return [[(items[j], epoch) for j, epoch in micro] for micro in buckets.micro_batches(step)]
 
     else:
 
         def batches_of(step: int) -> list[list[tuple[int, int]]]:
-            picks = sample_indices(epoch_items, seed, step, per_step)
+            picks = sample_indices(items, seed, step, per_step)
             return [picks[m * cfg.batch_size : (m + 1) * cfg.batch_size] for m in range(cfg.gradient_step)]
 
     # -- logging (a folder that cannot be written stops here, before any step, with nothing changed) -----------
@@ -313,7 +316,8 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                         "seed": seed,
                         "start_step": step,
                         "model": model.info.title,
-                        "images": len(images),
+                        "images": sum(not im.is_reg for im in images),
+                        "regularization_images": sum(im.is_reg for im in images),
                     },
                     indent=2,
                     default=str,
@@ -431,7 +435,10 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 if cfg.noise_offset:  # one offset per channel and sample: drawn last, so 0 changes no other number
                     channels = (x0.shape[1], 1, 1)
                     noise = noise + cfg.noise_offset * torch.stack([torch.randn(channels, generator=g) for g in gens])
-                snr = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+                per_sample = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+                if weigh_prior:
+                    prior = torch.tensor([prior_weight if images[i].is_reg else 1.0 for i in chosen])
+                    per_sample = prior if per_sample is None else per_sample * prior
                 noisy = noise_schedule.add_noise(x0, noise, t).to(device)
                 wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
                 weight = torch.stack([weights[index] for index in chosen]).to(device) if cfg.use_weight else None
@@ -440,7 +447,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 with torch.random.fork_rng(devices=[]), target.unet_context():
                     seed_forward(gens[0].initial_seed(), device)
                     loss = denoising_loss(
-                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids, snr
+                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids, per_sample
                     )
                     amp.backward(loss / cfg.gradient_step)
                 step_loss += loss.item() / cfg.gradient_step

@@ -28,7 +28,7 @@ from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
 from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
-from app.training.dataset import TrainingImage, load_dataset
+from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import LoraTarget
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
@@ -137,6 +137,11 @@ class TrainingService:
         ):
             if not 0 <= float(value) <= top:  # NaN fails this too
                 raise UserError(f"{label} must be between 0 (off) and {top:g}, got {value}.", field)
+        if not 0 < float(cfg.prior_loss_weight) <= 100:  # NaN fails this too
+            raise UserError(
+                f"Prior loss weight must be above 0 and at most 100 (1 is usual), got {cfg.prior_loss_weight}.",
+                "prior_loss_weight",
+            )
         for name, value, field in (
             ("save every", cfg.save_every, "save_every"),
             ("image every", cfg.create_image_every, "create_image_every"),
@@ -177,6 +182,24 @@ class TrainingService:
             f"loading the training images at {width}×{height}",
             "Nothing was changed. Try a smaller training size, or fewer or smaller images.",
         )
+        if str(cfg.reg_data_dir or "").strip():
+            reg_root = self.folders.check(cfg.reg_data_dir, "Regularization image directory")
+            if cfg.data_root and reg_root == Path(cfg.data_root).resolve():
+                raise UserError(
+                    "The regularization image directory is the dataset directory. Regularization images are other "
+                    "images of the same class (e.g. other dogs for your dog), each captioned with the class alone.",
+                    "reg_data_dir",
+                )
+            reg_images, reg_problems = guarded(
+                torch.device("cpu"),
+                lambda: load_dataset(
+                    cfg.reg_data_dir, width, height, [], seed, bool(cfg.varsize), bool(cfg.enable_bucket), True
+                ),
+                f"loading the regularization images at {width}×{height}",
+                "Nothing was changed. Try a smaller training size, or fewer or smaller regularization images.",
+            )
+            images = images + reg_images
+            problems = problems + [f"regularization image {p}" for p in reg_problems]
         log_dir = base / dt.date.today().isoformat() / cfg.name
         return PreparedRun(cfg, images, problems, templates, log_dir)
 
@@ -190,6 +213,13 @@ class TrainingService:
             why = f" It was skipped: {skipped.reason}." if skipped else " Create it first (Create embedding)."
             raise UserError(f"Embedding '{cfg.name}' is not loaded.{why}")
         check_trainable(embedding)
+        if str(cfg.reg_data_dir or "").strip():
+            raise UserError(
+                "Regularization images cannot change an embedding: their prompts are their class captions, which "
+                "do not contain the embedding. Leave the regularization folder empty (it is for LoRAs and "
+                "hypernetworks).",
+                "reg_data_dir",
+            )
         run = self.prepare(cfg, require_name=True)
         if (embedding.step or 0) >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
             raise UserError(
@@ -377,6 +407,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
     the same file as an uninterrupted one)."""
     v2 = not model.is_xl and int(model.pipe.text_encoder.config.hidden_size) == 1024
     version = "sdxl_base_v1-0" if model.is_xl else "sd_v2" if v2 else "sd_v1"
+    train = [im for im in run.images if not im.is_reg]
+    reg = [im for im in run.images if im.is_reg]
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -393,8 +425,11 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         **({"ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learn_rate)} if te else {}),
         "ss_batch_size_per_device": str(int(cfg.batch_size)),
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
-        "ss_num_train_images": str(sum(im.repeats for im in run.images)),  # as kohya counts: with repeats
-        **({"ss_dataset_dirs": dataset_dirs(run.images)} if any(im.repeats > 1 for im in run.images) else {}),
+        "ss_num_train_images": str(sum(im.repeats for im in train)),  # as kohya counts: with repeats
+        **({"ss_dataset_dirs": dataset_dirs(train)} if any(im.repeats > 1 for im in train) else {}),
+        "ss_num_reg_images": str(sum(im.repeats for im in reg)),
+        **({"ss_reg_dataset_dirs": dataset_dirs(reg)} if reg else {}),
+        "ss_prior_loss_weight": str(float(cfg.prior_loss_weight)),
         "ss_enable_bucket": str(bool(cfg.enable_bucket)),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
@@ -418,11 +453,11 @@ def dataset_dirs(images: list[TrainingImage]) -> str:
 
 
 def bucket_info(images: list[TrainingImage]) -> str:
-    """kohya's `ss_bucket_info`: each bucket's resolution and how many images it holds per epoch (repeats counted,
-    as kohya counts them)."""
+    """kohya's `ss_bucket_info`: each bucket's resolution and how many samples it holds per epoch (repeats and the
+    regularization samples counted, as kohya counts them)."""
     counts: dict[tuple[int, int], int] = {}
-    for im in images:
-        counts[im.image.size] = counts.get(im.image.size, 0) + im.repeats
+    for i in epoch_items(images):
+        counts[images[i].image.size] = counts.get(images[i].image.size, 0) + 1
     buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))}
     return json.dumps({"buckets": buckets})
 

@@ -124,6 +124,18 @@ class TrainSection:
             placeholder="Path to directory with input images",
             elem_id=f"{p}_dataset_directory",
         )
+        if spec.kind != "embedding":  # regularization prompts never hold an embedding: they cannot change one
+            with gr.Row():
+                f["reg_data_dir"] = gr.Textbox(
+                    label="Regularization image directory (optional: other images of the class, captioned with the "
+                    "class alone, e.g. 1_dog/)",
+                    placeholder="Empty: no regularization images",
+                    elem_id=f"{p}_reg_data_dir",
+                    scale=3,
+                )
+                f["prior_loss_weight"] = gr.Number(
+                    value=1.0, label="Prior loss weight", elem_id=f"{p}_prior_loss_weight", scale=1
+                )
         f["log_directory"] = gr.Textbox(label="Log directory", value="log", elem_id=f"{p}_log_directory")
         with gr.Row(equal_height=True):
             f["template_filename"] = gr.Dropdown(
@@ -241,6 +253,10 @@ class TrainSection:
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
         for key in ("min_snr_gamma", "noise_offset", "caption_dropout_rate"):  # an emptied box means off
             fields[key] = float(fields[key] or 0)
+        if "prior_loss_weight" in fields:
+            weight = fields["prior_loss_weight"]
+            fields["prior_loss_weight"] = 1.0 if weight is None else float(weight)  # an emptied box: the default
+            fields["reg_data_dir"] = fields["reg_data_dir"] or ""
         return TrainConfig(
             **fields,
             preview_prompt=prompt or "",

@@ -339,7 +339,10 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     from tests.test_training import make_dataset
 
+    from tests.test_regularization import make_reg_dataset
+
     dataset = make_dataset(tmp_path / "lora-stars")
+    reg = make_reg_dataset(tmp_path / "lora-reg")
     open_ui(page, server)
     page.get_by_role("tab", name="LoRA").click()
     name = page.locator("#train_lora_lora input").first
@@ -348,6 +351,8 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_rank", 4)
     fill_field(page, "train_lora_alpha", 4)
     fill_field(page, "train_lora_dataset_directory", dataset)
+    fill_field(page, "train_lora_reg_data_dir", reg)
+    fill_field(page, "train_lora_prior_loss_weight", 0.5)
     fill_field(page, "train_lora_steps", 8)
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
@@ -357,7 +362,13 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     done.wait_for(timeout=90000)
     assert "Training finished at step 8" in done.inner_text(), done.inner_text()
     run_settings = next((server.data_dir / "log").glob("*/uitrained/settings.json"))
-    assert json.loads(run_settings.read_text())["gradient_checkpointing"] == "off"  # the radio reached the run
+    settings = json.loads(run_settings.read_text())
+    assert settings["gradient_checkpointing"] == "off"  # the radio reached the run
+    assert (settings["reg_data_dir"], settings["prior_loss_weight"], settings["regularization_images"]) == (
+        str(reg),
+        0.5,
+        2,
+    )
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
     assert (server.data_dir / "models" / "Lora" / "uitrained.safetensors").is_file()
