@@ -96,11 +96,9 @@ def names_a_limit(detail: str, limits: list[float]) -> bool:
     return any(math.isclose(n, limit, rel_tol=1e-9) for n in numbers for limit in limits)
 
 
-def test_every_declared_bound_is_enforced_with_a_400_naming_the_field_and_the_range(server, tmp_path):
-    """The schema's numeric bounds are the services' own: a value just outside each one is refused with a 400 whose
-    `field` is that property and whose message gives the limit."""
-    assert post(server, "create/embedding", name="zqbounds", overwrite_old=True).ok
-    assert post(server, "create/hypernetwork", name="zqboundshn", enable_sizes=[32, 64], overwrite_old=True).ok
+def route_bodies(server, tmp_path):
+    """(route, a cheap valid body, the body's schema properties) of each POST route that takes numbers and text.
+    Training bodies name a folder without images: every field is checked before that refuses them."""
     schema = requests.get(f"{server.url}/openapi.json", timeout=30).json()
     train = dict(data_root=str(tmp_path), steps=2, training_width=64, training_height=64, learn_rate="0.001")
     bases = {
@@ -112,10 +110,41 @@ def test_every_declared_bound_is_enforced_with_a_400_naming_the_field_and_the_ra
         "create/hypernetwork": dict(name="zqboundsc", enable_sizes=[32]),
         "preprocess": dict(process_src=str(tmp_path), process_dst=f"{tmp_path}-out"),
     }
-    checked = 0
     for route, base in bases.items():
         ref = schema["paths"][f"/sdapi/v1/{route}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        props = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
+        yield route, base, schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
+
+
+def is_text(prop: dict) -> bool:
+    return prop.get("type") == "string" or any(option.get("type") == "string" for option in prop.get("anyOf", []))
+
+
+def test_a_nul_byte_in_any_text_field_is_never_a_server_error(server, tmp_path):
+    """JSON may carry U+0000, and Python's paths refuse it (ValueError): a folder field once answered 500. Every
+    text field of every route, with a NUL inside, gets an answer that is not a 5xx."""
+    assert post(server, "create/embedding", name="zqbounds", overwrite_old=True).ok
+    assert post(server, "create/hypernetwork", name="zqboundshn", enable_sizes=[32, 64], overwrite_old=True).ok
+    checked = 0
+    for route, base, props in route_bodies(server, tmp_path):
+        for name, prop in props.items():
+            if not is_text(prop):
+                continue
+            answer = post(server, route, **{**base, name: "zq\x00nul"})
+            assert answer.status_code < 500, (route, name, answer.text)
+            if answer.status_code == 400:
+                assert answer.json()["detail"], (route, name)
+            checked += 1
+    assert checked >= 40
+    assert post(server, "txt2img", prompt="cat", **SMALL).status_code == 200  # and it keeps serving
+
+
+def test_every_declared_bound_is_enforced_with_a_400_naming_the_field_and_the_range(server, tmp_path):
+    """The schema's numeric bounds are the services' own: a value just outside each one is refused with a 400 whose
+    `field` is that property and whose message gives the limit."""
+    assert post(server, "create/embedding", name="zqbounds", overwrite_old=True).ok
+    assert post(server, "create/hypernetwork", name="zqboundshn", enable_sizes=[32, 64], overwrite_old=True).ok
+    checked = 0
+    for route, base, props in route_bodies(server, tmp_path):
         for name, prop in props.items():
             for value in violations(prop):
                 body = {**base, name: value}
