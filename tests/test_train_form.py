@@ -53,6 +53,8 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
             save_precision="bf16",
             gradient_checkpointing="off",
             reg_data_dir="/data/reg",
+            optimizer_type="Prodigy",
+            optimizer_args="d_coef=2",
             prior_loss_weight=None,  # emptied: the default weight
         )
     )
@@ -60,8 +62,10 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.text_encoder_lr) == ("cosine", 10, "5e-5")
     assert (cfg.save_precision, cfg.gradient_checkpointing) == ("bf16", "off")
     assert (cfg.reg_data_dir, cfg.prior_loss_weight) == ("/data/reg", 1.0)
+    assert (cfg.optimizer_type, cfg.optimizer_args) == ("Prodigy", "d_coef=2")
     given = section.config(values(section, name="zqform", prior_loss_weight=0.5))
     assert (given.reg_data_dir, given.prior_loss_weight) == ("", 0.5)
+    assert (given.optimizer_type, given.optimizer_args) == ("AdamW", "")  # the defaults
 
 
 def test_the_embedding_form_has_no_regularization_folder(services):

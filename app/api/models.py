@@ -132,6 +132,9 @@ class TrainRequest(BaseModel):
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant"
     lr_warmup_steps: int = bounded(0, 0, 10_000_000)
     lr_scheduler_num_cycles: int = bounded(1, 1, 1000)
+    # ours (kohya's names): AdamW (A1111's), Prodigy (learning rate 1), Lion, Adafactor; "key=value" arguments
+    optimizer_type: str = "AdamW"
+    optimizer_args: str = ""
     batch_size: int = bounded(1, 1)
     gradient_step: int = bounded(1, 1)
     data_root: str = ""

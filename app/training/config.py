@@ -17,6 +17,8 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # ours (kohya's names): shapes the rate over the run, lr_schedule.rate_factor
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
+    optimizer_type: str = "AdamW"  # ours (kohya's names): AdamW, Prodigy, Lion, Adafactor (optimizers.py)
+    optimizer_args: str = ""  # kohya's "key=value" pairs, e.g. "d_coef=2 safeguard_warmup=True"
     batch_size: int = 1
     gradient_step: int = 1
     data_root: str = ""

@@ -35,6 +35,7 @@ from app.training.config import TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, prompt_for
 from app.training.latents import LatentCache
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
+from app.training.optimizers import DEFAULT_OPTIMIZER, make_optimizer, optimizer_name
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
 from app.training.targets import TrainingTarget
 
@@ -268,13 +269,28 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     split = len(params) - target.text_encoder_parameters
     groups = [g for g in (params[:split], params[split:]) if g]
     rates = [schedule, *([text_encoder_schedule] if len(groups) > 1 else [])]
-    optimizer = torch.optim.AdamW(
-        [{"params": g} for g in groups], lr=schedule.rate_at(step), weight_decay=target.weight_decay
+    optimizer_type = optimizer_name(cfg.optimizer_type)
+    optimizer = make_optimizer(
+        optimizer_type,
+        [{"params": g} for g in groups],
+        schedule.rate_at(step),
+        target.weight_decay,
+        cfg.optimizer_args,
     )
     stored = load_optim(target.optim_path, target.digest(), target.kind)
     seed = cfg.seed if cfg.seed is not None else 0
     if stored is not None:
-        optimizer.load_state_dict(fit_param_groups(stored["optimizer_state_dict"], [len(g) for g in groups]))
+        stored_type = stored.get("optimizer_type", DEFAULT_OPTIMIZER)  # files from before the choice: AdamW
+        if stored_type == optimizer_type:
+            optimizer.load_state_dict(fit_param_groups(stored["optimizer_state_dict"], [len(g) for g in groups]))
+        else:  # another optimizer's moments mean nothing to this one: it starts afresh, the weights carry on
+            log.warning(
+                "%s '%s' was trained with %s; continuing with %s, whose state starts afresh",
+                target.kind,
+                target.name,
+                stored_type,
+                optimizer_type,
+            )
         amp.load_state_dict(stored.get("scaler_state_dict"))
         target.restore(stored)
         seed = int(stored.get("seed", seed)) if cfg.seed is None else seed
@@ -342,9 +358,8 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         try:
             with writing(f"{target.kind} checkpoint", target.path.parent):
                 pending = pending_path(target.optim_path)
-                save_optim(
-                    pending, optimizer, at, seed, target.digest(), target.kind, amp.state_dict(), target.resume_state()
-                )
+                extra = {"optimizer_type": optimizer_type, **target.resume_state()}
+                save_optim(pending, optimizer, at, seed, target.digest(), target.kind, amp.state_dict(), extra)
                 target.save(at, model, copy_to)  # the trained file, then its log copy
                 written = True
                 commit_optim(target.optim_path)

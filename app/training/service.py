@@ -32,6 +32,7 @@ from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import LoraTarget
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
+from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
 from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
 from app.training.templates import list_templates, read_template
@@ -150,6 +151,8 @@ class TrainingService:
                 raise UserError(f"The {name} step count must be 0 (off) or more, got {value}.", field)
         LearnRateSchedule(cfg.learn_rate, cfg.steps)
         rate_factor(cfg.lr_scheduler, 0, 1)  # a name it does not know is refused here
+        cfg.optimizer_type = optimizer_name(cfg.optimizer_type)
+        check_optimizer(cfg.optimizer_type, cfg.optimizer_args)  # a bad argument is refused now, not at step 1
         if str(cfg.text_encoder_lr).strip():
             LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
         for label, value, field, low, top in (
@@ -315,6 +318,17 @@ class TrainingService:
             save_dtype = save_dtype if save_dtype in SAVE_PRECISIONS.values() else torch.float32
         else:
             save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
+        te_rate = str(cfg.text_encoder_lr).strip()
+        if (
+            optimizer_name(cfg.optimizer_type) == "Prodigy"
+            and train_text_encoder
+            and te_rate not in ("", "0", str(cfg.learn_rate).strip())
+        ):
+            raise UserError(
+                "Prodigy finds one step size for all the layers it trains, so the text encoder cannot have a "
+                "learning rate of its own: leave it empty (or 0 to keep those layers as they are).",
+                "text_encoder_lr",
+            )
         path = existing_entry.path if existing_entry else self.settings.lora_dir / f"{name}.safetensors"
         step = int(existing.metadata.get("ss_steps", "0") or 0) if existing else 0
         run = self.prepare(cfg, require_name=False)
@@ -435,6 +449,7 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_noise_offset": str(cfg.noise_offset or None),
         "ss_keep_tokens": str(int(cfg.keep_tokens)),
         "ss_caption_dropout_rate": str(float(cfg.caption_dropout_rate)),
+        "ss_optimizer": describe(cfg.optimizer_type, cfg.optimizer_args),
         "ss_lr_scheduler": str(cfg.lr_scheduler),
         "ss_lr_warmup_steps": str(int(cfg.lr_warmup_steps)),
         "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),

@@ -12,6 +12,7 @@ from app.errors import UserError
 from app.services import Services
 from app.training.config import TrainConfig
 from app.training.lr_schedule import LR_SCHEDULERS
+from app.training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from app.ui.training_panel import TrainingPanel
 
 
@@ -105,6 +106,20 @@ class TrainSection:
             f["lr_warmup_steps"] = gr.Number(value=0, precision=0, label="Warmup steps", elem_id=f"{p}_lr_warmup")
             f["lr_scheduler_num_cycles"] = gr.Number(
                 value=1, precision=0, label="Cycles (cosine with restarts)", elem_id=f"{p}_lr_cycles"
+            )
+        with gr.Row():
+            f["optimizer_type"] = gr.Dropdown(
+                list(OPTIMIZERS),
+                value=DEFAULT_OPTIMIZER,
+                label="Optimizer (Prodigy: learning rate 1; Lion: 3-10x lower than AdamW's)",
+                elem_id=f"{p}_optimizer_type",
+                scale=1,
+            )
+            f["optimizer_args"] = gr.Textbox(
+                value="",
+                label="Optimizer arguments (key=value, e.g. d_coef=2 safeguard_warmup=True)",
+                elem_id=f"{p}_optimizer_args",
+                scale=2,
             )
         with gr.Row():
             f["clip_grad_mode"] = gr.Dropdown(
@@ -250,6 +265,7 @@ class TrainSection:
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         fields["name"] = fields["name"] or ""
         fields["template_filename"] = fields["template_filename"] or ""
+        fields["optimizer_args"] = fields["optimizer_args"] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
         for key in ("min_snr_gamma", "noise_offset", "caption_dropout_rate"):  # an emptied box means off
             fields[key] = float(fields[key] or 0)

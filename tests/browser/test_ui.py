@@ -337,9 +337,8 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
 
 
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
-    from tests.test_training import make_dataset
-
     from tests.test_regularization import make_reg_dataset
+    from tests.test_training import make_dataset
 
     dataset = make_dataset(tmp_path / "lora-stars")
     reg = make_reg_dataset(tmp_path / "lora-reg")
