@@ -97,31 +97,6 @@ class TrainSection:
             label=f"{label} Learning rate", value=spec.learn_rate, elem_id=f"{p}_{spec.kind}_lr"
         )
         with gr.Row():
-            f["lr_scheduler"] = gr.Dropdown(
-                list(LR_SCHEDULERS),
-                value="constant",
-                label="LR scheduler (shapes the rate above over the run)",
-                elem_id=f"{p}_lr_scheduler",
-            )
-            f["lr_warmup_steps"] = gr.Number(value=0, precision=0, label="Warmup steps", elem_id=f"{p}_lr_warmup")
-            f["lr_scheduler_num_cycles"] = gr.Number(
-                value=1, precision=0, label="Cycles (cosine with restarts)", elem_id=f"{p}_lr_cycles"
-            )
-        with gr.Row():
-            f["optimizer_type"] = gr.Dropdown(
-                list(OPTIMIZERS),
-                value=DEFAULT_OPTIMIZER,
-                label="Optimizer (Prodigy: learning rate 1; Lion: 3-10x lower than AdamW's)",
-                elem_id=f"{p}_optimizer_type",
-                scale=1,
-            )
-            f["optimizer_args"] = gr.Textbox(
-                value="",
-                label="Optimizer arguments (key=value, e.g. d_coef=2 safeguard_warmup=True)",
-                elem_id=f"{p}_optimizer_args",
-                scale=2,
-            )
-        with gr.Row():
             f["clip_grad_mode"] = gr.Dropdown(
                 ["disabled", "value", "norm"],
                 value="disabled",
@@ -205,40 +180,72 @@ class TrainSection:
         f["shuffle_tags"] = gr.Checkbox(
             False, label="Shuffle tags by ',' when creating prompts.", elem_id=f"{p}_shuffle_tags"
         )
-        f["keep_tokens"] = gr.Number(
-            value=0,
-            precision=0,
-            label="Keep the first N tags in place (never shuffled or dropped; e.g. a trigger word)",
-            elem_id=f"{p}_keep_tokens",
-        )
-        f["caption_dropout_rate"] = gr.Slider(
-            0,
-            0.99,
-            value=0,
-            step=0.01,
-            label="Caption dropout: the share of samples trained with an empty prompt",
-            elem_id=f"{p}_caption_dropout_rate",
-        )
         f["tag_drop_out"] = gr.Slider(
             0, 0.99, value=0, step=0.01, label="Drop out tags when creating prompts.", elem_id=f"{p}_tag_drop_out"
         )
-        with gr.Row():
-            f["min_snr_gamma"] = gr.Number(
-                value=0,
-                label="Min-SNR gamma (0 = off; 5 is usual): easy low-noise steps count less",
-                elem_id=f"{p}_min_snr_gamma",
-            )
-            f["noise_offset"] = gr.Number(
-                value=0,
-                label="Noise offset (0 = off; 0.05-0.1 lets it learn darker and brighter images)",
-                elem_id=f"{p}_noise_offset",
-            )
         f["latent_sampling_method"] = gr.Radio(
             ["once", "deterministic", "random"],
             value="once",
             label="Choose latent sampling method",
             elem_id=f"{p}_latent_sampling_method",
         )
+        # kohya's options (ours): closed by default, so the form reads as A1111's; each is off until set
+        with gr.Accordion(
+            "Advanced: LR scheduler, optimizer, caption and loss options (kohya's)",
+            open=False,
+            elem_id=f"{p}_advanced",
+        ):
+            with gr.Row():
+                f["lr_scheduler"] = gr.Dropdown(
+                    list(LR_SCHEDULERS),
+                    value="constant",
+                    label="LR scheduler (shapes the learning rate over the run)",
+                    elem_id=f"{p}_lr_scheduler",
+                )
+                f["lr_warmup_steps"] = gr.Number(value=0, precision=0, label="Warmup steps", elem_id=f"{p}_lr_warmup")
+                f["lr_scheduler_num_cycles"] = gr.Number(
+                    value=1, precision=0, label="Cycles (cosine with restarts)", elem_id=f"{p}_lr_cycles"
+                )
+            with gr.Row():
+                f["optimizer_type"] = gr.Dropdown(
+                    list(OPTIMIZERS),
+                    value=DEFAULT_OPTIMIZER,
+                    label="Optimizer (Prodigy: learning rate 1; Lion: 3-10x lower than AdamW's)",
+                    elem_id=f"{p}_optimizer_type",
+                    scale=1,
+                )
+                f["optimizer_args"] = gr.Textbox(
+                    value="",
+                    label="Optimizer arguments (key=value, e.g. d_coef=2 safeguard_warmup=True)",
+                    elem_id=f"{p}_optimizer_args",
+                    scale=2,
+                )
+            f["keep_tokens"] = gr.Number(
+                value=0,
+                precision=0,
+                label="Keep the first N tags in place (never shuffled or dropped by the tag options above; e.g. a "
+                "trigger word)",
+                elem_id=f"{p}_keep_tokens",
+            )
+            f["caption_dropout_rate"] = gr.Slider(
+                0,
+                0.99,
+                value=0,
+                step=0.01,
+                label="Caption dropout: the share of samples trained with an empty prompt",
+                elem_id=f"{p}_caption_dropout_rate",
+            )
+            with gr.Row():
+                f["min_snr_gamma"] = gr.Number(
+                    value=0,
+                    label="Min-SNR gamma (0 = off; 5 is usual): easy low-noise steps count less",
+                    elem_id=f"{p}_min_snr_gamma",
+                )
+                f["noise_offset"] = gr.Number(
+                    value=0,
+                    label="Noise offset (0 = off; 0.05-0.1 lets it learn darker and brighter images)",
+                    elem_id=f"{p}_noise_offset",
+                )
         with gr.Row():
             f["interrupt"] = gr.Button("Interrupt", elem_id=f"{p}_interrupt_training")
             f["train"] = gr.Button(spec.button, variant="primary", elem_id=f"{p}_train_{spec.kind}")

@@ -353,6 +353,9 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_reg_data_dir", reg)
     fill_field(page, "train_lora_prior_loss_weight", 0.5)
     fill_field(page, "train_lora_steps", 8)
+    page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # kohya's options, closed by default
+    fill_field(page, "train_lora_min_snr_gamma", 5)
+    page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
     page.locator("#train_lora_gradient_checkpointing").get_by_text("Off", exact=True).click()
@@ -363,6 +366,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     run_settings = next((server.data_dir / "log").glob("*/uitrained/settings.json"))
     settings = json.loads(run_settings.read_text())
     assert settings["gradient_checkpointing"] == "off"  # the radio reached the run
+    assert settings["min_snr_gamma"] == 5  # and the field inside the closed accordion
     assert (settings["reg_data_dir"], settings["prior_loss_weight"], settings["regularization_images"]) == (
         str(reg),
         0.5,
