@@ -1,12 +1,12 @@
 """Applying LoRAs for one generation, and taking them out again, exactly.
 
-Every layer a file touches gets, for the generation, a new weight tensor `W + sum of m (alpha/rank) up @ down`
-(computed in fp32, stored in the layer's dtype) in place of its weight; the original tensor is kept aside, never
-written to, and put back on exit, so the model afterwards holds the very same tensors as before and the next
-generation without LoRAs is bit-identical to one that never had them. Sampling runs at the base model's speed: no
-extra work per step. (PEFT's unfused LoRA layers, the first version, made a whole generation 2.2x slower on the tiny
-model, where per-layer overhead dominates as it does on fast GPUs.) The cost is the touched layers' size in memory
-while the generation runs.
+Every layer a file touches gets, for the generation, a new weight tensor `W + sum of m * update` (a LoRA's update is
+(alpha/rank) up @ down; a LoHa's or LoKr's, files.py), computed in fp32 and stored in the layer's dtype, in place of
+its weight; the original tensor is kept aside, never written to, and put back on exit, so the model afterwards holds
+the very same tensors as before and the next generation without LoRAs is bit-identical to one that never had them.
+Sampling runs at the base model's speed: no extra work per step. (PEFT's unfused LoRA layers, the first version, made
+a whole generation 2.2x slower on the tiny model, where per-layer overhead dominates as it does on fast GPUs.) The
+cost is the touched layers' size in memory while the generation runs.
 
 Where accelerate's offload hooks own the weights, the swap happens where the weights live: under --lowvram
 (sequential offload) a layer's weight is `meta` and the hook loads it from its weights map before each call, so the
@@ -49,11 +49,9 @@ def lora_applied(applications: list[Application]) -> Iterator[None]:
 
 
 def delta_weight(bound: BoundLayer, device: torch.device) -> torch.Tensor:
-    """(alpha/rank) up @ down in the layer's weight shape, fp32 on `device` (conv kernels flatten and come back)."""
-    layer, weight = bound.layer, bound.target.module.weight
-    up = layer.up.to(device, torch.float32).flatten(1)
-    down = layer.down.to(device, torch.float32).flatten(1)
-    return (layer.scale * (up @ down)).reshape(weight.shape)
+    """The layer's update (LoRA: (alpha/rank) up @ down; LoHa, LoKr: files.py) in the weight's shape, fp32 on
+    `device`."""
+    return bound.layer.delta(device).reshape(bound.target.module.weight.shape)
 
 
 class _Slot:

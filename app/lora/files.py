@@ -1,5 +1,15 @@
-"""Reading LoRA files: kohya/A1111 `.safetensors` (and `.pt`/`.ckpt` through weights-only loading) and
-diffusers/PEFT files, into one list of low-rank layers; files of kinds we do not apply get a reason, not a crash."""
+"""Reading LoRA files: kohya/A1111 `.safetensors` (and `.pt`/`.ckpt` through weights-only loading), diffusers/PEFT
+files and LyCORIS's LoHa, LoKr and Tucker LoCon, into one list of per-layer weight updates; files of kinds we do not
+apply get a reason, not a crash.
+
+Each layer kind turns its tensors into the update of one weight, as LyCORIS and A1111 define it:
+- LoRA/LoCon: `up @ down`, times alpha/rank;
+- LoCon with Tucker decomposition (`lora_mid`): the core `mid` contracted with `up` and `down`, times alpha/rank;
+- LoHa: the Hadamard (element-wise) product of two low-rank products `(w1_a @ w1_b) * (w2_a @ w2_b)` (each may be a
+  Tucker core `t` with its two factors), times alpha/rank (rank: the rows of `w1_b`);
+- LoKr: the Kronecker product `w1 ⊗ w2`, each half a full matrix or a low-rank product (`w2` may be a Tucker core),
+  times alpha/rank where a half is low-rank, else 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,18 +33,33 @@ class LoraFormatError(ValueError):
     """A file that cannot be used as a LoRA; the message says why, in words."""
 
 
-# Markers of kinds of "network" files that share the folder and the tag but are not LoRA/LoCon.
+# Markers of kinds of "network" files that share the folder and the tag but are not applied here.
 _OTHER_KINDS = [
-    ("hada_w1_a", "a LyCORIS LoHa"),
-    ("lokr_w", "a LyCORIS LoKr"),
     ("dora_scale", "a DoRA (weight-decomposed LoRA)"),
-    ("lora_mid", "a LyCORIS LoCon with Tucker decomposition (lora_mid)"),
     ("on_input", "an (IA)³"),
     ("oft_", "an OFT/BOFT"),
     (".a1.weight", "a GLoRA"),
     (".diff", "a LyCORIS full-difference"),
     (".w_norm", "a LyCORIS norm"),
 ]
+# kohya's and LyCORIS's per-layer tensor names (`<layer>.<part>`)
+_PARTS = (
+    "lora_mid.weight",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+)
+_PART = re.compile(r"^(.*)\.(" + "|".join(re.escape(part) for part in _PARTS) + r")$")
 _DOWN_UP = [
     (re.compile(r"^(.*)\.lora_down\.weight$"), re.compile(r"^(.*)\.lora_up\.weight$")),  # kohya
     (re.compile(r"^(.*)\.lora_A(?:\.[\w-]+)?\.weight$"), re.compile(r"^(.*)\.lora_B(?:\.[\w-]+)?\.weight$")),  # PEFT
@@ -45,13 +71,51 @@ _PREFIXES = ("base_model.model.",)
 _IGNORED = ("bundle_emb.",)  # embeddings bundled in a LoRA file (A1111 extension): not applied here
 
 
+def _scale(alpha: float | None, rank: int | None) -> float:
+    """alpha / rank; without an alpha (PEFT, old diffusers) or a rank (a LoKr of two full matrices), 1."""
+    return 1.0 if alpha is None or rank is None else alpha / rank
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[out, everything else]: a weight or update as a matrix (einsum and kron results may not be contiguous)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def _low_rank(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """`a @ b` ([out, r] @ [r, in...], flattened to [out, in * kernel]); with a Tucker core `t` [r, r, kh, kw] the
+    factors are [r, out] and [r, in] and the result is [out, in, kh, kw]: sum over i, j of t[i, j] a[i, o] b[j, n]."""
+    a, b = _rows(a.to(device, torch.float32)), _rows(b.to(device, torch.float32))
+    if t is None:
+        return a @ b
+    return torch.einsum("ijhw,jn,io->onhw", t.to(device, torch.float32), b, a)
+
+
+def _low_rank_shape(name: str, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> tuple[int, ...]:
+    """The shape `_low_rank` gives, or a LoraFormatError when the factors do not chain."""
+    if t is None:
+        if a.ndim != 2 or b.ndim not in (2, 4) or a.shape[1] != b.shape[0] or a.shape[1] == 0:
+            raise LoraFormatError(
+                f"layer '{name}' has factors {tuple(a.shape)} and {tuple(b.shape)}, which do not multiply "
+                "([out, rank] and [rank, in])"
+            )
+        return (a.shape[0], *b.shape[1:])
+    if a.ndim != 2 or b.ndim != 2 or t.ndim != 4 or tuple(t.shape[:2]) != (a.shape[0], b.shape[0]):
+        raise LoraFormatError(
+            f"layer '{name}' has a Tucker core {tuple(t.shape)} that does not fit its factors {tuple(a.shape)} and "
+            f"{tuple(b.shape)} ([rank, rank, kh, kw], [rank, out], [rank, in])"
+        )
+    return (a.shape[1], b.shape[1], *t.shape[2:])
+
+
 @dataclass
 class LoraLayer:
-    """One low-rank update: `delta W = (alpha / rank) * up @ down` (reshaped for convolutions)."""
+    """One low-rank update: `delta W = (alpha / rank) * up @ down` (reshaped for convolutions). The kind training
+    writes and continues."""
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None
+    kind: ClassVar[str] = "LoRA"
 
     @property
     def rank(self) -> int:
@@ -59,13 +123,135 @@ class LoraLayer:
 
     @property
     def scale(self) -> float:
-        """alpha / rank; files without an alpha (PEFT, old diffusers) mean scale 1."""
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+        return _scale(self.alpha, self.rank)
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        """The shape of the update: [out, in] or [out, in, kh, kw]."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.down, self.up]
+
+    def delta(self, device: torch.device) -> torch.Tensor:
+        """The scaled update in fp32 on `device`, [out, in * kernel] (the caller reshapes it to the weight)."""
+        return self.scale * _low_rank(self.up, self.down, None, device)
+
+
+@dataclass
+class TuckerLoraLayer:
+    """LyCORIS's LoCon with a Tucker core for a convolution (`lora_mid`): down [r, in, 1, 1], mid [r, r, kh, kw],
+    up [out, r, 1, 1]."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    mid: torch.Tensor
+    alpha: float | None = None
+    kind: ClassVar[str] = "LoCon (Tucker)"
+
+    @property
+    def scale(self) -> float:
+        return _scale(self.alpha, self.down.shape[0])
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.down, self.up, self.mid]
+
+    def delta(self, device: torch.device) -> torch.Tensor:
+        up, down = _rows(self.up).T, _rows(self.down)  # [r, out] and [r, in]: the core's factor order
+        return self.scale * _rows(_low_rank(up, down, self.mid, device))
+
+
+@dataclass
+class LohaLayer:
+    """LyCORIS's LoHa: `(w1_a @ w1_b) * (w2_a @ w2_b)` element-wise, each half optionally with a Tucker core."""
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+    kind: ClassVar[str] = "LoHa"
+
+    @property
+    def scale(self) -> float:
+        return _scale(self.alpha, self.w1_b.shape[0])
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        return _low_rank_shape("", self.w1_a, self.w1_b, self.t1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None]
+
+    def delta(self, device: torch.device) -> torch.Tensor:
+        first = _rows(_low_rank(self.w1_a, self.w1_b, self.t1, device))
+        second = _rows(_low_rank(self.w2_a, self.w2_b, self.t2, device))
+        return self.scale * first * second
+
+
+@dataclass
+class LokrLayer:
+    """LyCORIS's LoKr: `w1 ⊗ w2` (Kronecker), each half a full matrix or a low-rank product (`w2` also with a
+    Tucker core for a convolution)."""
+
+    w1: torch.Tensor | None
+    w1_a: torch.Tensor | None
+    w1_b: torch.Tensor | None
+    w2: torch.Tensor | None
+    w2_a: torch.Tensor | None
+    w2_b: torch.Tensor | None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+    kind: ClassVar[str] = "LoKr"
+
+    @property
+    def scale(self) -> float:
+        # the rank of the low-rank half (w2's when both are), as A1111 and LyCORIS read it; two full halves: 1
+        rank = self.w2_b.shape[0] if self.w2_b is not None else self.w1_b.shape[0] if self.w1_b is not None else None
+        return _scale(self.alpha, rank)
+
+    def half_shapes(self, name: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+        first = tuple(self.w1.shape) if self.w1 is not None else _low_rank_shape(name, self.w1_a, self.w1_b, None)
+        second = tuple(self.w2.shape) if self.w2 is not None else _low_rank_shape(name, self.w2_a, self.w2_b, self.t2)
+        return first, second
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        (o1, i1), second = self.half_shapes()
+        return (o1 * second[0], i1 * second[1], *second[2:])
+
+    def tensors(self) -> list[torch.Tensor]:
+        parts = (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
+        return [t for t in parts if t is not None]
+
+    def delta(self, device: torch.device) -> torch.Tensor:
+        if self.w1 is not None:
+            first = self.w1.to(device, torch.float32)
+        else:
+            first = _low_rank(self.w1_a, self.w1_b, None, device)
+        if self.w2 is not None:
+            second = self.w2.to(device, torch.float32)
+        else:
+            second = _low_rank(self.w2_a, self.w2_b, self.t2, device)
+            if self.t2 is None and self.w2_b.ndim == 4:
+                second = second.reshape(second.shape[0], *self.w2_b.shape[1:])
+        if second.ndim == 4:
+            first = first[:, :, None, None]
+        return self.scale * _rows(torch.kron(first.contiguous(), second.contiguous()))
+
+
+NetworkLayer = LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer
 
 
 @dataclass
 class LoraFile:
-    layers: dict[str, LoraLayer]  # layer name as written in the file (minus the weight suffix) -> update
+    layers: dict[str, NetworkLayer]  # layer name as written in the file (minus the weight suffix) -> update
     metadata: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # what the file holds that we do not apply
 
@@ -75,7 +261,7 @@ class BoundLayer:
     """A layer of the file matched to the model layer it changes."""
 
     target: Target
-    layer: LoraLayer
+    layer: NetworkLayer
 
 
 def read_lora_file(path: Path) -> LoraFile:
@@ -162,16 +348,15 @@ def _kind_of_other(keys: list[str]) -> str | None:
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoraFile:
-    """Group a LoRA state dict into layers; refuse other network kinds and malformed tensors with the reason."""
+    """Group a state dict into layers (LoRA, LoCon, LoHa, LoKr); refuse other network kinds and malformed tensors
+    with the reason."""
     metadata = metadata or {}
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
     kind = _kind_of_other(list(tensors))
     if kind:
-        raise LoraFormatError(f"this is {kind} file; only LoRA/LoCon files (lora_down/lora_up) are applied here")
-    downs: dict[str, torch.Tensor] = {}
-    ups: dict[str, torch.Tensor] = {}
-    alphas: dict[str, torch.Tensor] = {}
+        raise LoraFormatError(f"this is {kind} file; LoRA, LoCon, LoHa and LoKr files are applied here")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     ignored: set[str] = set()
     unknown: list[str] = []
     for raw_key, tensor in tensors.items():
@@ -184,36 +369,118 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         processor = _PROCESSOR.match(key)
         if processor:
             layer = f"{processor.group(1)}.{processor.group(2)}" + (".0" if processor.group(2) == "to_out" else "")
-            (downs if processor.group(3) == "down" else ups)[layer] = tensor
+            parts.setdefault(layer, {})[processor.group(3)] = tensor
             continue
         if key.endswith(".alpha"):
-            alphas[key.removesuffix(".alpha")] = tensor
+            parts.setdefault(key.removesuffix(".alpha"), {})["alpha"] = tensor
+            continue
+        if m := _PART.match(key):
+            parts.setdefault(m.group(1), {})[m.group(2).removesuffix(".weight")] = tensor
             continue
         for down_re, up_re in _DOWN_UP:
             if m := down_re.match(key):
-                downs[m.group(1)] = tensor
+                parts.setdefault(m.group(1), {})["down"] = tensor
                 break
             if m := up_re.match(key):
-                ups[m.group(1)] = tensor
+                parts.setdefault(m.group(1), {})["up"] = tensor
                 break
         else:
             unknown.append(raw_key)
     if unknown:
         raise LoraFormatError(
             f"{len(unknown)} tensor(s) are not LoRA weights (e.g. '{unknown[0]}'); expected names ending in "
-            ".lora_down.weight/.lora_up.weight/.alpha (kohya) or .lora_A.weight/.lora_B.weight (PEFT)"
+            ".lora_down.weight/.lora_up.weight/.alpha (kohya), .lora_A.weight/.lora_B.weight (PEFT) or LyCORIS's "
+            ".hada_*/.lokr_*"
         )
-    if not downs and not ups:
+    layers = {
+        name: _make_layer(name, {k: v for k, v in found.items() if k != "alpha"}, found.get("alpha"))
+        for name, found in sorted(parts.items())
+        if set(found) != {"alpha"}  # an alpha without its layer changes nothing
+    }
+    if not layers:
         raise LoraFormatError("the file holds no LoRA layers (no lora_down/lora_up or lora_A/lora_B tensors)")
-    layers: dict[str, LoraLayer] = {}
-    for name in sorted(set(downs) | set(ups)):
-        if name not in downs or name not in ups:
-            raise LoraFormatError(f"layer '{name}' has only one of its two halves (down and up); the file is damaged")
-        layers[name] = _check_layer(name, downs[name], ups[name], alphas.get(name))
     return LoraFile(layers, metadata, sorted(ignored))
 
 
-def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None) -> LoraLayer:
+def _make_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> NetworkLayer:
+    """The layer of kind the tensor names say, its shapes, dtypes and (when read) values checked."""
+    names = set(found)
+    alpha_value = _alpha_value(name, alpha)
+    if names <= {"down", "up", "lora_mid"}:
+        if "down" not in names or "up" not in names:
+            raise LoraFormatError(f"layer '{name}' has only one of its two halves (down and up); the file is damaged")
+        layer = _check_layer(name, found["down"], found["up"], alpha_value)
+        if "lora_mid" not in names:
+            return layer
+        mid = found["lora_mid"]
+        if mid.ndim != 4 or tuple(mid.shape[:2]) != (layer.rank, layer.rank) or kernel(tuple(layer.down.shape)):
+            raise LoraFormatError(
+                f"layer '{name}' has a Tucker core {tuple(mid.shape)} that does not fit its down "
+                f"{tuple(layer.down.shape)} and up {tuple(layer.up.shape)} ([rank, rank, kh, kw], 1x1 halves)"
+            )
+        return _checked(name, TuckerLoraLayer(layer.down, layer.up, mid, alpha_value))
+    if all(n.startswith("hada_") for n in names):
+        missing = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in names]
+        if missing:
+            raise LoraFormatError(f"layer '{name}' is a LoHa without {', '.join(missing)}; the file is damaged")
+        loha = LohaLayer(
+            found["hada_w1_a"],
+            found["hada_w1_b"],
+            found["hada_w2_a"],
+            found["hada_w2_b"],
+            found.get("hada_t1"),
+            found.get("hada_t2"),
+            alpha_value,
+        )
+        first = _low_rank_shape(name, loha.w1_a, loha.w1_b, loha.t1)
+        second = _low_rank_shape(name, loha.w2_a, loha.w2_b, loha.t2)
+        if first[0] != second[0] or math.prod(first) != math.prod(second):
+            raise LoraFormatError(f"layer '{name}': the two halves of this LoHa are {first} and {second}, not alike")
+        return _checked(name, loha)
+    if all(n.startswith("lokr_") for n in names):
+        has_1 = "lokr_w1" in names or {"lokr_w1_a", "lokr_w1_b"} <= names
+        has_2 = "lokr_w2" in names or {"lokr_w2_a", "lokr_w2_b"} <= names
+        if not (has_1 and has_2):
+            raise LoraFormatError(
+                f"layer '{name}' is a LoKr without both of its halves (w1 and w2); the file is damaged"
+            )
+        lokr = LokrLayer(
+            found.get("lokr_w1"),
+            None if "lokr_w1" in names else found["lokr_w1_a"],
+            None if "lokr_w1" in names else found["lokr_w1_b"],
+            found.get("lokr_w2"),
+            None if "lokr_w2" in names else found["lokr_w2_a"],
+            None if "lokr_w2" in names else found["lokr_w2_b"],
+            None if "lokr_w2" in names else found.get("lokr_t2"),
+            alpha_value,
+        )
+        first, second = lokr.half_shapes(name)
+        if len(first) != 2 or len(second) not in (2, 4):
+            raise LoraFormatError(f"layer '{name}': a LoKr's halves are {first} and {second}; expected 2-D (w2 4-D)")
+        return _checked(name, lokr)
+    raise LoraFormatError(f"layer '{name}' mixes tensors of different kinds ({', '.join(sorted(names))})")
+
+
+def _alpha_value(name: str, alpha: torch.Tensor | None) -> float | None:
+    if alpha is None:
+        return None
+    alpha = alpha.detach()
+    if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
+        raise LoraFormatError(f"layer '{name}' has an alpha that is not one finite number")
+    return float(alpha.reshape(-1)[0])
+
+
+def _checked(name: str, layer: NetworkLayer) -> NetworkLayer:
+    """`layer`, once its tensors are floating point and (when read: a header read has shapes only) finite."""
+    tensors = layer.tensors()
+    if not all(t.is_floating_point() for t in tensors):
+        raise LoraFormatError(f"layer '{name}' does not hold floating-point weights")
+    if tensors[0].device.type != "meta" and not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise LoraFormatError(f"layer '{name}' contains NaN or infinite values; the file is broken")
+    return layer
+
+
+def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> LoraLayer:
     if down.ndim not in (2, 4) or up.ndim not in (2, 4) or down.shape[0] != up.shape[1] or down.shape[0] == 0:
         raise LoraFormatError(
             f"layer '{name}' has down {tuple(down.shape)} and up {tuple(up.shape)}, which are not the two halves of "
@@ -221,18 +488,7 @@ def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: torch.T
         )
     if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
         raise LoraFormatError(f"layer '{name}': an up weight with a {tuple(up.shape[2:])} kernel is not supported")
-    if not (down.is_floating_point() and up.is_floating_point()):
-        raise LoraFormatError(f"layer '{name}' does not hold floating-point weights")
-    values_read = down.device.type != "meta"  # a header read (listing) has shapes, not values
-    if values_read and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-        raise LoraFormatError(f"layer '{name}' contains NaN or infinite values; the file is broken")
-    value = None
-    if alpha is not None:
-        alpha = alpha.detach()
-        if alpha.numel() != 1 or not math.isfinite(float(alpha.reshape(-1)[0])):
-            raise LoraFormatError(f"layer '{name}' has an alpha that is not one finite number")
-        value = float(alpha.reshape(-1)[0])
-    return LoraLayer(down, up, value)
+    return _checked(name, LoraLayer(down, up, alpha))
 
 
 def kernel(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -241,19 +497,19 @@ def kernel(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
     return () if k in ((), (1, 1)) else k
 
 
-def _dims(out_features: int, in_features: int, k: tuple[int, ...]) -> str:
-    return "x".join(map(str, (out_features, in_features, *k)))
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, (shape[0], shape[1], *kernel(shape))))
 
 
-def check_fits(layer: LoraLayer, target: Target) -> str | None:
-    """Why `layer` cannot change `target`, or None when its shapes fit."""
-    want = target.shape
-    have = (layer.up.shape[0], layer.down.shape[1], kernel(tuple(layer.down.shape)))
-    if have != (want[0], want[1], kernel(want)):
-        return (
-            f"layer {target.component}.{target.path} is {_dims(want[0], want[1], kernel(want))}, "
-            f"the file's update for it is {_dims(*have)}"
-        )
+def check_fits(layer: NetworkLayer, target: Target) -> str | None:
+    """Why `layer` cannot change `target`, or None when its update has the weight's shape."""
+    want, have = tuple(target.shape), tuple(layer.update_shape)
+    if len(have) == 2 and kernel(want):  # a LoHa or LoKr may give a convolution's update as [out, in * kh * kw]
+        fits = have == (want[0], math.prod(want[1:]))
+    else:
+        fits = (have[0], have[1], kernel(have)) == (want[0], want[1], kernel(want))
+    if not fits:
+        return f"layer {target.component}.{target.path} is {_dims(want)}, the file's update for it is {_dims(have)}"
     return None
 
 

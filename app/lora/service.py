@@ -131,7 +131,8 @@ class LoraService:
             try:
                 lora = self.db.load_path(f.path)
                 bind(lora, table, model_label(model))
-                row.update(usable=True, layers=len(lora.layers))
+                kinds = sorted({layer.kind for layer in lora.layers.values()})
+                row.update(usable=True, layers=len(lora.layers), kind=", ".join(kinds))
             except LoraFormatError as e:
                 row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
             rows.append(row)

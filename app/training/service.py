@@ -306,6 +306,12 @@ class TrainingService:
                 bind(existing, self.loras.table(model), model_label(model))
             except LoraFormatError as e:
                 raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
+            other = sorted({layer.kind for layer in existing.layers.values()} - {"LoRA"})
+            if other:
+                raise UserError(
+                    f"LoRA '{name}' is a LyCORIS {', '.join(other)} file; training continues LoRA files "
+                    "(lora_down/lora_up) only. Choose another name to train a new LoRA."
+                )
         if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
             raise UserError(
                 f"Save precision must be one of {', '.join(SAVE_PRECISIONS)} (or empty), got {cfg.save_precision!r}.",

@@ -1,0 +1,141 @@
+"""LyCORIS files (LoHa, LoKr, LoCon with Tucker cores) as LyCORIS itself writes them: `<lora:name:m>` must give the
+image of the model that LyCORIS's own `merge_to(m)` makes, and leave the model exactly as it was. The reference is
+the `lycoris-lora` package (a test dependency), not our code; broken files of these kinds say why."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from lycoris import LycorisNetwork, create_lycoris
+from safetensors.torch import save_file
+
+from app.errors import UserError
+from app.lora.apply import Application, lora_applied
+from app.lora.files import LoraFormatError, bind, parse_lora, read_lora_file
+from tests.test_lora import folder, gen, pixels, same, snapshot  # noqa: F401 - `folder` is a fixture
+from tests.test_training import cfg, make_dataset
+
+UNET_BLOCKS = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+TEXT_BLOCKS = ["CLIPAttention", "CLIPMLP"]
+
+
+def lycoris_network(root: torch.nn.Module, blocks: list[str], prefix: str, algo: str, seed: int, **kw):
+    """A LyCORIS network on `root` (a copy of a model part) with random weights, named as kohya + LyCORIS name
+    layers (`lora_unet_<path>`, `lora_te_<path>`, dots as underscores)."""
+    LycorisNetwork.apply_preset({"target_module": blocks, "lora_prefix": prefix})
+    network = create_lycoris(root, 1.0, algo=algo, **kw)
+    network.apply_to()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            spread = 0.6 if "hada" in name or "t1" in name or "t2" in name else 0.25
+            param.copy_(torch.randn(param.shape, generator=g) * spread)
+    return network
+
+
+CASES = {
+    "loha": dict(algo="loha", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2),
+    "loha-tucker": dict(algo="loha", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, use_tucker=True),
+    "lokr": dict(algo="lokr", linear_dim=2, linear_alpha=1, conv_dim=2, conv_alpha=1),
+    "lokr-both-tucker": dict(algo="lokr", linear_dim=2, linear_alpha=1, decompose_both=True, use_tucker=True),
+    "lokr-full": dict(algo="lokr", linear_dim=4, linear_alpha=2, full_matrix=True),
+    "locon-tucker": dict(algo="locon", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, use_tucker=True),
+}
+KINDS = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoCon (Tucker)"}
+
+
+def outputs(pipe, unet, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's output for a fixed latent, timestep and context, and the text encoder's for fixed tokens."""
+    g = torch.Generator().manual_seed(5)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    ids = pipe.tokenizer("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return unet(sample, 500, context).sample, text_encoder(ids)[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_lycoris_file_changes_the_model_as_lycoris_itself_runs_it(services, folder, case):  # noqa: F811
+    """Reference: LyCORIS's own modules applied to copies of the model (their forward, as they train), at 0.7."""
+    model = services.models.get()
+    pipe = model.pipe
+    settings = CASES[case]
+    unet_copy, te_copy = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    unet_net = lycoris_network(unet_copy, UNET_BLOCKS, "lora_unet", seed=1, **settings)
+    te_net = lycoris_network(te_copy, TEXT_BLOCKS, "lora_te", seed=2, **settings)
+    # as files made with transformers 4 name them (its CLIPTextModel has a `text_model.` level; 5's has not)
+    te_state = {k.replace("lora_te_encoder_", "lora_te_text_model_encoder_"): v for k, v in te_net.state_dict().items()}
+    state = {**unet_net.state_dict(), **te_state}
+    assert any(k.startswith("lora_te_") for k in state) and any("resnets" in k for k in state)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(folder / "zqlyco.safetensors"),
+        metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{settings["algo"]}"}}'},
+    )
+    row = next(r for r in services.loras.details() if r["name"] == "zqlyco")
+    assert row["usable"] is True, row
+    assert KINDS[settings["algo"]] in row["kind"]
+
+    base_unet, base_te = outputs(pipe, pipe.unet, pipe.text_encoder)
+    for network in (unet_net, te_net):
+        network.set_multiplier(0.7)
+    want_unet, want_te = outputs(pipe, unet_copy, te_copy)
+    lora = read_lora_file(folder / "zqlyco.safetensors")
+    bound = bind(lora, services.loras.table(model), "shapes-64")
+    before = snapshot(model)
+    with lora_applied([Application(bound, 0.7, 0.7)]):
+        got_unet, got_te = outputs(pipe, pipe.unet, pipe.text_encoder)
+    assert same(before, snapshot(model))
+    for got, want, base in ((got_unet, want_unet, base_unet), (got_te, want_te, base_te)):
+        assert float((want - base).abs().max()) > 0.05  # the file changes the output
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+    # and through the prompt tag, as a user uses it: a visible change, nothing left behind
+    image = pixels(gen(services, "a red circle"))
+    tagged = gen(services, "a red circle <lora:zqlyco:0.7>")
+    assert tagged.notes == [] and np.abs(pixels(tagged) - image).max() > 8
+    assert same(before, snapshot(model))
+    assert np.array_equal(pixels(gen(services, "a red circle")), image)
+
+
+def test_a_lycoris_file_is_not_continued_by_training(services, folder, tmp_path):  # noqa: F811
+    unet_copy = copy.deepcopy(services.models.get().pipe.unet)
+    network = lycoris_network(unet_copy, UNET_BLOCKS, "lora_unet", "loha", seed=3, linear_dim=2, conv_dim=2)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "zqlycotrain.safetensors"))
+    before = (folder / "zqlycotrain.safetensors").read_bytes()
+    with pytest.raises(UserError, match="is a LyCORIS LoHa file; training continues LoRA files"):
+        services.training.train_lora(cfg("zqlycotrain", make_dataset(tmp_path / "stars")), 4, 4.0)
+    assert (folder / "zqlycotrain.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"x.hada_w1_a": torch.ones(4, 2), "x.hada_w1_b": torch.ones(2, 4)}, "LoHa without hada_w2_a, hada_w2_b"),
+        (
+            {
+                "x.hada_w1_a": torch.ones(4, 2),
+                "x.hada_w1_b": torch.ones(2, 4),
+                "x.hada_w2_a": torch.ones(4, 2),
+                "x.hada_w2_b": torch.ones(2, 6),
+            },
+            "the two halves of this LoHa are",
+        ),
+        ({"x.hada_w1_a": torch.ones(4, 2), "x.hada_w1_b": torch.ones(3, 4)}, "do not multiply|LoHa without"),
+        ({"x.lokr_w1": torch.ones(2, 2)}, "LoKr without both of its halves"),
+        ({"x.lokr_w1": torch.ones(2, 2), "x.lokr_w2": torch.full((2, 2), float("nan"))}, "NaN"),
+        ({"x.lokr_w1": torch.ones(2, 2), "x.lora_down.weight": torch.ones(2, 2)}, "mixes tensors of different kinds"),
+        (
+            {"x.lora_down.weight": torch.ones(2, 4, 1, 1), "x.lora_up.weight": torch.ones(4, 2, 1, 1)}
+            | {"x.lora_mid.weight": torch.ones(3, 3, 3, 3)},
+            "Tucker core",
+        ),
+        ({"x.lora_down.weight": torch.ones(2, 4), "x.dora_scale": torch.ones(4, 1)}, "DoRA"),
+    ],
+)
+def test_broken_lycoris_layers_say_why(tensors, message):
+    with pytest.raises(LoraFormatError, match=message):
+        parse_lora(tensors)
