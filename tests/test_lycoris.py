@@ -139,3 +139,43 @@ def test_a_lycoris_file_is_not_continued_by_training(services, folder, tmp_path)
 def test_broken_lycoris_layers_say_why(tensors, message):
     with pytest.raises(LoraFormatError, match=message):
         parse_lora(tensors)
+
+
+@pytest.mark.parametrize("case", ["loha-tucker", "lokr"])
+def test_sdxl_lycoris_files_with_both_text_encoders(case):
+    """kohya + LyCORIS's SDXL names (`lora_unet_`, `lora_te1_`, `lora_te2_`), text encoder and UNet multipliers
+    apart, against LyCORIS's modules running forward on copies of a tiny SDXL model."""
+    from app.lora.names import layer_table, model_components
+    from app.models.default_model import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    parts = {"lora_unet": pipe.unet, "lora_te1": pipe.text_encoder, "lora_te2": pipe.text_encoder_2}
+    copies = {prefix: copy.deepcopy(part) for prefix, part in parts.items()}
+    state, networks = {}, []
+    for seed, (prefix, part) in enumerate(copies.items()):
+        blocks = UNET_BLOCKS if prefix == "lora_unet" else TEXT_BLOCKS
+        network = lycoris_network(part, blocks, prefix, seed=seed, **CASES[case])
+        network.set_multiplier(0.9 if prefix == "lora_unet" else 0.6)
+        networks.append(network)
+        encoder = f"{prefix}_encoder_"
+        state.update({k.replace(encoder, f"{prefix}_text_model_encoder_"): v for k, v in network.state_dict().items()})
+    tokens = torch.tensor([[49406, 320, 1929, 49407]])
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(unet, te1, te2):
+        with torch.no_grad():
+            e1 = te1(tokens, output_hidden_states=True).hidden_states[-2]
+            out2 = te2(tokens, output_hidden_states=True)
+            context = torch.cat([e1, out2.hidden_states[-2]], dim=-1)
+            cond = {"text_embeds": out2.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+            return unet(sample, 10, context, added_cond_kwargs=cond).sample
+
+    base = run(*parts.values())
+    want = run(*copies.values())
+    bound = bind(parse_lora(state), layer_table(model_components(pipe)), "SDXL")
+    assert {b.target.component for b in bound} == {"unet", "text_encoder", "text_encoder_2"}
+    with lora_applied([Application(bound, 0.6, 0.9)]):
+        got = run(*parts.values())
+    assert torch.equal(run(*parts.values()), base)
+    assert float((want - base).abs().max()) > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
