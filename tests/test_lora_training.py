@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -209,3 +210,57 @@ def test_train_lora_route(server, dataset):
     assert "zqapi" in names
     bad = requests.post(api + "/train/lora", json={**payload, "rank": 0}, timeout=30)
     assert bad.status_code == 400 and "Rank" in bad.json()["detail"]
+
+
+def test_a_locon_trains_the_resnet_convolutions_resumes_exactly_and_diffusers_loads_it(services, dataset):
+    """kohya's LoCon (`conv_dim`, `conv_alpha`): the 3x3 convolutions of the ResNet blocks and the down/upsamplers
+    get LoRA layers of their own rank; the file is kohya's, and diffusers reads it with the same result."""
+    from app.lora.apply import Application, lora_applied
+    from app.lora.files import bind
+    from app.lora.names import layer_table, model_components
+    from app.models.default_model import build_default_pipeline
+
+    run = dict(steps=4, seed=2)
+    clean(services, "zqlocon")
+    result = services.training.train_lora(lora_cfg("zqlocon", dataset, **run), 4, 4.0, False, 2, 1.0).wait()
+    assert result.error is None
+    data, meta = tensors(result.path)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    down, up = data[conv + ".lora_down.weight"], data[conv + ".lora_up.weight"]
+    assert down.shape[0] == 2 and tuple(down.shape[2:]) == (3, 3) and tuple(up.shape[2:]) == (1, 1)
+    assert float(data[conv + ".alpha"]) == 1.0 and up.any()  # its up half started at zero: it learned
+    assert any("downsamplers" in k for k in data) and any("upsamplers" in k for k in data)
+    assert not any(k.startswith(("lora_unet_conv_in", "lora_unet_conv_out")) for k in data)
+    assert data["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+    # interrupted and continued (the file's own layers, whatever the request says), it ends on the same file
+    straight = data
+    clean(services, "zqlocon")
+    first = services.training.train_lora(lora_cfg("zqlocon", dataset, **{**run, "steps": 2}), 4, 4.0, False, 2, 1.0)
+    assert first.wait().step == 2
+    assert services.training.train_lora(lora_cfg("zqlocon", dataset, **run), 8, 8.0).wait().step == 4
+    resumed, resumed_meta = tensors(result.path)
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert resumed_meta["ss_network_args"] == meta["ss_network_args"]
+
+    pipe = build_default_pipeline()
+    probe = unet_probe(pipe, seed=0, timestep=400)
+    base = probe()
+    bound = bind(read_lora_file(result.path), layer_table(model_components(pipe)), "SD 1.x")
+    with lora_applied([Application(bound, 1.0, 1.0)]):
+        ours = probe()
+    pipe.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name="t")
+    theirs = probe()
+    assert (ours - base).abs().max() > 1e-4
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("conv_dim", "conv_alpha", "word"), [(-1, 1, "Conv dim"), (5000, 1, "Conv dim"), (4, 0, "Conv alpha")]
+)
+def test_bad_locon_settings_are_refused(services, dataset, conv_dim, conv_alpha, word):
+    with pytest.raises(UserError, match=word) as caught:
+        services.training.train_lora(lora_cfg("zqbad", dataset), 4, 4.0, False, conv_dim, conv_alpha)
+    assert caught.value.field == word.lower().replace(" ", "_")
+    assert not (services.settings.lora_dir / "zqbad.safetensors").exists()

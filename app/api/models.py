@@ -239,6 +239,9 @@ class TrainLoraRequest(TrainRequest):
     rank: int = bounded(8, 1, MAX_LORA_RANK)
     alpha: float = bounded(8.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
     train_text_encoder: bool = False
+    # kohya's LoCon (network_args conv_dim/conv_alpha): also the UNet's ResNet 3x3 convolutions; 0 = off
+    conv_dim: int = bounded(0, 0, MAX_LORA_RANK)
+    conv_alpha: float = bounded(1.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
     text_encoder_lr: str | float = ""  # kohya's: the text encoder layers' rate (A1111 schedule syntax); "" = learn_rate
     # the file's precision: "" = fp16 for a new LoRA (as LoRAs are shared), the file's own for a continued one
     save_precision: Literal["", "fp16", "bf16", "fp32"] = ""

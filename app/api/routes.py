@@ -364,7 +364,9 @@ def register_api(app: FastAPI, services: Services) -> None:
         """Train a LoRA (created on the first save if `lora_name` does not exist, continued if it does)."""
         cfg = train_config(req, req.lora_name, req.save_lora_every)
         try:
-            job = services.training.train_lora(cfg, req.rank, req.alpha, req.train_text_encoder)
+            job = services.training.train_lora(
+                cfg, req.rank, req.alpha, req.train_text_encoder, req.conv_dim, req.conv_alpha
+            )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})
         return {"info": train_info(job, "lora")}

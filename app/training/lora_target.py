@@ -1,6 +1,7 @@
 """Training a LoRA on the shared engine: PEFT LoRA layers injected around the UNet's attention projections (and
-optionally the text encoder's) for the run, their fp32 weights the trained tensors, the file written in kohya's
-format; the model gets its original modules back when the run ends."""
+optionally its ResNet convolutions, kohya's LoCon, and the text encoder's projections) for the run, their fp32
+weights the trained tensors, the file written in kohya's format; the model gets its original modules back when the
+run ends."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ ADAPTER = "trained"  # not "train": ModuleDict keys become attributes, and nn.Mo
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+
+
+# kohya's LoCon (`conv_dim`): the kernel convolutions of the UNet's ResNet blocks and its down/upsamplers
+CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
+
+
+def conv_layers(unet: torch.nn.Module) -> list[str]:
+    """The UNet's 3x3 convolutions inside ResNet blocks, downsamplers and upsamplers (not conv_in/conv_out), which
+    kohya's `networks.lora` trains at `conv_dim` when it is set."""
+    return [
+        path
+        for path, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+        and module.kernel_size != (1, 1)
+        and any(block in f".{path}." for block in CONV_BLOCKS)
+    ]
 
 
 def default_layers(root: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -67,6 +84,8 @@ class LoraTarget:
         metadata: dict[str, str],
         existing: LoraFile | None = None,
         save_dtype: torch.dtype = torch.float32,
+        conv_dim: int = 0,
+        conv_alpha: float = 1.0,
     ):
         self.path, self.name = path, path.stem
         self.save_dtype = save_dtype
@@ -84,6 +103,8 @@ class LoraTarget:
         else:
             self.initial_step = 0
             plan[UNET] = [(p, rank, alpha, None, None) for p in default_layers(model.pipe.unet, UNET_LAYERS)]
+            if conv_dim:  # LoCon: the ResNet convolutions too, at their own rank and alpha
+                plan[UNET] += [(p, conv_dim, conv_alpha, None, None) for p in conv_layers(model.pipe.unet)]
             if train_text_encoder:  # SDXL: both text encoders
                 for component in (TEXT_ENCODER, TEXT_ENCODER_2):
                     if component in self._components:

@@ -274,8 +274,17 @@ class TrainingService:
         return self._submit("train hypernetwork", run_job, cfg.name)
 
     # -- LoRAs -----------------------------------------------------------------------------------------------------
-    def train_lora(self, cfg: TrainConfig, rank: int = 8, alpha: float = 8.0, train_text_encoder: bool = False) -> Job:
-        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own rank and alpha)."""
+    def train_lora(
+        self,
+        cfg: TrainConfig,
+        rank: int = 8,
+        alpha: float = 8.0,
+        train_text_encoder: bool = False,
+        conv_dim: int = 0,
+        conv_alpha: float = 1.0,
+    ) -> Job:
+        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own layers, ranks and
+        alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon)."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -291,6 +300,21 @@ class TrainingService:
         if not (math.isfinite(alpha_value) and 0 < alpha_value <= MAX_LORA_ALPHA):
             raise UserError(
                 f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {alpha}.", "alpha"
+            )
+        try:
+            conv_dim_value, conv_alpha_value = int(conv_dim or 0), float(conv_alpha)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"Conv dim must be a whole number and conv alpha a number; got {conv_dim!r} and {conv_alpha!r}."
+            ) from None
+        if not 0 <= conv_dim_value <= MAX_LORA_RANK:
+            raise UserError(
+                f"Conv dim must be between 0 (off) and {MAX_LORA_RANK} (4-16 is usual), got {conv_dim}.", "conv_dim"
+            )
+        if conv_dim_value and not (math.isfinite(conv_alpha_value) and 0 < conv_alpha_value <= MAX_LORA_ALPHA):
+            raise UserError(
+                f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got {conv_alpha}.",
+                "conv_alpha",
             )
         existing_entry = self.loras.db.files().get(name)
         existing = None
@@ -345,9 +369,24 @@ class TrainingService:
             with self.models.lock:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
+                if conv_dim_value and existing is None:  # kohya's record of its network_args
+                    args = {"conv_dim": str(conv_dim_value), "conv_alpha": str(conv_alpha_value)}
+                    metadata["ss_network_args"] = json.dumps(args)
+                elif existing is not None and "ss_network_args" in existing.metadata:
+                    metadata["ss_network_args"] = existing.metadata["ss_network_args"]
                 seed = cfg.seed if cfg.seed is not None else 0
                 target = LoraTarget(
-                    path, model, rank_value, alpha_value, train_text_encoder, seed, metadata, existing, save_dtype
+                    path,
+                    model,
+                    rank_value,
+                    alpha_value,
+                    train_text_encoder,
+                    seed,
+                    metadata,
+                    existing,
+                    save_dtype,
+                    conv_dim_value,
+                    conv_alpha_value,
                 )
                 try:
                     with self.models.placed_for_training(model):

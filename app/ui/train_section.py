@@ -29,7 +29,8 @@ class TrainKind:
 EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Train Embedding", "ti_train")
 HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
 LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA", "lora_train")
-LORA_FIELDS = ("rank", "alpha", "train_text_encoder")  # not TrainConfig fields: passed to train_lora
+# not TrainConfig fields: passed to train_lora
+LORA_FIELDS = ("rank", "alpha", "conv_dim", "conv_alpha", "train_text_encoder")
 
 
 class TrainSection:
@@ -79,6 +80,13 @@ class TrainSection:
             with gr.Row():
                 f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
+                f["conv_dim"] = gr.Number(
+                    value=0,
+                    precision=0,
+                    label="Conv dim (LoCon: ResNet convolutions too; 0 = off)",
+                    elem_id=f"{p}_conv_dim",
+                )
+                f["conv_alpha"] = gr.Number(value=1, label="Conv alpha", elem_id=f"{p}_conv_alpha")
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
@@ -302,7 +310,15 @@ class TrainSection:
                 rank, alpha = given["rank"], given["alpha"]
                 if rank is None or alpha is None:
                     raise UserError("Enter a rank (e.g. 8) and an alpha (e.g. 8).")
-                self.services.training.train_lora(cfg, int(rank), float(alpha), bool(given["train_text_encoder"]))
+                conv_dim, conv_alpha = given["conv_dim"] or 0, given["conv_alpha"]  # an emptied conv dim: off
+                self.services.training.train_lora(
+                    cfg,
+                    int(rank),
+                    float(alpha),
+                    bool(given["train_text_encoder"]),
+                    int(conv_dim),
+                    1.0 if conv_alpha is None else float(conv_alpha),
+                )
             else:
                 self.services.training.train_hypernetwork(cfg)
         except (UserError, ValueError, TypeError) as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from safetensors import safe_open
 
 from tests.test_out_of_memory import capped_at, warm  # noqa: F401 - `warm` is a fixture used by name
 
@@ -349,6 +350,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     name.press("Tab")
     fill_field(page, "train_lora_rank", 4)
     fill_field(page, "train_lora_alpha", 4)
+    fill_field(page, "train_lora_conv_dim", 2)  # LoCon: the ResNet convolutions too
     fill_field(page, "train_lora_dataset_directory", dataset)
     fill_field(page, "train_lora_reg_data_dir", reg)
     fill_field(page, "train_lora_prior_loss_weight", 0.5)
@@ -374,7 +376,8 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     )
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
-    assert (server.data_dir / "models" / "Lora" / "uitrained.safetensors").is_file()
+    with safe_open(str(server.data_dir / "models" / "Lora" / "uitrained.safetensors"), "pt") as f:
+        assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[:2] == (2, 32)
     page.get_by_role("tab", name="txt2img").click()
     page.locator("#lora_refresh").click()
     page.locator("#lora_cards").get_by_text("uitrained", exact=True).click()
