@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -58,6 +59,11 @@ def test_new_lora_is_a_kohya_file_the_tag_uses_and_the_model_is_restored(service
     assert meta["ss_steps"] == "6" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_resolution"] == "(64, 64)"
     assert meta["ss_sd_model_hash"] == model.info.short_hash and meta["ss_output_name"] == "zqtrain"
+    # kohya's training tags (A1111's metadata editor shows them) and hash of the tensor data, as A1111 computes it
+    assert json.loads(meta["ss_tag_frequency"]) == {dataset.name: {"a yellow star": 4}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {dataset.name: {"n_repeats": 1, "img_count": 4}}
+    raw = path.read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
     assert (result.log_dir / "loras" / "zqtrain-3.safetensors").is_file()
     assert (result.log_dir / "lora_loss.csv").is_file()
     # The model is exactly what it was: no PEFT wrappers left, same tensors, same image.
@@ -193,7 +199,7 @@ def test_a_foreign_file_cannot_be_continued(services, dataset):
 def test_train_lora_route(server, dataset):
     api = server.url + "/sdapi/v1"
     payload = {
-        "lora_name": "zqapi",
+        "lora_name": "zqapitrain",
         "data_root": str(dataset),
         "steps": 2,
         "training_width": 64,
@@ -205,9 +211,9 @@ def test_train_lora_route(server, dataset):
     }
     answer = requests.post(api + "/train/lora", json=payload, timeout=300)
     assert answer.status_code == 200, answer.text
-    assert answer.json()["info"].endswith("error: None") and "zqapi.safetensors" in answer.json()["info"]
+    assert answer.json()["info"].endswith("error: None") and "zqapitrain.safetensors" in answer.json()["info"]
     names = [row["name"] for row in requests.get(api + "/loras", timeout=30).json()]
-    assert "zqapi" in names
+    assert "zqapitrain" in names
     bad = requests.post(api + "/train/lora", json={**payload, "rank": 0}, timeout=30)
     assert bad.status_code == 400 and "Rank" in bad.json()["detail"]
 

@@ -5,10 +5,11 @@ scripts write them; SDXL's encoders as `lora_te1_`/`lora_te2_`), `.lora_down.wei
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from app.fileio import atomic_write
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
@@ -39,4 +40,13 @@ def save_kohya_lora(
         tensors[name + ".lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
         tensors[name + ".lora_up.weight"] = up.detach().to(dtype).cpu().contiguous()
         tensors[name + ".alpha"] = torch.tensor(float(alpha))
+    metadata = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """kohya's `sshs_model_hash`: the sha256 of the file's tensor data (after the header, so the metadata that holds
+    it does not change it), the "addnet" hash A1111 shows for a LoRA; written so that A1111 and we need not read
+    the whole file to hash it."""
+    raw = save(tensors)  # the same data section as the file, without metadata
+    return hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()

@@ -485,7 +485,8 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_batch_size_per_device": str(int(cfg.batch_size)),
         "ss_gradient_accumulation_steps": str(int(cfg.gradient_step)),
         "ss_num_train_images": str(sum(im.repeats for im in train)),  # as kohya counts: with repeats
-        **({"ss_dataset_dirs": dataset_dirs(train)} if any(im.repeats > 1 for im in train) else {}),
+        "ss_dataset_dirs": dataset_dirs(train),
+        "ss_tag_frequency": tag_frequency(train),
         "ss_num_reg_images": str(sum(im.repeats for im in reg)),
         **({"ss_reg_dataset_dirs": dataset_dirs(reg)} if reg else {}),
         "ss_prior_loss_weight": str(float(cfg.prior_loss_weight)),
@@ -510,6 +511,18 @@ def dataset_dirs(images: list[TrainingImage]) -> str:
         entry = dirs.setdefault(im.path.parent.name, {"n_repeats": im.repeats, "img_count": 0})
         entry["img_count"] += 1
     return json.dumps(dirs)
+
+
+def tag_frequency(images: list[TrainingImage]) -> str:
+    """kohya's `ss_tag_frequency`: per dataset folder, how many images' captions hold each comma-separated tag (A1111
+    shows these as the LoRA's training tags in its metadata editor)."""
+    counts: dict[str, dict[str, int]] = {}
+    for im in images:
+        folder = counts.setdefault(im.path.parent.name, {})
+        for tag in (t.strip() for t in im.filewords.split(",")):
+            if tag:
+                folder[tag] = folder.get(tag, 0) + 1
+    return json.dumps(counts)
 
 
 def bucket_info(images: list[TrainingImage]) -> str:
