@@ -31,8 +31,12 @@ def lycoris_network(root: torch.nn.Module, blocks: list[str], prefix: str, algo:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in network.named_parameters():
+            noise = torch.randn(param.shape, generator=g)
+            if name.endswith("dora_scale"):  # magnitudes: near the weight's own norms, as LyCORIS starts them
+                param.mul_(1 + 0.3 * noise)
+                continue
             spread = 0.6 if "hada" in name or "t1" in name or "t2" in name else 0.25
-            param.copy_(torch.randn(param.shape, generator=g) * spread)
+            param.copy_(noise * spread)
     return network
 
 
@@ -43,8 +47,12 @@ CASES = {
     "lokr-both-tucker": dict(algo="lokr", linear_dim=2, linear_alpha=1, decompose_both=True, use_tucker=True),
     "lokr-full": dict(algo="lokr", linear_dim=4, linear_alpha=2, full_matrix=True),
     "locon-tucker": dict(algo="locon", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, use_tucker=True),
+    # weight-decomposed (DoRA): magnitudes per output row (LyCORIS's default) or per input column (A1111's)
+    "lora-dora": dict(algo="lora", linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, dora_wd=True),
+    "loha-dora-columns": dict(algo="loha", linear_dim=4, linear_alpha=2, dora_wd=True, wd_on_output=False),
+    "lokr-dora": dict(algo="lokr", linear_dim=2, linear_alpha=1, dora_wd=True),
 }
-KINDS = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoCon (Tucker)"}
+KINDS = {"loha": "LoHa", "lokr": "LoKr", "locon": "LoCon (Tucker)", "lora": "LoRA + DoRA"}
 
 
 def outputs(pipe, unet, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +67,9 @@ def outputs(pipe, unet, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_lycoris_file_changes_the_model_as_lycoris_itself_runs_it(services, folder, case):  # noqa: F811
-    """Reference: LyCORIS's own modules applied to copies of the model (their forward, as they train), at 0.7."""
+    """Reference: LyCORIS's own modules applied to copies of the model (their forward, as they train), at 0.7; a
+    DoRA file at 1, because LyCORIS scales a DoRA's magnitudes by the multiplier where A1111 and ComfyUI scale the
+    whole change (W + m * (decomposed - W)), which is what we do and check below."""
     model = services.models.get()
     pipe = model.pipe
     settings = CASES[case]
@@ -79,19 +89,35 @@ def test_a_lycoris_file_changes_the_model_as_lycoris_itself_runs_it(services, fo
     assert row["usable"] is True, row
     assert KINDS[settings["algo"]] in row["kind"]
 
+    dora = bool(settings.get("dora_wd"))
+    multiplier = 1.0 if dora else 0.7
     base_unet, base_te = outputs(pipe, pipe.unet, pipe.text_encoder)
     for network in (unet_net, te_net):
-        network.set_multiplier(0.7)
+        network.set_multiplier(multiplier)
     want_unet, want_te = outputs(pipe, unet_copy, te_copy)
     lora = read_lora_file(folder / "zqlyco.safetensors")
     bound = bind(lora, services.loras.table(model), "shapes-64")
     before = snapshot(model)
-    with lora_applied([Application(bound, 0.7, 0.7)]):
+    with lora_applied([Application(bound, multiplier, multiplier)]):
         got_unet, got_te = outputs(pipe, pipe.unet, pipe.text_encoder)
+        changed = {b.target.module: b.target.module.weight.detach().clone() for b in bound}
     assert same(before, snapshot(model))
     for got, want, base in ((got_unet, want_unet, base_unet), (got_te, want_te, base_te)):
         assert float((want - base).abs().max()) > 0.05  # the file changes the output
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    if dora:  # at 0.4: W + 0.4 * (W1 - W), W1 the weights at 1 (just checked against LyCORIS)
+        with lora_applied([Application(bound, 0.4, 0.4)]):
+            got_unet, got_te = outputs(pipe, pipe.unet, pipe.text_encoder)
+        saved = {module: module.weight.detach().clone() for module in changed}
+        with torch.no_grad():
+            for module, at_one in changed.items():
+                module.weight.copy_(saved[module] + 0.4 * (at_one - saved[module]))
+            want_unet, want_te = outputs(pipe, pipe.unet, pipe.text_encoder)
+            for module, weight in saved.items():
+                module.weight.copy_(weight)
+        torch.testing.assert_close(got_unet, want_unet, rtol=1e-4, atol=1e-4 * float(want_unet.abs().max()))
+        torch.testing.assert_close(got_te, want_te, rtol=1e-4, atol=1e-4 * float(want_te.abs().max()))
+        assert same(before, snapshot(model))
 
     # and through the prompt tag, as a user uses it: a visible change, nothing left behind
     image = pixels(gen(services, "a red circle"))
@@ -106,7 +132,7 @@ def test_a_lycoris_file_is_not_continued_by_training(services, folder, tmp_path)
     network = lycoris_network(unet_copy, UNET_BLOCKS, "lora_unet", "loha", seed=3, linear_dim=2, conv_dim=2)
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "zqlycotrain.safetensors"))
     before = (folder / "zqlycotrain.safetensors").read_bytes()
-    with pytest.raises(UserError, match="is a LyCORIS LoHa file; training continues LoRA files"):
+    with pytest.raises(UserError, match="holds LoHa layers; training continues plain LoRA files"):
         services.training.train_lora(cfg("zqlycotrain", make_dataset(tmp_path / "stars")), 4, 4.0)
     assert (folder / "zqlycotrain.safetensors").read_bytes() == before
 
@@ -133,7 +159,16 @@ def test_a_lycoris_file_is_not_continued_by_training(services, folder, tmp_path)
             | {"x.lora_mid.weight": torch.ones(3, 3, 3, 3)},
             "Tucker core",
         ),
-        ({"x.lora_down.weight": torch.ones(2, 4), "x.dora_scale": torch.ones(4, 1)}, "DoRA"),
+        (
+            {
+                "x.lora_down.weight": torch.ones(2, 4),
+                "x.lora_up.weight": torch.ones(4, 2),
+                "x.dora_scale": torch.ones(3, 1),
+            }
+            | {"x.alpha": torch.tensor(1.0)},
+            "DoRA magnitude of shape",
+        ),
+        ({"x.lora_down.weight": torch.ones(2, 4), "x.on_input": torch.ones(4)}, "\\(IA\\)³"),
     ],
 )
 def test_broken_lycoris_layers_say_why(tensors, message):

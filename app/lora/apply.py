@@ -48,10 +48,10 @@ def lora_applied(applications: list[Application]) -> Iterator[None]:
         yield
 
 
-def delta_weight(bound: BoundLayer, device: torch.device) -> torch.Tensor:
-    """The layer's update (LoRA: (alpha/rank) up @ down; LoHa, LoKr: files.py) in the weight's shape, fp32 on
-    `device`."""
-    return bound.layer.delta(device).reshape(bound.target.module.weight.shape)
+def delta_weight(bound: BoundLayer, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's update (LoRA: (alpha/rank) up @ down; LoHa, LoKr, DoRA: files.py) in the shape of `weight` (the
+    layer's original weight, which a DoRA update depends on), fp32 on its device."""
+    return bound.layer.delta(weight.device, weight).reshape(weight.shape)
 
 
 class _Slot:
@@ -85,7 +85,7 @@ def _merged(applications: list[Application]) -> Iterator[None]:
                 continue
             module = b.target.module
             slot = slots.setdefault(module, _Slot(module))
-            d = m * delta_weight(b, slot.get().device)
+            d = m * delta_weight(b, slot.get())
             deltas[module] = deltas[module] + d if module in deltas else d
     originals: list[tuple[_Slot, torch.Tensor]] = []
     try:

@@ -35,7 +35,6 @@ class LoraFormatError(ValueError):
 
 # Markers of kinds of "network" files that share the folder and the tag but are not applied here.
 _OTHER_KINDS = [
-    ("dora_scale", "a DoRA (weight-decomposed LoRA)"),
     ("on_input", "an (IA)³"),
     ("oft_", "an OFT/BOFT"),
     (".a1.weight", "a GLoRA"),
@@ -44,6 +43,7 @@ _OTHER_KINDS = [
 ]
 # kohya's and LyCORIS's per-layer tensor names (`<layer>.<part>`)
 _PARTS = (
+    "dora_scale",
     "lora_mid.weight",
     "hada_w1_a",
     "hada_w1_b",
@@ -133,8 +133,9 @@ class LoraLayer:
     def tensors(self) -> list[torch.Tensor]:
         return [self.down, self.up]
 
-    def delta(self, device: torch.device) -> torch.Tensor:
-        """The scaled update in fp32 on `device`, [out, in * kernel] (the caller reshapes it to the weight)."""
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled update in fp32 on `device`, [out, in * kernel] (the caller reshapes it to the weight; `weight`,
+        the layer's own, only matters to DoRA)."""
         return self.scale * _low_rank(self.up, self.down, None, device)
 
 
@@ -160,7 +161,7 @@ class TuckerLoraLayer:
     def tensors(self) -> list[torch.Tensor]:
         return [self.down, self.up, self.mid]
 
-    def delta(self, device: torch.device) -> torch.Tensor:
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         up, down = _rows(self.up).T, _rows(self.down)  # [r, out] and [r, in]: the core's factor order
         return self.scale * _rows(_low_rank(up, down, self.mid, device))
 
@@ -189,7 +190,7 @@ class LohaLayer:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None]
 
-    def delta(self, device: torch.device) -> torch.Tensor:
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         first = _rows(_low_rank(self.w1_a, self.w1_b, self.t1, device))
         second = _rows(_low_rank(self.w2_a, self.w2_b, self.t2, device))
         return self.scale * first * second
@@ -230,7 +231,7 @@ class LokrLayer:
         parts = (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
         return [t for t in parts if t is not None]
 
-    def delta(self, device: torch.device) -> torch.Tensor:
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.w1 is not None:
             first = self.w1.to(device, torch.float32)
         else:
@@ -246,7 +247,52 @@ class LokrLayer:
         return self.scale * _rows(torch.kron(first.contiguous(), second.contiguous()))
 
 
-NetworkLayer = LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer
+@dataclass
+class DoraLayer:
+    """A weight-decomposed update (DoRA; LyCORIS's `dora_wd`, "DoHa"/"DoKr" on a LoHa/LoKr): the inner layer's
+    update is added to the weight, then each row of the sum (`dora_scale` [out, 1, ...], LyCORIS's and PEFT's
+    default) or each column (`dora_scale` [1, in, ...], the DoRA paper's and A1111's) is rescaled to the magnitude
+    stored for it. The update is that result minus the weight, so a multiplier m gives W + m * (decomposed - W), as
+    A1111 and ComfyUI apply it."""
+
+    inner: LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer
+    dora_scale: torch.Tensor
+
+    @property
+    def kind(self) -> str:
+        return f"{self.inner.kind} + DoRA"
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    @property
+    def per_output(self) -> bool:
+        """Rows (the first axis holds the magnitudes) or columns; a 1-D scale is per output, as PEFT stores it."""
+        return self.dora_scale.ndim == 1 or self.dora_scale.shape[0] != 1
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        return self.inner.update_shape
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.inner.tensors(), self.dora_scale]
+
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if weight is None:
+            raise ValueError("a DoRA update depends on the weight it changes")
+        w = weight.to(device, torch.float32)
+        merged = w + self.inner.delta(device).reshape(w.shape)
+        ones = [1] * (w.dim() - 1)
+        if self.per_output:
+            norm = _rows(merged).norm(dim=1).reshape(w.shape[0], *ones)
+        else:
+            norm = _rows(merged.transpose(0, 1)).norm(dim=1).reshape(w.shape[1], *ones).transpose(0, 1)
+        magnitude = self.dora_scale.to(device, torch.float32).reshape(norm.shape)
+        return _rows(merged * (magnitude / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w)
+
+
+NetworkLayer = LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer | DoraLayer
 
 
 @dataclass
@@ -403,7 +449,28 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
 
 
 def _make_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> NetworkLayer:
-    """The layer of kind the tensor names say, its shapes, dtypes and (when read) values checked."""
+    """The layer of kind the tensor names say, its shapes, dtypes and (when read) values checked; with a
+    `dora_scale`, that layer weight-decomposed."""
+    if "dora_scale" not in found:
+        return _make_plain_layer(name, found, alpha)
+    found = dict(found)
+    scale = found.pop("dora_scale")
+    inner = _make_plain_layer(name, found, alpha)
+    layer = DoraLayer(inner, scale)
+    shape = inner.update_shape
+    # per column: the update may be a convolution's flattened to [out, in * kh * kw] (bind checks `in` itself)
+    want = shape[0] if layer.per_output else shape[1]
+    fits = scale.numel() == want if layer.per_output or len(shape) == 4 else want % max(1, scale.numel()) == 0
+    if not fits or (scale.ndim > 1 and math.prod(scale.shape) != max(scale.shape)):
+        axis = "out" if layer.per_output else "in"
+        raise LoraFormatError(
+            f"layer '{name}' has a DoRA magnitude of shape {tuple(scale.shape)}; its update {tuple(shape)} needs "
+            f"{want} values ([{axis}, 1, ...])"
+        )
+    return _checked(name, layer)
+
+
+def _make_plain_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> NetworkLayer:
     names = set(found)
     alpha_value = _alpha_value(name, alpha)
     if names <= {"down", "up", "lora_mid"}:
@@ -510,6 +577,11 @@ def check_fits(layer: NetworkLayer, target: Target) -> str | None:
         fits = (have[0], have[1], kernel(have)) == (want[0], want[1], kernel(want))
     if not fits:
         return f"layer {target.component}.{target.path} is {_dims(want)}, the file's update for it is {_dims(have)}"
+    if isinstance(layer, DoraLayer) and layer.dora_scale.numel() != want[0 if layer.per_output else 1]:
+        return (
+            f"layer {target.component}.{target.path} is {_dims(want)}, the file's DoRA magnitudes for it are "
+            f"{tuple(layer.dora_scale.shape)}"
+        )
     return None
 
 

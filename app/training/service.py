@@ -333,7 +333,7 @@ class TrainingService:
             other = sorted({layer.kind for layer in existing.layers.values()} - {"LoRA"})
             if other:
                 raise UserError(
-                    f"LoRA '{name}' is a LyCORIS {', '.join(other)} file; training continues LoRA files "
+                    f"LoRA '{name}' holds {', '.join(other)} layers; training continues plain LoRA files "
                     "(lora_down/lora_up) only. Choose another name to train a new LoRA."
                 )
         if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
