@@ -5,16 +5,20 @@ the `lycoris-lora` package (a test dependency), not our code; broken files of th
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lycoris import LycorisNetwork, create_lycoris
 from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.lora.apply import Application, lora_applied
-from app.lora.files import LoraFormatError, bind, parse_lora, read_lora_file
+from app.lora.files import DoraLayer, LoraFormatError, bind, check_fits, parse_lora, read_lora_file
+from app.lora.names import Target
 from tests.test_lora import folder, gen, pixels, same, snapshot  # noqa: F401 - `folder` is a fixture
 from tests.test_training import cfg, make_dataset
 
@@ -214,3 +218,50 @@ def test_sdxl_lycoris_files_with_both_text_encoders(case):
     assert torch.equal(run(*parts.values()), base)
     assert float((want - base).abs().max()) > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+FAMILIES = {  # each kind's required tensors, then the optional ones
+    "lora": (["lora_down.weight", "lora_up.weight"], ["lora_mid.weight", "alpha", "dora_scale"]),
+    "loha": (["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], ["hada_t1", "hada_t2", "alpha", "dora_scale"]),
+    "lokr": (["lokr_w1", "lokr_w2"], ["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"]),
+}
+dim = st.integers(1, 2)
+shapes = st.one_of(  # mostly matrices and kernels of 1-2 wide dims (so they often chain), now and then anything
+    st.tuples(dim, dim),
+    st.tuples(dim, dim, dim, dim),
+    st.lists(st.integers(0, 3), max_size=5).map(tuple),
+)
+
+
+@st.composite
+def layer_parts(draw) -> dict[str, tuple[int, ...]]:
+    """The tensors of one layer: a kind's required names (sometimes one dropped) and some optional ones, each of a
+    small random shape (small dims, so that shapes often do chain)."""
+    required, optional = FAMILIES[draw(st.sampled_from(sorted(FAMILIES)))]
+    names = list(required)
+    if draw(st.booleans()) and draw(st.integers(0, 9)) == 0:
+        names.remove(draw(st.sampled_from(names)))
+    names += draw(st.lists(st.sampled_from(optional), unique=True, max_size=3))
+    return {name: () if name == "alpha" else draw(shapes) for name in names}
+
+
+@settings(max_examples=500, deadline=None)
+@given(layer_parts())
+def test_any_mix_of_layer_tensors_is_a_layer_whose_update_has_its_shape_or_a_reason(parts):
+    """Whatever tensor names and shapes a file puts under one layer: a LoraFormatError, or layers whose update
+    computes and has the shape they announce (what binding checks against the model)."""
+    tensors = {f"lora_unet_x.{part}": torch.ones(shape) * 0.5 for part, shape in parts.items()}
+    try:
+        lora = parse_lora(tensors)
+    except LoraFormatError:
+        return
+    for layer in lora.layers.values():
+        shape = layer.update_shape
+        assert len(shape) in (2, 4)
+        module = torch.nn.Linear(1, 1) if len(shape) == 2 else torch.nn.Conv2d(1, 1, 1)
+        module.weight = torch.nn.Parameter(torch.ones(shape), requires_grad=False)  # a layer of that very shape
+        if check_fits(layer, Target("unet", "x", module)) is not None:
+            assert isinstance(layer, DoraLayer)  # only magnitudes for another axis size: binding refuses those
+            continue
+        delta = layer.delta(torch.device("cpu"), module.weight)
+        assert delta.shape[0] == shape[0] and delta.numel() == math.prod(shape)

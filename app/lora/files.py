@@ -269,7 +269,7 @@ class DoraLayer:
     @property
     def per_output(self) -> bool:
         """Rows (the first axis holds the magnitudes) or columns; a 1-D scale is per output, as PEFT stores it."""
-        return self.dora_scale.ndim == 1 or self.dora_scale.shape[0] != 1
+        return self.dora_scale.ndim <= 1 or self.dora_scale.shape[0] != 1
 
     @property
     def update_shape(self) -> tuple[int, ...]:
@@ -461,7 +461,7 @@ def _make_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor |
     # per column: the update may be a convolution's flattened to [out, in * kh * kw] (bind checks `in` itself)
     want = shape[0] if layer.per_output else shape[1]
     fits = scale.numel() == want if layer.per_output or len(shape) == 4 else want % max(1, scale.numel()) == 0
-    if not fits or (scale.ndim > 1 and math.prod(scale.shape) != max(scale.shape)):
+    if not fits or scale.ndim == 0 or (scale.ndim > 1 and math.prod(scale.shape) != max(scale.shape)):
         axis = "out" if layer.per_output else "in"
         raise LoraFormatError(
             f"layer '{name}' has a DoRA magnitude of shape {tuple(scale.shape)}; its update {tuple(shape)} needs "
@@ -540,6 +540,8 @@ def _alpha_value(name: str, alpha: torch.Tensor | None) -> float | None:
 def _checked(name: str, layer: NetworkLayer) -> NetworkLayer:
     """`layer`, once its tensors are floating point and (when read: a header read has shapes only) finite."""
     tensors = layer.tensors()
+    if any(t.numel() == 0 for t in tensors):
+        raise LoraFormatError(f"layer '{name}' holds an empty tensor (a dimension of 0); the file is damaged")
     if not all(t.is_floating_point() for t in tensors):
         raise LoraFormatError(f"layer '{name}' does not hold floating-point weights")
     if tensors[0].device.type != "meta" and not all(bool(torch.isfinite(t).all()) for t in tensors):
