@@ -239,6 +239,8 @@ class TrainLoraRequest(TrainRequest):
     rank: int = bounded(8, 1, MAX_LORA_RANK)
     alpha: float = bounded(8.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
     train_text_encoder: bool = False
+    # "loha" / "lokr": a LyCORIS LoHa / LoKr instead of a LoRA (kohya's network_module=lycoris.kohya, algo=...)
+    network_type: Literal["lora", "loha", "lokr"] = "lora"
     # kohya's LoCon (network_args conv_dim/conv_alpha): also the UNet's ResNet 3x3 convolutions; 0 = off
     conv_dim: int = bounded(0, 0, MAX_LORA_RANK)
     conv_alpha: float = bounded(1.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)

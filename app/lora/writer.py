@@ -1,7 +1,7 @@
-"""Writing LoRA files in kohya's format, which A1111, ComfyUI, kohya's scripts and diffusers' `load_lora_weights`
-all read: `lora_unet_<path>` / `lora_te_text_model_<path>` names (diffusers-style paths, as kohya's SD 1.x/2.x
-scripts write them; SDXL's encoders as `lora_te1_`/`lora_te2_`), `.lora_down.weight`, `.lora_up.weight`,
-`.alpha`, and `ss_` metadata."""
+"""Writing LoRA files in kohya's format (and LyCORIS's LoHa/LoKr under kohya's names), which A1111, ComfyUI,
+kohya's scripts and (LoRAs) diffusers' `load_lora_weights` all read: `lora_unet_<path>` / `lora_te_text_model_<path>`
+names (diffusers-style paths, as kohya's SD 1.x/2.x scripts write them; SDXL's encoders as `lora_te1_`/`lora_te2_`),
+`.lora_down.weight`, `.lora_up.weight` (LyCORIS: `.hada_*`, `.lokr_*`), `.alpha`, and `ss_` metadata."""
 
 from __future__ import annotations
 
@@ -25,20 +25,22 @@ def kohya_name(component: str, path: str, xl: bool = False) -> str:
     return te_prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
-def save_kohya_lora(
+def save_network(
     path: Path,
-    layers: list[tuple[str, str, torch.Tensor, torch.Tensor, float]],
+    layers: list[tuple[str, str, dict[str, torch.Tensor], float]],
     metadata: dict[str, str],
     xl: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write (component, module path, down, up, alpha) layers to `path` atomically, the weights in `dtype` (fp16
-    is what LoRAs are shared in: half the size; training keeps its fp32 values in `.optim` to resume exactly)."""
+    """Write (component, module path, {tensor name: tensor}, alpha) layers to `path` atomically, as
+    `<kohya name>.<tensor name>` (`lora_down.weight`/`lora_up.weight` for a LoRA, LyCORIS's `hada_*`/`lokr_*`) and
+    `<kohya name>.alpha`, the weights in `dtype` (fp16 is what LoRAs are shared in: half the size; training keeps
+    its fp32 values in `.optim` to resume exactly)."""
     tensors: dict[str, torch.Tensor] = {}
-    for component, module_path, down, up, alpha in layers:
+    for component, module_path, parts, alpha in layers:
         name = kohya_name(component, module_path, xl)
-        tensors[name + ".lora_down.weight"] = down.detach().to(dtype).cpu().contiguous()
-        tensors[name + ".lora_up.weight"] = up.detach().to(dtype).cpu().contiguous()
+        for part, value in parts.items():
+            tensors[f"{name}.{part}"] = value.detach().to(dtype).cpu().contiguous()
         tensors[name + ".alpha"] = torch.tensor(float(alpha))
     metadata = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -11,13 +11,14 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from app.lora.files import LoraFile, bind
+from app.errors import UserError
+from app.lora.files import LohaLayer, LokrLayer, LoraFile, LoraLayer, bind
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
-from app.lora.writer import save_kohya_lora
+from app.lora.writer import save_network
 from app.models.manager import LoadedModel
 from app.prompts.encoder import PromptEncoder
 from app.training.checkpoint import tensors_hash
@@ -65,6 +66,63 @@ def unwrap(root: torch.nn.Module) -> None:
         del root.peft_config
 
 
+# PEFT's tensor names -> the file's (LyCORIS's names are PEFT's own; a LoRA's are kohya's)
+_LORA_PARTS = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
+_LYCORIS_PARTS = (
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+)
+
+
+def trained_parts(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trained tensors of one PEFT-wrapped layer under the names the file gives them, in a fixed order."""
+    parts: dict[str, torch.nn.Parameter] = {}
+    for attr, name in _LORA_PARTS.items():
+        if hasattr(wrapper, attr) and ADAPTER in getattr(wrapper, attr):
+            parts[name] = getattr(wrapper, attr)[ADAPTER].weight
+    for attr in _LYCORIS_PARTS:
+        if hasattr(wrapper, attr) and ADAPTER in getattr(wrapper, attr):
+            parts[attr] = getattr(wrapper, attr)[ADAPTER]
+    return parts
+
+
+NETWORK_TYPES = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr"}  # a layer kind -> the network type that trains it
+
+
+def network_type_of(lora: LoraFile) -> str:
+    """The network type that continues `lora` (the service has refused files of other or mixed kinds)."""
+    return NETWORK_TYPES[next(iter(lora.layers.values())).kind]
+
+
+def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer) -> tuple[int, dict[str, torch.Tensor]]:
+    """The rank PEFT needs to make this layer's tensors again, and the tensors by their file names."""
+    if isinstance(layer, LoraLayer):
+        return layer.rank, {"lora_down.weight": layer.down, "lora_up.weight": layer.up}
+    if isinstance(layer, LohaLayer):
+        parts = {"hada_w1_a": layer.w1_a, "hada_w1_b": layer.w1_b, "hada_w2_a": layer.w2_a, "hada_w2_b": layer.w2_b}
+        return layer.w1_b.shape[0], parts
+    names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    values = (layer.w1, layer.w1_a, layer.w1_b, layer.w2, layer.w2_a, layer.w2_b)
+    parts = {n: v for n, v in zip(names, values, strict=True) if v is not None}
+    if layer.w2_b is not None:
+        return layer.w2_b.shape[0], parts
+    if layer.w1_b is not None:
+        return layer.w1_b.shape[0], parts
+    # two full halves have no rank: any rank of at least half of w2's sides keeps them full; the file's alpha is the
+    # rank they were made with (LyCORIS's convention, and ours), so a continued file is written as it was
+    full = max(layer.w2.shape[:2])
+    alpha = int(layer.alpha) if layer.alpha is not None and float(layer.alpha).is_integer() else 0
+    return (alpha if alpha >= full / 2 else full), parts
+
+
 class LoraTarget:
     """A new LoRA (rank, alpha, which parts) or an existing kohya file continued (its own rank and alpha)."""
 
@@ -86,78 +144,97 @@ class LoraTarget:
         save_dtype: torch.dtype = torch.float32,
         conv_dim: int = 0,
         conv_alpha: float = 1.0,
+        network_type: str = "lora",
     ):
         self.path, self.name = path, path.stem
         self.save_dtype = save_dtype
         self._metadata = dict(metadata)
         self._components = model_components(model.pipe)
-        plan: dict[str, list[tuple[str, int, float, torch.Tensor | None, torch.Tensor | None]]] = {}
+        self.network_type = network_type
+        self._decompose_both = False  # LoKr: w1 low-rank too (only a continued file that has it so)
+        plan: dict[str, list[tuple[str, int, float, dict[str, torch.Tensor] | None]]] = {}
         if existing is not None:
             self.initial_step = int(existing.metadata.get("ss_steps", "0") or 0)
-            for b in bind(existing, layer_table(self._components), "the loaded model"):
-                layer = b.layer
-                alpha_value = layer.alpha if layer.alpha is not None else float(layer.rank)
-                plan.setdefault(b.target.component, []).append(
-                    (b.target.path, layer.rank, alpha_value, layer.down, layer.up)
-                )
+            bound = bind(existing, layer_table(self._components), "the loaded model")
+            self.network_type = network_type_of(existing)
+            for b in bound:
+                rank_value, parts = continued_layer(b.layer)
+                self._decompose_both |= "lokr_w1_a" in parts
+                alpha_value = b.layer.alpha if b.layer.alpha is not None else float(rank_value)
+                plan.setdefault(b.target.component, []).append((b.target.path, rank_value, alpha_value, parts))
         else:
             self.initial_step = 0
-            plan[UNET] = [(p, rank, alpha, None, None) for p in default_layers(model.pipe.unet, UNET_LAYERS)]
+            plan[UNET] = [(p, rank, alpha, None) for p in default_layers(model.pipe.unet, UNET_LAYERS)]
             if conv_dim:  # LoCon: the ResNet convolutions too, at their own rank and alpha
-                plan[UNET] += [(p, conv_dim, conv_alpha, None, None) for p in conv_layers(model.pipe.unet)]
+                plan[UNET] += [(p, conv_dim, conv_alpha, None) for p in conv_layers(model.pipe.unet)]
             if train_text_encoder:  # SDXL: both text encoders
                 for component in (TEXT_ENCODER, TEXT_ENCODER_2):
                     if component in self._components:
                         layers = default_layers(self._components[component], TEXT_ENCODER_LAYERS)
-                        plan[component] = [(p, rank, alpha, None, None) for p in layers]
+                        plan[component] = [(p, rank, alpha, None) for p in layers]
         # One order for fresh and continued runs (a file lists its layers by name): the optimizer state in `.optim`
         # and its digest follow the parameter order, so resume must see the same order as the run that saved.
         self._plan = {c: sorted(plan[c], key=lambda layer: layer[0]) for c in COMPONENTS if c in plan}
         self._params: list[torch.nn.Parameter] = []
+        self.text_encoder_parameters = 0  # `_params` follows COMPONENTS (the UNet first): the text encoders' last
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # PEFT's Kaiming init of the down halves: the same run, the same start
+                torch.manual_seed(seed)  # PEFT's random init (Kaiming): the same run, the same start
                 for component, layers in self._plan.items():
-                    self._inject(self._components[component], layers)
+                    added = self._inject(self._components[component], layers)
+                    self.text_encoder_parameters += added if component != UNET else 0
         except Exception:
             self.close()
             raise
         self._text_encoders = [self._components[c] for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan]
         self.trains_text_encoder = bool(self._text_encoders)
-        # `_params` follows COMPONENTS (the UNet first), two tensors per layer
-        self.text_encoder_parameters = 2 * sum(
-            len(self._plan[c]) for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan
-        )
         self._encoder = model.encoder
         self._xl = model.is_xl
 
-    def _inject(self, root: torch.nn.Module, layers: list) -> None:
-        config = LoraConfig(
-            r=layers[0][1],
-            lora_alpha=layers[0][2],
+    def _config(self, layers: list):
+        """PEFT's config for this network type; each layer's own rank and alpha through the patterns."""
+        common = dict(
             target_modules=[p for p, *_ in layers],
             rank_pattern={re.escape(p): r for p, r, *_ in layers},
-            alpha_pattern={re.escape(p): a for p, _, a, *_ in layers},
-            lora_dropout=0.0,
-            init_lora_weights=True,
+            alpha_pattern={re.escape(p): a for p, _, a, _ in layers},
         )
+        r, a = layers[0][1], layers[0][2]
+        if self.network_type == "loha":
+            return LoHaConfig(r=r, alpha=a, init_weights=True, **common)
+        if self.network_type == "lokr":
+            return LoKrConfig(r=r, alpha=a, init_weights="lycoris", decompose_both=self._decompose_both, **common)
+        return LoraConfig(r=r, lora_alpha=a, lora_dropout=0.0, init_lora_weights=True, **common)
+
+    def _inject(self, root: torch.nn.Module, layers: list) -> int:
+        """Wrap `layers` of `root` with trainable layers of the network type (fp32, a continued file's values put
+        in); the number of tensors added."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+            inject_adapter_in_model(self._config(layers), root, adapter_name=ADAPTER)
         if hasattr(root, "peft_config"):
             del root.peft_config
-        for path, _, _, down, up in layers:
+        added = 0
+        for path, _, _, given in layers:
             wrapper = root.get_submodule(path)
-            a, b = wrapper.lora_A[ADAPTER], wrapper.lora_B[ADAPTER]
-            a.float()  # fp32 master weights, also when the model runs in half precision
-            b.float()
+            parts = trained_parts(wrapper)
+            if self.network_type == "lokr" and {"lokr_w1", "lokr_w2"} <= set(parts):
+                wrapper.scaling[ADAPTER] = 1.0  # two full halves have no rank: readers apply them unscaled
             with torch.no_grad():
-                if down is not None:
-                    a.weight.copy_(down.reshape(a.weight.shape))
-                    b.weight.copy_(up.reshape(b.weight.shape))
-            for p in (a.weight, b.weight):
+                for part, p in parts.items():
+                    p.data = p.data.float()  # fp32 master weights, also when the model runs in half precision
+                    if given is not None:
+                        if part not in given or given[part].numel() != p.numel():
+                            raise UserError(
+                                f"'{self.name}' cannot be continued: its layer {path} is laid out otherwise than "
+                                f"this trainer makes a {self.network_type} (a {part} of {p.numel()} values). Choose "
+                                "another name to train a new one."
+                            )
+                        p.copy_(given[part].reshape(p.shape))
+            for p in parts.values():
                 p.requires_grad_(True)
                 self._params.append(p)
+                added += 1
+        return added
 
     def close(self) -> None:
         """Take the LoRA layers out of the model (always called when the run ends)."""
@@ -207,29 +284,28 @@ class LoraTarget:
     def optim_path(self) -> Path:
         return self.path.with_suffix(".optim")
 
-    def _layers(self) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
+    def _layers(self) -> list[tuple[str, str, dict[str, torch.Tensor], float]]:
         out = []
         for component, layers in self._plan.items():
             root = self._components[component]
             for path, *_ in layers:
                 wrapper = root.get_submodule(path)
-                out.append(
-                    (
-                        component,
-                        path,
-                        wrapper.lora_A[ADAPTER].weight,
-                        wrapper.lora_B[ADAPTER].weight,
-                        float(wrapper.lora_alpha[ADAPTER]),
-                    )
-                )
+                parts = trained_parts(wrapper)
+                if self.network_type == "lora":
+                    alpha = float(wrapper.lora_alpha[ADAPTER])
+                elif self.network_type == "lokr" and {"lokr_w1", "lokr_w2"} <= set(parts):
+                    alpha = float(wrapper.r[ADAPTER])  # LyCORIS's convention for a rankless layer: alpha = rank
+                else:
+                    alpha = float(wrapper.alpha[ADAPTER])
+                out.append((component, path, parts, alpha))
         return out
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}
-        save_kohya_lora(self.path, self._layers(), metadata, self._xl, self.save_dtype)
+        save_network(self.path, self._layers(), metadata, self._xl, self.save_dtype)
         if copy_to is not None:
             copy_metadata = {**metadata, "ss_output_name": f"{self.name}-{step}"}
-            save_kohya_lora(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype)
+            save_network(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype)
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel

@@ -30,7 +30,7 @@ from app.settings import Settings
 from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
-from app.training.lora_target import LoraTarget
+from app.training.lora_target import NETWORK_TYPES, LoraTarget, network_type_of
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
@@ -282,9 +282,11 @@ class TrainingService:
         train_text_encoder: bool = False,
         conv_dim: int = 0,
         conv_alpha: float = 1.0,
+        network_type: str = "lora",
     ) -> Job:
-        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own layers, ranks and
-        alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon)."""
+        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
+        and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
+        `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -330,12 +332,22 @@ class TrainingService:
                 bind(existing, self.loras.table(model), model_label(model))
             except LoraFormatError as e:
                 raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
-            other = sorted({layer.kind for layer in existing.layers.values()} - {"LoRA"})
-            if other:
+            kinds = {layer.kind for layer in existing.layers.values()}
+            tucker = any(
+                getattr(layer, "t1", None) is not None or getattr(layer, "t2", None) is not None
+                for layer in existing.layers.values()
+            )
+            if len(kinds) != 1 or not kinds <= set(NETWORK_TYPES) or tucker:
+                held = ", ".join(sorted(kinds)) + (" (with Tucker cores)" if tucker else "")
                 raise UserError(
-                    f"LoRA '{name}' holds {', '.join(other)} layers; training continues plain LoRA files "
-                    "(lora_down/lora_up) only. Choose another name to train a new LoRA."
+                    f"LoRA '{name}' holds {held} layers; training continues files of one kind, LoRA, LoHa or LoKr, "
+                    "without Tucker cores. Choose another name to train a new one."
                 )
+        if network_type not in NETWORK_TYPES.values():
+            raise UserError(
+                f"Network type must be one of {', '.join(NETWORK_TYPES.values())}, got {network_type!r}.",
+                "network_type",
+            )
         if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
             raise UserError(
                 f"Save precision must be one of {', '.join(SAVE_PRECISIONS)} (or empty), got {cfg.save_precision!r}.",
@@ -344,7 +356,7 @@ class TrainingService:
         if cfg.save_precision:
             save_dtype = SAVE_PRECISIONS[cfg.save_precision]
         elif existing is not None and existing.layers:  # continue in the file's own precision (its .optim fits it)
-            save_dtype = next(iter(existing.layers.values())).down.dtype
+            save_dtype = next(iter(existing.layers.values())).tensors()[0].dtype
             save_dtype = save_dtype if save_dtype in SAVE_PRECISIONS.values() else torch.float32
         else:
             save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
@@ -369,10 +381,16 @@ class TrainingService:
             with self.models.lock:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
-                if conv_dim_value and existing is None:  # kohya's record of its network_args
-                    args = {"conv_dim": str(conv_dim_value), "conv_alpha": str(conv_alpha_value)}
-                    metadata["ss_network_args"] = json.dumps(args)
-                elif existing is not None and "ss_network_args" in existing.metadata:
+                kind = network_type_of(existing) if existing is not None else network_type
+                if kind != "lora":  # what kohya writes for LyCORIS networks
+                    metadata["ss_network_module"] = "lycoris.kohya"
+                if existing is None:  # kohya's record of its network_args
+                    args = {"algo": kind} if kind != "lora" else {}
+                    if conv_dim_value:
+                        args.update(conv_dim=str(conv_dim_value), conv_alpha=str(conv_alpha_value))
+                    if args:
+                        metadata["ss_network_args"] = json.dumps(args)
+                elif "ss_network_args" in existing.metadata:
                     metadata["ss_network_args"] = existing.metadata["ss_network_args"]
                 seed = cfg.seed if cfg.seed is not None else 0
                 target = LoraTarget(
@@ -387,6 +405,7 @@ class TrainingService:
                     save_dtype,
                     conv_dim_value,
                     conv_alpha_value,
+                    network_type,
                 )
                 try:
                     with self.models.placed_for_training(model):

@@ -30,7 +30,7 @@ EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Tra
 HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
 LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA", "lora_train")
 # not TrainConfig fields: passed to train_lora
-LORA_FIELDS = ("rank", "alpha", "conv_dim", "conv_alpha", "train_text_encoder")
+LORA_FIELDS = ("network_type", "rank", "alpha", "conv_dim", "conv_alpha", "train_text_encoder")
 
 
 class TrainSection:
@@ -77,6 +77,12 @@ class TrainSection:
             )
             f["name_refresh"] = gr.Button("🔄", elem_id=f"{p}_{spec.kind}_refresh", scale=0, min_width=48)
         if spec.kind == "lora":
+            f["network_type"] = gr.Radio(
+                [("LoRA", "lora"), ("LyCORIS LoHa", "loha"), ("LyCORIS LoKr", "lokr")],
+                value="lora",
+                label="Network type (a new file; an existing one continues as what it is)",
+                elem_id=f"{p}_network_type",
+            )
             with gr.Row():
                 f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
@@ -318,6 +324,7 @@ class TrainSection:
                     bool(given["train_text_encoder"]),
                     int(conv_dim),
                     1.0 if conv_alpha is None else float(conv_alpha),
+                    given["network_type"] or "lora",
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)
