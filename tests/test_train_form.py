@@ -72,3 +72,23 @@ def test_the_embedding_form_has_no_regularization_folder(services):
     section = build(services, EMBEDDING)  # regularization prompts never hold an embedding
     assert "reg_data_dir" not in section.fields and "prior_loss_weight" not in section.fields
     assert section.config(values(section, name="zqform")).reg_data_dir == ""
+
+
+def test_the_lora_form_s_network_type_and_conv_dim_reach_the_file(services, tmp_path):
+    """The LoRA tab's own fields (not TrainConfig's) go to train_lora: a short real run from the form."""
+    from app.lora.files import LokrLayer, read_lora_file
+    from tests.test_lora_training import clean
+    from tests.test_training import make_dataset
+
+    clean(services, "zqformlokr")
+    section = build(services, LORA)
+    form = dict(name="zqformlokr", data_root=str(make_dataset(tmp_path / "stars")), steps=2, create_image_every=0)
+    form.update(save_every=0, training_width=64, training_height=64, network_type="lokr", rank=2, conv_dim=2)
+    message = section.on_train(*values(section, **form))
+    assert "id='train_started'" in message, message
+    job = next(j for j in [services.jobs.current, *services.jobs.pending(), services.jobs.last] if j is not None)
+    result = job.wait()
+    assert result.error is None
+    lora = read_lora_file(result.path)
+    assert all(isinstance(layer, LokrLayer) for layer in lora.layers.values())
+    assert any("resnets" in name for name in lora.layers)
