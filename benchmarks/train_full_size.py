@@ -1,13 +1,14 @@
 """Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
-LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (`--targets`). Our
-engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style baseline of
-`baselines.py` at the same settings, each run in its own process so its memory is its own.
+LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (or LoHa, LoKr:
+`--targets`). Our engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style
+baseline of `baselines.py` at the same settings, each run in its own process so its memory is its own.
 
 Printed per run: seconds per step (median of the timed steps, after one warm-up step) and peak memory. CPU: peak RSS
 above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` (weights included). Then the
 ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
 
-    .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4] [--targets embedding,hypernetwork,lora]
+    .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4]
+        [--targets embedding,hypernetwork,lora,loha,lokr]
         [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md] [--arch sd2|sdxl]
 
 `--arch sd2`: an SD 2.1-768-size file (OpenCLIP-H text encoder, 1024-wide context, v-prediction as the 768 px
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 from baselines import run_child
 from random_checkpoint import make_in_subprocess
+
+LORA_TYPES = ("lora", "loha", "lokr")  # targets trained as LoRAs (LyCORIS LoHa/LoKr); their baseline: the LoRA one
 
 
 def child(args) -> dict:
@@ -68,8 +71,8 @@ def child(args) -> dict:
     template = "subject.txt" if args.target == "embedding" else "hypernetwork.txt"
     if args.target == "embedding":
         services.embeddings.create("zqbench", 1, "star")
-    elif args.target == "lora":
-        pass  # created by the first save of our run; the baseline makes its own adapter
+    elif args.target in LORA_TYPES:
+        pass  # created by the first save of our run; the baseline makes its own adapter (a LoRA)
     else:
         from app.hypernetworks.attention import attention_widths
 
@@ -90,14 +93,14 @@ def child(args) -> dict:
             training_height=args.size,
             batch_size=args.batch,
             steps=1 + args.steps,
-            learn_rate={"embedding": "0.005", "lora": "0.0001"}.get(args.target, "0.00001"),
+            learn_rate="0.005" if args.target == "embedding" else "0.0001" if args.target in LORA_TYPES else "0.00001",
             save_every=0,
             create_image_every=0,
             template_filename=template,
             gradient_checkpointing=args.checkpointing,
         )
-        if args.target == "lora":
-            result = services.training.train_lora(cfg, 4, 4.0).wait()  # the example's rank 4, scale 1
+        if args.target in LORA_TYPES:  # the example's rank 4, scale 1; LoHa/LoKr of the same rank
+            result = services.training.train_lora(cfg, 4, 4.0, network_type=args.target).wait()
         else:
             run = (
                 services.training.train_embedding
@@ -118,7 +121,7 @@ def child(args) -> dict:
 
             hypernetwork = read_hypernetwork_file(settings.hypernetwork_dir / "zqbench.pt").to(model.device)
         step = baseline_step(
-            args.target,
+            "lora" if args.target in LORA_TYPES else args.target,
             model,
             files,
             templates,
