@@ -10,11 +10,11 @@ import math
 import pytest
 import requests
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import UserError
-from app.training.optimizers import OPTIMIZERS, optimizer_name, parse_optimizer_args
+from app.training.optimizers import OPTIMIZERS, check_optimizer, optimizer_name, parse_optimizer_args
 from tests.test_lora_training import clean, lora_cfg, tensors
 from tests.test_training import cfg, fresh, interrupt_at, make_dataset, vectors
 
@@ -151,3 +151,31 @@ def test_the_optimizer_through_the_api(server, dataset):
     assert tensors(path)[1]["ss_optimizer"] == "prodigyopt.prodigy.Prodigy(d_coef=0.5,safeguard_warmup=True)"
     bad = requests.post(api + "/train/lora", json={**body, "optimizer_type": "Nadam"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["field"] == "optimizer_type"
+
+
+ARG_NAMES = ["betas", "eps", "weight_decay", "d_coef", "d0", "growth_rate", "beta3", "safeguard_warmup", "decouple"]
+ARG_NAMES += ["use_bias_correction", "slice_p", "beta2_decay", "d", "maximize", "foreach", "amsgrad", "lr", "x"]
+arg_values = st.recursive(
+    st.one_of(
+        st.integers(),
+        st.integers(min_value=10**30, max_value=10**400),
+        st.floats(),
+        st.booleans(),
+        st.none(),
+        st.text(alphabet="abc01.-", max_size=5),
+    ),
+    lambda inner: st.tuples(inner) | st.tuples(inner, inner) | st.tuples(inner, inner, inner),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(OPTIMIZERS)), st.dictionaries(st.sampled_from(ARG_NAMES), arg_values, max_size=3))
+def test_any_optimizer_arguments_are_taken_or_refused_with_a_reason(name, args):
+    """Whatever a user types as arguments (wrong types, short tuples, huge ints, NaN): the optimizer is made and
+    steps, or the run is refused with a UserError naming the field; never another exception (once a 500)."""
+    text = " ".join(f"{k}={v!r}" for k, v in args.items())
+    try:
+        check_optimizer(name, text)
+    except UserError as e:
+        assert e.field == "optimizer_args"

@@ -104,10 +104,20 @@ def make_optimizer(
     """The optimizer `name` over `groups`, at `lr`, with the target's weight decay unless the arguments set one.
     A wrong argument is a UserError naming it, raised here, before any step."""
     factory = OPTIMIZERS[optimizer_name(name)]
-    kwargs = {"lr": lr, "weight_decay": weight_decay, **parse_optimizer_args(args_text)}
+    given = parse_optimizer_args(args_text)
+    for key in ("lr", "params"):
+        if key in given:
+            raise UserError(
+                f"Optimizer arguments cannot set {key}: the learning rate is its own field (its schedule sets it each "
+                "step).",
+                "optimizer_args",
+            )
+    kwargs = {"lr": lr, "weight_decay": weight_decay, **given}
     try:
         return factory(groups, **kwargs)
-    except (TypeError, ValueError) as e:  # an argument it does not take, or a value out of its range
+    # Whatever an optimizer raises for an argument it does not take or a value it cannot use (TypeError, ValueError,
+    # IndexError for a short `betas`, AssertionError, OverflowError for a huge int): the argument is at fault.
+    except Exception as e:
         reason = str(e).rstrip(".")
         raise UserError(
             f"{optimizer_name(name)} refused the optimizer arguments: {reason}.", "optimizer_args"
@@ -122,7 +132,7 @@ def check_optimizer(name: str, args_text: str, weight_decay: float = 0.0) -> tor
     probe.grad = torch.full_like(probe, 0.5)
     try:
         optimizer.step()
-    except (TypeError, ValueError, RuntimeError) as e:
+    except Exception as e:  # as above: a value only `step` reads (Prodigy's d_coef as text or a huge int)
         reason = str(e).rstrip(".")
         raise UserError(
             f"{optimizer_name(name)} refused the optimizer arguments: {reason}.", "optimizer_args"
