@@ -313,7 +313,7 @@ class TrainingService:
             raise UserError(
                 f"Conv dim must be between 0 (off) and {MAX_LORA_RANK} (4-16 is usual), got {conv_dim}.", "conv_dim"
             )
-        if conv_dim_value and not (math.isfinite(conv_alpha_value) and 0 < conv_alpha_value <= MAX_LORA_ALPHA):
+        if not (math.isfinite(conv_alpha_value) and 0 < conv_alpha_value <= MAX_LORA_ALPHA):
             raise UserError(
                 f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got {conv_alpha}.",
                 "conv_alpha",
