@@ -2,7 +2,8 @@
 
 An SD1.5-size single file with random weights (our exporter, nothing downloaded) at 512 px, or the tiny layout at
 64 px with `--tiny`. Two kohya-format LoRAs of rank 32 (`--rank`) on every Linear/1x1 layer of the UNet's
-transformer blocks (kohya's default targets) and every projection of the text encoder, random values.
+transformer blocks (kohya's default targets) and every projection of the text encoder, random values; `--kind loha`
+or `lokr` writes LyCORIS LoHa/LoKr files over the same layers instead.
 
 Printed: seconds per whole generation (prompt encoding, sampling, decode) without a LoRA (the baseline), with
 `<lora:a:0.8>`, and alternating `<lora:a>`/`<lora:b>` (switching); the ratio to the baseline; the time to put the
@@ -34,8 +35,15 @@ if str(ROOT) not in sys.path:
 PROMPT, NEGATIVE = "a photo of a red fox in the snow, detailed, sharp focus", "blurry, low quality"
 
 
-def write_lora(pipe, path: Path, rank: int, seed: int) -> int:
-    """A kohya-format LoRA over the transformer blocks and the text encoder; returns the parameters it touches."""
+def factors(n: int) -> tuple[int, int]:
+    """n as a * b with a <= b and a as large as possible (LyCORIS's LoKr factorization, unlimited factor)."""
+    a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    return a, n // a
+
+
+def write_lora(pipe, path: Path, rank: int, seed: int, kind: str = "lora") -> int:
+    """A kohya-format LoRA (or LyCORIS LoHa/LoKr, `kind`) over the transformer blocks and the text encoder; returns
+    the parameters it touches."""
     from safetensors.torch import save_file
 
     from app.lora.names import ldm_unet_path
@@ -48,9 +56,22 @@ def write_lora(pipe, path: Path, rank: int, seed: int) -> int:
         nonlocal touched
         w = module.weight
         r = min(rank, w.shape[0], w.shape[1])
-        tensors[name + ".lora_down.weight"] = (torch.randn(r, *w.shape[1:], generator=g) * 0.02).half()
-        up_shape = (w.shape[0], r, 1, 1) if w.ndim == 4 else (w.shape[0], r)
-        tensors[name + ".lora_up.weight"] = (torch.randn(up_shape, generator=g) * 0.02).half()
+
+        def random(*shape: int, scale: float = 0.02) -> torch.Tensor:
+            return (torch.randn(shape, generator=g) * scale).half()
+
+        if kind == "loha":  # (w1_a @ w1_b) * (w2_a @ w2_b)
+            for half in ("w1", "w2"):
+                tensors[f"{name}.hada_{half}_a"] = random(w.shape[0], r, scale=0.15)
+                tensors[f"{name}.hada_{half}_b"] = random(r, w[0].numel(), scale=0.15)
+        elif kind == "lokr":  # w1 (full) ⊗ (w2_a @ w2_b)
+            (o1, o2), (i1, i2) = factors(w.shape[0]), factors(w.shape[1])
+            tensors[f"{name}.lokr_w1"] = random(o1, i1, scale=0.15)
+            tensors[f"{name}.lokr_w2_a"] = random(o2, min(r, o2, i2), scale=0.15)
+            tensors[f"{name}.lokr_w2_b"] = random(min(r, o2, i2), i2 * w[0, 0].numel(), scale=0.15)
+        else:
+            tensors[name + ".lora_down.weight"] = random(r, *w.shape[1:])
+            tensors[name + ".lora_up.weight"] = random(*((w.shape[0], r, 1, 1) if w.ndim == 4 else (w.shape[0], r)))
         tensors[name + ".alpha"] = torch.tensor(float(r) / 2)
         touched += w.numel()
 
@@ -93,8 +114,8 @@ def measure(args) -> dict:
     services = build_services(settings)
     model = services.models.get()
     settings.lora_dir.mkdir(parents=True, exist_ok=True)
-    touched = write_lora(model.pipe, settings.lora_dir / "a.safetensors", args.rank, 1)
-    write_lora(model.pipe, settings.lora_dir / "b.safetensors", args.rank, 2)
+    touched = write_lora(model.pipe, settings.lora_dir / "a.safetensors", args.rank, 1, args.kind)
+    write_lora(model.pipe, settings.lora_dir / "b.safetensors", args.rank, 2, args.kind)
     total = sum(p.numel() for p in model.pipe.unet.parameters()) + sum(
         p.numel() for p in model.pipe.text_encoder.parameters()
     )
@@ -167,6 +188,7 @@ def measure(args) -> dict:
         "size": args.size,
         "steps": args.steps,
         "rank": args.rank,
+        "kind": args.kind,
         "layers": len(bound),
         "touched_params_m": touched / 1e6,
         "share_of_unet_and_te": touched / total,
@@ -186,8 +208,8 @@ def measure(args) -> dict:
 def markdown(r: dict) -> str:
     return "\n".join(
         [
-            f"| {r['model']} {r['size']} px, {r['steps']} steps, {r['device']} {r['dtype']}, rank {r['rank']} "
-            f"({r['layers']} layers) | s/generation | vs no LoRA |",
+            f"| {r['model']} {r['size']} px, {r['steps']} steps, {r['device']} {r['dtype']}, {r['kind']} "
+            f"rank {r['rank']} ({r['layers']} layers) | s/generation | vs no LoRA |",
             "|---|---|---|",
             f"| no LoRA (baseline) | {r['none_s']:.3f} | 1.000 |",
             f"| `<lora:a:0.8>` | {r['one_s']:.3f} | {r['one_ratio']:.3f} |",
@@ -208,6 +230,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--kind", choices=["lora", "loha", "lokr"], default="lora", help="the files' network kind")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
