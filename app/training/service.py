@@ -361,9 +361,15 @@ class TrainingService:
         else:
             save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
         te_rate = str(cfg.text_encoder_lr).strip()
+        # a continued file trains the text encoder layers it has, whatever the request says
+        trains_te = (
+            train_text_encoder
+            if existing is None
+            else any(not n.startswith(("lora_unet", "unet.")) for n in existing.layers)
+        )
         if (
             optimizer_name(cfg.optimizer_type) == "Prodigy"
-            and train_text_encoder
+            and trains_te
             and te_rate not in ("", "0", str(cfg.learn_rate).strip())
         ):
             raise UserError(
