@@ -86,10 +86,11 @@ class TrainSection:
             with gr.Row():
                 f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
+            with gr.Row():
                 f["conv_dim"] = gr.Number(
                     value=0,
                     precision=0,
-                    label="Conv dim (LoCon: ResNet convolutions too; 0 = off)",
+                    label="Conv dim (LoCon: the ResNet convolutions too; 0 = off)",
                     elem_id=f"{p}_conv_dim",
                 )
                 f["conv_alpha"] = gr.Number(value=1, label="Conv alpha", elem_id=f"{p}_conv_alpha")
