@@ -41,24 +41,12 @@ _OTHER_KINDS = [
     (".diff", "a LyCORIS full-difference"),
     (".w_norm", "a LyCORIS norm"),
 ]
-# kohya's and LyCORIS's per-layer tensor names (`<layer>.<part>`)
-_PARTS = (
-    "dora_scale",
-    "lora_mid.weight",
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "hada_t1",
-    "hada_t2",
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-    "lokr_t2",
-)
+# LyCORIS's tensor names (`<layer>.<name>`), in the order of the layer classes' fields; PEFT's LoHa and LoKr layers
+# use the same names (lora_target.py)
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# kohya's and LyCORIS's per-layer tensor names beside lora_down/lora_up (`<layer>.<part>`)
+_PARTS = ("dora_scale", "lora_mid.weight", *LOHA_TENSORS, *LOKR_TENSORS)
 _PART = re.compile(r"^(.*)\.(" + "|".join(re.escape(part) for part in _PARTS) + r")$")
 _DOWN_UP = [
     (re.compile(r"^(.*)\.lora_down\.weight$"), re.compile(r"^(.*)\.lora_up\.weight$")),  # kohya
@@ -130,8 +118,9 @@ class LoraLayer:
         """The shape of the update: [out, in] or [out, in, kh, kw]."""
         return (self.up.shape[0], *self.down.shape[1:])
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.down, self.up]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors under the names the file gives them."""
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
 
     def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The scaled update in fp32 on `device`, [out, in * kernel] (the caller reshapes it to the weight; `weight`,
@@ -158,8 +147,8 @@ class TuckerLoraLayer:
     def update_shape(self) -> tuple[int, ...]:
         return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.down, self.up, self.mid]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up, "lora_mid.weight": self.mid}
 
     def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         up, down = _rows(self.up).T, _rows(self.down)  # [r, out] and [r, in]: the core's factor order
@@ -187,8 +176,9 @@ class LohaLayer:
     def update_shape(self) -> tuple[int, ...]:
         return _low_rank_shape("", self.w1_a, self.w1_b, self.t1)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        values = (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2)
+        return {n: t for n, t in zip(LOHA_TENSORS, values, strict=True) if t is not None}
 
     def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         first = _rows(_low_rank(self.w1_a, self.w1_b, self.t1, device))
@@ -227,9 +217,9 @@ class LokrLayer:
         (o1, i1), second = self.half_shapes()
         return (o1 * second[0], i1 * second[1], *second[2:])
 
-    def tensors(self) -> list[torch.Tensor]:
-        parts = (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
-        return [t for t in parts if t is not None]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        values = (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
+        return {n: t for n, t in zip(LOKR_TENSORS, values, strict=True) if t is not None}
 
     def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.w1 is not None:
@@ -275,8 +265,8 @@ class DoraLayer:
     def update_shape(self) -> tuple[int, ...]:
         return self.inner.update_shape
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.inner.tensors(), self.dora_scale]
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.named_tensors(), "dora_scale": self.dora_scale}
 
     def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
         if weight is None:
@@ -487,18 +477,10 @@ def _make_plain_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Te
             )
         return _checked(name, TuckerLoraLayer(layer.down, layer.up, mid, alpha_value))
     if all(n.startswith("hada_") for n in names):
-        missing = [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if n not in names]
+        missing = [n for n in LOHA_TENSORS[:4] if n not in names]  # the Tucker cores are optional
         if missing:
             raise LoraFormatError(f"layer '{name}' is a LoHa without {', '.join(missing)}; the file is damaged")
-        loha = LohaLayer(
-            found["hada_w1_a"],
-            found["hada_w1_b"],
-            found["hada_w2_a"],
-            found["hada_w2_b"],
-            found.get("hada_t1"),
-            found.get("hada_t2"),
-            alpha_value,
-        )
+        loha = LohaLayer(*(found.get(n) for n in LOHA_TENSORS), alpha_value)
         first = _low_rank_shape(name, loha.w1_a, loha.w1_b, loha.t1)
         second = _low_rank_shape(name, loha.w2_a, loha.w2_b, loha.t2)
         if first[0] != second[0] or math.prod(first) != math.prod(second):
@@ -539,7 +521,7 @@ def _alpha_value(name: str, alpha: torch.Tensor | None) -> float | None:
 
 def _checked(name: str, layer: NetworkLayer) -> NetworkLayer:
     """`layer`, once its tensors are floating point and (when read: a header read has shapes only) finite."""
-    tensors = layer.tensors()
+    tensors = list(layer.named_tensors().values())
     if any(t.numel() == 0 for t in tensors):
         raise LoraFormatError(f"layer '{name}' holds an empty tensor (a dimension of 0); the file is damaged")
     if not all(t.is_floating_point() for t in tensors):

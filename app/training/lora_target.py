@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from app.errors import UserError
-from app.lora.files import LohaLayer, LokrLayer, LoraFile, LoraLayer, bind
+from app.lora.files import LOHA_TENSORS, LOKR_TENSORS, LohaLayer, LokrLayer, LoraFile, LoraLayer, bind
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
 from app.lora.writer import save_network
 from app.models.manager import LoadedModel
@@ -66,20 +66,9 @@ def unwrap(root: torch.nn.Module) -> None:
         del root.peft_config
 
 
-# PEFT's tensor names -> the file's (LyCORIS's names are PEFT's own; a LoRA's are kohya's)
+# PEFT's tensor names -> the file's (PEFT's LoHa and LoKr use LyCORIS's names; a LoRA's are kohya's)
 _LORA_PARTS = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
-_LYCORIS_PARTS = (
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-)
+_LYCORIS_PARTS = (*LOHA_TENSORS, *LOKR_TENSORS)  # PEFT holds Tucker cores only where asked to: never here
 
 
 def trained_parts(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -104,14 +93,11 @@ def network_type_of(lora: LoraFile) -> str:
 
 def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer) -> tuple[int, dict[str, torch.Tensor]]:
     """The rank PEFT needs to make this layer's tensors again, and the tensors by their file names."""
+    parts = layer.named_tensors()
     if isinstance(layer, LoraLayer):
-        return layer.rank, {"lora_down.weight": layer.down, "lora_up.weight": layer.up}
+        return layer.rank, parts
     if isinstance(layer, LohaLayer):
-        parts = {"hada_w1_a": layer.w1_a, "hada_w1_b": layer.w1_b, "hada_w2_a": layer.w2_a, "hada_w2_b": layer.w2_b}
         return layer.w1_b.shape[0], parts
-    names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-    values = (layer.w1, layer.w1_a, layer.w1_b, layer.w2, layer.w2_a, layer.w2_b)
-    parts = {n: v for n, v in zip(names, values, strict=True) if v is not None}
     if layer.w2_b is not None:
         return layer.w2_b.shape[0], parts
     if layer.w1_b is not None:

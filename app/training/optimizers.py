@@ -118,10 +118,13 @@ def make_optimizer(
     # Whatever an optimizer raises for an argument it does not take or a value it cannot use (TypeError, ValueError,
     # IndexError for a short `betas`, AssertionError, OverflowError for a huge int): the argument is at fault.
     except Exception as e:
-        reason = str(e).rstrip(".")
-        raise UserError(
-            f"{optimizer_name(name)} refused the optimizer arguments: {reason}.", "optimizer_args"
-        ) from None
+        raise refused(name, e) from None
+
+
+def refused(name: str, error: Exception) -> UserError:
+    """The message for arguments an optimizer would not take (when made or at its first step)."""
+    reason = str(error).rstrip(".")
+    return UserError(f"{optimizer_name(name)} refused the optimizer arguments: {reason}.", "optimizer_args")
 
 
 def check_optimizer(name: str, args_text: str, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -133,10 +136,7 @@ def check_optimizer(name: str, args_text: str, weight_decay: float = 0.0) -> tor
     try:
         optimizer.step()
     except Exception as e:  # as above: a value only `step` reads (Prodigy's d_coef as text or a huge int)
-        reason = str(e).rstrip(".")
-        raise UserError(
-            f"{optimizer_name(name)} refused the optimizer arguments: {reason}.", "optimizer_args"
-        ) from None
+        raise refused(name, e) from None
     if not torch.isfinite(probe).all():
         raise UserError(
             f"{optimizer_name(name)} with these arguments turns a plain step into NaN or infinity: {args_text}.",

@@ -356,7 +356,8 @@ class TrainingService:
         if cfg.save_precision:
             save_dtype = SAVE_PRECISIONS[cfg.save_precision]
         elif existing is not None and existing.layers:  # continue in the file's own precision (its .optim fits it)
-            save_dtype = next(iter(existing.layers.values())).tensors()[0].dtype
+            first_layer = next(iter(existing.layers.values()))
+            save_dtype = next(iter(first_layer.named_tensors().values())).dtype
             save_dtype = save_dtype if save_dtype in SAVE_PRECISIONS.values() else torch.float32
         else:
             save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
