@@ -29,6 +29,8 @@ class TrainKind:
 EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Train Embedding", "ti_train")
 HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
 LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA", "lora_train")
+# what an emptied number box means: the option off, or (prior loss weight) its default
+EMPTIED_NUMBERS = {"min_snr_gamma": 0.0, "noise_offset": 0.0, "caption_dropout_rate": 0.0, "prior_loss_weight": 1.0}
 # not TrainConfig fields: passed to train_lora
 LORA_FIELDS = ("network_type", "rank", "alpha", "conv_dim", "conv_alpha", "train_text_encoder")
 
@@ -285,16 +287,13 @@ class TrainSection:
             if key in given and given[key] is None:  # an emptied number box: say which, not int(None)'s TypeError
                 raise UserError(f"'{self.fields[key].label}' is empty: enter a whole number.", key)
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
-        fields["name"] = fields["name"] or ""
-        fields["template_filename"] = fields["template_filename"] or ""
-        fields["optimizer_args"] = fields["optimizer_args"] or ""
+        for key in ("name", "template_filename", "optimizer_args", "reg_data_dir"):  # text; reg: not on every tab
+            if key in fields:
+                fields[key] = fields[key] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
-        for key in ("min_snr_gamma", "noise_offset", "caption_dropout_rate"):  # an emptied box means off
-            fields[key] = float(fields[key] or 0)
-        if "prior_loss_weight" in fields:
-            weight = fields["prior_loss_weight"]
-            fields["prior_loss_weight"] = 1.0 if weight is None else float(weight)  # an emptied box: the default
-            fields["reg_data_dir"] = fields["reg_data_dir"] or ""
+        for key, default in EMPTIED_NUMBERS.items():  # an emptied box means off, or the default
+            if key in fields:
+                fields[key] = default if fields[key] is None else float(fields[key])
         return TrainConfig(
             **fields,
             preview_prompt=prompt or "",
