@@ -10,7 +10,8 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Embedding:
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
     _hash: str | None = None
+    bundled_in: str | None = None  # the LoRA (as the prompt names it) whose file bundles this embedding
 
     @property
     def shape(self) -> int:
@@ -43,7 +45,10 @@ class Embedding:
 
     @property
     def shorthash(self) -> str:
-        """First 12 hex characters of the file's sha256 (A1111's `TI hashes`)."""
+        """First 12 hex characters of the file's sha256 (A1111's `TI hashes`); for an embedding bundled in a LoRA,
+        the LoRA's name, as A1111 writes it."""
+        if self.bundled_in is not None:
+            return self.bundled_in
         if self._hash is None:
             self._hash = hashlib.sha256(self.path.read_bytes()).hexdigest()
         return self._hash[:12]
@@ -97,6 +102,7 @@ class EmbeddingDatabase:
         self._tokenize = None
         self._width: int | None = None
         self._by_first_token: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
+        self._bundled: list[Embedding] = []  # from the LoRA files of the generation that runs (`bundled`)
 
     # -- model binding ---------------------------------------------------------------------------------------------
     def set_model(self, tokenizer, width: int) -> None:
@@ -195,12 +201,33 @@ class EmbeddingDatabase:
     def _index(self) -> None:
         index: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
         if self._tokenize is not None:
-            for embedding in self.loaded.values():
+            # the folder's files first: a bundled embedding never takes a name a file has
+            bundled = [e for e in self._bundled if e.name not in self.loaded]
+            for embedding in [*self.loaded.values(), *bundled]:
                 ids = self._tokenize(embedding.name)
+                if not ids:
+                    continue
                 index.setdefault(ids[0], []).append((ids, embedding))
             for candidates in index.values():
                 candidates.sort(key=lambda item: len(item[0]), reverse=True)
         self._by_first_token = index
+
+    @contextmanager
+    def bundled(self, embeddings: list[Embedding]) -> Iterator[None]:
+        """Embeddings bundled in the LoRA files a generation applies, found in its prompt while it runs (A1111 too
+        registers them for the generations that name the LoRA only). A name the folder has keeps the file's."""
+        if not embeddings:
+            yield
+            return
+        with self._lock:
+            self._bundled = list(embeddings)
+            self._index()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bundled = []
+                self._index()
 
     # -- lookup ----------------------------------------------------------------------------------------------------
     def find_embedding(self, tokens: Sequence[int], position: int) -> tuple[Embedding, int] | None:

@@ -181,6 +181,12 @@ def _interpret(data: Any, default_name: str, name_from_file: bool = False) -> Em
     )
 
 
+def embedding_from_dict(data: Any, name: str) -> EmbeddingData:
+    """An embedding from an already-loaded dict in any of the layouts above (e.g. one bundled in a LoRA file), named
+    `name`; raises EmbeddingFileError with the reason."""
+    return _interpret(data, name, name_from_file=True)
+
+
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from safetensors import SafetensorError, safe_open
 
+from app.embeddings.formats import EmbeddingData, EmbeddingFileError, embedding_from_dict
 from app.lora.names import Target
 from app.safe_load import TorchFileError, load_tensors_only
 
@@ -56,7 +57,7 @@ _DOWN_UP = [
 # diffusers' attention-processor LoRAs (2023): `<attn>.processor.to_q_lora.down.weight` is the layer `<attn>.to_q`
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PREFIXES = ("base_model.model.",)
-_IGNORED = ("bundle_emb.",)  # embeddings bundled in a LoRA file (A1111 extension): not applied here
+BUNDLE_PREFIX = "bundle_emb."  # embeddings bundled in a LoRA file (A1111): `bundle_emb.<name>.<tensor>`
 
 
 def _scale(alpha: float | None, rank: int | None) -> float:
@@ -289,7 +290,20 @@ NetworkLayer = LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer | DoraLayer
 class LoraFile:
     layers: dict[str, NetworkLayer]  # layer name as written in the file (minus the weight suffix) -> update
     metadata: dict[str, str] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)  # what the file holds that we do not apply
+    # embeddings bundled in the file (A1111's `bundle_emb.<name>.*`, as OneTrainer and pivotal-tuning tools write
+    # them), each as the dict an embedding file would hold: usable in the prompt while the LoRA is applied
+    bundles: dict[str, dict] = field(default_factory=dict)
+
+
+def bundled_embeddings(lora: LoraFile) -> dict[str, EmbeddingData | str]:
+    """Each bundled embedding of a file read with its weights, or the reason it cannot be used."""
+    found: dict[str, EmbeddingData | str] = {}
+    for name, data in lora.bundles.items():
+        try:
+            found[name] = embedding_from_dict(data, name)
+        except EmbeddingFileError as e:
+            found[name] = str(e)
+    return found
 
 
 @dataclass(frozen=True)
@@ -393,14 +407,14 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     if kind:
         raise LoraFormatError(f"this is {kind} file; LoRA, LoCon, LoHa and LoKr files are applied here")
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    ignored: set[str] = set()
+    bundles: dict[str, dict] = {}
     unknown: list[str] = []
     for raw_key, tensor in tensors.items():
         key = raw_key
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
-        if key.startswith(_IGNORED):
-            ignored.add("bundled embeddings")
+        if key.startswith(BUNDLE_PREFIX):
+            _add_bundled(bundles, key.removeprefix(BUNDLE_PREFIX), tensor)
             continue
         processor = _PROCESSOR.match(key)
         if processor:
@@ -433,9 +447,21 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         for name, found in sorted(parts.items())
         if set(found) != {"alpha"}  # an alpha without its layer changes nothing
     }
-    if not layers:
+    if not layers and not bundles:
         raise LoraFormatError("the file holds no LoRA layers (no lora_down/lora_up or lora_A/lora_B tensors)")
-    return LoraFile(layers, metadata, sorted(ignored))
+    return LoraFile(layers, metadata, bundles)
+
+
+def _add_bundled(bundles: dict[str, dict], rest: str, tensor: torch.Tensor) -> None:
+    """`<name>.string_to_param.<token>` (SD 1.x/2.x, A1111's .pt layout), `<name>.clip_l` / `<name>.clip_g` (SDXL)
+    or `<name>.emb_params`: put into the dict an embedding file of that layout holds, as A1111 reads them."""
+    name, _, tensor_name = rest.partition(".")
+    data = bundles.setdefault(name, {})
+    group, _, token = tensor_name.partition(".")
+    if group == "string_to_param" and token:
+        data["string_to_param"] = {token: tensor}
+    else:
+        data[tensor_name] = tensor
 
 
 def _make_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor | None) -> NetworkLayer:

@@ -6,11 +6,23 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.lora.apply import Application, lora_applied
-from app.lora.files import SUFFIXES, LoraFile, LoraFormatError, bind, lora_hash, read_lora_file, read_lora_header
+from app.lora.files import (
+    SUFFIXES,
+    LoraFile,
+    LoraFormatError,
+    bind,
+    bundled_embeddings,
+    lora_hash,
+    read_lora_file,
+    read_lora_header,
+)
 from app.lora.names import Target, layer_table, model_components
 from app.models.manager import ModelManager
 from app.networks.activation import Activation, parse_multipliers
@@ -77,9 +89,10 @@ class LoraService:
 
     tag = "lora"
 
-    def __init__(self, db: LoraDatabase, models: ModelManager):
+    def __init__(self, db: LoraDatabase, models: ModelManager, embeddings: EmbeddingDatabase | None = None):
         self.db = db
         self.models = models
+        self.embeddings = embeddings  # where a file's bundled embeddings are found while it is applied
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._lock = threading.Lock()
         self._table: tuple[object, dict[str, Target]] | None = None
@@ -132,7 +145,7 @@ class LoraService:
                 lora = self.db.load_path(f.path)
                 bind(lora, table, model_label(model))
                 kinds = sorted({layer.kind for layer in lora.layers.values()})
-                row.update(usable=True, layers=len(lora.layers), kind=", ".join(kinds))
+                row.update(usable=True, layers=len(lora.layers), kind=", ".join(kinds), embeddings=sorted(lora.bundles))
             except LoraFormatError as e:
                 row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
             rows.append(row)
@@ -186,6 +199,7 @@ class LoraService:
         applications: list[Application] = []
         notes: list[str] = []
         hashes: dict[str, str] = {}
+        bundled: dict[str, Embedding] = {}
         for tag in tags:
             name = tag.args[0].strip()
             try:
@@ -204,5 +218,49 @@ class LoraService:
             applications.append(Application(bound, te, unet))
             shown = name.replace(":", "").replace(",", "")
             hashes[shown] = self.hash(f.path, lora.metadata)[:12]
+            notes += self._take_bundled(tag, shown, f.path, lora, model.text_width, bundled)
         infotext = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())} if hashes else {}
-        return Activation(lora_applied(applications), notes, infotext)
+        return Activation(self._applied(applications, list(bundled.values())), notes, infotext)
+
+    def _take_bundled(
+        self, tag: ExtraNetworkTag, shown: str, path: Path, lora: LoraFile, width: int, taken: dict[str, Embedding]
+    ) -> list[str]:
+        """Add the file's usable bundled embeddings to `taken`; a note for each that is not used, and why."""
+        notes = []
+        for name, data in bundled_embeddings(lora).items():
+            about = f"{tag.text}: its bundled embedding '{name}'"
+            folder_file = self.embeddings.get(name) if self.embeddings is not None else None
+            if isinstance(data, str):
+                notes.append(f"{about} cannot be used: {data}")
+            elif data.width != width:
+                notes.append(
+                    f"{about} has vectors {data.width} wide but the loaded model needs {width}; it is not used"
+                )
+            elif folder_file is not None:
+                notes.append(
+                    f"{about} is not used: {folder_file.path.name} in the embeddings folder has the same name and "
+                    "is used instead"
+                )
+            elif name in taken:
+                notes.append(f"{about} is not used: LoRA '{taken[name].bundled_in}' bundles one of the same name")
+            else:
+                taken[name] = Embedding(
+                    name,
+                    data.side_by_side(),
+                    path,
+                    data.step,
+                    data.sd_checkpoint,
+                    data.sd_checkpoint_name,
+                    bundled_in=shown,
+                )
+        return notes
+
+    @contextmanager
+    def _applied(self, applications: list[Application], bundled: list[Embedding]) -> Iterator[None]:
+        """The LoRAs merged into the model, and their bundled embeddings findable in the prompt, for one generation."""
+        with lora_applied(applications):
+            if self.embeddings is None:
+                yield
+                return
+            with self.embeddings.bundled(bundled):
+                yield
