@@ -247,6 +247,12 @@ class TrainLoraRequest(TrainRequest):
     text_encoder_lr: str | float = ""  # kohya's: the text encoder layers' rate (A1111 schedule syntax); "" = learn_rate
     # the file's precision: "" = fp16 for a new LoRA (as LoRAs are shared), the file's own for a continued one
     save_precision: Literal["", "fp16", "bf16", "fp32"] = ""
+    # pivotal tuning: a new embedding, the word `[name]` becomes in the templates, trained beside the layers and
+    # saved in the file (A1111's bundle_emb); "" = none. A continued LoRA trains the one its file bundles.
+    bundle_embedding: str = ""
+    bundle_vectors: int = bounded(1, 1, MAX_VECTORS)
+    bundle_init_text: str = "*"
+    embedding_lr: str | float = ""  # the bundled embedding's rate (A1111 schedule syntax); "" = learn_rate
 
 
 class PNGInfoRequest(BaseModel):

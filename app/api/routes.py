@@ -365,7 +365,16 @@ def register_api(app: FastAPI, services: Services) -> None:
         cfg = train_config(req, req.lora_name, req.save_lora_every)
         try:
             job = services.training.train_lora(
-                cfg, req.rank, req.alpha, req.train_text_encoder, req.conv_dim, req.conv_alpha, req.network_type
+                cfg,
+                req.rank,
+                req.alpha,
+                req.train_text_encoder,
+                req.conv_dim,
+                req.conv_alpha,
+                req.network_type,
+                req.bundle_embedding,
+                req.bundle_vectors,
+                req.bundle_init_text,
             )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})

@@ -30,6 +30,17 @@ def initial_vectors(tokenizer, token_embedding: torch.nn.Embedding, init_text: s
     return vectors
 
 
+def model_initial_vectors(model, init_text: str, count: int) -> torch.Tensor:
+    """`initial_vectors` for the loaded model: on SDXL each encoder's part through its own tokenizer and token
+    table, side by side (clip_l, then clip_g)."""
+    pipe = model.pipe
+    vectors = initial_vectors(pipe.tokenizer, pipe.text_encoder.get_input_embeddings(), init_text, count)
+    if model.is_xl:
+        vectors_g = initial_vectors(pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings(), init_text, count)
+        vectors = torch.cat([vectors, vectors_g], dim=1)
+    return vectors
+
+
 class EmbeddingService:
     def __init__(self, db: EmbeddingDatabase, models: ModelManager):
         self.db = db
@@ -97,10 +108,9 @@ class EmbeddingService:
         self.db.refresh_if_changed()
         other = self.db.get(cleaned) or self.db.skipped.get(cleaned)
         check_new_file("embedding", cleaned, path, other.path if other else None, overwrite, "Overwrite Old Embedding")
-        vectors = initial_vectors(pipe.tokenizer, pipe.text_encoder.get_input_embeddings(), init_text, count)
+        vectors = model_initial_vectors(model, init_text, count)
         if model.is_xl:
-            vectors_g = initial_vectors(pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings(), init_text, count)
-            save_sdxl(path, sdxl_dict(cleaned, torch.cat([vectors, vectors_g], dim=1), vectors.shape[1], 0, None, None))
+            save_sdxl(path, sdxl_dict(cleaned, vectors, int(pipe.text_encoder.config.hidden_size), 0, None, None))
         else:
             save_pt(path, a1111_dict(cleaned, vectors, 0, None, None))
         self.db.refresh_if_changed()

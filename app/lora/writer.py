@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from app.fileio import atomic_write
+from app.lora.files import BUNDLE_PREFIX
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 
@@ -31,12 +32,13 @@ def save_network(
     metadata: dict[str, str],
     xl: bool = False,
     dtype: torch.dtype = torch.float32,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write (component, module path, {tensor name: tensor}, alpha) layers to `path` atomically, as
     `<kohya name>.<tensor name>` (`lora_down.weight`/`lora_up.weight` for a LoRA, LyCORIS's `hada_*`/`lokr_*`) and
     `<kohya name>.alpha`, the weights in `dtype` (fp16 is what LoRAs are shared in: half the size; training keeps
-    its fp32 values in `.optim` to resume exactly)."""
-    tensors: dict[str, torch.Tensor] = {}
+    its fp32 values in `.optim` to resume exactly). `extra` tensors (bundled embeddings) are written as they are."""
+    tensors: dict[str, torch.Tensor] = {k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}
     for component, module_path, parts, alpha in layers:
         name = kohya_name(component, module_path, xl)
         for part, value in parts.items():
@@ -44,6 +46,15 @@ def save_network(
         tensors[name + ".alpha"] = torch.tensor(float(alpha))
     metadata = {**metadata, "sshs_model_hash": tensor_data_hash(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def bundle_tensors(name: str, vectors: torch.Tensor, split: int | None) -> dict[str, torch.Tensor]:
+    """An embedding bundled in a LoRA file as A1111 reads it (and OneTrainer writes it): SD 1.x/2.x as the
+    `string_to_param` of A1111's .pt layout, SDXL as `clip_l` and `clip_g` (`split`: clip_l's width), in fp32."""
+    vectors = vectors.detach().float()
+    if split is None:
+        return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors}
+    return {f"{BUNDLE_PREFIX}{name}.clip_l": vectors[:, :split], f"{BUNDLE_PREFIX}{name}.clip_g": vectors[:, split:]}
 
 
 def tensor_data_hash(tensors: dict[str, torch.Tensor]) -> str:

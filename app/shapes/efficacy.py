@@ -43,6 +43,8 @@ TI_INIT = "red"
 HN_NAME = "zqoutline"
 LORA_OUTLINE = "zqloraoutline"
 LORA_COLOUR = "zqloraorange"
+PIVOTAL = "zqpivorange"  # the LoRA; its bundled embedding (the trigger word) is PIVOTAL_WORD
+PIVOTAL_WORD = "zqpivword"
 TI_TEMPLATE = "shapes_filewords.txt"  # shipped: "a [name] [filewords]", the embedding where a colour word goes
 HN_TEMPLATE = "hypernetwork.txt"  # shipped, A1111's: "[filewords]", "a photo of [filewords]", ...
 TIMESTEPS = (100, 250, 400, 550, 700, 850)
@@ -154,9 +156,13 @@ def _train(
     seed: int,
     work: Path,
     lora: tuple[int, float, bool] = (8, 8.0, False),
+    bundle: dict | None = None,
+    embedding_lr: str = "",
 ) -> float:
-    """Train `name` on `data` through the training service (as the UI's Train button does); returns seconds."""
+    """Train `name` on `data` through the training service (as the UI's Train button does); returns seconds.
+    `bundle`: train_lora's bundled-embedding arguments (pivotal tuning)."""
     cfg = TrainConfig(
+        embedding_lr=embedding_lr,
         name=name,
         learn_rate=learn_rate,
         batch_size=4,
@@ -173,7 +179,7 @@ def _train(
     )
     start = time.perf_counter()
     if kind == "lora":
-        result = services.training.train_lora(cfg, *lora).wait()
+        result = services.training.train_lora(cfg, *lora, **(bundle or {})).wait()
     else:
         train = services.training.train_embedding if kind == "embedding" else services.training.train_hypernetwork
         result = train(cfg).wait()
@@ -318,6 +324,46 @@ def run_lora_colour(
     }
     share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
     return EfficacyResult("lora (colour)", steps, seconds, loss, share, images)
+
+
+def run_lora_pivotal(
+    services: Services,
+    work: Path,
+    steps: int,
+    seed: int = 1,
+    learn_rate: str = "0.005",
+    embedding_lr: str = "0.02",
+    rank: int = 8,
+) -> EfficacyResult:
+    """The colour as a trigger word: a UNet LoRA trained on "a <word> circle ..." with the word a bundled embedding
+    (pivotal tuning, initialised from "red" as the embedding experiment's), against the same LoRA whose word is
+    plain text (the LoRA's own name, tokens the model never learned). Measured with `<lora:...:1>` and the word."""
+    train_scenes = concept_scenes(seed * 100 + 1, 8)
+    data = _write_dataset(work / f"pivotal-data-{steps}", train_scenes, [ti_words(s) for s in train_scenes])
+    pivotal, plain = f"{PIVOTAL}{steps}", f"{PIVOTAL}{steps}plain"
+    bundle = dict(bundle_embedding=PIVOTAL_WORD, bundle_vectors=1, bundle_init_text=TI_INIT)
+    lora = (rank, float(rank), False)
+    seconds = _train(
+        services, "lora", pivotal, data, TI_TEMPLATE, learn_rate, steps, seed, work, lora, bundle, embedding_lr
+    )
+    _train(services, "lora", plain, data, TI_TEMPLATE, learn_rate, steps, seed, work, lora)
+    held = concept_scenes(seed * 100 + 2, 16)
+    held_images = [render(s) for s in held]
+    loss = {}
+    for variant, tag, word in (("trained", pivotal, PIVOTAL_WORD), ("plain word", plain, plain)):
+        with _with_lora(services, tag):
+            loss[variant] = heldout_loss(services, [f"a {word} {ti_words(s)}" for s in held], held_images)
+    loss["none"] = heldout_loss(services, [f"a {TI_INIT} {ti_words(s)}" for s in held], held_images)
+    shown = concept_scenes(seed * 100 + 3, 8)
+    prompts = {
+        "trained": [f"a {PIVOTAL_WORD} {ti_words(s)} <lora:{pivotal}:1>" for s in shown],
+        "plain word": [f"a {plain} {ti_words(s)} <lora:{plain}:1>" for s in shown],
+        "init text": [f"a {TI_INIT} {ti_words(s)}" for s in shown],
+    }
+    images = {k: generate_images(services, v, seed=seed * 1000) for k, v in prompts.items()}
+    images["reference"] = [render(s) for s in shown]
+    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    return EfficacyResult("lora + bundled embedding (colour)", steps, seconds, loss, share, images)
 
 
 def grid(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:

@@ -14,6 +14,8 @@ class TrainConfig:
     name: str = ""  # the embedding or hypernetwork being trained
     learn_rate: str = "0.005"
     text_encoder_lr: str = ""  # ours (kohya's name), LoRAs: the text encoder layers' rate; "" = learn_rate
+    # ours, LoRAs with a bundled embedding (pivotal tuning): the embedding's rate; "" = learn_rate
+    embedding_lr: str = ""
     lr_scheduler: str = "constant"  # ours (kohya's names): shapes the rate over the run, lr_schedule.rate_factor
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts

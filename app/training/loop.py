@@ -264,11 +264,23 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         )
     device, unet = model.device, model.pipe.unet
     amp = MixedPrecision(device, unet.dtype, float(cfg.extra.get("initial_loss_scale", 2.0**16)))
+    embedding_schedule = (
+        LearnRateSchedule(cfg.embedding_lr, cfg.steps, "Embedding learning rate")
+        if str(cfg.embedding_lr).strip()
+        else schedule
+    )
     params = target.parameters()
-    # a LoRA's text encoder layers (the end of the list) are a group of their own: they may have their own rate
-    split = len(params) - target.text_encoder_parameters
-    groups = [g for g in (params[:split], params[split:]) if g]
-    rates = [schedule, *([text_encoder_schedule] if len(groups) > 1 else [])]
+    # a LoRA's text encoder layers, then a bundled embedding's vectors (the end of the list) are groups of their own:
+    # each may have its own rate
+    embedding_start = len(params) - target.embedding_parameters
+    text_encoder_start = embedding_start - target.text_encoder_parameters
+    pieces = [
+        (params[:text_encoder_start], schedule),
+        (params[text_encoder_start:embedding_start], text_encoder_schedule),
+        (params[embedding_start:], embedding_schedule),
+    ]
+    groups = [g for g, _ in pieces if g]
+    rates = [rate for g, rate in pieces if g]
     optimizer_type = optimizer_name(cfg.optimizer_type)
     optimizer = make_optimizer(
         optimizer_type,
@@ -431,7 +443,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 texts = [
                     prompt_for(
                         images[index],
-                        target.name,
+                        target.prompt_name,
                         templates,
                         random.Random(g.initial_seed()),
                         cfg.shuffle_tags,

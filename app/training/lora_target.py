@@ -18,11 +18,11 @@ from PIL import Image
 from app.errors import UserError
 from app.lora.files import LOHA_TENSORS, LOKR_TENSORS, LohaLayer, LokrLayer, LoraFile, LoraLayer, bind
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
-from app.lora.writer import save_network
+from app.lora.writer import bundle_tensors, save_network
 from app.models.manager import LoadedModel
 from app.prompts.encoder import PromptEncoder
 from app.training.checkpoint import tensors_hash
-from app.training.targets import Conditioning, encode, save_image
+from app.training.targets import Conditioning, TrainedVectors, encode, save_image
 
 ADAPTER = "trained"  # not "train": ModuleDict keys become attributes, and nn.Module has train()
 # What diffusers' LoRA examples train: the attention projections (self- and cross-attention).
@@ -110,7 +110,9 @@ def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer) -> tuple[int, dict
 
 
 class LoraTarget:
-    """A new LoRA (rank, alpha, which parts) or an existing kohya file continued (its own rank and alpha)."""
+    """A new LoRA (rank, alpha, which parts) or an existing kohya file continued (its own rank and alpha); with a
+    `bundle`, an embedding trained beside it (pivotal tuning: a new word for the subject and the layers that draw it
+    learn together), written into the same file as A1111's bundled embedding."""
 
     kind = "lora"
     weight_decay = 1e-2  # AdamW's default, as diffusers' LoRA examples use
@@ -131,8 +133,12 @@ class LoraTarget:
         conv_dim: int = 0,
         conv_alpha: float = 1.0,
         network_type: str = "lora",
+        bundle: TrainedVectors | None = None,
     ):
         self.path, self.name = path, path.stem
+        self.bundle = bundle
+        self.prompt_name = bundle.name if bundle is not None else self.name
+        self.embedding_parameters = 1 if bundle is not None else 0
         self.save_dtype = save_dtype
         self._metadata = dict(metadata)
         self._components = model_components(model.pipe)
@@ -229,24 +235,29 @@ class LoraTarget:
 
     # -- what the loop asks ------------------------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
-        return self._params
+        """The layers' tensors (the UNet's, then the text encoders'), then a bundled embedding's vectors."""
+        return [*self._params, *([self.bundle.vectors] if self.bundle is not None else [])]
 
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
+        if self.bundle is not None:  # the prompts hold the embedding: its vectors need their gradient
+            return encode(self.bundle.encoder, texts, clip_skip, with_grad=True)
         return encode(self._encoder, texts, clip_skip, with_grad=self.trains_text_encoder)
 
     def unet_context(self) -> AbstractContextManager:
         return nullcontext()  # the layers sit in the model for the whole run
 
     def preview_encoder(self) -> PromptEncoder:
-        return self._encoder
+        return self.bundle.encoder if self.bundle is not None else self._encoder
 
     def preview_networks(self) -> list:
         return []
 
     def digest(self) -> str:
-        """The hash of the weights as the file holds them (in its precision): a continued run's weights come from
-        the file, and its `.optim` must be found by them. The fp32 values themselves travel in `resume_state`."""
-        return tensors_hash([p.detach().to(self.save_dtype) for p in self._params])
+        """The hash of the weights as the file holds them (in its precision; a bundled embedding's in fp32): a
+        continued run's weights come from the file, and its `.optim` must be found by them. The fp32 values
+        themselves travel in `resume_state`."""
+        held = [p.detach().to(self.save_dtype) for p in self._params]
+        return tensors_hash(held + ([self.bundle.vectors.detach()] if self.bundle is not None else []))
 
     def resume_state(self) -> dict:
         """The fp32 weights, kept in `.optim` when the file rounds them (fp16, bf16), so resume is exact."""
@@ -288,10 +299,13 @@ class LoraTarget:
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}
-        save_network(self.path, self._layers(), metadata, self._xl, self.save_dtype)
+        extra = {}
+        if self.bundle is not None:
+            extra = bundle_tensors(self.bundle.name, self.bundle.vectors, self.bundle.split)
+        save_network(self.path, self._layers(), metadata, self._xl, self.save_dtype, extra)
         if copy_to is not None:
             copy_metadata = {**metadata, "ss_output_name": f"{self.name}-{step}"}
-            save_network(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype)
+            save_network(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype, extra)
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from app.embeddings.database import EmbeddingDatabase
+from app.embeddings.service import MAX_VECTORS, model_initial_vectors
 from app.errors import UserError
 from app.folders import FolderPolicy
 from app.generation.txt2img import MAX_SIZE, MIN_SIZE, Txt2ImgParams, Txt2ImgService
@@ -20,7 +22,7 @@ from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.hypernetwork import HypernetworkFormatError
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
-from app.lora.files import LoraFormatError, bind
+from app.lora.files import LoraFile, LoraFormatError, bind, bundled_embeddings
 from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
 from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advice
@@ -34,7 +36,13 @@ from app.training.lora_target import NETWORK_TYPES, LoraTarget, network_type_of
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
-from app.training.targets import EmbeddingTarget, HypernetworkTarget, TrainingTarget, check_trainable
+from app.training.targets import (
+    EmbeddingTarget,
+    HypernetworkTarget,
+    TrainedVectors,
+    TrainingTarget,
+    check_trainable,
+)
 from app.training.templates import list_templates, read_template
 
 log = logging.getLogger(__name__)
@@ -155,6 +163,8 @@ class TrainingService:
         check_optimizer(cfg.optimizer_type, cfg.optimizer_args)  # a bad argument is refused now, not at step 1
         if str(cfg.text_encoder_lr).strip():
             LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
+        if str(cfg.embedding_lr).strip():
+            LearnRateSchedule(cfg.embedding_lr, cfg.steps, "Embedding learning rate")
         for label, value, field, low, top in (
             ("Keep tokens", cfg.keep_tokens, "keep_tokens", 0, 1000),
             ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
@@ -283,10 +293,15 @@ class TrainingService:
         conv_dim: int = 0,
         conv_alpha: float = 1.0,
         network_type: str = "lora",
+        bundle_embedding: str = "",
+        bundle_vectors: int = 1,
+        bundle_init_text: str = "*",
     ) -> Job:
         """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
         and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
-        `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA."""
+        `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA. `bundle_embedding` names a new
+        embedding (`bundle_vectors` vectors from `bundle_init_text`) trained beside the layers and saved in the file
+        (pivotal tuning); the templates' `[name]` is that word."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -343,6 +358,7 @@ class TrainingService:
                     f"LoRA '{name}' holds {held} layers; training continues files of one kind, LoRA, LoHa or LoKr, "
                     "without Tucker cores. Choose another name to train a new one."
                 )
+        bundle = self._bundle_plan(name, existing, bundle_embedding, bundle_vectors)
         if network_type not in NETWORK_TYPES.values():
             raise UserError(
                 f"Network type must be one of {', '.join(NETWORK_TYPES.values())}, got {network_type!r}.",
@@ -378,9 +394,21 @@ class TrainingService:
                 "learning rate of its own: leave it empty (or 0 to keep those layers as they are).",
                 "text_encoder_lr",
             )
+        if (
+            optimizer_name(cfg.optimizer_type) == "Prodigy"
+            and bundle is not None
+            and str(cfg.embedding_lr).strip() not in ("", "0", str(cfg.learn_rate).strip())
+        ):
+            raise UserError(
+                "Prodigy finds one step size for everything it trains, so the bundled embedding cannot have a "
+                "learning rate of its own: leave it empty.",
+                "embedding_lr",
+            )
         path = existing_entry.path if existing_entry else self.settings.lora_dir / f"{name}.safetensors"
         step = int(existing.metadata.get("ss_steps", "0") or 0) if existing else 0
         run = self.prepare(cfg, require_name=False)
+        if bundle is not None:
+            self._check_word_in_prompts(bundle[0], run)
         if step >= LearnRateSchedule(cfg.learn_rate, cfg.steps).end_step:
             raise UserError(f"LoRA '{name}' is already at step {step}; raise max steps above that to train further.")
 
@@ -400,6 +428,12 @@ class TrainingService:
                 elif "ss_network_args" in existing.metadata:
                     metadata["ss_network_args"] = existing.metadata["ss_network_args"]
                 seed = cfg.seed if cfg.seed is not None else 0
+                trained = None
+                if bundle is not None:
+                    bundle_name, vectors = bundle
+                    if vectors is None:  # a new one, from the init text through each encoder's token table
+                        vectors = model_initial_vectors(model, bundle_init_text, int(bundle_vectors))
+                    trained = TrainedVectors(bundle_name, vectors, path, model, self.embeddings, name)
                 target = LoraTarget(
                     path,
                     model,
@@ -413,6 +447,7 @@ class TrainingService:
                     conv_dim_value,
                     conv_alpha_value,
                     network_type,
+                    trained,
                 )
                 try:
                     with self.models.placed_for_training(model):
@@ -422,6 +457,85 @@ class TrainingService:
                     self.loras.db.forget(path)
 
         return self._submit("train lora", run_job, name)
+
+    def _bundle_plan(
+        self, name: str, existing: LoraFile | None, wanted: str, count: object
+    ) -> tuple[str, torch.Tensor | None] | None:
+        """The embedding a LoRA run trains beside its layers: (its name, its vectors, None for a new one), or None.
+        A continued file trains the one it bundles, whatever the request says; a new name is checked here."""
+        wanted = str(wanted or "").strip()
+        try:
+            vectors = int(count)  # type: ignore[call-overload]
+        except (TypeError, ValueError, OverflowError):
+            vectors = 0
+        if not 1 <= vectors <= MAX_VECTORS:
+            raise UserError(
+                f"Vectors of the bundled embedding must be between 1 and {MAX_VECTORS}, got {count!r}.",
+                "bundle_vectors",
+            )
+        model = self.models.get()
+        if existing is not None:
+            if not existing.layers:
+                raise UserError(
+                    f"LoRA '{name}' holds bundled embeddings only, no layers to train. Choose another name to train "
+                    "a new LoRA."
+                )
+            held = bundled_embeddings(existing)
+            if len(held) > 1 or (wanted and wanted not in held):
+                has = f"bundles {', '.join(repr(n) for n in held)}" if held else "bundles no embedding"
+                raise UserError(
+                    f"LoRA '{name}' {has}; a continued LoRA trains what its file holds (one bundled embedding at "
+                    "most). Leave the bundled embedding empty to continue it, or choose another name for a new LoRA.",
+                    "bundle_embedding",
+                )
+            if not held:
+                return None
+            bundle_name, data = next(iter(held.items()))
+            if isinstance(data, str):
+                raise UserError(f"LoRA '{name}': its bundled embedding '{bundle_name}' cannot be used: {data}")
+            if data.width != model.text_width:
+                raise UserError(
+                    f"LoRA '{name}': its bundled embedding '{bundle_name}' has vectors {data.width} wide but the "
+                    f"loaded model needs {model.text_width}."
+                )
+            return bundle_name, data.side_by_side()
+        if not wanted:
+            return None
+        if clean_name(wanted) != wanted or "." in wanted:
+            raise UserError(
+                f"Bundled embedding name '{wanted}' may hold letters, digits, '_' and '-' only (it is the word you "
+                "write in prompts, and the file's key).",
+                "bundle_embedding",
+            )
+        if not model.pipe.tokenizer(wanted, add_special_tokens=False)["input_ids"]:
+            raise UserError(
+                f"Bundled embedding name '{wanted}' has nothing the tokenizer can match.", "bundle_embedding"
+            )
+        self.embeddings.refresh_if_changed()
+        other = self.embeddings.get(wanted) or self.embeddings.skipped.get(wanted)
+        if other is not None:
+            raise UserError(
+                f"'{wanted}' is already the name of {other.path.name} in the embeddings folder, which would be used "
+                "instead of the bundled embedding in every prompt. Choose another word (or rename that file).",
+                "bundle_embedding",
+            )
+        return wanted, None
+
+    @staticmethod
+    def _check_word_in_prompts(word: str, run: PreparedRun) -> None:
+        """A bundled embedding learns only from prompts that hold it: through the template's `[name]`, or in the
+        captions themselves (a kohya dataset's trigger word)."""
+        if any("[name]" in line for line in run.templates):
+            return
+        alone = re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])")  # the word, not part of a longer one
+        if any(alone.search(im.filewords) for im in run.images if not im.is_reg):
+            return
+        raise UserError(
+            f"Neither the prompt template '{run.cfg.template_filename}' (it has no [name]) nor any caption holds "
+            f"'{word}', so the bundled embedding would never be in a training prompt. Pick a template with [name] "
+            "(e.g. subject_filewords.txt) or write the word in the captions.",
+            "template_filename",
+        )
 
     def _submit(self, kind: str, run_job: Callable[[Job], TrainResult], name: str) -> Job:
         """Queue `run_job`. Memory running out inside the loop ends the run with the steps done saved (loop.py);

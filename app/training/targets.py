@@ -39,9 +39,13 @@ class TrainingTarget(Protocol):
     weight_decay: float
     random_forward: bool  # the forward draws random numbers (dropout): checkpointing must replay the RNG state
     copy_suffix: str  # of the copies saved in the log folder every N steps
+    prompt_name: str  # what `[name]` in the templates becomes: the name, or a LoRA's bundled embedding's
     # how many of `parameters()`, at the end of the list, belong to the text encoders (a LoRA's): they may have
     # their own learning rate (kohya's text_encoder_lr)
     text_encoder_parameters: int
+    # how many, at the very end, are the vectors of an embedding trained beside a LoRA (pivotal tuning): their own
+    # learning rate too
+    embedding_parameters: int
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -97,14 +101,51 @@ def check_trainable(embedding: Embedding) -> None:
         )
 
 
+class TrainedVectors:
+    """Embedding vectors being trained, and a prompt encoder that finds them by their name (other embeddings from
+    the database). On SDXL the vectors are both encoders' parts side by side (`clip_l`, then `clip_g`), trained
+    together; each encoder sees its own slice."""
+
+    def __init__(
+        self,
+        name: str,
+        vectors: torch.Tensor,
+        path: Path,
+        model: LoadedModel,
+        db: EmbeddingDatabase,
+        bundled_in: str | None = None,
+    ):
+        """`path`: the file it is saved in; `bundled_in`: the LoRA that file is, for an embedding bundled in one."""
+        self.name = name
+        self.vectors = torch.nn.Parameter(vectors.detach().clone().float().to(model.device))
+        self._trained = Embedding(name, self.vectors, path, bundled_in=bundled_in)
+        self._ids = tuple(model.pipe.tokenizer(name, add_special_tokens=False)["input_ids"])
+        self._db = db
+        pipe = model.pipe
+        if model.is_xl:
+            self.split: int | None = int(pipe.text_encoder.config.hidden_size)
+            self.encoder: PromptEncoder = XLPromptEncoder(
+                pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, self._find
+            )
+        else:
+            self.split = None
+            self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self._find)
+
+    def _find(self, tokens, position):
+        """The trained vectors for our own name (not a file's copy in the database), others from the database."""
+        if tuple(tokens[position : position + len(self._ids)]) == self._ids:
+            return self._trained, len(self._ids)
+        return self._db.find_embedding(tokens, position)
+
+
 class EmbeddingTarget:
-    """Trains an embedding's vectors; everything else stays frozen. On SDXL the vectors are both encoders' parts
-    side by side (`clip_l`, then `clip_g`), trained together; each encoder sees its own slice."""
+    """Trains an embedding's vectors (TrainedVectors); everything else stays frozen."""
 
     kind = "embedding"
     weight_decay = 0.0
     random_forward = False
     text_encoder_parameters = 0  # the vectors are the encoder's input; the learning rate is the main one
+    embedding_parameters = 0  # (the rate of an embedding trained beside a LoRA; here the vectors are the target)
 
     def __init__(self, embedding: Embedding, model: LoadedModel, db: EmbeddingDatabase):
         check_trainable(embedding)
@@ -113,30 +154,13 @@ class EmbeddingTarget:
                 f"Embedding '{embedding.name}' has vectors {embedding.shape} wide but the loaded model needs "
                 f"{model.text_width}; it was made for another model family."
             )
-        self.name = embedding.name
+        self.name = self.prompt_name = embedding.name
         self.path = embedding.path
         self.initial_step = int(embedding.step or 0)
-        self.vectors = torch.nn.Parameter(embedding.vectors.detach().clone().float().to(model.device))
-        self._trained = Embedding(self.name, self.vectors, self.path)
-        self._ids = tuple(model.pipe.tokenizer(self.name, add_special_tokens=False)["input_ids"])
-        self._db = db
-        pipe = model.pipe
-        if model.is_xl:
-            self._split = int(pipe.text_encoder.config.hidden_size)
-            self._encoder = XLPromptEncoder(
-                pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, self._find
-            )
-        else:
-            self._split = None
-            self._encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self._find)
+        trained = TrainedVectors(self.name, embedding.vectors, self.path, model, db)
+        self.vectors, self._encoder, self._split = trained.vectors, trained.encoder, trained.split
         # Log copies: SDXL embeddings as .safetensors (the clip_l/clip_g layout), others as A1111's .pt.
         self.copy_suffix = ".safetensors" if self._split else ".pt"
-
-    def _find(self, tokens, position):
-        """The trained vectors for our own name (not the file's copy in the database), others from the database."""
-        if tuple(tokens[position : position + len(self._ids)]) == self._ids:
-            return self._trained, len(self._ids)
-        return self._db.find_embedding(tokens, position)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.vectors]
@@ -209,11 +233,12 @@ class HypernetworkTarget:
     weight_decay = 0.01  # A1111's AdamW weight decay for hypernetworks
     copy_suffix = ".pt"
     text_encoder_parameters = 0
+    embedding_parameters = 0
 
     def __init__(self, path: Path, model: LoadedModel, stack: HypernetworkStack):
         self.path = path
         self.hn = read_hypernetwork_file(path).to(model.device)
-        self.name = self.hn.name = path.stem
+        self.name = self.prompt_name = self.hn.name = path.stem
         self.initial_step = int(self.hn.step or 0)
         self.widths = attention_widths(model.pipe.unet) & set(self.hn.widths)
         if not self.widths:

@@ -32,7 +32,17 @@ LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA
 # what an emptied number box means: the option off, or (prior loss weight) its default
 EMPTIED_NUMBERS = {"min_snr_gamma": 0.0, "noise_offset": 0.0, "caption_dropout_rate": 0.0, "prior_loss_weight": 1.0}
 # not TrainConfig fields: passed to train_lora
-LORA_FIELDS = ("network_type", "rank", "alpha", "conv_dim", "conv_alpha", "train_text_encoder")
+LORA_FIELDS = (
+    "network_type",
+    "rank",
+    "alpha",
+    "conv_dim",
+    "conv_alpha",
+    "train_text_encoder",
+    "bundle_embedding",
+    "bundle_vectors",
+    "bundle_init_text",
+)
 
 
 class TrainSection:
@@ -104,6 +114,28 @@ class TrainSection:
                 label="Text encoder learning rate (when it is trained; empty: the learning rate below)",
                 elem_id=f"{p}_text_encoder_lr",
             )
+            with gr.Accordion("Bundled embedding (pivotal tuning)", open=False, elem_id=f"{p}_bundle"):
+                gr.Markdown(
+                    "A new word for your subject, trained together with the LoRA and saved inside its file, where "
+                    "A1111 finds it too. The templates' `[name]` becomes this word; write it in prompts with "
+                    "`<lora:...>`. A continued LoRA trains the one its file holds."
+                )
+                with gr.Row():
+                    f["bundle_embedding"] = gr.Textbox(
+                        value="", label="Embedding name (empty: none)", elem_id=f"{p}_bundle_embedding"
+                    )
+                    f["bundle_vectors"] = gr.Number(
+                        value=1, precision=0, label="Vectors per token", elem_id=f"{p}_bundle_vectors"
+                    )
+                with gr.Row():
+                    f["bundle_init_text"] = gr.Textbox(
+                        value="*", label="Initialization text", elem_id=f"{p}_bundle_init_text"
+                    )
+                    f["embedding_lr"] = gr.Textbox(
+                        value="",
+                        label="Embedding learning rate (empty: the learning rate below)",
+                        elem_id=f"{p}_embedding_lr",
+                    )
             f["save_precision"] = gr.Dropdown(
                 [("Auto: fp16, or a continued LoRA's own", ""), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp32")],
                 value="",
@@ -287,7 +319,7 @@ class TrainSection:
             if key in given and given[key] is None:  # an emptied number box: say which, not int(None)'s TypeError
                 raise UserError(f"'{self.fields[key].label}' is empty: enter a whole number.", key)
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
-        for key in ("name", "template_filename", "optimizer_args", "reg_data_dir"):  # text; reg: not on every tab
+        for key in ("name", "template_filename", "optimizer_args", "reg_data_dir", "embedding_lr"):  # not on every tab
             if key in fields:
                 fields[key] = fields[key] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
@@ -325,6 +357,9 @@ class TrainSection:
                     int(conv_dim),
                     1.0 if conv_alpha is None else float(conv_alpha),
                     given["network_type"] or "lora",
+                    given["bundle_embedding"] or "",
+                    1 if given["bundle_vectors"] is None else int(given["bundle_vectors"]),
+                    given["bundle_init_text"] or "",
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)
