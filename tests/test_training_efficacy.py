@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from app.shapes.efficacy import make_services, run_embedding, run_hypernetwork, run_lora_colour, run_lora_outline
+from app.shapes.efficacy import (
+    make_services,
+    run_embedding,
+    run_hypernetwork,
+    run_lora_colour,
+    run_lora_outline,
+    run_lora_pivotal,
+)
 
 TI_STEPS = 100
 HN_STEPS = 100
@@ -68,6 +75,20 @@ def test_lora_learns_the_held_out_colour_word(world):
     assert r.loss["trained"] < 0.5 * r.loss["none"], summary
     assert r.share["trained"] > 0.02, summary
     assert r.share["trained"] > 3 * r.share["without"] + 0.015, summary
+
+
+# Pivotal tuning: a UNet-only LoRA whose trigger word is an embedding bundled in the same file (initialised from
+# "red", trained at 0.02), against the same LoRA with a plain, never-learned word. Measured at 100 steps: loss
+# 0.0113 vs 0.0292 with the plain word (0.39x) and 0.0421 with neither (0.27x); orange share 0.058 (plain word's
+# LoRA 0.057: a UNet LoRA learns the colour from the images either way; the word carries it into the prompt).
+def test_lora_with_a_bundled_embedding_learns_the_colour(world):
+    services, work = world
+    r = run_lora_pivotal(services, work, 100)
+    summary = f"loss {r.loss}, orange share {r.share}"
+    assert r.loss["trained"] < 0.6 * r.loss["plain word"], summary
+    assert r.loss["trained"] < 0.45 * r.loss["none"], summary
+    assert r.share["trained"] > 0.03, summary
+    assert r.share["trained"] > 3 * r.share["init text"] + 0.015, summary
 
 
 # The same two experiments on shapes-xl (SDXL's architecture: both text encoders' embedding parts trained

@@ -384,6 +384,54 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:uitrained:1>')")
 
 
+def test_train_a_lora_with_a_bundled_embedding_and_use_its_word(page, server, tmp_path):
+    """Pivotal tuning from the LoRA tab: first refused (the default template never says the word), then trained
+    with a template that does; the file carries the embedding and its word works in a prompt with the LoRA."""
+    from tests.test_training import make_dataset
+
+    dataset = make_dataset(tmp_path / "pivot-stars")
+    open_ui(page, server)
+    page.get_by_role("tab", name="LoRA").click()
+    name = page.locator("#train_lora_lora input").first
+    name.fill("uipivot")
+    name.press("Tab")
+    fill_field(page, "train_lora_dataset_directory", dataset)
+    fill_field(page, "train_lora_steps", 4)
+    fill_field(page, "train_lora_create_image_every", 4)
+    page.locator("#train_lora_bundle").get_by_text("Bundled embedding").click()
+    # The accordion mounts its fields as it opens: a value typed while that happens can be lost, so check it took.
+    for _ in range(5):
+        fill_field(page, "train_lora_bundle_embedding", "uipivotword")
+        page.wait_for_timeout(200)
+        if page.locator("#train_lora_bundle_embedding textarea").input_value() == "uipivotword":
+            break
+    fill_field(page, "train_lora_bundle_vectors", 2)
+    fill_field(page, "train_lora_bundle_init_text", "red")
+    fill_field(page, "train_lora_embedding_lr", "0.01")
+    page.locator("#train_lora_train_lora").click()
+    error = page.locator("#lora_train_message #train_error")
+    error.wait_for(timeout=60000)
+    assert "uipivotword" in error.inner_text() and "[name]" in error.inner_text(), error.inner_text()
+    assert not (server.data_dir / "models" / "Lora" / "uipivot.safetensors").exists()
+    pick_option(page, "#train_lora_template_file input", "subject_filewords.txt", exact=True)
+    page.locator("#train_lora_train_lora").click()
+    done = page.locator("#lora_train_message #train_result")
+    done.wait_for(timeout=90000)
+    assert "Training finished at step 4" in done.inner_text(), done.inner_text()
+    with safe_open(str(server.data_dir / "models" / "Lora" / "uipivot.safetensors"), "pt") as f:
+        assert f.get_tensor("bundle_emb.uipivotword.string_to_param.*").shape == (2, 64)
+    # The preview <img> loads lazily: scrolled far down the form (the template picker), it waits to be near the view.
+    page.locator("#lora_train_preview").scroll_into_view_if_needed()
+    page.locator("#lora_train_preview img").wait_for()
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora_pivotal.png"), full_page=True)
+    page.get_by_role("tab", name="txt2img").click()
+    fill_field(page, "txt2img_prompt", "a uipivotword circle <lora:uipivot:1>")
+    page.locator("#txt2img_generate").click()
+    info = page.locator("#generation_info_text").inner_text()
+    assert 'TI hashes: "uipivotword: uipivot"' in info, info
+    assert page.locator(".gen-note").count() == 0
+
+
 @pytest.fixture(scope="module")
 def xl_ui_server(tmp_path_factory, model_store):
     """A server whose checkpoint folder holds both shipped shapes models (as a fresh install has them)."""
