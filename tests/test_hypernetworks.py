@@ -254,11 +254,11 @@ def test_sliced_attention_gives_the_same_image(services, outline):
 def test_bad_tags_generate_without_them_and_say_why(services, outline, tmp_path, folder):
     outside = folder.parent / "x.pt"
     torch.save({"bogus": 1}, outside)
-    result = gen(services, "cat <hypernet:zqoutline:abc> <hypernet:../x:1> <hypernet:nobody:1> <lyco:l:1>")
+    result = gen(services, "cat <hypernet:zqoutline:abc> <hypernet:../x:1> <hypernet:nobody:1> <loractl:l:1>")
     notes = " | ".join(result.notes)
     assert "multiplier 'abc' is not a number" in notes
     assert "'../x' not found" in notes and "'nobody' not found" in notes
-    assert "type 'lyco' is not supported" in notes
+    assert "type 'loractl' is not supported" in notes
     assert np.array_equal(pixels(result), pixels(gen(services, "cat")))
 
 

@@ -234,6 +234,10 @@ def test_two_loras_add_up_and_hashes_go_in_the_infotext(services, folder):
     )
     assert expected in result.infotexts[0]
     assert "<lora:zq_alias:0.5>" in result.infotexts[0].splitlines()[0], "the tags stay in the saved prompt"
+    # one of them as LyCORIS's old `<lyco:...>` tag: both still apply together, as A1111 reads it
+    mixed = gen(services, "a green star <lora:zq_alias:0.5> <lyco:zqb:1.2>")
+    assert mixed.notes == [] and np.array_equal(pixels(mixed), pixels(result))
+    assert expected in mixed.infotexts[0]
 
 
 @pytest.fixture

@@ -127,6 +127,10 @@ def test_a_lycoris_file_changes_the_model_as_lycoris_itself_runs_it(services, fo
     image = pixels(gen(services, "a red circle"))
     tagged = gen(services, "a red circle <lora:zqlyco:0.7>")
     assert tagged.notes == [] and np.abs(pixels(tagged) - image).max() > 8
+    # LyCORIS's old tag, which A1111 reads as a LoRA tag: the same image and the same infotext field
+    old_tag = gen(services, "a red circle <lyco:zqlyco:0.7>")
+    assert old_tag.notes == [] and np.array_equal(pixels(old_tag), pixels(tagged))
+    assert 'Lora hashes: "zqlyco: ' in old_tag.infotexts[0]
     assert same(before, snapshot(model))
     assert np.array_equal(pixels(gen(services, "a red circle")), image)
 

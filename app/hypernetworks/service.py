@@ -54,6 +54,7 @@ class HypernetworkService:
     """Hypernetwork files, and the `hypernet` kind of extra network for generation (activate)."""
 
     tag = "hypernet"
+    aliases: tuple[str, ...] = ()
 
     def __init__(self, db: HypernetworkDatabase, models: ModelManager, stack: HypernetworkStack | None = None):
         self.db = db

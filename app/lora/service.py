@@ -88,6 +88,7 @@ class LoraService:
     """LoRA files in `models/Lora/` (`--lora-dir`), and the `lora` kind of extra network for generation."""
 
     tag = "lora"
+    aliases = ("lyco",)  # A1111 (1.5+) reads LyCORIS' old `<lyco:...>` tags as LoRA tags
 
     def __init__(self, db: LoraDatabase, models: ModelManager, embeddings: EmbeddingDatabase | None = None):
         self.db = db

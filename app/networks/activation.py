@@ -20,6 +20,7 @@ class Activation:
 
 class NetworkKind(Protocol):
     tag: str  # the word in `<tag:name:...>`
+    aliases: tuple[str, ...]  # other words for the same kind, e.g. A1111's `<lyco:...>` for `<lora:...>`
 
     def activate(self, model: Any, tags: list[ExtraNetworkTag]) -> Activation: ...
 
@@ -44,14 +45,16 @@ def activate_all(
     kinds become notes. Returns (notes, infotext fields)."""
     notes: list[str] = []
     infotext: dict[str, str] = {}
-    known = {k.tag for k in kinds}
+    words = {kind: {kind.tag, *kind.aliases} for kind in kinds}
+    known = set().union(*words.values())
     notes += [
         f"{t.text}: extra network type '{t.kind}' is not supported here; removed from the prompt"
         for t in tags
         if t.kind not in known
     ]
     for kind in kinds:
-        activation = kind.activate(model, [t for t in tags if t.kind == kind.tag])
+        # As A1111, an alias's tags join the kind's own, in prompt order, in one activation.
+        activation = kind.activate(model, [t for t in tags if t.kind in words[kind]])
         stack.enter_context(activation.context)
         notes += activation.notes
         infotext.update(activation.infotext)
