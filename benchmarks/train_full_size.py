@@ -1,6 +1,6 @@
 """Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
 LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (or LoHa, LoKr:
-`--targets`). Our engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style
+`--targets`; `pivotal`: a LoRA trained with a bundled embedding, its baseline the LoRA one). Our engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style
 baseline of `baselines.py` at the same settings, each run in its own process so its memory is its own.
 
 Printed per run: seconds per step (median of the timed steps, after one warm-up step) and peak memory. CPU: peak RSS
@@ -8,7 +8,7 @@ above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` 
 ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
 
     .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4]
-        [--targets embedding,hypernetwork,lora,loha,lokr]
+        [--targets embedding,hypernetwork,lora,loha,lokr,pivotal]
         [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md] [--arch sd2|sdxl]
 
 `--arch sd2`: an SD 2.1-768-size file (OpenCLIP-H text encoder, 1024-wide context, v-prediction as the 768 px
@@ -33,7 +33,9 @@ import torch
 from baselines import run_child
 from random_checkpoint import make_in_subprocess
 
-LORA_TYPES = ("lora", "loha", "lokr")  # targets trained as LoRAs (LyCORIS LoHa/LoKr); their baseline: the LoRA one
+# Targets trained as LoRAs (LyCORIS LoHa/LoKr; "pivotal": a LoRA with a bundled embedding); their baseline: the LoRA
+# one. The pivotal target costs what the trigger word's embedding adds: the text encoder's backward pass each step.
+LORA_TYPES = ("lora", "loha", "lokr", "pivotal")
 
 
 def child(args) -> dict:
@@ -100,7 +102,12 @@ def child(args) -> dict:
             gradient_checkpointing=args.checkpointing,
         )
         if args.target in LORA_TYPES:  # the example's rank 4, scale 1; LoHa/LoKr of the same rank
-            result = services.training.train_lora(cfg, 4, 4.0, network_type=args.target).wait()
+            if args.target == "pivotal":  # the word goes in through subject.txt's [name]
+                bundle = dict(bundle_embedding="zqbenchword", bundle_vectors=1, bundle_init_text="star")
+                cfg.template_filename = "subject.txt"
+                result = services.training.train_lora(cfg, 4, 4.0, **bundle).wait()
+            else:
+                result = services.training.train_lora(cfg, 4, 4.0, network_type=args.target).wait()
         else:
             run = (
                 services.training.train_embedding

@@ -16,7 +16,7 @@ from safetensors.torch import save
 from app.embeddings.formats import EmbeddingFileError, read_embedding_file
 from app.hypernetworks.files import read_hypernetwork_file, save_hypernetwork
 from app.hypernetworks.hypernetwork import Hypernetwork, HypernetworkFormatError
-from app.lora.files import LoraFormatError, read_lora_file, read_lora_header
+from app.lora.files import LoraFormatError, bundled_embeddings, read_lora_file, read_lora_header
 
 
 def _pt(obj) -> bytes:
@@ -50,6 +50,14 @@ def _seeds() -> dict[str, bytes]:
         "hypernetwork.pt": hn_bytes,
         "hypernetwork.safetensors": hn_st,
         "lora.safetensors": save(lora, metadata={"ss_output_name": "x"}),
+        "lora-bundle.safetensors": save(
+            {
+                **lora,
+                "bundle_emb.w.string_to_param.*": torch.randn(2, 32, generator=g),
+                "bundle_emb.x.clip_l": torch.randn(1, 32, generator=g),
+                "bundle_emb.x.clip_g": torch.randn(1, 64, generator=g),
+            }
+        ),
         "lora.pt": _pt(lora),
     }
 
@@ -83,16 +91,20 @@ def mutated(draw) -> tuple[str, bytes]:
 
 
 def _check(name: str, data: bytes) -> None:
-    reader, error = READERS[name.split(".")[0]]
+    reader, error = READERS[name.split(".")[0].split("-")[0]]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
         readers = [reader, read_lora_header] if name.startswith("lora") else [reader]  # listing reads headers
         for read in readers:
             try:
-                read(path)
+                got = read(path)
             except error as e:
                 assert str(e).strip(), "the reason must be a sentence"
+            else:
+                if read is read_lora_file:  # each bundled embedding: usable, or a sentence saying why not
+                    for found in bundled_embeddings(got).values():
+                        assert not isinstance(found, str) or found.strip()
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,3 +117,36 @@ def test_mutated_files_get_a_reason_or_load(case):
 @given(st.sampled_from(sorted(SEEDS)), st.binary(max_size=256))
 def test_random_bytes_get_a_reason(name, data):
     _check(name, data)
+
+
+BUNDLE_PARTS = ["string_to_param.*", "string_to_param.<tok>", "clip_l", "clip_g", "emb_params", "other", "", "a.b.c"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12),
+            st.sampled_from(BUNDLE_PARTS),
+            st.lists(st.integers(0, 3), min_size=0, max_size=3),
+            st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.booleans(),
+)
+def test_any_bundled_embedding_keys_get_a_reason_or_load(bundles, with_layer):
+    """Whatever a file puts under `bundle_emb.`: names with dots or odd characters, any part, shape and dtype, with
+    or without LoRA layers beside it: the file reads or says why, and each bundle is an embedding or a reason."""
+    tensors = {}
+    if with_layer:
+        tensors["lora_unet_a_b.lora_down.weight"] = torch.ones(4, 32)
+        tensors["lora_unet_a_b.lora_up.weight"] = torch.ones(32, 4)
+    for name, part, shape, dtype in bundles:
+        tensors[f"bundle_emb.{name}.{part}" if part else f"bundle_emb.{name}"] = torch.zeros(shape, dtype=dtype)
+    try:
+        data = save(tensors)
+    except Exception:  # safetensors itself refuses the key; nothing of ours to test
+        return
+    _check("lora.safetensors", data)
