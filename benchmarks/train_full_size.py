@@ -1,6 +1,7 @@
 """Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
 LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (or LoHa, LoKr:
-`--targets`; `pivotal`: a LoRA trained with a bundled embedding, its baseline the LoRA one). Our engine (through `TrainingService`, as the UI and API run it) against the diffusers-example-style
+`--targets`; `pivotal`: a LoRA trained with a bundled embedding, its baseline the LoRA one). Our engine (through
+`TrainingService`, as the UI and API run it) against the diffusers-example-style
 baseline of `baselines.py` at the same settings, each run in its own process so its memory is its own.
 
 Printed per run: seconds per step (median of the timed steps, after one warm-up step) and peak memory. CPU: peak RSS

@@ -27,6 +27,7 @@ from app.lora.names import Target, layer_table, model_components
 from app.models.manager import ModelManager
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
+from app.networks.user_metadata import UserMetadata, read_user_metadata
 from app.prompts.extra_networks import ExtraNetworkTag
 
 KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
@@ -141,7 +142,16 @@ class LoraService:
         table = self.table(model)
         rows = []
         for f in self.db.files().values():
-            row: dict[str, Any] = {"name": f.name, "path": str(f.path)}
+            user = read_user_metadata(f.path)
+            row: dict[str, Any] = {
+                "name": f.name,
+                "path": str(f.path),
+                "activation_text": user.activation_text,
+                "preferred_weight": user.preferred_weight,
+                "description": user.description,
+            }
+            if user.problem:
+                row["user_metadata_problem"] = user.problem
             try:
                 lora = self.db.load_path(f.path)
                 bind(lora, table, model_label(model))
@@ -151,6 +161,11 @@ class LoraService:
                 row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
             rows.append(row)
         return sorted(rows, key=lambda r: r["name"].lower())
+
+    def user_metadata(self, name: str) -> UserMetadata:
+        """A1111's user metadata of the file the name (or alias) finds: `<name>.json` beside it, or nothing."""
+        found = self.find(name)
+        return read_user_metadata(found.path) if found is not None else UserMetadata()
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""

@@ -13,7 +13,7 @@ from app.generation.samplers import sampler_names, schedule_labels
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MAX_STEPS, MIN_SIZE, Txt2ImgParams
 from app.jobs import Job
 from app.services import Services
-from app.ui.extra_networks import NetworkList
+from app.ui.extra_networks import NetworkList, lora_about
 
 POLL_SECONDS = 0.25
 
@@ -170,8 +170,11 @@ def build_txt2img_tab(
         lambda: [d["name"] for d in services.loras.details() if d["usable"]],
         lambda: [(d["name"], d["path"], d["reason"]) for d in services.loras.details() if not d["usable"]],
         services.loras.refresh,
-        lambda name: f"<lora:{name}:1>",
+        lambda name: services.loras.user_metadata(name).card_prompt("lora", name),
         "LoRAs",
+        about=lambda: {d["name"]: lora_about(d) for d in services.loras.details() if d["usable"]},
+        negative=negative,
+        insert_negative=lambda name: services.loras.user_metadata(name).card_negative(),
     )
     last_seed = gr.State(-1)
     running_job = gr.State("")  # this page's job id, so Interrupt never stops someone else's job

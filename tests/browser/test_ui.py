@@ -334,6 +334,25 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
     info = page.locator("#generation_info_text").inner_text()
     assert info.startswith("a red circle <lora:uilora:1>") and 'Lora hashes: "uilora: ' in info
     assert page.locator(".gen-note").count() == 0
+    # A1111's user metadata beside a file (its card editor and Civitai Helper write it): the card shows the trigger
+    # words, and a click adds them with the preferred weight, and the negative text to the negative prompt.
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=8)), str(folder / "uistyle.safetensors"))
+    (folder / "uistyle.json").write_text(
+        json.dumps({"activation text": "zqstyle, outlined", "preferred weight": 0.6, "negative text": "blurry"})
+    )
+    page.locator("#lora_refresh").click()
+    card = page.locator("#lora_cards tr", has_text="uistyle")
+    card.wait_for()
+    assert "zqstyle, outlined" in card.inner_text() and "weight 0.6" in card.inner_text()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_neg_prompt textarea").fill("")
+    card.get_by_text("uistyle", exact=True).click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === "
+        "'a red circle <lora:uistyle:0.6> zqstyle, outlined'"
+    )
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "(blurry:1)"
+    page.locator("#txt2img_prompt textarea").fill("a red circle <lora:uilora:1>")
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_cards.png"), full_page=True)
 
 
@@ -415,9 +434,13 @@ def test_train_a_lora_with_a_bundled_embedding_and_use_its_word(page, server, tm
     assert not (server.data_dir / "models" / "Lora" / "uipivot.safetensors").exists()
     pick_option(page, "#train_lora_template_file input", "subject_filewords.txt", exact=True)
     page.locator("#train_lora_train_lora").click()
-    done = page.locator("#lora_train_message #train_result")
-    done.wait_for(timeout=90000)
-    assert "Training finished at step 4" in done.inner_text(), done.inner_text()
+    # (the panel shows the last run's message until this one's replaces it: wait for this run's)
+    page.wait_for_function(
+        "(document.querySelector('#lora_train_message #train_result') || {}).innerText"
+        "?.includes('Training finished at step 4. LoRA saved to') && "
+        "document.querySelector('#lora_train_message #train_result').innerText.includes('uipivot.safetensors')",
+        timeout=90000,
+    )
     with safe_open(str(server.data_dir / "models" / "Lora" / "uipivot.safetensors"), "pt") as f:
         assert f.get_tensor("bundle_emb.uipivotword.string_to_param.*").shape == (2, 64)
     # The preview <img> loads lazily: scrolled far down the form (the template picker), it waits to be near the view.

@@ -1,0 +1,118 @@
+"""A1111's user metadata beside a LoRA (`<name>.json`: activation text, preferred weight, negative text,
+description; or `<name>.txt`): read as A1111 reads it, shown in the LoRA list, used by a card click; a damaged or
+odd sidecar is a reason, never an error."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from app.networks.user_metadata import UserMetadata, read_user_metadata
+from app.ui.extra_networks import lora_about
+from tests.test_lora import folder, kohya_file, make_layers  # noqa: F401  (folder: a fixture)
+
+
+def sidecar(tmp_path: Path, content: str | bytes, name: str = "style.v2") -> Path:
+    lora = tmp_path / f"{name}.safetensors"
+    lora.write_bytes(b"")
+    target = tmp_path / f"{name}.json"
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return lora
+
+
+def test_a1111_fields_are_read(tmp_path):
+    data = {
+        "description": "Outlines.\nSecond line.",
+        "sd version": "SD1",
+        "activation text": " zqstyle, outlined ",
+        "preferred weight": 0.6,
+        "negative text": "blurry",
+        "notes": "trained on 20 images",
+    }
+    meta = read_user_metadata(sidecar(tmp_path, json.dumps(data)))
+    assert meta == UserMetadata(
+        description="Outlines.\nSecond line.",
+        activation_text="zqstyle, outlined",
+        preferred_weight=0.6,
+        negative_text="blurry",
+        sd_version="SD1",
+        notes="trained on 20 images",
+    )
+    assert meta.card_prompt("lora", "style.v2") == "<lora:style.v2:0.6> zqstyle, outlined"
+    assert meta.card_negative() == "(blurry:1)"
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected"),
+    [(0, None), (0.0, None), ("0.8", 0.8), ("abc", None), (True, None), (float("inf"), None), (None, None), (-1, -1)],
+)
+def test_preferred_weight_zero_or_odd_means_the_default(tmp_path, weight, expected):
+    raw = json.dumps({"preferred weight": weight}) if weight != float("inf") else '{"preferred weight": 1e999}'
+    meta = read_user_metadata(sidecar(tmp_path, raw))
+    assert meta.preferred_weight == expected and meta.problem == ""
+    assert meta.card_prompt("lora", "x") == f"<lora:x:{expected if expected is not None else 1:g}>"
+
+
+def test_no_sidecar_and_text_descriptions(tmp_path):
+    lora = tmp_path / "plain.safetensors"
+    lora.write_bytes(b"")
+    assert read_user_metadata(lora) == UserMetadata()
+    (tmp_path / "plain.description.txt").write_text("From the .description.txt\n")
+    assert read_user_metadata(lora).description == "From the .description.txt"
+    (tmp_path / "plain.txt").write_text("From the .txt")  # A1111 looks at <name>.txt first
+    assert read_user_metadata(lora).description == "From the .txt"
+    (tmp_path / "plain.json").write_text(json.dumps({"description": "From the .json"}))
+    assert read_user_metadata(lora).description == "From the .json"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "does not hold a JSON object"),
+        (b"\xff\xfe\x00garbage", "is not valid JSON"),
+        ("{}" + " " * (300 * 1024), "at most 256 KB"),
+    ],
+)
+def test_damaged_sidecars_give_a_reason(tmp_path, content, reason):
+    (tmp_path / "plain.txt").write_text("kept")
+    meta = read_user_metadata(sidecar(tmp_path, content, "plain"))
+    assert reason in meta.problem and meta.description == "kept" and meta.activation_text == ""
+
+
+def test_wrong_types_are_ignored(tmp_path):
+    meta = read_user_metadata(sidecar(tmp_path, json.dumps({"activation text": 3, "sd version": "SD9", "notes": []})))
+    assert meta == UserMetadata()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.recursive(st.none() | st.floats() | st.text(), st.lists).map(json.dumps)))
+def test_any_sidecar_reads_or_says_why(content):
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = read_user_metadata(sidecar(Path(tmp), content if isinstance(content, bytes) else content.encode()))
+        assert isinstance(meta, UserMetadata)
+        meta.card_prompt("lora", "x")
+
+
+def test_the_lora_list_shows_and_the_service_finds_it(services, folder, tmp_path):  # noqa: F811
+    pipe = services.models.get().pipe
+    save_file(
+        kohya_file(pipe, make_layers(pipe, seed=4)),
+        str(folder / "zqmeta.safetensors"),
+        metadata={"ss_output_name": "zqmeta_alias"},
+    )
+    (folder / "zqmeta.json").write_text(json.dumps({"activation text": "zqword", "preferred weight": 0.7}))
+    row = next(d for d in services.loras.details() if d["name"] == "zqmeta")
+    assert (row["activation_text"], row["preferred_weight"]) == ("zqword", 0.7)
+    assert lora_about(row) == "zqword · weight 0.7"
+    assert services.loras.user_metadata("zqmeta_alias").activation_text == "zqword"  # found by its alias too
+    assert services.loras.user_metadata("nobody") == UserMetadata()
+    (folder / "zqmeta.json").write_text("{broken")
+    row = next(d for d in services.loras.details() if d["name"] == "zqmeta")
+    assert row["usable"] and "not valid JSON" in row["user_metadata_problem"]
