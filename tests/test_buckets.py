@@ -131,6 +131,8 @@ def test_a_bucketed_lora_records_its_buckets_as_kohya_does(services, shaped):
         meta = f.metadata()
     assert meta["ss_enable_bucket"] == "True"
     assert meta["ss_min_snr_gamma"] == meta["ss_noise_offset"] == "None"  # off, written as kohya does
+    assert meta["ss_multires_noise_iterations"] == meta["ss_ip_noise_gamma"] == "None"
+    assert meta["ss_multires_noise_discount"] == "0.3"
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     images, _ = load_dataset(shaped, 64, 64, ["[filewords]"], 0, bucketing=True)
     expected = Counter(im.image.size for im in images)

@@ -1,5 +1,6 @@
 """kohya's training options on the real tiny model: the LR scheduler, Min-SNR weighting (`min_snr_gamma`), the
-noise offset (`noise_offset`) and their ranges. Each is checked against its definition on a real training step,
+noise offset (`noise_offset`), multi-resolution noise (`multires_noise_iterations`/`_discount`), input
+perturbation (`ip_noise_gamma`) and their ranges. Each is checked against its definition on a real training step,
 and a run with both loss options resumes bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from app.errors import UserError
-from app.training.loop import min_snr_weights
+from app.training.loop import min_snr_weights, pyramid_noise
 from app.training.lr_schedule import rate_factor
 from tests.test_training import cfg, fresh, interrupt_at, make_dataset, vectors
 
@@ -77,8 +78,39 @@ def test_the_noise_offset_shifts_each_channel_by_one_value(services, dataset):
     assert float(per_channel.abs().min()) > 1e-4
 
 
-def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
-    options = dict(steps=12, min_snr_gamma=5.0, noise_offset=0.05)
+def test_pyramid_noise_has_unit_variance_and_coarse_structure():
+    g = torch.Generator().manual_seed(3)
+    white = torch.randn(4, 64, 64, generator=g)
+    noise = pyramid_noise(white, g, 6, 0.3)
+    assert float(noise.std()) == pytest.approx(1.0, abs=1e-5)
+    # Averaged over 8x8 patches white noise nearly cancels (deviation ~1/8); the coarse levels move whole regions.
+    # (At kohya's usual discount 0.3 they weigh little: measured 1.07-1.22x white noise's; at 0.8, 2.4-3.7x.)
+    pooled = lambda x: float(torch.nn.functional.avg_pool2d(x[None], 8).std())  # noqa: E731
+    coarse = pyramid_noise(white, torch.Generator().manual_seed(4), 6, 0.8)
+    assert pooled(coarse) > 2 * pooled(white) and float(coarse.std()) == pytest.approx(1.0, abs=1e-5)
+    again = pyramid_noise(white, g, 6, 0.3)
+    assert not torch.equal(again, noise)  # a generator further on draws other levels ...
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(pyramid_noise(white, g1, 6, 0.3), pyramid_noise(white, g2, 6, 0.3))  # ... the same, the same
+
+
+def test_multires_and_input_perturbation_change_the_noise_as_defined(services, dataset):
+    plain, t, _ = first_step(services, "zqmulti", dataset)
+    multi, t_multi, _ = first_step(services, "zqmulti", dataset, multires_noise_iterations=6)
+    ip, t_ip, _ = first_step(services, "zqmulti", dataset, ip_noise_gamma=0.1)
+    assert torch.equal(t, t_multi) and torch.equal(t, t_ip)
+    alpha_bar = services.models.get().pipe.scheduler.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1)
+    sigma = (1 - alpha_bar).sqrt()
+    # multires: the same sample and timestep, its noise replaced (the noise itself: the pyramid test above)
+    difference = (multi.cpu() - plain.cpu()) / sigma  # = multires noise - plain noise
+    assert float(difference.abs().max()) > 0.1
+    # ip: the input is the plain input plus sigma * gamma * white noise
+    extra = (ip.cpu() - plain.cpu()) / (sigma * 0.1)
+    assert 0.7 < float(extra.std()) < 1.3 and abs(float(extra.mean())) < 0.3
+
+
+def test_a_run_with_the_loss_options_resumes_bit_for_bit(services, dataset):
+    options = dict(steps=12, min_snr_gamma=5.0, noise_offset=0.05, multires_noise_iterations=6, ip_noise_gamma=0.1)
     path = fresh(services, "zqlossresume")
     services.training.train_embedding(cfg("zqlossresume", dataset, **options)).wait()
     straight = vectors(path)
@@ -98,6 +130,11 @@ def test_a_run_with_both_options_resumes_bit_for_bit(services, dataset):
         ("min_snr_gamma", -1.0, "Min-SNR gamma must be between 0 \\(off\\) and 100"),
         ("min_snr_gamma", float("nan"), "Min-SNR gamma must be between"),
         ("noise_offset", 2.0, "Noise offset must be between 0 \\(off\\) and 1"),
+        ("multires_noise_iterations", 21, "Multires noise iterations must be between 0 \\(off\\) and 20"),
+        ("multires_noise_iterations", -1, "Multires noise iterations must be between"),
+        ("multires_noise_discount", 0.0, "Multires noise discount must be above 0 and at most 1"),
+        ("multires_noise_discount", float("nan"), "Multires noise discount must be above 0"),
+        ("ip_noise_gamma", 1.5, "Input perturbation noise \\(ip_noise_gamma\\) must be between 0 \\(off\\) and 1"),
         ("keep_tokens", -1, "Keep tokens must be between 0 and 1000"),
         ("caption_dropout_rate", 1.0, "Caption dropout must be between 0 and 1"),
         ("lr_scheduler", "exponential", "LR scheduler must be one of constant"),

@@ -46,6 +46,9 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
             enable_bucket=True,
             min_snr_gamma=5,
             noise_offset=None,  # emptied: off
+            multires_noise_iterations=6,
+            multires_noise_discount=None,  # emptied: kohya's default
+            ip_noise_gamma=0.1,
             keep_tokens=2,
             lr_scheduler="cosine",
             lr_warmup_steps=10,
@@ -59,6 +62,7 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
         )
     )
     assert (cfg.enable_bucket, cfg.min_snr_gamma, cfg.noise_offset, cfg.keep_tokens) == (True, 5.0, 0.0, 2)
+    assert (cfg.multires_noise_iterations, cfg.multires_noise_discount, cfg.ip_noise_gamma) == (6, 0.3, 0.1)
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.text_encoder_lr) == ("cosine", 10, "5e-5")
     assert (cfg.save_precision, cfg.gradient_checkpointing) == ("bf16", "off")
     assert (cfg.reg_data_dir, cfg.prior_loss_weight) == ("/data/reg", 1.0)

@@ -148,6 +148,10 @@ class TrainRequest(BaseModel):
     enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets instead of one square size
     min_snr_gamma: float = bounded(0.0, 0, 100)  # ours (kohya's name): Min-SNR loss weighting, 0 = off
     noise_offset: float = bounded(0.0, 0, 1)  # ours (kohya's name): per-channel noise offset, 0 = off
+    # ours (kohya's names): multi-resolution noise levels (0 = off) and their discount; input perturbation
+    multires_noise_iterations: int = bounded(0, 0, 20)
+    multires_noise_discount: float = bounded(0.3, maximum=1, exclusive_minimum=0)
+    ip_noise_gamma: float = bounded(0.0, 0, 1)
     # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
     # that holds the model and the queue for days.
     steps: int = bounded(..., 1)

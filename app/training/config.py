@@ -35,6 +35,11 @@ class TrainConfig:
     enable_bucket: bool = False  # ours (kohya's name): aspect-ratio buckets, see buckets.py
     min_snr_gamma: float = 0.0  # ours (kohya's name): Min-SNR loss weighting, 0 = off (5 is the usual value)
     noise_offset: float = 0.0  # ours (kohya's name): per-channel noise offset, 0 = off (0.05-0.1 usual)
+    # ours (kohya's names): multi-resolution (pyramid) noise, 0 levels = off (6-10 usual), each level weighted
+    # discount^i; input perturbation of the noise the UNet sees (Ning et al. 2023), 0 = off (0.1 usual)
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
     # LoRAs: "fp16", "bf16" or "fp32" for the file; "" = fp16 for a new LoRA, the file's own for a continued one
     save_precision: str = ""
     steps: int = 100000

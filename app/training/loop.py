@@ -158,6 +158,24 @@ def denoising_target(noise_schedule, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise ValueError(f"unknown prediction_type {prediction!r}")
 
 
+def pyramid_noise(noise: torch.Tensor, g: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's multi-resolution ("pyramid") noise for one sample's [C, H, W] noise: level i adds white noise drawn
+    at 1/r^i of the size (r random in [2, 4)), upsampled bilinearly and weighted discount^i, then the sum is scaled
+    back to unit variance. Low frequencies get noise too, which plain noise barely touches, so the model learns to
+    change overall brightness and colour. Unlike kohya, which scales by the whole batch's deviation, each sample is
+    scaled by its own, so a sample's noise never depends on which others share its batch (resume stays exact)."""
+    channels, height, width = noise.shape
+    total = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand(1, generator=g)) * 2 + 2
+        coarse_h, coarse_w = max(1, int(height / r**i)), max(1, int(width / r**i))
+        coarse = torch.randn((1, channels, coarse_h, coarse_w), generator=g)
+        total += F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0] * discount**i
+        if coarse_h == 1 or coarse_w == 1:
+            break  # the coarsest level is one value per channel
+    return total / total.std()
+
+
 def min_snr_weights(noise_schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR loss weights (Hang et al. 2023, kohya's `min_snr_gamma`), one per sample: the loss at timestep t
     counts min(SNR(t), gamma) / SNR(t) for noise prediction, min(SNR(t), gamma) / (SNR(t) + 1) for velocity
@@ -462,11 +480,19 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 if cfg.noise_offset:  # one offset per channel and sample: drawn last, so 0 changes no other number
                     channels = (x0.shape[1], 1, 1)
                     noise = noise + cfg.noise_offset * torch.stack([torch.randn(channels, generator=g) for g in gens])
+                if cfg.multires_noise_iterations:  # kohya's order: after the offset, drawn after it
+                    levels, discount = int(cfg.multires_noise_iterations), float(cfg.multires_noise_discount)
+                    pairs = zip(noise, gens, strict=True)
+                    noise = torch.stack([pyramid_noise(n, g, levels, discount) for n, g in pairs])
+                noise_in = noise
+                if cfg.ip_noise_gamma:  # input perturbation: the UNet sees noise + gamma * more noise, learns `noise`
+                    extra = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+                    noise_in = noise + float(cfg.ip_noise_gamma) * extra
                 per_sample = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
                 if weigh_prior:
                     prior = torch.tensor([prior_weight if images[i].is_reg else 1.0 for i in chosen])
                     per_sample = prior if per_sample is None else per_sample * prior
-                noisy = noise_schedule.add_noise(x0, noise, t).to(device)
+                noisy = noise_schedule.add_noise(x0, noise_in, t).to(device)
                 wanted = denoising_target(noise_schedule, x0, noise, t).to(device)
                 weight = torch.stack([weights[index] for index in chosen]).to(device) if cfg.use_weight else None
                 time_ids = torch.tensor([images[index].time_ids() for index in chosen])

@@ -143,9 +143,22 @@ class TrainingService:
         for label, value, field, top in (
             ("Min-SNR gamma", cfg.min_snr_gamma, "min_snr_gamma", 100.0),
             ("Noise offset", cfg.noise_offset, "noise_offset", 1.0),
+            ("Input perturbation noise (ip_noise_gamma)", cfg.ip_noise_gamma, "ip_noise_gamma", 1.0),
         ):
             if not 0 <= float(value) <= top:  # NaN fails this too
                 raise UserError(f"{label} must be between 0 (off) and {top:g}, got {value}.", field)
+        if not 0 <= int(cfg.multires_noise_iterations) <= 20:
+            raise UserError(
+                f"Multires noise iterations must be between 0 (off) and 20 (6-10 usual), got "
+                f"{cfg.multires_noise_iterations}.",
+                "multires_noise_iterations",
+            )
+        if not 0 < float(cfg.multires_noise_discount) <= 1:  # NaN fails this too
+            raise UserError(
+                "Multires noise discount must be above 0 and at most 1 (0.3 usual), got "
+                f"{cfg.multires_noise_discount}.",
+                "multires_noise_discount",
+            )
         if not 0 < float(cfg.prior_loss_weight) <= 100:  # NaN fails this too
             raise UserError(
                 f"Prior loss weight must be above 0 and at most 100 (1 is usual), got {cfg.prior_loss_weight}.",
@@ -633,6 +646,9 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_enable_bucket": str(bool(cfg.enable_bucket)),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma or None),  # kohya writes "None" when off
         "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_multires_noise_iterations": str(int(cfg.multires_noise_iterations) or None),
+        "ss_multires_noise_discount": str(float(cfg.multires_noise_discount)),
+        "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
         "ss_keep_tokens": str(int(cfg.keep_tokens)),
         "ss_caption_dropout_rate": str(float(cfg.caption_dropout_rate)),
         "ss_optimizer": describe(cfg.optimizer_type, cfg.optimizer_args),

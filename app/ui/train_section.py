@@ -30,7 +30,15 @@ EMBEDDING = TrainKind("embedding", "train", "0.005", "style_filewords.txt", "Tra
 HYPERNETWORK = TrainKind("hypernetwork", "train_hn", "0.00001", "hypernetwork.txt", "Train Hypernetwork", "hn_train")
 LORA = TrainKind("lora", "train_lora", "0.0001", "hypernetwork.txt", "Train LoRA", "lora_train")
 # what an emptied number box means: the option off, or (prior loss weight) its default
-EMPTIED_NUMBERS = {"min_snr_gamma": 0.0, "noise_offset": 0.0, "caption_dropout_rate": 0.0, "prior_loss_weight": 1.0}
+EMPTIED_NUMBERS = {
+    "min_snr_gamma": 0.0,
+    "noise_offset": 0.0,
+    "multires_noise_iterations": 0.0,
+    "multires_noise_discount": 0.3,
+    "ip_noise_gamma": 0.0,
+    "caption_dropout_rate": 0.0,
+    "prior_loss_weight": 1.0,
+}
 # not TrainConfig fields: passed to train_lora
 LORA_FIELDS = (
     "network_type",
@@ -294,6 +302,21 @@ class TrainSection:
                     value=0,
                     label="Noise offset (0 = off; 0.05-0.1 lets it learn darker and brighter images)",
                     elem_id=f"{p}_noise_offset",
+                )
+            with gr.Row():
+                f["multires_noise_iterations"] = gr.Number(
+                    value=0,
+                    precision=0,
+                    label="Multires noise iterations (0 = off; 6-10 usual): noise at coarser scales too",
+                    elem_id=f"{p}_multires_noise_iterations",
+                )
+                f["multires_noise_discount"] = gr.Number(
+                    value=0.3, label="Multires noise discount (0.3 usual)", elem_id=f"{p}_multires_noise_discount"
+                )
+                f["ip_noise_gamma"] = gr.Number(
+                    value=0,
+                    label="Input perturbation noise, ip_noise_gamma (0 = off; 0.1 usual)",
+                    elem_id=f"{p}_ip_noise_gamma",
                 )
         with gr.Row():
             f["interrupt"] = gr.Button("Interrupt", elem_id=f"{p}_interrupt_training")
