@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from app.errors import NotFoundError, UserError
+from app.lora.service import top_tags
 from app.networks.user_metadata import UserMetadata, read_user_metadata
 from app.ui.extra_networks import lora_about
+from app.ui.lora_info_tab import summary_html
 from tests.test_lora import folder, kohya_file, make_layers  # noqa: F401  (folder: a fixture)
 
 
@@ -116,3 +119,59 @@ def test_the_lora_list_shows_and_the_service_finds_it(services, folder, tmp_path
     (folder / "zqmeta.json").write_text("{broken")
     row = next(d for d in services.loras.details() if d["name"] == "zqmeta")
     assert row["usable"] and "not valid JSON" in row["user_metadata_problem"]
+
+
+def test_saving_keeps_other_keys_and_reads_back(services, folder):  # noqa: F811
+    pipe = services.models.get().pipe
+    save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqsave.safetensors"))
+    (folder / "zqsave.json").write_text(json.dumps({"sd version": "SD1", "civitai": {"id": 7}, "notes": "old"}))
+    path = services.loras.save_user_metadata(
+        "zqsave",
+        description="Outlines",
+        activation_text="zqword",
+        preferred_weight=0.8,
+        negative_text="",
+        notes="new",
+    )
+    assert path == folder / "zqsave.json"
+    data = json.loads(path.read_text())
+    assert data["civitai"] == {"id": 7} and data["sd version"] == "SD1"  # an extension's keys survive
+    assert (data["activation text"], data["preferred weight"], data["notes"]) == ("zqword", 0.8, "new")
+    meta = services.loras.user_metadata("zqsave")
+    assert meta.card_prompt("lora", "zqsave") == "<lora:zqsave:0.8> zqword"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_a_damaged_sidecar_is_never_overwritten(services, folder):  # noqa: F811
+    pipe = services.models.get().pipe
+    save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqkeep.safetensors"))
+    (folder / "zqkeep.json").write_text("{half written")
+    with pytest.raises(UserError, match="is not a JSON object that can be read; it is left as it is"):
+        services.loras.save_user_metadata(
+            "zqkeep", description="", activation_text="x", preferred_weight=None, negative_text="", notes=""
+        )
+    assert (folder / "zqkeep.json").read_text() == "{half written"
+    with pytest.raises(NotFoundError):
+        services.loras.save_user_metadata(
+            "nobody", description="", activation_text="x", preferred_weight=None, negative_text="", notes=""
+        )
+
+
+def test_info_summarises_the_training_record(services, folder):  # noqa: F811
+    pipe = services.models.get().pipe
+    frequency = {"10_zq": {"zqword": 10, "red circle": 4}, "reg": {"red circle": 2, "bad": "x"}}
+    metadata = {"ss_network_dim": "4", "ss_steps": "120", "ss_tag_frequency": json.dumps(frequency), "x": "y"}
+    save_file(kohya_file(pipe, make_layers(pipe, seed=6)), str(folder / "zqinfo.safetensors"), metadata=metadata)
+    info = services.loras.info("zqinfo")
+    assert info["usable"] and info["layers"] > 0 and info["kind"] == "LoRA"
+    assert info["training"] == {"ss_network_dim": "4", "ss_steps": "120"}  # the keys the view shows
+    assert info["tags"] == [("zqword", 10), ("red circle", 6)]  # summed over folders, odd counts skipped
+    html_text = summary_html(info)
+    assert "Rank (network dim)</th><td>4" in html_text and "zqword (10)" in html_text
+    with pytest.raises(NotFoundError):
+        services.loras.info("nobody")
+
+
+@pytest.mark.parametrize("value", ["", "not json", "[1]", '{"a": [1]}', '{"a": {"t": 1e999}}'])
+def test_odd_tag_frequencies_give_no_tags(value):
+    assert top_tags(value) == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import OrderedDict
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
+from app.errors import NotFoundError
 from app.lora.apply import Application, lora_applied
 from app.lora.files import (
     SUFFIXES,
@@ -27,7 +29,7 @@ from app.lora.names import Target, layer_table, model_components
 from app.models.manager import ModelManager
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
-from app.networks.user_metadata import UserMetadata, read_user_metadata
+from app.networks.user_metadata import UserMetadata, read_user_metadata, write_user_metadata
 from app.prompts.extra_networks import ExtraNetworkTag
 
 KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
@@ -83,6 +85,45 @@ def _number(text: str, what: str, tag: ExtraNetworkTag) -> float:
     if not math.isfinite(value):
         raise LoraFormatError(f"{tag.text}: {what} '{text}' is not a finite number; LoRA not applied")
     return value
+
+
+# kohya's metadata keys the Info view shows, in this order, with the label a person reads
+TRAINING_KEYS = {
+    "ss_output_name": "Output name",
+    "ss_sd_model_name": "Base model",
+    "ss_base_model_version": "Model version",
+    "ss_network_module": "Network module",
+    "ss_network_dim": "Rank (network dim)",
+    "ss_network_alpha": "Alpha",
+    "ss_network_args": "Network args",
+    "ss_steps": "Steps",
+    "ss_epoch": "Epoch",
+    "ss_num_train_images": "Training images",
+    "ss_resolution": "Resolution",
+    "ss_learning_rate": "Learning rate",
+    "ss_text_encoder_lr": "Text encoder learning rate",
+    "ss_optimizer": "Optimizer",
+    "ss_lr_scheduler": "LR scheduler",
+    "ss_mixed_precision": "Mixed precision",
+    "ss_training_started_at": "Started",
+    "ss_training_finished_at": "Finished",
+    "ss_training_comment": "Comment",
+}
+
+
+def top_tags(tag_frequency: str, limit: int = 30) -> list[tuple[str, int]]:
+    """kohya's `ss_tag_frequency` (JSON: {folder: {tag: count}}) summed over folders, most frequent first; a value
+    that is not that JSON gives nothing (it is the file's, so anything may be in it)."""
+    try:
+        folders = json.loads(tag_frequency) if tag_frequency else {}
+    except ValueError:
+        return []
+    counts: dict[str, int] = {}
+    for tags in folders.values() if isinstance(folders, dict) else ():
+        for tag, count in tags.items() if isinstance(tags, dict) else ():
+            if isinstance(count, int | float) and not isinstance(count, bool) and math.isfinite(count):
+                counts[str(tag).strip()] = counts.get(str(tag).strip(), 0) + int(count)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
 class LoraService:
@@ -166,6 +207,36 @@ class LoraService:
         """A1111's user metadata of the file the name (or alias) finds: `<name>.json` beside it, or nothing."""
         found = self.find(name)
         return read_user_metadata(found.path) if found is not None else UserMetadata()
+
+    def info(self, name: str) -> dict[str, Any]:
+        """What the LoRA tab's Info view shows of one file: where it is, whether it fits the loaded model, what its
+        training recorded (kohya's `ss_` keys, the most frequent caption tags), its bundled embeddings and A1111's
+        user metadata. Raises NotFoundError for a name no file has."""
+        found = self.find(name)
+        if found is None:
+            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        row = next((d for d in self.details() if d["path"] == str(found.path)), {"usable": False, "reason": ""})
+        metadata = self._metadata(found)
+        return {
+            "name": found.name,
+            "path": str(found.path),
+            "size_mb": found.path.stat().st_size / 2**20,
+            "usable": row["usable"],
+            "reason": row.get("reason", ""),
+            "kind": row.get("kind", ""),
+            "layers": row.get("layers", 0),
+            "embeddings": row.get("embeddings", []),
+            "training": {k: v for k, v in metadata.items() if k in TRAINING_KEYS},
+            "tags": top_tags(metadata.get("ss_tag_frequency", "")),
+            "user": read_user_metadata(found.path),
+        }
+
+    def save_user_metadata(self, name: str, **fields: Any) -> Path:
+        """Write A1111's `<name>.json` beside the file the name finds (fields: write_user_metadata's)."""
+        found = self.find(name)
+        if found is None:
+            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        return write_user_metadata(found.path, **fields)
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""

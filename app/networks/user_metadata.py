@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.errors import UserError
+from app.fileio import atomic_write_text
+
 MAX_BYTES = 256 * 1024  # a sidecar is a few hundred bytes; anything this large is not one
 SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")  # A1111's SdVersion names
 
@@ -69,7 +72,7 @@ def read_user_metadata(network_file: Path) -> UserMetadata:
         if text is not None:
             description = text.strip()
             break
-    sidecar = base.with_name(base.name + ".json")
+    sidecar = sidecar_path(network_file)
     if not sidecar.exists():
         return UserMetadata(description=description)
     raw = _read_text(sidecar)
@@ -90,3 +93,47 @@ def read_user_metadata(network_file: Path) -> UserMetadata:
         sd_version=sd_version if sd_version in SD_VERSIONS else "",
         notes=_text(data, "notes"),
     )
+
+
+def sidecar_path(network_file: Path) -> Path:
+    base = network_file.with_suffix("")
+    return base.with_name(base.name + ".json")
+
+
+def write_user_metadata(
+    network_file: Path,
+    description: str,
+    activation_text: str,
+    preferred_weight: float | None,
+    negative_text: str,
+    notes: str,
+) -> Path:
+    """Write the fields into `<name>.json` as A1111's card editor does, keeping every other key the file already
+    has (an extension's, `sd version`); atomically, so a crash leaves the old file or the new one. A damaged
+    existing file is not overwritten: its content would be lost."""
+    sidecar = sidecar_path(network_file)
+    data: dict = {}
+    if sidecar.exists():
+        raw = _read_text(sidecar)
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise UserError(
+                f"{sidecar} exists but is not a JSON object that can be read; it is left as it is. Fix or remove it, "
+                "then save again."
+            )
+    if preferred_weight is not None and not math.isfinite(float(preferred_weight)):
+        raise UserError(f"The preferred weight must be a number, got {preferred_weight}.", "preferred_weight")
+    data.update(
+        {
+            "description": description.strip(),
+            "activation text": activation_text.strip(),
+            "preferred weight": float(preferred_weight or 0),  # A1111: 0 = the default multiplier
+            "negative text": negative_text.strip(),
+            "notes": notes.strip(),
+        }
+    )
+    atomic_write_text(sidecar, json.dumps(data, indent=4, ensure_ascii=False))
+    return sidecar

@@ -11,6 +11,7 @@ import gradio as gr
 from app.errors import UserError
 from app.services import Services
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
+from app.ui.lora_info_tab import build_lora_info_tab
 from app.ui.pnginfo_tab import build_pnginfo_tab
 from app.ui.textual_inversion_tab import build_textual_inversion_tab
 from app.ui.train_section import LORA, TrainSection
@@ -108,8 +109,11 @@ def build_ui(services: Services) -> gr.Blocks:
                 build_textual_inversion_tab(services, embedding_list, txt2img_fields)
             with gr.Tab("Hypernetworks", id="hypernetworks"), gr.Tabs():
                 build_hypernetworks_tab(services, hypernetwork_list, txt2img_fields)
-            with gr.Tab("LoRA", id="lora"), gr.Tabs(), gr.Tab("Train", id="lora_train_tab"):
-                TrainSection(services, LORA, txt2img_fields)
+            with gr.Tab("LoRA", id="lora"), gr.Tabs():
+                with gr.Tab("Train", id="lora_train_tab"):
+                    TrainSection(services, LORA, txt2img_fields)
+                with gr.Tab("Info", id="lora_info_tab"):
+                    lora_info_name = build_lora_info_tab(services, lora_list)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")
@@ -125,6 +129,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *embedding_list.refreshed(False),
                 *hypernetwork_list.refreshed(False),
                 *lora_list.refreshed(False),
+                gr.update(choices=services.loras.names()),
             ]
 
         demo.load(
@@ -135,6 +140,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *embedding_list.outputs,
                 *hypernetwork_list.outputs,
                 *lora_list.outputs,
+                lora_info_name,
             ],
         )
     return demo

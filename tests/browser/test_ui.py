@@ -356,6 +356,40 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_cards.png"), full_page=True)
 
 
+def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, server, services):
+    from safetensors.torch import save_file
+
+    from tests.test_lora import kohya_file, make_layers
+
+    folder = server.data_dir / "models" / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = services.models.get()
+    metadata = {"ss_steps": "300", "ss_tag_frequency": json.dumps({"5_zq": {"zqinfo style": 5, "red circle": 3}})}
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=9)), str(folder / "uiinfo.safetensors"), metadata)
+    open_ui(page, server)
+    page.get_by_role("tab", name="LoRA").click()
+    page.get_by_role("tab", name="Info", exact=True).click()
+    pick_option(page, "#lora_info_name input", "uiinfo", exact=True)
+    page.locator("#lora_info_table").wait_for()
+    summary = page.locator("#lora_info_summary").inner_text()
+    assert "300" in summary and "zqinfo style (5)" in summary and "Fits the loaded model\tyes" in summary, summary
+    fill_field(page, "lora_info_activation_text", "zqinfo style")
+    fill_field(page, "lora_info_preferred_weight", 0.9)
+    page.locator("#lora_info_save").click()
+    page.locator("#lora_info_saved").wait_for()
+    saved = json.loads((folder / "uiinfo.json").read_text())
+    assert (saved["activation text"], saved["preferred weight"]) == ("zqinfo style", 0.9)
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_info.png"), full_page=True)
+    page.get_by_role("tab", name="txt2img").click()
+    card = page.locator("#lora_cards tr", has_text="uiinfo")
+    card.wait_for()  # the list was refreshed by the save
+    assert "zqinfo style · weight 0.9" in card.inner_text()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    card.get_by_text("uiinfo", exact=True).click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === 'a red circle <lora:uiinfo:0.9> zqinfo style'"
+    )
+
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     from tests.test_regularization import make_reg_dataset
     from tests.test_training import make_dataset

@@ -1,0 +1,96 @@
+"""LoRA tab → Info: what a LoRA file says about itself (kohya's training metadata, its most frequent caption tags,
+bundled embeddings, whether it fits the loaded model) and A1111's user metadata for it (description, trigger
+words, preferred weight, negative text, notes), edited and saved to `<name>.json` as A1111's card editor does."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+
+from app.errors import UserError
+from app.lora.service import TRAINING_KEYS
+from app.services import Services
+from app.ui.extra_networks import NetworkList
+
+
+def summary_html(info: dict[str, Any]) -> str:
+    """The file's facts as a two-column table, then its caption tags by frequency."""
+    fits = "yes" if info["usable"] else f"no: {info['reason']}"
+    rows = [
+        ("File", info["path"]),
+        ("Size", f"{info['size_mb']:.1f} MB"),
+        ("Fits the loaded model", fits),
+        ("Kind", info["kind"] or "-"),
+        ("Layers", str(info["layers"])),
+        ("Bundled embeddings", ", ".join(info["embeddings"]) or "none"),
+    ]
+    rows += [(label, info["training"][key]) for key, label in TRAINING_KEYS.items() if info["training"].get(key)]
+    if info["user"].problem:
+        rows.append(("User metadata", info["user"].problem))
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    if info["tags"]:
+        tags = ", ".join(f"{html.escape(tag)} ({count})" for tag, count in info["tags"])
+        caption_tags = f"<p id='lora_info_tags'><b>Most frequent caption tags:</b> {tags}</p>"
+    else:
+        caption_tags = "<p id='lora_info_tags'>No caption tags recorded in the file.</p>"
+    return f"<table id='lora_info_table'>{table}</table>{caption_tags}"
+
+
+def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdown:
+    """The Info view; returns its LoRA picker, whose choices the page load refreshes."""
+    with gr.Row():
+        name = gr.Dropdown(choices=services.loras.names(), value=None, label="LoRA", elem_id="lora_info_name", scale=4)
+        refresh = gr.Button("🔄", elem_id="lora_info_refresh", scale=0, min_width=48)
+    summary = gr.HTML(elem_id="lora_info_summary")
+    description = gr.Textbox(label="Description", lines=2, elem_id="lora_info_description")
+    with gr.Row():
+        activation = gr.Textbox(
+            label="Activation text (trigger words, added after the tag when the card is clicked)",
+            elem_id="lora_info_activation_text",
+        )
+        weight = gr.Number(value=0, label="Preferred weight (0: the default, 1)", elem_id="lora_info_preferred_weight")
+    negative = gr.Textbox(label="Negative text (added to the negative prompt)", elem_id="lora_info_negative_text")
+    notes = gr.Textbox(label="Notes", lines=2, elem_id="lora_info_notes")
+    save = gr.Button("Save to NAME.json", variant="primary", elem_id="lora_info_save")
+    message = gr.HTML(elem_id="lora_info_message")
+    fields = [summary, description, activation, weight, negative, notes]
+
+    def on_pick(picked: str | None) -> list:
+        if not picked:
+            return ["", "", "", 0, "", ""]
+        try:
+            info = services.loras.info(picked)
+        except UserError as e:
+            return [f"<p class='gen-error'>{html.escape(str(e))}</p>", "", "", 0, "", ""]
+        user = info["user"]
+        weight_value = user.preferred_weight or 0
+        texts = [user.description, user.activation_text, weight_value, user.negative_text, user.notes]
+        return [summary_html(info), *texts]
+
+    def on_save(picked, description_text, activation_text, weight_value, negative_text, notes_text) -> list:
+        try:
+            if not picked:
+                raise UserError("Pick a LoRA first.")
+            path = services.loras.save_user_metadata(
+                picked,
+                description=description_text or "",
+                activation_text=activation_text or "",
+                preferred_weight=float(weight_value) if weight_value is not None else None,
+                negative_text=negative_text or "",
+                notes=notes_text or "",
+            )
+        except UserError as e:
+            return [f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>", *lora_list.refreshed(False)]
+        done = f"<p class='train-done' id='lora_info_saved'>Saved {html.escape(str(path))}.</p>"
+        return [done, *lora_list.refreshed(False)]
+
+    name.change(on_pick, inputs=name, outputs=fields)
+    refresh.click(lambda: gr.update(choices=services.loras.names()), outputs=name)
+    save.click(
+        on_save,
+        inputs=[name, description, activation, weight, negative, notes],
+        outputs=[message, *lora_list.outputs],
+    )
+    return name
