@@ -390,6 +390,7 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
         "document.querySelector('#txt2img_prompt textarea').value === 'a red circle <lora:uiinfo:0.9> zqinfo style'"
     )
 
+
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     from tests.test_regularization import make_reg_dataset
     from tests.test_training import make_dataset
