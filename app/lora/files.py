@@ -314,15 +314,18 @@ class BoundLayer:
     layer: NetworkLayer
 
 
-def read_lora_file(path: Path) -> LoraFile:
-    """Parse `path`; raises LoraFormatError with a reason a person understands."""
+def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors by name and its metadata, read safely (no code runs from a pickle), unparsed."""
     if path.stat().st_size == 0:
         raise LoraFormatError("the file is empty (0 bytes)")
     if path.suffix.lower() == ".safetensors":
-        tensors, metadata = _read_safetensors(path)
-    else:
-        tensors, metadata = _read_pickle(path), {}
-    return parse_lora(tensors, metadata)
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
+
+
+def read_lora_file(path: Path) -> LoraFile:
+    """Parse `path`; raises LoraFormatError with a reason a person understands."""
+    return parse_lora(*read_lora_tensors(path))
 
 
 _SAFETENSORS_DTYPES = {

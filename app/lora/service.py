@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
-from app.errors import NotFoundError
+from app.errors import NotFoundError, UserError
 from app.lora.apply import Application, lora_applied
 from app.lora.files import (
     SUFFIXES,
@@ -26,7 +26,9 @@ from app.lora.files import (
     read_lora_header,
 )
 from app.lora.names import Target, layer_table, model_components
+from app.lora.resize import ResizeReport, resize_lora
 from app.models.manager import ModelManager
+from app.naming import clean_name
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
 from app.networks.user_metadata import UserMetadata, read_user_metadata, write_user_metadata
@@ -237,6 +239,21 @@ class LoraService:
         if found is None:
             raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
         return write_user_metadata(found.path, **fields)
+
+    def resize(self, name: str, new_name: str, rank: int, keep: float = 0.0) -> tuple[Path, ResizeReport]:
+        """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an
+        existing file or another LoRA's name)."""
+        found = self.find(name)
+        if found is None:
+            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        clean = clean_name(new_name)
+        if not clean or clean != new_name.strip():
+            raise UserError(f"'{new_name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
+        dst = found.path.with_name(clean + ".safetensors")
+        if dst.exists() or self.find(clean) is not None:
+            raise UserError(f"A LoRA named '{clean}' already exists; pick another name for the resized file.")
+        report = resize_lora(found.path, dst, rank, keep, output_name=clean)
+        return dst, report
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""

@@ -1,6 +1,7 @@
 """LoRA tab → Info: what a LoRA file says about itself (kohya's training metadata, its most frequent caption tags,
 bundled embeddings, whether it fits the loaded model) and A1111's user metadata for it (description, trigger
-words, preferred weight, negative text, notes), edited and saved to `<name>.json` as A1111's card editor does."""
+words, preferred weight, negative text, notes), edited and saved to `<name>.json` as A1111's card editor does;
+and resizing it to a lower rank into a new file."""
 
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdo
     save = gr.Button("Save to NAME.json", variant="primary", elem_id="lora_info_save")
     message = gr.HTML(elem_id="lora_info_message")
     fields = [summary, description, activation, weight, negative, notes]
+    with gr.Accordion("Resize (a lower rank, a smaller file; kohya's resize_lora)", open=False, elem_id="lora_resize"):
+        with gr.Row():
+            new_rank = gr.Number(value=16, precision=0, label="New rank (at most)", elem_id="lora_resize_rank")
+            keep = gr.Number(
+                value=0,
+                label="Dynamic: per layer, the least rank keeping this share of its norm (0 = off; 0.9-0.99)",
+                elem_id="lora_resize_keep",
+            )
+            new_name = gr.Textbox(label="New name (empty: NAME-rRANK)", elem_id="lora_resize_name")
+        resize = gr.Button("Resize into a new file", elem_id="lora_resize_button")
+        resize_message = gr.HTML(elem_id="lora_resize_message")
 
     def on_pick(picked: str | None) -> list:
         if not picked:
@@ -86,6 +98,25 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdo
         done = f"<p class='train-done' id='lora_info_saved'>Saved {html.escape(str(path))}.</p>"
         return [done, *lora_list.refreshed(False)]
 
+    def on_resize(picked, rank_value, keep_value, new_name_text) -> list:
+        try:
+            if not picked:
+                raise UserError("Pick a LoRA first.")
+            if rank_value is None:
+                raise UserError("'New rank' is empty: enter a whole number.", "rank")
+            target = (new_name_text or "").strip() or f"{picked}-r{int(rank_value)}"
+            path, report = services.loras.resize(picked, target, int(rank_value), float(keep_value or 0))
+        except UserError as e:
+            error = f"<p class='gen-error' id='lora_resize_error'>{html.escape(str(e))}</p>"
+            return [error, gr.update(), *lora_list.refreshed(False)]
+        done = f"<p class='train-done' id='lora_resize_done'>Wrote {html.escape(str(path))}: {report.sentence()}</p>"
+        return [done, gr.update(choices=services.loras.names()), *lora_list.refreshed(False)]
+
+    resize.click(
+        on_resize,
+        inputs=[name, new_rank, keep, new_name],
+        outputs=[resize_message, name, *lora_list.outputs],
+    )
     name.change(on_pick, inputs=name, outputs=fields)
     refresh.click(lambda: gr.update(choices=services.loras.names()), outputs=name)
     save.click(
