@@ -27,7 +27,7 @@ from app.lora.files import (
 )
 from app.lora.names import Target, layer_table, model_components
 from app.lora.resize import ResizeReport, resize_lora
-from app.models.manager import ModelManager
+from app.models.manager import LoadedModel, ModelManager
 from app.naming import clean_name
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
@@ -183,27 +183,29 @@ class LoraService:
         """Every file with whether it fits the loaded model and why not (the UI's list; not an A1111 route)."""
         model = self.models.get()
         table = self.table(model)
-        rows = []
-        for f in self.db.files().values():
-            user = read_user_metadata(f.path)
-            row: dict[str, Any] = {
-                "name": f.name,
-                "path": str(f.path),
-                "activation_text": user.activation_text,
-                "preferred_weight": user.preferred_weight,
-                "description": user.description,
-            }
-            if user.problem:
-                row["user_metadata_problem"] = user.problem
-            try:
-                lora = self.db.load_path(f.path)
-                bind(lora, table, model_label(model))
-                kinds = sorted({layer.kind for layer in lora.layers.values()})
-                row.update(usable=True, layers=len(lora.layers), kind=", ".join(kinds), embeddings=sorted(lora.bundles))
-            except LoraFormatError as e:
-                row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
-            rows.append(row)
+        rows = [self._row(f, model, table) for f in self.db.files().values()]
         return sorted(rows, key=lambda r: r["name"].lower())
+
+    def _row(self, f: NetworkFile, model: LoadedModel, table: dict[str, Target]) -> dict[str, Any]:
+        """One file's row of `details`: its user metadata, and its layers if it fits the model, else why not."""
+        user = read_user_metadata(f.path)
+        row: dict[str, Any] = {
+            "name": f.name,
+            "path": str(f.path),
+            "activation_text": user.activation_text,
+            "preferred_weight": user.preferred_weight,
+            "description": user.description,
+        }
+        if user.problem:
+            row["user_metadata_problem"] = user.problem
+        try:
+            lora = self.db.load_path(f.path)
+            bind(lora, table, model_label(model))
+            kinds = sorted({layer.kind for layer in lora.layers.values()})
+            row.update(usable=True, layers=len(lora.layers), kind=", ".join(kinds), embeddings=sorted(lora.bundles))
+        except LoraFormatError as e:
+            row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
+        return row
 
     def user_metadata(self, name: str) -> UserMetadata:
         """A1111's user metadata of the file the name (or alias) finds: `<name>.json` beside it, or nothing."""
@@ -217,7 +219,8 @@ class LoraService:
         found = self.find(name)
         if found is None:
             raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
-        row = next((d for d in self.details() if d["path"] == str(found.path)), {"usable": False, "reason": ""})
+        model = self.models.get()
+        row = self._row(found, model, self.table(model))
         metadata = self._metadata(found)
         return {
             "name": found.name,
