@@ -175,3 +175,30 @@ def test_info_summarises_the_training_record(services, folder):  # noqa: F811
 @pytest.mark.parametrize("value", ["", "not json", "[1]", '{"a": [1]}', '{"a": {"t": 1e999}}'])
 def test_odd_tag_frequencies_give_no_tags(value):
     assert top_tags(value) == []
+
+
+def test_previews_are_found_as_a1111_looks_for_them_and_saved_as_name_png(services, folder, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    from app.networks.user_metadata import find_preview
+    from app.ui.lora_info_tab import load_preview
+
+    lora = tmp_path / "style.v2.safetensors"
+    lora.write_bytes(b"")
+    assert find_preview(lora) is None
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "style.v2.preview.webp")
+    assert find_preview(lora) == tmp_path / "style.v2.preview.webp"
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "style.v2.preview.png")
+    assert find_preview(lora) == tmp_path / "style.v2.preview.png"  # png before webp
+    (tmp_path / "style.v2.png").write_bytes(b"not an image")
+    assert find_preview(lora) == tmp_path / "style.v2.png"  # NAME.png before NAME.preview.png
+    assert load_preview(find_preview(lora)) is None  # a damaged image is no image, not an error
+    pipe = services.models.get().pipe
+    save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqcard.safetensors"))
+    path = services.loras.save_preview("zqcard", Image.new("RGBA", (64, 64), (255, 0, 0, 128)))
+    assert path == folder / "zqcard.png" and services.loras.info("zqcard")["preview"] == path
+    with Image.open(path) as saved:
+        assert saved.mode == "RGB" and saved.getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(NotFoundError):
+        services.loras.save_preview("nobody", Image.new("RGB", (8, 8)))

@@ -31,7 +31,13 @@ from app.models.manager import LoadedModel, ModelManager
 from app.naming import clean_name
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
-from app.networks.user_metadata import UserMetadata, read_user_metadata, write_user_metadata
+from app.networks.user_metadata import (
+    UserMetadata,
+    find_preview,
+    read_user_metadata,
+    save_preview,
+    write_user_metadata,
+)
 from app.prompts.extra_networks import ExtraNetworkTag
 
 KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
@@ -234,6 +240,7 @@ class LoraService:
             "training": {k: v for k, v in metadata.items() if k in TRAINING_KEYS},
             "tags": top_tags(metadata.get("ss_tag_frequency", "")),
             "user": read_user_metadata(found.path),
+            "preview": find_preview(found.path),
         }
 
     def save_user_metadata(self, name: str, **fields: Any) -> Path:
@@ -242,6 +249,13 @@ class LoraService:
         if found is None:
             raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
         return write_user_metadata(found.path, **fields)
+
+    def save_preview(self, name: str, image: Any) -> Path:
+        """Make `image` (a PIL image) the card image of the LoRA `name`: `<name>.png` beside it, as A1111 does."""
+        found = self.find(name)
+        if found is None:
+            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        return save_preview(found.path, image)
 
     def resize(self, name: str, new_name: str, rank: int, keep: float = 0.0) -> tuple[Path, ResizeReport]:
         """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an

@@ -10,10 +10,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from app.errors import UserError
-from app.fileio import atomic_write_text
+from app.fileio import atomic_write, atomic_write_text
 
 MAX_BYTES = 256 * 1024  # a sidecar is a few hundred bytes; anything this large is not one
+PREVIEW_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif")  # A1111's allowed preview extensions, in its order
 SD_VERSIONS = ("SD1", "SD2", "SDXL", "Unknown")  # A1111's SdVersion names
 
 
@@ -137,3 +140,23 @@ def write_user_metadata(
     )
     atomic_write_text(sidecar, json.dumps(data, indent=4, ensure_ascii=False))
     return sidecar
+
+
+def find_preview(network_file: Path) -> Path | None:
+    """The card image beside a network file, as A1111 looks for it: `<name>.<ext>`, then `<name>.preview.<ext>`,
+    for each extension in A1111's order."""
+    base = network_file.with_suffix("")
+    for ext in PREVIEW_EXTENSIONS:
+        for candidate in (base.with_name(f"{base.name}.{ext}"), base.with_name(f"{base.name}.preview.{ext}")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def save_preview(network_file: Path, image: Image.Image) -> Path:
+    """Write `image` as the file's card image, `<name>.png` (where A1111's "replace preview" writes it), atomically;
+    an image there before is replaced, which is what the user asked for."""
+    base = network_file.with_suffix("")
+    target = base.with_name(base.name + ".png")
+    atomic_write(target, lambda tmp: image.convert("RGB").save(tmp, format="PNG"))
+    return target

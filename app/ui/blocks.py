@@ -104,7 +104,7 @@ def build_ui(services: Services) -> gr.Blocks:
 
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                txt2img_fields, embedding_list, hypernetwork_list, lora_list = build_txt2img_tab(services)
+                txt2img_fields, embedding_list, hypernetwork_list, lora_list, gallery = build_txt2img_tab(services)
             with gr.Tab("Textual Inversion", id="textual_inversion"), gr.Tabs():
                 build_textual_inversion_tab(services, embedding_list, txt2img_fields)
             with gr.Tab("Hypernetworks", id="hypernetworks"), gr.Tabs():
@@ -113,7 +113,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 with gr.Tab("Train", id="lora_train_tab"):
                     TrainSection(services, LORA, txt2img_fields)
                 with gr.Tab("Info", id="lora_info_tab"):
-                    lora_info_name = build_lora_info_tab(services, lora_list)
+                    lora_info_name = build_lora_info_tab(services, lora_list, gallery)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")

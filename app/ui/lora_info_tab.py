@@ -6,14 +6,29 @@ and resizing it to a lower rank into a new file."""
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from app.errors import UserError
 from app.lora.service import TRAINING_KEYS
 from app.services import Services
 from app.ui.extra_networks import NetworkList
+
+
+def load_preview(path: Path | None) -> Image.Image | None:
+    """The card image, or None where there is none or it cannot be read (a damaged file is not worth an error)."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((512, 512))
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def summary_html(info: dict[str, Any]) -> str:
@@ -39,12 +54,19 @@ def summary_html(info: dict[str, Any]) -> str:
     return f"<table id='lora_info_table'>{table}</table>{caption_tags}"
 
 
-def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdown:
-    """The Info view; returns its LoRA picker, whose choices the page load refreshes."""
+def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.Gallery) -> gr.Dropdown:
+    """The Info view; returns its LoRA picker, whose choices the page load refreshes. `gallery`: txt2img's output,
+    whose first image can become the LoRA's card image."""
     with gr.Row():
         name = gr.Dropdown(choices=services.loras.names(), value=None, label="LoRA", elem_id="lora_info_name", scale=4)
         refresh = gr.Button("🔄", elem_id="lora_info_refresh", scale=0, min_width=48)
-    summary = gr.HTML(elem_id="lora_info_summary")
+    with gr.Row():
+        summary = gr.HTML(elem_id="lora_info_summary")
+        with gr.Column(scale=0, min_width=200):
+            preview = gr.Image(
+                label="Card image", interactive=False, height=200, elem_id="lora_info_preview", type="pil"
+            )
+            use_image = gr.Button("Use the last txt2img image", size="sm", elem_id="lora_info_use_image")
     description = gr.Textbox(label="Description", lines=2, elem_id="lora_info_description")
     with gr.Row():
         activation = gr.Textbox(
@@ -56,7 +78,7 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdo
     notes = gr.Textbox(label="Notes", lines=2, elem_id="lora_info_notes")
     save = gr.Button("Save to NAME.json", variant="primary", elem_id="lora_info_save")
     message = gr.HTML(elem_id="lora_info_message")
-    fields = [summary, description, activation, weight, negative, notes]
+    fields = [summary, description, activation, weight, negative, notes, preview]
     with gr.Accordion("Resize (a lower rank, a smaller file; kohya's resize_lora)", open=False, elem_id="lora_resize"):
         with gr.Row():
             new_rank = gr.Number(value=16, precision=0, label="New rank (at most)", elem_id="lora_resize_rank")
@@ -71,15 +93,15 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdo
 
     def on_pick(picked: str | None) -> list:
         if not picked:
-            return ["", "", "", 0, "", ""]
+            return ["", "", "", 0, "", "", None]
         try:
             info = services.loras.info(picked)
         except UserError as e:
-            return [f"<p class='gen-error'>{html.escape(str(e))}</p>", "", "", 0, "", ""]
+            return [f"<p class='gen-error'>{html.escape(str(e))}</p>", "", "", 0, "", "", None]
         user = info["user"]
         weight_value = user.preferred_weight or 0
         texts = [user.description, user.activation_text, weight_value, user.negative_text, user.notes]
-        return [summary_html(info), *texts]
+        return [summary_html(info), *texts, load_preview(info["preview"])]
 
     def on_save(picked, description_text, activation_text, weight_value, negative_text, notes_text) -> list:
         try:
@@ -117,6 +139,29 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList) -> gr.Dropdo
         inputs=[name, new_rank, keep, new_name],
         outputs=[resize_message, name, *lora_list.outputs],
     )
+
+    def on_use_image(picked, images) -> list:
+        try:
+            if not picked:
+                raise UserError("Pick a LoRA first.")
+            if not images:
+                raise UserError("Generate an image in txt2img first: its first image becomes the card image.")
+            first = images[0][0] if isinstance(images[0], tuple | list) else images[0]
+            if isinstance(first, Image.Image):
+                image = first
+            elif isinstance(first, np.ndarray):
+                image = Image.fromarray(first)
+            else:  # a file path (the gallery's default)
+                image = Image.open(first)
+            path = services.loras.save_preview(picked, image)
+        except (UserError, OSError) as e:
+            return [gr.update(), f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>"]
+        return [
+            load_preview(path),
+            f"<p class='train-done' id='lora_info_preview_saved'>Saved {html.escape(str(path))}.</p>",
+        ]
+
+    use_image.click(on_use_image, inputs=[name, gallery], outputs=[preview, message])
     name.change(on_pick, inputs=name, outputs=fields)
     refresh.click(lambda: gr.update(choices=services.loras.names()), outputs=name)
     save.click(

@@ -43,7 +43,7 @@ def info_html(infotext: str, seconds: float, notes: list[str], interrupted: bool
 
 def build_txt2img_tab(
     services: Services,
-) -> tuple[dict[str, gr.components.Component], NetworkList, NetworkList, NetworkList]:
+) -> tuple[dict[str, gr.components.Component], NetworkList, NetworkList, NetworkList, gr.Gallery]:
     size = services.models.get().native_size
     with gr.Row():
         with gr.Column(scale=6):
@@ -308,4 +308,4 @@ def build_txt2img_tab(
         "seed": seed,
         "styles": styles,
     }
-    return fields, embedding_list, hypernetwork_list, lora_list
+    return fields, embedding_list, hypernetwork_list, lora_list, gallery

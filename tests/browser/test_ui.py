@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from safetensors import safe_open
 
@@ -367,12 +368,20 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     metadata = {"ss_steps": "300", "ss_tag_frequency": json.dumps({"5_zq": {"zqinfo style": 5, "red circle": 3}})}
     save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=9)), str(folder / "uiinfo.safetensors"), metadata)
     open_ui(page, server)
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    page.locator("#generation_info_text").wait_for()  # an image to make the card image from
     page.get_by_role("tab", name="LoRA").click()
     page.get_by_role("tab", name="Info", exact=True).click()
     pick_option(page, "#lora_info_name input", "uiinfo", exact=True)
     page.locator("#lora_info_table").wait_for()
     summary = page.locator("#lora_info_summary").inner_text()
     assert "300" in summary and "zqinfo style (5)" in summary and "Fits the loaded model\tyes" in summary, summary
+    page.locator("#lora_info_use_image").click()
+    page.locator("#lora_info_preview_saved").wait_for()
+    with Image.open(folder / "uiinfo.png") as card_image:
+        assert card_image.size == (64, 64)  # the generated image, as A1111's "replace preview" writes it
+    page.locator("#lora_info_preview img").wait_for()
     fill_field(page, "lora_info_activation_text", "zqinfo style")
     fill_field(page, "lora_info_preferred_weight", 0.9)
     page.locator("#lora_info_save").click()
