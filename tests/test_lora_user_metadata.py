@@ -202,3 +202,30 @@ def test_previews_are_found_as_a1111_looks_for_them_and_saved_as_name_png(servic
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(NotFoundError):
         services.loras.save_preview("nobody", Image.new("RGB", (8, 8)))
+
+
+def test_a_full_disk_changes_nothing_and_says_so(services, folder, monkeypatch):  # noqa: F811
+    import errno
+    import os
+
+    from PIL import Image
+
+    pipe = services.models.get().pipe
+    save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqfull.safetensors"))
+    (folder / "zqfull.json").write_text(json.dumps({"activation text": "old"}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_space)  # the rename that publishes every file
+    fields = dict(description="", activation_text="new", preferred_weight=None, negative_text="", notes="")
+    attempts = [
+        lambda: services.loras.save_user_metadata("zqfull", **fields),
+        lambda: services.loras.save_preview("zqfull", Image.new("RGB", (8, 8))),
+        lambda: services.loras.resize("zqfull", "zqfull-r2", 2),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UserError, match=r"No space left on device\. Nothing was changed\."):
+            attempt()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file, nothing half-written

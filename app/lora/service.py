@@ -119,6 +119,16 @@ TRAINING_KEYS = {
 }
 
 
+@contextmanager
+def _write_errors(what: str, where: Path) -> Iterator[None]:
+    """A failed write (full disk, denied permission, read-only folder) as a message; the writes are atomic, so
+    nothing was changed."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"Could not write {what} in {where}: {e.strerror or e}. Nothing was changed.") from None
+
+
 def top_tags(tag_frequency: str, limit: int = 30) -> list[tuple[str, int]]:
     """kohya's `ss_tag_frequency` (JSON: {folder: {tag: count}}) summed over folders, most frequent first; a value
     that is not that JSON gives nothing (it is the file's, so anything may be in it)."""
@@ -248,14 +258,16 @@ class LoraService:
         found = self.find(name)
         if found is None:
             raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
-        return write_user_metadata(found.path, **fields)
+        with _write_errors("the user metadata", found.path.parent):
+            return write_user_metadata(found.path, **fields)
 
     def save_preview(self, name: str, image: Any) -> Path:
         """Make `image` (a PIL image) the card image of the LoRA `name`: `<name>.png` beside it, as A1111 does."""
         found = self.find(name)
         if found is None:
             raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
-        return save_preview(found.path, image)
+        with _write_errors("the card image", found.path.parent):
+            return save_preview(found.path, image)
 
     def resize(self, name: str, new_name: str, rank: int, keep: float = 0.0) -> tuple[Path, ResizeReport]:
         """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an
@@ -269,7 +281,8 @@ class LoraService:
         dst = found.path.with_name(clean + ".safetensors")
         if dst.exists() or self.find(clean) is not None:
             raise UserError(f"A LoRA named '{clean}' already exists; pick another name for the resized file.")
-        report = resize_lora(found.path, dst, rank, keep, output_name=clean)
+        with _write_errors("the resized LoRA", dst.parent):
+            report = resize_lora(found.path, dst, rank, keep, output_name=clean)
         return dst, report
 
     def refresh(self) -> None:
