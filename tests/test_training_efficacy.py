@@ -125,3 +125,25 @@ def test_sdxl_hypernetwork_learns_the_outline_style(xl_world):
     assert r.loss["trained"] < 0.6 * r.loss["none"], summary
     assert r.share["trained"] > 0.02, summary
     assert r.share["trained"] > 3 * r.share["without"] + 0.005, summary
+
+
+# LoRA on shapes-xl (both text encoders' and the UNet's projections, kohya's lora_te1_/lora_te2_ names), the same
+# two experiments, 100 steps. Measured: outlines loss 0.1247 vs 0.377 without (0.33x), dark share 0.032 vs 0.001;
+# orange word loss 0.0141 vs 0.0702 (0.20x), orange share 0.056 vs 0.000: the LoRA, which trains the encoders too,
+# teaches shapes-xl the colour where the embedding reaches 0.022.
+def test_sdxl_lora_learns_the_outline_style(xl_world):
+    services, work = xl_world
+    r = run_lora_outline(services, work, 100)
+    summary = f"loss {r.loss}, dark share {r.share}"
+    assert r.loss["trained"] < 0.6 * r.loss["none"], summary
+    assert r.share["trained"] > 0.015, summary
+    assert r.share["trained"] > 3 * r.share["without"] + 0.005, summary
+
+
+def test_sdxl_lora_learns_the_held_out_colour_word(xl_world):
+    services, work = xl_world
+    r = run_lora_colour(services, work, 100)
+    summary = f"loss {r.loss}, orange share {r.share}"
+    assert r.loss["trained"] < 0.4 * r.loss["none"], summary
+    assert r.share["trained"] > 0.03, summary
+    assert r.share["trained"] > 3 * r.share["without"] + 0.015, summary
