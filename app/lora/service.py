@@ -211,6 +211,7 @@ class LoraService:
             "activation_text": user.activation_text,
             "preferred_weight": user.preferred_weight,
             "description": user.description,
+            "preview": str(preview) if (preview := find_preview(f.path)) else None,
         }
         if user.problem:
             row["user_metadata_problem"] = user.problem

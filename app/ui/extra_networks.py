@@ -49,7 +49,8 @@ def lora_about(row: dict) -> str:
 
 class NetworkList:
     """A titled, clickable list of names plus a refresh control and the skipped files. With `about`, each name has
-    a second column (e.g. a LoRA's trigger words); with `negative`, a click may add to the negative prompt too."""
+    a second column (e.g. a LoRA's trigger words); with `images`, a third with its card image (a path, or None);
+    with `negative`, a click may add to the negative prompt too."""
 
     def __init__(
         self,
@@ -62,11 +63,12 @@ class NetworkList:
         insert_text: Callable[[str], str],
         noun: str,
         about: Callable[[], dict[str, str]] | None = None,
+        images: Callable[[], dict[str, str | None]] | None = None,
         negative: gr.Textbox | None = None,
         insert_negative: Callable[[str], str] | None = None,
     ):
         self._names, self._skipped, self._refresh, self.elem_prefix = names, skipped, refresh, elem_prefix
-        self.noun, self._about = noun, about
+        self.noun, self._about, self._images = noun, about, images
         with gr.Accordion(title, open=True, elem_id=f"txt2img_{elem_prefix}"):
             with gr.Row():
                 self.refresh_button = gr.Button(
@@ -76,6 +78,8 @@ class NetworkList:
             columns = [gr.Textbox(visible=False, label="Name")]
             if about is not None:
                 columns.append(gr.Textbox(visible=False, label="Trigger words, description"))
+            if about is not None and images is not None:
+                columns.append(gr.Image(visible=False, label="Card image"))
             self.cards = gr.Dataset(
                 components=columns,
                 samples=self._samples(),
@@ -112,7 +116,10 @@ class NetworkList:
         if self._about is None:
             return [[name] for name in self._names()]
         about = self._about()
-        return [[name, about.get(name, "")] for name in self._names()]
+        if self._images is None:
+            return [[name, about.get(name, "")] for name in self._names()]
+        images = self._images()
+        return [[name, about.get(name, ""), images.get(name)] for name in self._names()]
 
     def _count_text(self) -> str:
         n = len(self._names())

@@ -155,13 +155,12 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.
                 image = Image.open(first)
             path = services.loras.save_preview(picked, image)
         except (UserError, OSError) as e:
-            return [gr.update(), f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>"]
-        return [
-            load_preview(path),
-            f"<p class='train-done' id='lora_info_preview_saved'>Saved {html.escape(str(path))}.</p>",
-        ]
+            error = f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>"
+            return [gr.update(), error, *lora_list.refreshed(False)]
+        saved = f"<p class='train-done' id='lora_info_preview_saved'>Saved {html.escape(str(path))}.</p>"
+        return [load_preview(path), saved, *lora_list.refreshed(False)]
 
-    use_image.click(on_use_image, inputs=[name, gallery], outputs=[preview, message])
+    use_image.click(on_use_image, inputs=[name, gallery], outputs=[preview, message, *lora_list.outputs])
     name.change(on_pick, inputs=name, outputs=fields)
     refresh.click(lambda: gr.update(choices=services.loras.names()), outputs=name)
     save.click(

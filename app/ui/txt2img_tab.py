@@ -173,6 +173,7 @@ def build_txt2img_tab(
         lambda name: services.loras.user_metadata(name).card_prompt("lora", name),
         "LoRAs",
         about=lambda: {d["name"]: lora_about(d) for d in services.loras.details() if d["usable"]},
+        images=lambda: {d["name"]: d["preview"] for d in services.loras.details() if d["usable"] and d["preview"]},
         negative=negative,
         insert_negative=lambda name: services.loras.user_metadata(name).card_negative(),
     )

@@ -400,6 +400,7 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     card = page.locator("#lora_cards tr", has_text="zqinfo style")
     card.wait_for()  # the list was refreshed by the save
     assert "zqinfo style · weight 0.9" in card.inner_text()
+    card.locator("img").wait_for()  # its card image, in the list as in A1111's cards
     page.locator("#txt2img_prompt textarea").fill("a red circle")
     card.get_by_text("uiinfo", exact=True).click()
     page.wait_for_function(
