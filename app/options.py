@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "live_previews_enable": True,
     "show_progress_every_n_steps": 1,
     "enable_pnginfo": True,
+    "extra_networks_default_multiplier": 1.0,  # the weight a click on a LoRA or hypernetwork card writes
 }
 
 

@@ -97,6 +97,11 @@ class Services:
             if not 1 <= clip_skip <= 12:
                 raise UserError("CLIP_stop_at_last_layers must be an integer from 1 to 12.")
             values["CLIP_stop_at_last_layers"] = clip_skip
+        if "extra_networks_default_multiplier" in values:
+            weight = values["extra_networks_default_multiplier"]
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not -10 <= weight <= 10:
+                raise UserError("extra_networks_default_multiplier must be a number from -10 to 10 (1 is usual).")
+            values["extra_networks_default_multiplier"] = float(weight)
         checkpoint = values.pop("sd_model_checkpoint", None)
         vae = values.pop("sd_vae", None)
         for key in PATH_OPTIONS.intersection(values):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import time
 
 import gradio as gr
@@ -143,6 +144,12 @@ def build_txt2img_tab(
                 label="Output", elem_id="txt2img_gallery", columns=4, height="auto", object_fit="contain", format="png"
             )
             info = gr.HTML(elem_id="html_info_txt2img")
+
+    def default_weight() -> float:
+        """A1111's `extra_networks_default_multiplier`: the weight a card click writes (1 unless changed)."""
+        weight = services.options["extra_networks_default_multiplier"]
+        return float(weight) if isinstance(weight, int | float) and math.isfinite(weight) else 1.0
+
     embedding_list = NetworkList(
         "Textual Inversion",
         "ti",
@@ -160,7 +167,7 @@ def build_txt2img_tab(
         lambda: [d["name"] for d in services.hypernetworks.details() if d["usable"]],
         lambda: [(d["name"], d["path"], d["reason"]) for d in services.hypernetworks.details() if not d["usable"]],
         lambda: None,
-        lambda name: f"<hypernet:{name}:1>",
+        lambda name: f"<hypernet:{name}:{default_weight():g}>",
         "hypernetworks",
     )
     lora_list = NetworkList(
@@ -170,7 +177,7 @@ def build_txt2img_tab(
         lambda: [d["name"] for d in services.loras.details() if d["usable"]],
         lambda: [(d["name"], d["path"], d["reason"]) for d in services.loras.details() if not d["usable"]],
         services.loras.refresh,
-        lambda name: services.loras.user_metadata(name).card_prompt("lora", name),
+        lambda name: services.loras.user_metadata(name).card_prompt("lora", name, default_weight()),
         "LoRAs",
         about=lambda: {d["name"]: lora_about(d) for d in services.loras.details() if d["usable"]},
         images=lambda: {d["name"]: d["preview"] for d in services.loras.details() if d["usable"] and d["preview"]},

@@ -353,6 +353,19 @@ def test_lora_cards_insert_the_tag_and_list_unusable_files(page, server, service
         "'a red circle <lora:uistyle:0.6> zqstyle, outlined'"
     )
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == "(blurry:1)"
+    # A1111's option for the weight a click writes (a file's preferred weight still wins)
+    import requests
+
+    options = server.url + "/sdapi/v1/options"
+    assert requests.post(options, json={"extra_networks_default_multiplier": 0.7}, timeout=30).status_code == 200
+    try:
+        page.locator("#txt2img_prompt textarea").fill("")
+        page.locator("#lora_cards").get_by_text("uilora", exact=True).click()
+        page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === '<lora:uilora:0.7>'")
+        bad = requests.post(options, json={"extra_networks_default_multiplier": "heavy"}, timeout=30)
+        assert bad.status_code == 400 and "extra_networks_default_multiplier" in bad.text
+    finally:
+        requests.post(options, json={"extra_networks_default_multiplier": 1}, timeout=30)
     page.locator("#txt2img_prompt textarea").fill("a red circle <lora:uilora:1>")
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_cards.png"), full_page=True)
 
