@@ -213,7 +213,7 @@ def test_a_full_disk_changes_nothing_and_says_so(services, folder, monkeypatch):
     pipe = services.models.get().pipe
     save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqfull.safetensors"))
     (folder / "zqfull.json").write_text(json.dumps({"activation text": "old"}))
-    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -228,4 +228,5 @@ def test_a_full_disk_changes_nothing_and_says_so(services, folder, monkeypatch):
     for attempt in attempts:
         with pytest.raises(UserError, match=r"No space left on device\. Nothing was changed\."):
             attempt()
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file, nothing half-written
+    after = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # no temp file, nothing half-written
