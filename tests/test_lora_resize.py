@@ -113,3 +113,15 @@ def test_what_cannot_be_resized_is_refused_with_the_reason(services, folder):  #
         services.loras.resize("zqbroken", "zqbroken2", 1)
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     assert names == ["zqbroken.safetensors", "zqhada.safetensors", "zqok.safetensors"]  # nothing new, nothing changed
+
+
+def test_a_pickled_lora_with_shared_tensors_resizes_to_safetensors(services, folder):  # noqa: F811
+    pipe = services.models.get().pipe
+    tensors = kohya_file(pipe, make_layers(pipe, rank=4, seed=6, te=False, convs=False))
+    shared_alpha = torch.tensor(4.0)
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        tensors[key] = shared_alpha  # one tensor under many names: a pickle keeps that, safetensors refuses it
+    torch.save(tensors, folder / "zqpickle.pt")
+    path, report = services.loras.resize("zqpickle", "zqpickle-r8", 8)  # nothing to cut: the tensors as they are
+    assert path.suffix == ".safetensors" and report.resized == 0
+    assert read_lora_file(path).layers

@@ -152,7 +152,9 @@ def resize_lora(src: Path, dst: Path, rank: int, keep: float = 0.0, output_name:
     }
     if output_name:
         metadata["ss_output_name"] = output_name
-    out = {k: v.contiguous() for k, v in out.items()}
+    # A pickle may hold tensors that share memory, which safetensors refuses to write: give each its own.
+    shared = src.suffix.lower() != ".safetensors"
+    out = {k: v.clone().contiguous() if shared else v.contiguous() for k, v in out.items()}
     metadata["sshs_model_hash"] = tensor_data_hash(out)
     atomic_write(dst, lambda tmp: save_file(out, str(tmp), metadata=metadata))
     return ResizeReport(
