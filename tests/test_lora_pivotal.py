@@ -4,6 +4,8 @@ bit with the layers, and works with `<lora:...>` in a prompt."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import requests
@@ -115,6 +117,10 @@ def test_a_caption_holding_the_word_is_enough_and_a_continued_file_keeps_its_own
     result = services.training.train_lora(run, 4, 4.0, bundle_embedding="zqcap").wait()
     assert result.error is None
     before, _ = tensors(services.settings.lora_dir / "zqpivcap.safetensors")
+    # the word is the LoRA's activation text in A1111's NAME.json, so its card writes a prompt that works ...
+    sidecar = services.settings.lora_dir / "zqpivcap.json"
+    assert services.loras.user_metadata("zqpivcap").card_prompt("lora", "zqpivcap") == "<lora:zqpivcap:1> zqcap"
+    sidecar.write_text(json.dumps({"activation text": "zqcap, my own words"}))  # ... and a user's own is kept
     with pytest.raises(UserError, match="bundles 'zqcap'") as caught:
         services.training.train_lora(lora_cfg("zqpivcap", data, steps=4), 4, 4.0, bundle_embedding="zqother")
     assert caught.value.field == "bundle_embedding"
@@ -123,6 +129,7 @@ def test_a_caption_holding_the_word_is_enough_and_a_continued_file_keeps_its_own
     after, _ = tensors(services.settings.lora_dir / "zqpivcap.safetensors")
     key = "bundle_emb.zqcap.string_to_param.*"
     assert (after[key] - before[key]).abs().max() > 0
+    assert json.loads(sidecar.read_text()) == {"activation text": "zqcap, my own words"}
 
 
 def test_sdxl_bundles_clip_l_and_clip_g_each_from_its_own_encoder(xl, tmp_path):

@@ -33,7 +33,7 @@ def lora_cfg(name, dataset, **kw):
 
 
 def clean(services, name):
-    for suffix in (".safetensors", ".optim"):
+    for suffix in (".safetensors", ".optim", ".json"):
         (services.settings.lora_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
 

@@ -5,6 +5,7 @@ run ends."""
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -20,9 +21,12 @@ from app.lora.files import LOHA_TENSORS, LOKR_TENSORS, LohaLayer, LokrLayer, Lor
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
 from app.lora.writer import bundle_tensors, save_network
 from app.models.manager import LoadedModel
+from app.networks.user_metadata import sidecar_path, write_user_metadata
 from app.prompts.encoder import PromptEncoder
 from app.training.checkpoint import tensors_hash
 from app.training.targets import Conditioning, TrainedVectors, encode, save_image
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "trained"  # not "train": ModuleDict keys become attributes, and nn.Module has train()
 # What diffusers' LoRA examples train: the attention projections (self- and cross-attention).
@@ -303,9 +307,29 @@ class LoraTarget:
         if self.bundle is not None:
             extra = bundle_tensors(self.bundle.name, self.bundle.vectors, self.bundle.split)
         save_network(self.path, self._layers(), metadata, self._xl, self.save_dtype, extra)
+        if self.bundle is not None:
+            self._write_trigger_word()
         if copy_to is not None:
             copy_metadata = {**metadata, "ss_output_name": f"{self.name}-{step}"}
             save_network(copy_to, self._layers(), copy_metadata, self._xl, self.save_dtype, extra)
+
+    def _write_trigger_word(self) -> None:
+        """Give a LoRA with a bundled embedding A1111's `NAME.json` with the word as its activation text, so a click
+        on its card writes a prompt that works (`<lora:NAME:1> word`). Only where the file has none (a user's own
+        is never changed), and best effort: the LoRA is saved whatever happens here."""
+        if sidecar_path(self.path).exists():
+            return
+        try:
+            write_user_metadata(
+                self.path,
+                description="",
+                activation_text=self.bundle.name,
+                preferred_weight=None,
+                negative_text="",
+                notes=f"'{self.bundle.name}' is an embedding bundled in this LoRA (pivotal tuning).",
+            )
+        except (OSError, UserError) as e:
+            log.warning("Could not write the trigger word beside %s: %s", self.path, e)
 
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel

@@ -513,6 +513,15 @@ def test_train_a_lora_with_a_bundled_embedding_and_use_its_word(page, server, tm
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora_pivotal.png"), full_page=True)
     page.get_by_role("tab", name="txt2img").click()
+    # its card shows the bundled word and, from the NAME.json training wrote, a click adds it after the tag
+    page.locator("#lora_refresh").click()
+    card = page.locator("#lora_cards tr", has_text="bundled: uipivotword")
+    card.wait_for()
+    fill_field(page, "txt2img_prompt", "a circle")
+    card.get_by_text("uipivot", exact=True).click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === 'a circle <lora:uipivot:1> uipivotword'"
+    )
     fill_field(page, "txt2img_prompt", "a uipivotword circle <lora:uipivot:1>")
     page.locator("#txt2img_generate").click()
     info = page.locator("#generation_info_text").inner_text()
