@@ -159,6 +159,18 @@ def fill_field(page, elem_id: str, value) -> None:
     page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(str(value))
 
 
+def fill_in_opened_accordion(page, elem_id: str, value) -> None:
+    """Fill a field of an accordion just opened: it mounts its fields as it opens, and a value typed while that
+    happens can be lost (faster than a person types, but not than a test), so fill until the value took."""
+    field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    for _ in range(10):
+        field.fill(str(value))
+        page.wait_for_timeout(200)
+        if field.input_value() == str(value):
+            return
+    assert field.input_value() == str(value), f"{elem_id} did not take {value!r}"
+
+
 def test_train_an_embedding_from_the_ui_interrupt_and_resume(page, server, tmp_path):
     from tests.test_training import make_dataset
 
@@ -402,7 +414,7 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     saved = json.loads((folder / "uiinfo.json").read_text())
     assert (saved["activation text"], saved["preferred weight"]) == ("zqinfo style", 0.9)
     page.locator("#lora_resize").get_by_text("Resize (a lower rank").click()
-    fill_field(page, "lora_resize_rank", 2)
+    fill_in_opened_accordion(page, "lora_resize_rank", 2)
     page.locator("#lora_resize_button").click()
     done = page.locator("#lora_resize_done")
     done.wait_for()
@@ -440,7 +452,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_prior_loss_weight", 0.5)
     fill_field(page, "train_lora_steps", 8)
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # kohya's options, closed by default
-    fill_field(page, "train_lora_min_snr_gamma", 5)
+    fill_in_opened_accordion(page, "train_lora_min_snr_gamma", 5)
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
@@ -483,12 +495,7 @@ def test_train_a_lora_with_a_bundled_embedding_and_use_its_word(page, server, tm
     fill_field(page, "train_lora_steps", 4)
     fill_field(page, "train_lora_create_image_every", 4)
     page.locator("#train_lora_bundle").get_by_text("Bundled embedding").click()
-    # The accordion mounts its fields as it opens: a value typed while that happens can be lost, so check it took.
-    for _ in range(5):
-        fill_field(page, "train_lora_bundle_embedding", "uipivotword")
-        page.wait_for_timeout(200)
-        if page.locator("#train_lora_bundle_embedding textarea").input_value() == "uipivotword":
-            break
+    fill_in_opened_accordion(page, "train_lora_bundle_embedding", "uipivotword")
     fill_field(page, "train_lora_bundle_vectors", 2)
     fill_field(page, "train_lora_bundle_init_text", "red")
     fill_field(page, "train_lora_embedding_lr", "0.01")
