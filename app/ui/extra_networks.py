@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -47,48 +48,54 @@ def lora_about(row: dict) -> str:
     return " · ".join(parts)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One look at a folder: a row per usable file (its name first, then the list's extra columns) and the
+    skipped files as (name, path, reason). Read once per refresh: the columns come from the same look."""
+
+    rows: list[list]
+    skipped: list[tuple[str, str, str]]
+
+
 class NetworkList:
-    """A titled, clickable list of names plus a refresh control and the skipped files. With `about`, each name has
-    a second column (e.g. a LoRA's trigger words); with `images`, a third with its card image (a path, or None);
-    with `negative`, a click may add to the negative prompt too."""
+    """A titled, clickable list of names plus a refresh control and the skipped files. `extra_columns` label text
+    columns after the name (e.g. a LoRA's trigger words) and `image_column` a last one of card images (a path, or
+    None), in the order `listing` gives each row; with `negative`, a click may add to the negative prompt too."""
 
     def __init__(
         self,
         title: str,
         elem_prefix: str,
         prompt: gr.Textbox,
-        names: Callable[[], list[str]],
-        skipped: Callable[[], list[tuple[str, str, str]]],
+        listing: Callable[[], Listing],
         refresh: Callable[[], None],
         insert_text: Callable[[str], str],
         noun: str,
-        about: Callable[[], dict[str, str]] | None = None,
-        images: Callable[[], dict[str, str | None]] | None = None,
+        extra_columns: tuple[str, ...] = (),
+        image_column: str | None = None,
         negative: gr.Textbox | None = None,
         insert_negative: Callable[[str], str] | None = None,
     ):
-        self._names, self._skipped, self._refresh, self.elem_prefix = names, skipped, refresh, elem_prefix
-        self.noun, self._about, self._images = noun, about, images
+        self._listing, self._refresh, self.elem_prefix, self.noun = listing, refresh, elem_prefix, noun
+        first = listing()
         with gr.Accordion(title, open=True, elem_id=f"txt2img_{elem_prefix}"):
             with gr.Row():
                 self.refresh_button = gr.Button(
                     "🔄 Refresh", size="sm", elem_id=f"{elem_prefix}_refresh", scale=0, min_width=120
                 )
-                self.count = gr.Markdown(self._count_text(), elem_id=f"{elem_prefix}_count")
-            columns = [gr.Textbox(visible=False, label="Name")]
-            if about is not None:
-                columns.append(gr.Textbox(visible=False, label="Trigger words, description"))
-            if about is not None and images is not None:
-                columns.append(gr.Image(visible=False, label="Card image"))
+                self.count = gr.Markdown(self._count_text(first), elem_id=f"{elem_prefix}_count")
+            columns = [gr.Textbox(visible=False, label=label) for label in ("Name", *extra_columns)]
+            if image_column is not None:
+                columns.append(gr.Image(visible=False, label=image_column))
             self.cards = gr.Dataset(
                 components=columns,
-                samples=self._samples(),
+                samples=first.rows,
                 label=f"{title} (click to add to the prompt)",
                 elem_id=f"{elem_prefix}_cards",
                 samples_per_page=40,
                 type="values",
             )
-            self.skipped = gr.HTML(skipped_html(skipped(), f"{elem_prefix}_skipped"))
+            self.skipped = gr.HTML(skipped_html(first.skipped, f"{elem_prefix}_skipped"))
         if negative is not None and insert_negative is not None:
             self.cards.click(
                 lambda value, p, n: (
@@ -112,24 +119,16 @@ class NetworkList:
     def outputs(self) -> list:
         return [self.cards, self.count, self.skipped]
 
-    def _samples(self) -> list[list[str]]:
-        if self._about is None:
-            return [[name] for name in self._names()]
-        about = self._about()
-        if self._images is None:
-            return [[name, about.get(name, "")] for name in self._names()]
-        images = self._images()
-        return [[name, about.get(name, ""), images.get(name)] for name in self._names()]
-
-    def _count_text(self) -> str:
-        n = len(self._names())
+    def _count_text(self, listing: Listing) -> str:
+        n = len(listing.rows)
         return f"{n} loaded" if n else f"No {self.noun} yet."
 
     def refreshed(self, force: bool = True) -> list:
         if force:
             self._refresh()
+        listing = self._listing()
         return [
-            gr.Dataset(samples=self._samples()),
-            self._count_text(),
-            skipped_html(self._skipped(), f"{self.elem_prefix}_skipped"),
+            gr.Dataset(samples=listing.rows),
+            self._count_text(listing),
+            skipped_html(listing.skipped, f"{self.elem_prefix}_skipped"),
         ]

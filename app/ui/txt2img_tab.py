@@ -14,7 +14,7 @@ from app.generation.samplers import sampler_names, schedule_labels
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MAX_STEPS, MIN_SIZE, Txt2ImgParams
 from app.jobs import Job
 from app.services import Services
-from app.ui.extra_networks import NetworkList, lora_about
+from app.ui.extra_networks import Listing, NetworkList, lora_about
 
 POLL_SECONDS = 0.25
 
@@ -150,12 +150,31 @@ def build_txt2img_tab(
         weight = services.options["extra_networks_default_multiplier"]
         return float(weight) if isinstance(weight, int | float) and math.isfinite(weight) else 1.0
 
+    def embedding_listing() -> Listing:
+        skipped = services.embeddings.listing()["skipped"]
+        return Listing(
+            [[n] for n in services.embeddings.names()], [(n, i["path"], i["reason"]) for n, i in skipped.items()]
+        )
+
+    def hypernetwork_listing() -> Listing:
+        rows = services.hypernetworks.details()
+        return Listing(
+            [[d["name"]] for d in rows if d["usable"]],
+            [(d["name"], d["path"], d["reason"]) for d in rows if not d["usable"]],
+        )
+
+    def lora_listing() -> Listing:
+        rows = services.loras.details()  # one look: fit, user metadata and card image of every file
+        return Listing(
+            [[d["name"], lora_about(d), d["preview"]] for d in rows if d["usable"]],
+            [(d["name"], d["path"], d["reason"]) for d in rows if not d["usable"]],
+        )
+
     embedding_list = NetworkList(
         "Textual Inversion",
         "ti",
         prompt,
-        services.embeddings.names,
-        lambda: [(n, i["path"], i["reason"]) for n, i in services.embeddings.listing()["skipped"].items()],
+        embedding_listing,
         services.embeddings.refresh,
         lambda name: name,
         "embeddings",
@@ -164,8 +183,7 @@ def build_txt2img_tab(
         "Hypernetworks",
         "hn",
         prompt,
-        lambda: [d["name"] for d in services.hypernetworks.details() if d["usable"]],
-        lambda: [(d["name"], d["path"], d["reason"]) for d in services.hypernetworks.details() if not d["usable"]],
+        hypernetwork_listing,
         lambda: None,
         lambda name: f"<hypernet:{name}:{default_weight():g}>",
         "hypernetworks",
@@ -174,13 +192,12 @@ def build_txt2img_tab(
         "Lora",
         "lora",
         prompt,
-        lambda: [d["name"] for d in services.loras.details() if d["usable"]],
-        lambda: [(d["name"], d["path"], d["reason"]) for d in services.loras.details() if not d["usable"]],
+        lora_listing,
         services.loras.refresh,
         lambda name: services.loras.user_metadata(name).card_prompt("lora", name, default_weight()),
         "LoRAs",
-        about=lambda: {d["name"]: lora_about(d) for d in services.loras.details() if d["usable"]},
-        images=lambda: {d["name"]: d["preview"] for d in services.loras.details() if d["usable"] and d["preview"]},
+        extra_columns=("Trigger words, description",),
+        image_column="Card image",
         negative=negative,
         insert_negative=lambda name: services.loras.user_metadata(name).card_negative(),
     )
