@@ -221,9 +221,7 @@ def run_embedding(
         "trained": [f"a {tag} {ti_words(s)}" for s in shown],
         "init text": [f"a {TI_INIT} {ti_words(s)}" for s in shown],
     }
-    images = {k: generate_images(services, v, seed=seed * 1000) for k, v in prompts.items()}
-    images["reference"] = [render(s) for s in shown]
-    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    images, share = _colour_images(services, prompts, shown, seed)
     return EfficacyResult("embedding", steps, seconds, loss, share, images)
 
 
@@ -255,6 +253,16 @@ def run_hypernetwork(
     }
     images, share = _outline_images(services, seed, f"<hypernet:{tag}:1>")
     return EfficacyResult("hypernetwork", steps, seconds, loss, share, images)
+
+
+def _colour_images(
+    services: Services, prompts: dict[str, list[str]], shown: list, seed: int
+) -> tuple[dict[str, list[Image.Image]], dict]:
+    """Each variant's prompts generated with the same seeds, real renders of the shown scenes for reference, and
+    each row's orange share (the colour experiments' picture measure)."""
+    images = {k: generate_images(services, v, seed=seed * 1000) for k, v in prompts.items()}
+    images["reference"] = [render(s) for s in shown]
+    return images, {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
 
 
 def _outline_images(services: Services, seed: int, tag: str) -> tuple[dict[str, list[Image.Image]], dict]:
@@ -317,12 +325,8 @@ def run_lora_colour(
     loss = {"trained": trained, "none": heldout_loss(services, prompts, held_images)}
     shown = concept_scenes(seed * 100 + 3, 8)
     base_prompts = [caption(s) for s in shown]
-    images = {
-        "trained": generate_images(services, [f"{p} <lora:{tag}:1>" for p in base_prompts], seed=seed * 1000),
-        "without": generate_images(services, base_prompts, seed=seed * 1000),
-        "reference": [render(s) for s in shown],
-    }
-    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    variants = {"trained": [f"{p} <lora:{tag}:1>" for p in base_prompts], "without": base_prompts}
+    images, share = _colour_images(services, variants, shown, seed)
     return EfficacyResult("lora (colour)", steps, seconds, loss, share, images)
 
 
@@ -360,9 +364,7 @@ def run_lora_pivotal(
         "plain word": [f"a {plain} {ti_words(s)} <lora:{plain}:1>" for s in shown],
         "init text": [f"a {TI_INIT} {ti_words(s)}" for s in shown],
     }
-    images = {k: generate_images(services, v, seed=seed * 1000) for k, v in prompts.items()}
-    images["reference"] = [render(s) for s in shown]
-    share = {k: mean_of(color_share(im, HELD_OUT_RGB) for im in v) for k, v in images.items()}
+    images, share = _colour_images(services, prompts, shown, seed)
     return EfficacyResult("lora + bundled embedding (colour)", steps, seconds, loss, share, images)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 LATENT_SAMPLING = ("once", "deterministic", "random")
 CLIP_GRAD_MODES = ("disabled", "value", "norm")
+# Parameter groups that may have a learning-rate schedule of their own (empty: the main one), with their labels
+OWN_RATES = (("text_encoder_lr", "Text encoder learning rate"), ("embedding_lr", "Embedding learning rate"))
 
 
 @dataclass

@@ -31,7 +31,7 @@ from app.models.manager import LoadedModel
 from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory, smaller_advice
 from app.training.buckets import BucketSchedule
 from app.training.checkpoint import commit_optim, fit_param_groups, load_optim, pending_path, save_optim
-from app.training.config import TrainConfig
+from app.training.config import OWN_RATES, TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, prompt_for
 from app.training.latents import LatentCache
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
@@ -264,10 +264,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         if (cfg.clip_grad_mode != "disabled")
         else None
     )
-    text_encoder_schedule = (
-        LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
-        if str(cfg.text_encoder_lr).strip()
-        else schedule
+    text_encoder_schedule, embedding_schedule = (
+        LearnRateSchedule(getattr(cfg, key), cfg.steps, label) if str(getattr(cfg, key)).strip() else schedule
+        for key, label in OWN_RATES
     )
     end_step, step = schedule.end_step, target.initial_step
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
@@ -282,11 +281,6 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         )
     device, unet = model.device, model.pipe.unet
     amp = MixedPrecision(device, unet.dtype, float(cfg.extra.get("initial_loss_scale", 2.0**16)))
-    embedding_schedule = (
-        LearnRateSchedule(cfg.embedding_lr, cfg.steps, "Embedding learning rate")
-        if str(cfg.embedding_lr).strip()
-        else schedule
-    )
     params = target.parameters()
     # a LoRA's text encoder layers, then a bundled embedding's vectors (the end of the list) are groups of their own:
     # each may have its own rate

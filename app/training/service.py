@@ -29,7 +29,7 @@ from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advic
 from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
-from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, TrainConfig
+from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, OWN_RATES, TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import NETWORK_TYPES, LoraTarget, network_type_of
@@ -174,10 +174,9 @@ class TrainingService:
         rate_factor(cfg.lr_scheduler, 0, 1)  # a name it does not know is refused here
         cfg.optimizer_type = optimizer_name(cfg.optimizer_type)
         check_optimizer(cfg.optimizer_type, cfg.optimizer_args)  # a bad argument is refused now, not at step 1
-        if str(cfg.text_encoder_lr).strip():
-            LearnRateSchedule(cfg.text_encoder_lr, cfg.steps, "Text encoder learning rate")
-        if str(cfg.embedding_lr).strip():
-            LearnRateSchedule(cfg.embedding_lr, cfg.steps, "Embedding learning rate")
+        for key, label in OWN_RATES:
+            if str(getattr(cfg, key)).strip():
+                LearnRateSchedule(getattr(cfg, key), cfg.steps, label)
         for label, value, field, low, top in (
             ("Keep tokens", cfg.keep_tokens, "keep_tokens", 0, 1000),
             ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
