@@ -212,6 +212,7 @@ class LoraService:
             "preferred_weight": user.preferred_weight,
             "description": user.description,
             "preview": str(preview) if (preview := find_preview(f.path)) else None,
+            "user": user,  # the whole record, for the Info view
         }
         if user.problem:
             row["user_metadata_problem"] = user.problem
@@ -224,6 +225,13 @@ class LoraService:
             row.update(usable=False, reason=str(e).split(" cannot be used: ", 1)[-1])
         return row
 
+    def _required(self, name: str) -> NetworkFile:
+        """The file a name (or alias) finds; NotFoundError, naming the folder, where none does."""
+        found = self.find(name)
+        if found is None:
+            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        return found
+
     def user_metadata(self, name: str) -> UserMetadata:
         """A1111's user metadata of the file the name (or alias) finds: `<name>.json` beside it, or nothing."""
         found = self.find(name)
@@ -233,9 +241,7 @@ class LoraService:
         """What the LoRA tab's Info view shows of one file: where it is, whether it fits the loaded model, what its
         training recorded (kohya's `ss_` keys, the most frequent caption tags), its bundled embeddings and A1111's
         user metadata. Raises NotFoundError for a name no file has."""
-        found = self.find(name)
-        if found is None:
-            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        found = self._required(name)
         model = self.models.get()
         row = self._row(found, model, self.table(model))
         metadata = self._metadata(found)
@@ -250,32 +256,26 @@ class LoraService:
             "embeddings": row.get("embeddings", []),
             "training": {k: v for k, v in metadata.items() if k in TRAINING_KEYS},
             "tags": top_tags(metadata.get("ss_tag_frequency", "")),
-            "user": read_user_metadata(found.path),
-            "preview": find_preview(found.path),
+            "user": row["user"],
+            "preview": Path(row["preview"]) if row["preview"] else None,
         }
 
     def save_user_metadata(self, name: str, **fields: Any) -> Path:
         """Write A1111's `<name>.json` beside the file the name finds (fields: write_user_metadata's)."""
-        found = self.find(name)
-        if found is None:
-            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        found = self._required(name)
         with _write_errors("the user metadata", found.path.parent):
             return write_user_metadata(found.path, **fields)
 
     def save_preview(self, name: str, image: Any) -> Path:
         """Make `image` (a PIL image) the card image of the LoRA `name`: `<name>.png` beside it, as A1111 does."""
-        found = self.find(name)
-        if found is None:
-            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        found = self._required(name)
         with _write_errors("the card image", found.path.parent):
             return save_preview(found.path, image)
 
     def resize(self, name: str, new_name: str, rank: int, keep: float = 0.0) -> tuple[Path, ResizeReport]:
         """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an
         existing file or another LoRA's name)."""
-        found = self.find(name)
-        if found is None:
-            raise NotFoundError(f"No LoRA named '{name}' in {self.db.folder}.")
+        found = self._required(name)
         clean = clean_name(new_name)
         if not clean or clean != new_name.strip():
             raise UserError(f"'{new_name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
