@@ -106,13 +106,18 @@ def test_what_cannot_be_resized_is_refused_with_the_reason(services, folder):  #
         "lora_unet_x.hada_w2_b": torch.ones(2, 4),
     }
     save_file(hada, str(folder / "zqhada.safetensors"))
-    with pytest.raises(UserError, match="cannot be resized"):
+    with pytest.raises(UserError, match="cannot be resized: it holds LoHa layers"):
         services.loras.resize("zqhada", "zqhada2", 1)
+    ia3 = {"lora_unet_x.weight": torch.ones(4), "lora_unet_x.on_input": torch.tensor(0)}
+    save_file(ia3, str(folder / "zqia3.safetensors"))
+    with pytest.raises(UserError, match=r"cannot be resized: it holds \(IA\)³ layers"):
+        services.loras.resize("zqia3", "zqia32", 1)
     (folder / "zqbroken.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(UserError, match=r"zqbroken\.safetensors cannot be resized"):
         services.loras.resize("zqbroken", "zqbroken2", 1)
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    assert names == ["zqbroken.safetensors", "zqhada.safetensors", "zqok.safetensors"]  # nothing new, nothing changed
+    # nothing new, nothing changed
+    assert names == ["zqbroken.safetensors", "zqhada.safetensors", "zqia3.safetensors", "zqok.safetensors"]
 
 
 def test_a_pickled_lora_with_shared_tensors_resizes_to_safetensors(services, folder):  # noqa: F811

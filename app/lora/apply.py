@@ -1,9 +1,10 @@
 """Applying LoRAs for one generation, and taking them out again, exactly.
 
 Every layer a file touches gets, for the generation, a new weight tensor `W + sum of m * update` (a LoRA's update is
-(alpha/rank) up @ down; a LoHa's or LoKr's, files.py), computed in fp32 and stored in the layer's dtype, in place of
-its weight; the original tensor is kept aside, never written to, and put back on exit, so the model afterwards holds
-the very same tensors as before and the next generation without LoRAs is bit-identical to one that never had them.
+(alpha/rank) up @ down; the other kinds', layers.py; full-difference and norm layers change the bias as well),
+computed in fp32 and stored in the layer's dtype, in place of its weight; the original tensor is kept aside, never
+written to, and put back on exit, so the model afterwards holds the very same tensors as before and the next
+generation without LoRAs is bit-identical to one that never had them.
 Sampling runs at the base model's speed: no extra work per step. (PEFT's unfused LoRA layers, the first version, made
 a whole generation 2.2x slower on the tiny model, where per-layer overhead dominates as it does on fast GPUs.) The
 cost is the touched layers' size in memory while the generation runs.
@@ -49,53 +50,69 @@ def lora_applied(applications: list[Application]) -> Iterator[None]:
 
 
 def delta_weight(bound: BoundLayer, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's update (LoRA: (alpha/rank) up @ down; LoHa, LoKr, DoRA: files.py) in the shape of `weight` (the
-    layer's original weight, which a DoRA update depends on), fp32 on its device."""
+    """The layer's update (LoRA: (alpha/rank) up @ down; the other kinds: layers.py) in the shape of `weight` (the
+    layer's original weight, which (IA)³, OFT, GLoRA and DoRA updates depend on), fp32 on its device."""
     return bound.layer.delta(weight.device, weight).reshape(weight.shape)
 
 
 class _Slot:
-    """Where a layer's weight lives: the module's Parameter, or an offload hook's weights map (--lowvram)."""
+    """Where a layer's weight (or bias) lives: the module's Parameter, or an offload hook's weights map
+    (--lowvram)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self, module: torch.nn.Module, name: str = "weight"):
+        self.module, self.name = module, name
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        self.mapped = weights_map is not None and module.weight.device.type == "meta"
+        self.mapped = weights_map is not None and getattr(module, name).device.type == "meta"
         if self.mapped:
-            self.store, self.key = weights_map.dataset, weights_map.prefix + "weight"
+            self.store, self.key = weights_map.dataset, weights_map.prefix + name
 
     def get(self) -> torch.Tensor:
-        return self.store[self.key] if self.mapped else self.module.weight
+        return self.store[self.key] if self.mapped else getattr(self.module, self.name)
 
     def set(self, value: torch.Tensor) -> None:
         if self.mapped:
             self.store[self.key] = value
         else:
-            self.module.weight = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, False)
+            setattr(
+                self.module,
+                self.name,
+                value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, False),
+            )
 
 
 @contextmanager
 def _merged(applications: list[Application]) -> Iterator[None]:
-    deltas: dict[torch.nn.Module, torch.Tensor] = {}
-    slots: dict[torch.nn.Module, _Slot] = {}
+    deltas: dict[tuple[torch.nn.Module, str], torch.Tensor] = {}
+    slots: dict[tuple[torch.nn.Module, str], _Slot] = {}
+
+    def add(module: torch.nn.Module, name: str, change) -> None:
+        """Add `change(current tensor)` to what goes onto the module's `name` tensor."""
+        slot = slots.setdefault((module, name), _Slot(module, name))
+        d = change(slot.get())
+        key = (module, name)
+        deltas[key] = deltas[key] + d if key in deltas else d
+
     for app in applications:
         for b in app.bound:
             m = _multiplier(app, b.target.component)
             if m == 0:
                 continue
-            module = b.target.module
-            slot = slots.setdefault(module, _Slot(module))
-            d = m * delta_weight(b, slot.get())
-            deltas[module] = deltas[module] + d if module in deltas else d
+            add(b.target.module, "weight", lambda weight, b=b, m=m: m * delta_weight(b, weight))
+            if b.layer.bias_shape is not None:  # full-difference and norm layers change the bias too
+                add(
+                    b.target.module,
+                    "bias",
+                    lambda bias, b=b, m=m: m * b.layer.bias_delta(bias.device).reshape(bias.shape),
+                )
     originals: list[tuple[_Slot, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for module, d in deltas.items():
-                slot = slots[module]
+            for key, d in deltas.items():
+                slot = slots[key]
                 original = slot.get()
                 originals.append((slot, original))
                 slot.set((original.float() + d).to(original.dtype))
-            del deltas
+            deltas.clear()  # each merged tensor is held once, in its slot
         yield
     finally:
         for slot, original in reversed(originals):

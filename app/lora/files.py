@@ -1,14 +1,7 @@
 """Reading LoRA files: kohya/A1111 `.safetensors` (and `.pt`/`.ckpt` through weights-only loading), diffusers/PEFT
-files and LyCORIS's LoHa, LoKr and Tucker LoCon, into one list of per-layer weight updates; files of kinds we do not
-apply get a reason, not a crash.
-
-Each layer kind turns its tensors into the update of one weight, as LyCORIS and A1111 define it:
-- LoRA/LoCon: `up @ down`, times alpha/rank;
-- LoCon with Tucker decomposition (`lora_mid`): the core `mid` contracted with `up` and `down`, times alpha/rank;
-- LoHa: the Hadamard (element-wise) product of two low-rank products `(w1_a @ w1_b) * (w2_a @ w2_b)` (each may be a
-  Tucker core `t` with its two factors), times alpha/rank (rank: the rows of `w1_b`);
-- LoKr: the Kronecker product `w1 ⊗ w2`, each half a full matrix or a low-rank product (`w2` may be a Tucker core),
-  times alpha/rank where a half is low-rank, else 1.
+files and every LyCORIS kind A1111 applies (LoCon, LoHa, LoKr, (IA)³, OFT, GLoRA, full difference, norm; DoRA on
+the low-rank ones), into one list of per-layer updates (what each kind's update is: layers.py), bound to the
+loaded model's layers; files and layers we cannot apply get a reason, not a crash.
 """
 
 from __future__ import annotations
@@ -18,36 +11,73 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from app.embeddings.formats import EmbeddingData, EmbeddingFileError, embedding_from_dict
+from app.lora.layers import (
+    DECOMPOSABLE,
+    LOHA_TENSORS,
+    LOKR_TENSORS,
+    DoraLayer,
+    FullLayer,
+    GloraLayer,
+    Ia3Layer,
+    LohaLayer,
+    LokrLayer,
+    LoraFormatError,
+    LoraLayer,
+    NetworkLayer,
+    NormLayer,
+    OftLayer,
+    TuckerLoraLayer,
+    kernel,
+    low_rank_shape,
+)
 from app.lora.names import Target
 from app.safe_load import TorchFileError, load_tensors_only
+
+__all__ = [  # what other modules import from here; the layer kinds live in layers.py
+    "LOHA_TENSORS",
+    "LOKR_TENSORS",
+    "BoundLayer",
+    "DoraLayer",
+    "LohaLayer",
+    "LokrLayer",
+    "LoraFile",
+    "LoraFormatError",
+    "LoraLayer",
+    "NetworkLayer",
+    "bind",
+    "check_fits",
+    "kernel",
+    "parse_lora",
+    "read_lora_file",
+    "read_lora_header",
+    "read_lora_tensors",
+]
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
-class LoraFormatError(ValueError):
-    """A file that cannot be used as a LoRA; the message says why, in words."""
-
-
-# Markers of kinds of "network" files that share the folder and the tag but are not applied here.
-_OTHER_KINDS = [
-    ("on_input", "an (IA)³"),
-    ("oft_", "an OFT/BOFT"),
-    (".a1.weight", "a GLoRA"),
-    (".diff", "a LyCORIS full-difference"),
-    (".w_norm", "a LyCORIS norm"),
-]
-# LyCORIS's tensor names (`<layer>.<name>`), in the order of the layer classes' fields; PEFT's LoHa and LoKr layers
-# use the same names (lora_target.py)
-LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 # kohya's and LyCORIS's per-layer tensor names beside lora_down/lora_up (`<layer>.<part>`)
-_PARTS = ("dora_scale", "lora_mid.weight", *LOHA_TENSORS, *LOKR_TENSORS)
+_OTHER_PARTS = (  # (IA)³'s `weight` is found by its `on_input` beside it (parse_lora)
+    "on_input",
+    "oft_blocks",
+    "oft_diag",
+    "rescale",
+    "a1.weight",
+    "a2.weight",
+    "b1.weight",
+    "b2.weight",
+    "bm.weight",
+    "diff",
+    "diff_b",
+    "w_norm",
+    "b_norm",
+)
+_PARTS = ("dora_scale", "lora_mid.weight", *LOHA_TENSORS, *LOKR_TENSORS, *_OTHER_PARTS)
 _PART = re.compile(r"^(.*)\.(" + "|".join(re.escape(part) for part in _PARTS) + r")$")
 _DOWN_UP = [
     (re.compile(r"^(.*)\.lora_down\.weight$"), re.compile(r"^(.*)\.lora_up\.weight$")),  # kohya
@@ -57,233 +87,9 @@ _DOWN_UP = [
 # diffusers' attention-processor LoRAs (2023): `<attn>.processor.to_q_lora.down.weight` is the layer `<attn>.to_q`
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PREFIXES = ("base_model.model.",)
+# kohya's OFT names its UNet layers `oft_unet_<path>`, otherwise as its LoRAs (A1111 reads them as `lora_unet_`)
+_RENAMED = {"oft_unet_": "lora_unet_"}
 BUNDLE_PREFIX = "bundle_emb."  # embeddings bundled in a LoRA file (A1111): `bundle_emb.<name>.<tensor>`
-
-
-def _scale(alpha: float | None, rank: int | None) -> float:
-    """alpha / rank; without an alpha (PEFT, old diffusers) or a rank (a LoKr of two full matrices), 1."""
-    return 1.0 if alpha is None or rank is None else alpha / rank
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[out, everything else]: a weight or update as a matrix (einsum and kron results may not be contiguous)."""
-    return t.reshape(t.shape[0], -1)
-
-
-def _low_rank(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """`a @ b` ([out, r] @ [r, in...], flattened to [out, in * kernel]); with a Tucker core `t` [r, r, kh, kw] the
-    factors are [r, out] and [r, in] and the result is [out, in, kh, kw]: sum over i, j of t[i, j] a[i, o] b[j, n]."""
-    a, b = _rows(a.to(device, torch.float32)), _rows(b.to(device, torch.float32))
-    if t is None:
-        return a @ b
-    return torch.einsum("ijhw,jn,io->onhw", t.to(device, torch.float32), b, a)
-
-
-def _low_rank_shape(name: str, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> tuple[int, ...]:
-    """The shape `_low_rank` gives, or a LoraFormatError when the factors do not chain."""
-    if t is None:
-        if a.ndim != 2 or b.ndim not in (2, 4) or a.shape[1] != b.shape[0] or a.shape[1] == 0:
-            raise LoraFormatError(
-                f"layer '{name}' has factors {tuple(a.shape)} and {tuple(b.shape)}, which do not multiply "
-                "([out, rank] and [rank, in])"
-            )
-        return (a.shape[0], *b.shape[1:])
-    if a.ndim != 2 or b.ndim != 2 or t.ndim != 4 or tuple(t.shape[:2]) != (a.shape[0], b.shape[0]):
-        raise LoraFormatError(
-            f"layer '{name}' has a Tucker core {tuple(t.shape)} that does not fit its factors {tuple(a.shape)} and "
-            f"{tuple(b.shape)} ([rank, rank, kh, kw], [rank, out], [rank, in])"
-        )
-    return (a.shape[1], b.shape[1], *t.shape[2:])
-
-
-@dataclass
-class LoraLayer:
-    """One low-rank update: `delta W = (alpha / rank) * up @ down` (reshaped for convolutions). The kind training
-    writes and continues."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
-    kind: ClassVar[str] = "LoRA"
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.rank)
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        """The shape of the update: [out, in] or [out, in, kh, kw]."""
-        return (self.up.shape[0], *self.down.shape[1:])
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        """The layer's tensors under the names the file gives them."""
-        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The scaled update in fp32 on `device`, [out, in * kernel] (the caller reshapes it to the weight; `weight`,
-        the layer's own, only matters to DoRA)."""
-        return self.scale * _low_rank(self.up, self.down, None, device)
-
-
-@dataclass
-class TuckerLoraLayer:
-    """LyCORIS's LoCon with a Tucker core for a convolution (`lora_mid`): down [r, in, 1, 1], mid [r, r, kh, kw],
-    up [out, r, 1, 1]."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    mid: torch.Tensor
-    alpha: float | None = None
-    kind: ClassVar[str] = "LoCon (Tucker)"
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.down.shape[0])
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_down.weight": self.down, "lora_up.weight": self.up, "lora_mid.weight": self.mid}
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        up, down = _rows(self.up).T, _rows(self.down)  # [r, out] and [r, in]: the core's factor order
-        return self.scale * _rows(_low_rank(up, down, self.mid, device))
-
-
-@dataclass
-class LohaLayer:
-    """LyCORIS's LoHa: `(w1_a @ w1_b) * (w2_a @ w2_b)` element-wise, each half optionally with a Tucker core."""
-
-    w1_a: torch.Tensor
-    w1_b: torch.Tensor
-    w2_a: torch.Tensor
-    w2_b: torch.Tensor
-    t1: torch.Tensor | None = None
-    t2: torch.Tensor | None = None
-    alpha: float | None = None
-    kind: ClassVar[str] = "LoHa"
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.w1_b.shape[0])
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        return _low_rank_shape("", self.w1_a, self.w1_b, self.t1)
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        values = (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2)
-        return {n: t for n, t in zip(LOHA_TENSORS, values, strict=True) if t is not None}
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        first = _rows(_low_rank(self.w1_a, self.w1_b, self.t1, device))
-        second = _rows(_low_rank(self.w2_a, self.w2_b, self.t2, device))
-        return self.scale * first * second
-
-
-@dataclass
-class LokrLayer:
-    """LyCORIS's LoKr: `w1 ⊗ w2` (Kronecker), each half a full matrix or a low-rank product (`w2` also with a
-    Tucker core for a convolution)."""
-
-    w1: torch.Tensor | None
-    w1_a: torch.Tensor | None
-    w1_b: torch.Tensor | None
-    w2: torch.Tensor | None
-    w2_a: torch.Tensor | None
-    w2_b: torch.Tensor | None
-    t2: torch.Tensor | None = None
-    alpha: float | None = None
-    kind: ClassVar[str] = "LoKr"
-
-    @property
-    def scale(self) -> float:
-        # the rank of the low-rank half (w2's when both are), as A1111 and LyCORIS read it; two full halves: 1
-        rank = self.w2_b.shape[0] if self.w2_b is not None else self.w1_b.shape[0] if self.w1_b is not None else None
-        return _scale(self.alpha, rank)
-
-    def half_shapes(self, name: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
-        first = tuple(self.w1.shape) if self.w1 is not None else _low_rank_shape(name, self.w1_a, self.w1_b, None)
-        second = tuple(self.w2.shape) if self.w2 is not None else _low_rank_shape(name, self.w2_a, self.w2_b, self.t2)
-        return first, second
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        (o1, i1), second = self.half_shapes()
-        return (o1 * second[0], i1 * second[1], *second[2:])
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        values = (self.w1, self.w1_a, self.w1_b, self.w2, self.w2_a, self.w2_b, self.t2)
-        return {n: t for n, t in zip(LOKR_TENSORS, values, strict=True) if t is not None}
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if self.w1 is not None:
-            first = self.w1.to(device, torch.float32)
-        else:
-            first = _low_rank(self.w1_a, self.w1_b, None, device)
-        if self.w2 is not None:
-            second = self.w2.to(device, torch.float32)
-        else:
-            second = _low_rank(self.w2_a, self.w2_b, self.t2, device)
-            if self.t2 is None and self.w2_b.ndim == 4:
-                second = second.reshape(second.shape[0], *self.w2_b.shape[1:])
-        if second.ndim == 4:
-            first = first[:, :, None, None]
-        return self.scale * _rows(torch.kron(first.contiguous(), second.contiguous()))
-
-
-@dataclass
-class DoraLayer:
-    """A weight-decomposed update (DoRA; LyCORIS's `dora_wd`, "DoHa"/"DoKr" on a LoHa/LoKr): the inner layer's
-    update is added to the weight, then each row of the sum (`dora_scale` [out, 1, ...], LyCORIS's and PEFT's
-    default) or each column (`dora_scale` [1, in, ...], the DoRA paper's and A1111's) is rescaled to the magnitude
-    stored for it. The update is that result minus the weight, so a multiplier m gives W + m * (decomposed - W), as
-    A1111 and ComfyUI apply it."""
-
-    inner: LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer
-    dora_scale: torch.Tensor
-
-    @property
-    def kind(self) -> str:
-        return f"{self.inner.kind} + DoRA"
-
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
-
-    @property
-    def per_output(self) -> bool:
-        """Rows (the first axis holds the magnitudes) or columns; a 1-D scale is per output, as PEFT stores it."""
-        return self.dora_scale.ndim <= 1 or self.dora_scale.shape[0] != 1
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        return self.inner.update_shape
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.inner.named_tensors(), "dora_scale": self.dora_scale}
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        if weight is None:
-            raise ValueError("a DoRA update depends on the weight it changes")
-        w = weight.to(device, torch.float32)
-        merged = w + self.inner.delta(device).reshape(w.shape)
-        ones = [1] * (w.dim() - 1)
-        if self.per_output:
-            norm = _rows(merged).norm(dim=1).reshape(w.shape[0], *ones)
-        else:
-            norm = _rows(merged.transpose(0, 1)).norm(dim=1).reshape(w.shape[1], *ones).transpose(0, 1)
-        magnitude = self.dora_scale.to(device, torch.float32).reshape(norm.shape)
-        return _rows(merged * (magnitude / norm.clamp_min(torch.finfo(torch.float32).tiny)) - w)
-
-
-NetworkLayer = LoraLayer | TuckerLoraLayer | LohaLayer | LokrLayer | DoraLayer
 
 
 @dataclass
@@ -328,6 +134,7 @@ def read_lora_file(path: Path) -> LoraFile:
     return parse_lora(*read_lora_tensors(path))
 
 
+_READ_IN_HEADERS = (".alpha", ".on_input")  # single numbers that say how a layer applies: read even for a listing
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -340,14 +147,15 @@ _SAFETENSORS_DTYPES = {
 
 def read_lora_header(path: Path) -> LoraFile:
     """What listing a file needs, without its weights: metadata, layer names and shapes (as `meta` tensors), the
-    checks that need no values (kind, names, halves, shapes, dtype; alphas are read, they are single numbers).
+    checks that need no values (kind, names, halves, shapes, dtype; alphas and (IA)³'s `on_input` are read, they
+    are single numbers).
     NaN values are found when the file is used (`read_lora_file`). `.pt` files have no header: they are loaded,
     and only their shapes are kept."""
     if path.stat().st_size == 0:
         raise LoraFormatError("the file is empty (0 bytes)")
     if path.suffix.lower() != ".safetensors":
         tensors = {
-            k: v if k.endswith(".alpha") else torch.empty(v.shape, dtype=v.dtype, device="meta")
+            k: v if k.endswith(_READ_IN_HEADERS) else torch.empty(v.shape, dtype=v.dtype, device="meta")
             for k, v in _read_pickle(path).items()
         }
         return parse_lora(tensors, {})
@@ -356,7 +164,7 @@ def read_lora_header(path: Path) -> LoraFile:
             metadata = dict(f.metadata() or {})
             tensors = {}
             for key in f.keys():  # noqa: SIM118 - safe_open has no iterator
-                if key.endswith(".alpha"):
+                if key.endswith(_READ_IN_HEADERS):
                     tensors[key] = f.get_tensor(key)
                     continue
                 piece = f.get_slice(key)
@@ -393,29 +201,17 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in data.items()}
 
 
-def _kind_of_other(keys: list[str]) -> str | None:
-    for marker, kind in _OTHER_KINDS:
-        if any(marker in key for key in keys):
-            return kind
-    return None
-
-
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoraFile:
-    """Group a state dict into layers (LoRA, LoCon, LoHa, LoKr); refuse other network kinds and malformed tensors
-    with the reason."""
+    """Group a state dict into layers of the kinds in layers.py; refuse malformed tensors with the reason."""
     metadata = metadata or {}
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
-    kind = _kind_of_other(list(tensors))
-    if kind:
-        raise LoraFormatError(f"this is {kind} file; LoRA, LoCon, LoHa and LoKr files are applied here")
+    ia3_layers = {key.removesuffix(".on_input") for key in map(_renamed, tensors) if key.endswith(".on_input")}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     bundles: dict[str, dict] = {}
     unknown: list[str] = []
     for raw_key, tensor in tensors.items():
-        key = raw_key
-        for prefix in _PREFIXES:
-            key = key.removeprefix(prefix)
+        key = _renamed(raw_key)
         if key.startswith(BUNDLE_PREFIX):
             _add_bundled(bundles, key.removeprefix(BUNDLE_PREFIX), tensor)
             continue
@@ -426,6 +222,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
             continue
         if key.endswith(".alpha"):
             parts.setdefault(key.removesuffix(".alpha"), {})["alpha"] = tensor
+            continue
+        if key.endswith(".weight") and key.removesuffix(".weight") in ia3_layers:
+            parts.setdefault(key.removesuffix(".weight"), {})["weight"] = tensor
             continue
         if m := _PART.match(key):
             parts.setdefault(m.group(1), {})[m.group(2).removesuffix(".weight")] = tensor
@@ -443,7 +242,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
         raise LoraFormatError(
             f"{len(unknown)} tensor(s) are not LoRA weights (e.g. '{unknown[0]}'); expected names ending in "
             ".lora_down.weight/.lora_up.weight/.alpha (kohya), .lora_A.weight/.lora_B.weight (PEFT) or LyCORIS's "
-            ".hada_*/.lokr_*"
+            "(.hada_*, .lokr_*, .oft_blocks, .a1.weight, .diff, .w_norm, ...)"
         )
     layers = {
         name: _make_layer(name, {k: v for k, v in found.items() if k != "alpha"}, found.get("alpha"))
@@ -453,6 +252,15 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     if not layers and not bundles:
         raise LoraFormatError("the file holds no LoRA layers (no lora_down/lora_up or lora_A/lora_B tensors)")
     return LoraFile(layers, metadata, bundles)
+
+
+def _renamed(key: str) -> str:
+    for prefix in _PREFIXES:
+        key = key.removeprefix(prefix)
+    for old, new in _RENAMED.items():
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    return key
 
 
 def _add_bundled(bundles: dict[str, dict], rest: str, tensor: torch.Tensor) -> None:
@@ -475,6 +283,8 @@ def _make_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Tensor |
     found = dict(found)
     scale = found.pop("dora_scale")
     inner = _make_plain_layer(name, found, alpha)
+    if not isinstance(inner, DECOMPOSABLE):
+        raise LoraFormatError(f"layer '{name}' is {inner.kind} with a DoRA magnitude, which no tool writes")
     layer = DoraLayer(inner, scale)
     shape = inner.update_shape
     # per column: the update may be a convolution's flattened to [out, in * kh * kw] (bind checks `in` itself)
@@ -510,8 +320,8 @@ def _make_plain_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Te
         if missing:
             raise LoraFormatError(f"layer '{name}' is a LoHa without {', '.join(missing)}; the file is damaged")
         loha = LohaLayer(*(found.get(n) for n in LOHA_TENSORS), alpha_value)
-        first = _low_rank_shape(name, loha.w1_a, loha.w1_b, loha.t1)
-        second = _low_rank_shape(name, loha.w2_a, loha.w2_b, loha.t2)
+        first = low_rank_shape(name, loha.w1_a, loha.w1_b, loha.t1)
+        second = low_rank_shape(name, loha.w2_a, loha.w2_b, loha.t2)
         if first[0] != second[0] or math.prod(first) != math.prod(second):
             raise LoraFormatError(f"layer '{name}': the two halves of this LoHa are {first} and {second}, not alike")
         return _checked(name, loha)
@@ -536,7 +346,101 @@ def _make_plain_layer(name: str, found: dict[str, torch.Tensor], alpha: torch.Te
         if len(first) != 2 or len(second) not in (2, 4):
             raise LoraFormatError(f"layer '{name}': a LoKr's halves are {first} and {second}; expected 2-D (w2 4-D)")
         return _checked(name, lokr)
+    for required, allowed, make in _OTHER_KINDS:
+        if names <= allowed:
+            missing = sorted(required - names)
+            if missing:
+                raise LoraFormatError(f"layer '{name}' lacks {', '.join(missing)}; the file is damaged")
+            return _checked(name, make(name, found, alpha_value))
     raise LoraFormatError(f"layer '{name}' mixes tensors of different kinds ({', '.join(sorted(names))})")
+
+
+def _ia3(name: str, found: dict[str, torch.Tensor], alpha: float | None) -> Ia3Layer:
+    on_input = found["on_input"]
+    if on_input.numel() != 1:
+        raise LoraFormatError(f"layer '{name}': an (IA)³ `on_input` must be one number, not {tuple(on_input.shape)}")
+    weight = found["weight"]
+    if weight.numel() != max(weight.shape, default=1):
+        raise LoraFormatError(f"layer '{name}': (IA)³ scales must be one row of values, not {tuple(weight.shape)}")
+    return Ia3Layer(weight, bool(on_input.reshape(-1)[0] != 0), alpha)
+
+
+def _oft(name: str, found: dict[str, torch.Tensor], alpha: float | None) -> OftLayer:
+    if "oft_blocks" in found and "oft_diag" in found:
+        raise LoraFormatError(f"layer '{name}' holds both oft_blocks and oft_diag; the file is damaged")
+    blocks = found.get("oft_blocks", found.get("oft_diag"))
+    if blocks is None:
+        raise LoraFormatError(f"layer '{name}' has an OFT rescale without its oft_blocks; the file is damaged")
+    if blocks.ndim == 4:
+        raise LoraFormatError(
+            f"layer '{name}' is a BOFT (butterfly OFT) layer, which is not applied here (nor in A1111)"
+        )
+    if blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2]:
+        raise LoraFormatError(f"layer '{name}': OFT blocks must be [blocks, size, size], not {tuple(blocks.shape)}")
+    rescale = found.get("rescale")
+    out = blocks.shape[0] * blocks.shape[1]
+    if rescale is not None and (rescale.numel() != out or rescale.shape[0] != out):
+        raise LoraFormatError(
+            f"layer '{name}': an OFT rescale of shape {tuple(rescale.shape)} does not fit its {out} output rows"
+        )
+    return OftLayer(blocks, "oft_blocks" in found, rescale, alpha)
+
+
+def _glora(name: str, found: dict[str, torch.Tensor], alpha: float | None) -> GloraLayer:
+    """LyCORIS 2+ (a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in, ...]) or LyCORIS 1 (the names of each pair
+    swapped), whichever the shapes chain as; where both do (a square weight), the one whose rank is the smaller."""
+    mid = found.get("bm")
+
+    def chains(a_in, a_out, b_up, b_down) -> bool:
+        if any(t.ndim not in (2, 4) or (t.ndim == 4 and kernel(tuple(t.shape))) for t in (a_in, a_out, b_up)):
+            return False
+        if b_down.ndim not in (2, 4) or (mid is not None and kernel(tuple(b_down.shape))):
+            return False
+        (i, r), (r2, i2), (_, rb), rb2 = a_in.shape[:2], a_out.shape[:2], b_up.shape[:2], b_down.shape[0]
+        core = mid is None or (mid.ndim == 4 and tuple(mid.shape[:2]) == (rb, rb2))
+        return r == r2 and i == i2 == b_down.shape[1] and rb == rb2 and core
+
+    a1, a2, b1, b2 = found["a1"], found["a2"], found["b1"], found["b2"]
+    new, old = chains(a1, a2, b1, b2), chains(a2, a1, b2, b1) and mid is None
+    if new and (not old or a1.shape[1] <= a1.shape[0]):
+        return GloraLayer(a1, a2, b1, b2, mid, alpha)
+    if old:
+        return GloraLayer(a2, a1, b2, b1, None, alpha, old_names=True)
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in sorted(found.items()))
+    raise LoraFormatError(
+        f"layer '{name}' has GLoRA factors that do not chain ({shapes}): expected a1 [in, rank], a2 [rank, in], "
+        "b1 [out, rank], b2 [rank, in, ...]"
+    )
+
+
+def _full(name: str, found: dict[str, torch.Tensor], alpha: float | None) -> FullLayer:
+    diff, bias = found["diff"], found.get("diff_b")
+    if diff.ndim not in (1, 2, 4) or (bias is not None and (bias.ndim != 1 or bias.shape[0] != diff.shape[0])):
+        shown = f" and diff_b {tuple(bias.shape)}" if bias is not None else ""
+        raise LoraFormatError(
+            f"layer '{name}' has a full difference {tuple(diff.shape)}{shown}, not a layer's weight and bias"
+        )
+    return FullLayer(diff, bias, alpha)
+
+
+def _norm(name: str, found: dict[str, torch.Tensor], alpha: float | None) -> NormLayer:
+    weight, bias = found["w_norm"], found.get("b_norm")
+    if weight.ndim != 1 or (bias is not None and tuple(bias.shape) != tuple(weight.shape)):
+        shown = f" and b_norm {tuple(bias.shape)}" if bias is not None else ""
+        raise LoraFormatError(
+            f"layer '{name}' has w_norm {tuple(weight.shape)}{shown}; a norm layer's are one row of values each"
+        )
+    return NormLayer(weight, bias, alpha)
+
+
+# LyCORIS's other kinds: the tensor names that make one (all needed), the names it may hold, and its reader
+_OTHER_KINDS = [
+    ({"weight", "on_input"}, {"weight", "on_input"}, _ia3),
+    (set(), {"oft_blocks", "oft_diag", "rescale"}, _oft),  # oft_blocks or oft_diag: _oft checks
+    ({"a1", "a2", "b1", "b2"}, {"a1", "a2", "b1", "b2", "bm"}, _glora),
+    ({"diff"}, {"diff", "diff_b"}, _full),
+    ({"w_norm"}, {"w_norm", "b_norm"}, _norm),
+]
 
 
 def _alpha_value(name: str, alpha: torch.Tensor | None) -> float | None:
@@ -571,30 +475,34 @@ def _check_layer(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float |
     return _checked(name, LoraLayer(down, up, alpha))
 
 
-def kernel(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A weight's kernel size; a Linear layer's and a 1x1 convolution's count as the same."""
-    k = tuple(weight_shape[2:])
-    return () if k in ((), (1, 1)) else k
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, (shape[0], shape[1], *kernel(shape))))
+def _dims(shape: tuple[int | None, ...]) -> str:
+    """A shape as people write it (a 1x1 kernel left out); `*` for an axis taken from the weight."""
+    shown = shape if len(shape) < 2 else (shape[0], shape[1], *kernel(shape))
+    return "x".join("*" if d is None else str(d) for d in shown)
 
 
 def check_fits(layer: NetworkLayer, target: Target) -> str | None:
-    """Why `layer` cannot change `target`, or None when its update has the weight's shape."""
+    """Why `layer` cannot change `target`, or None when its update has the weight's shape (and a bias change the
+    bias's)."""
     want, have = tuple(target.shape), tuple(layer.update_shape)
-    if len(have) == 2 and kernel(want):  # a LoHa or LoKr may give a convolution's update as [out, in * kh * kw]
+    where = f"layer {target.component}.{target.path}"
+    if len(want) < 2 or len(have) < 2:  # a norm layer's weight, or a full difference of one
+        fits = have == want
+    elif None in have:  # an update made from the weight itself ((IA)³, OFT): only the axes it names are fixed
+        fits = all(h is None or h == w for h, w in zip(have, want, strict=False))
+    elif len(have) == 2 and kernel(want):  # a LoHa or LoKr may give a convolution's update as [out, in * kh * kw]
         fits = have == (want[0], math.prod(want[1:]))
     else:
         fits = (have[0], have[1], kernel(have)) == (want[0], want[1], kernel(want))
     if not fits:
-        return f"layer {target.component}.{target.path} is {_dims(want)}, the file's update for it is {_dims(have)}"
+        return f"{where} is {_dims(want)}, the file's update for it is {_dims(have)}"
     if isinstance(layer, DoraLayer) and layer.dora_scale.numel() != want[0 if layer.per_output else 1]:
-        return (
-            f"layer {target.component}.{target.path} is {_dims(want)}, the file's DoRA magnitudes for it are "
-            f"{tuple(layer.dora_scale.shape)}"
-        )
+        return f"{where} is {_dims(want)}, the file's DoRA magnitudes for it are {tuple(layer.dora_scale.shape)}"
+    bias = layer.bias_shape
+    own = getattr(target.module, "bias", None)
+    if bias is not None and (own is None or tuple(own.shape) != bias):
+        has = "no bias" if own is None else f"a bias of {_dims(tuple(own.shape))}"
+        return f"{where} has {has}, the file's change of its bias is {_dims(bias)}"
     return None
 
 

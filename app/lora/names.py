@@ -9,7 +9,7 @@ LoRA files name layers in several ways, all derived from module paths:
   or without transformers' `text_model.` level.
 
 Because `_` also occurs inside module names (`to_q`, `transformer_blocks`), a kohya name cannot be split back into a
-path; instead the table is built forwards, from every Linear/Conv2d module of the model.
+path; instead the table is built forwards, from every Linear/Conv2d (and GroupNorm/LayerNorm) module of the model.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from dataclasses import dataclass
 import torch
 
 UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
-LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+# the layers a LoRA changes; the norms only LyCORIS's norm and full-difference layers do (A1111 patches them too)
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 _RESNET_LDM = {
+    "norm1": "in_layers.0",
     "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
     "time_emb_proj": "emb_layers.1",
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
@@ -104,8 +107,8 @@ def layer_table(components: dict[str, torch.nn.Module]) -> dict[str, Target]:
     kohya_te = {TEXT_ENCODER: "lora_te1_" if xl else "lora_te_", TEXT_ENCODER_2: "lora_te2_"}
     for component, root in components.items():
         for path, module in root.named_modules():
-            if not isinstance(module, LAYER_TYPES) or not path:
-                continue
+            if not isinstance(module, LAYER_TYPES) or not path or getattr(module, "weight", None) is None:
+                continue  # a norm without its own weight (elementwise_affine=False) has nothing to change
             target = Target(component, path, module)
             names = [f"{component}.{path}"]
             if component == UNET:

@@ -18,19 +18,13 @@ from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.fileio import atomic_write
-from app.lora.files import LoraFormatError, parse_lora, read_lora_tensors
+from app.lora.files import LoraFile, LoraFormatError, parse_lora, read_lora_tensors
 from app.lora.writer import tensor_data_hash
 
 DOWN, UP = ".lora_down.weight", ".lora_up.weight"
 MAX_RANK = 1024
-REFUSED_PARTS = {
-    "hada_": "LoHa",
-    "lokr_": "LoKr",
-    "lora_mid": "LoCon with Tucker cores",
-    "dora_scale": "DoRA",
-    "lora_A": "PEFT/diffusers-named LoRA",
-    "lora.down": "diffusers-named LoRA",
-}
+# LoRA layers under other tools' names: resize writes kohya's names only
+REFUSED_NAMES = {"lora_A": "PEFT/diffusers-named LoRA", "lora.down": "diffusers-named LoRA"}
 
 
 @dataclass(frozen=True)
@@ -55,10 +49,13 @@ class ResizeReport:
         )
 
 
-def _refusal(keys: list[str]) -> str | None:
-    for part, kind in REFUSED_PARTS.items():
-        if any(part in key for key in keys):
-            return f"it holds {kind} layers; only kohya-named LoRA layers (lora_down/lora_up) can be resized"
+def _refusal(lora: LoraFile, keys: list[str]) -> str | None:
+    """Why the file's layers cannot be resized: other kinds (LoHa, DoRA, ...: not a product of two halves to
+    re-factor) or other names."""
+    kinds = sorted({layer.kind for layer in lora.layers.values()} - {"LoRA"})
+    held = kinds + [kind for part, kind in REFUSED_NAMES.items() if any(part in key for key in keys)]
+    if held:
+        return f"it holds {', '.join(held)} layers; only kohya-named LoRA layers (lora_down/lora_up) can be resized"
     return None
 
 
@@ -111,10 +108,10 @@ def resize_lora(src: Path, dst: Path, rank: int, keep: float = 0.0, output_name:
         raise UserError(f"The share of the norm to keep must be 0 (off) or up to 1, got {keep}.", "keep")
     try:
         tensors, metadata = read_lora_tensors(src)
-        parse_lora(tensors, metadata)  # a file we could not apply is not one to resize
+        parsed = parse_lora(tensors, metadata)  # a file we could not apply is not one to resize
     except LoraFormatError as e:
         raise UserError(f"{src.name} cannot be resized: {e}.") from None
-    reason = _refusal(list(tensors))
+    reason = _refusal(parsed, list(tensors))
     if reason:
         raise UserError(f"{src.name} cannot be resized: {reason}.")
     prefixes = sorted(key[: -len(DOWN)] for key in tensors if key.endswith(DOWN))
