@@ -2,8 +2,8 @@
 
 An SD1.5-size single file with random weights (our exporter, nothing downloaded) at 512 px, or the tiny layout at
 64 px with `--tiny`. Two kohya-format LoRAs of rank 32 (`--rank`) on every Linear/1x1 layer of the UNet's
-transformer blocks (kohya's default targets) and every projection of the text encoder, random values; `--kind loha`
-or `lokr` writes LyCORIS LoHa/LoKr files over the same layers instead.
+transformer blocks (kohya's default targets) and every projection of the text encoder, random values; `--kind loha`,
+`lokr`, `ia3`, `oft` or `glora` writes LyCORIS files of that kind over the same layers instead.
 
 Printed: seconds per whole generation (prompt encoding, sampling, decode) without a LoRA (the baseline), with
 `<lora:a:0.8>`, and alternating `<lora:a>`/`<lora:b>` (switching); the ratio to the baseline; the time to put the
@@ -42,8 +42,8 @@ def factors(n: int) -> tuple[int, int]:
 
 
 def write_lora(pipe, path: Path, rank: int, seed: int, kind: str = "lora") -> int:
-    """A kohya-format LoRA (or LyCORIS LoHa/LoKr, `kind`) over the transformer blocks and the text encoder; returns
-    the parameters it touches."""
+    """A kohya-format LoRA (or a LyCORIS file of another `kind`) over the transformer blocks and the text encoder;
+    returns the parameters it touches."""
     from safetensors.torch import save_file
 
     from app.lora.names import ldm_unet_path
@@ -69,10 +69,22 @@ def write_lora(pipe, path: Path, rank: int, seed: int, kind: str = "lora") -> in
             tensors[f"{name}.lokr_w1"] = random(o1, i1, scale=0.15)
             tensors[f"{name}.lokr_w2_a"] = random(o2, min(r, o2, i2), scale=0.15)
             tensors[f"{name}.lokr_w2_b"] = random(min(r, o2, i2), i2 * w[0, 0].numel(), scale=0.15)
+        elif kind == "ia3":  # W * w per output row
+            tensors[f"{name}.weight"] = random(w.shape[0], scale=0.1)
+            tensors[f"{name}.on_input"] = torch.tensor(0)
+        elif kind == "oft":  # blocks of rows turned by Cayley rotations (blocks of at most `rank` rows)
+            size = max(d for d in range(1, r + 1) if w.shape[0] % d == 0)
+            tensors[f"{name}.oft_blocks"] = random(w.shape[0] // size, size, size, scale=0.01)
+        elif kind == "glora":  # W @ a1 @ a2 + b1 @ b2
+            tensors[f"{name}.a1.weight"] = random(w.shape[1], r, scale=0.05)
+            tensors[f"{name}.a2.weight"] = random(r, w.shape[1], scale=0.05)
+            tensors[f"{name}.b1.weight"] = random(w.shape[0], r, scale=0.15)
+            tensors[f"{name}.b2.weight"] = random(r, w[0].numel(), scale=0.15)
         else:
             tensors[name + ".lora_down.weight"] = random(r, *w.shape[1:])
             tensors[name + ".lora_up.weight"] = random(*((w.shape[0], r, 1, 1) if w.ndim == 4 else (w.shape[0], r)))
-        tensors[name + ".alpha"] = torch.tensor(float(r) / 2)
+        if kind != "ia3":  # OFT: a norm constraint of alpha * out, which these small blocks stay under
+            tensors[name + ".alpha"] = torch.tensor(float(r) / 2)
         touched += w.numel()
 
     for path_, module in pipe.unet.named_modules():
@@ -230,7 +242,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--kind", choices=["lora", "loha", "lokr"], default="lora", help="the files' network kind")
+    parser.add_argument(
+        "--kind",
+        choices=["lora", "loha", "lokr", "ia3", "oft", "glora"],
+        default="lora",
+        help="the files' network kind",
+    )
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
