@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.embeddings.service import MAX_VECTORS
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from app.hypernetworks.service import MAX_WIDTH
-from app.training.service import MAX_LORA_ALPHA, MAX_LORA_RANK
+from app.training.service import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_WEIGHT_NORM
 
 
 def bounded(
@@ -248,6 +248,8 @@ class TrainLoraRequest(TrainRequest):
     # kohya's LoCon (network_args conv_dim/conv_alpha): also the UNet's ResNet 3x3 convolutions; 0 = off
     conv_dim: int = bounded(0, 0, MAX_LORA_RANK)
     conv_alpha: float = bounded(1.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
+    # kohya's max-norm regularization: each layer's update kept at most this norm after every step; 0 = off
+    scale_weight_norms: float = bounded(0.0, 0, MAX_WEIGHT_NORM)
     text_encoder_lr: str | float = ""  # kohya's: the text encoder layers' rate (A1111 schedule syntax); "" = learn_rate
     # the file's precision: "" = fp16 for a new LoRA (as LoRAs are shared), the file's own for a continued one
     save_precision: Literal["", "fp16", "bf16", "fp32"] = ""

@@ -375,6 +375,7 @@ def register_api(app: FastAPI, services: Services) -> None:
                 req.bundle_embedding,
                 req.bundle_vectors,
                 req.bundle_init_text,
+                scale_weight_norms=req.scale_weight_norms,
             )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})

@@ -432,6 +432,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
     # -- the loop ----------------------------------------------------------------------------------------------
     optimizer_broken = False
     skipped_in_row = 0
+    update_note = ""  # what the target says after an update (a LoRA's max-norm figures), for the progress text
     while step < end_step:
         step_started = time.perf_counter()
         factor = rate_factor(
@@ -530,6 +531,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 optimizer_broken = True
                 stop(f"the update made the {target.kind} NaN or infinite")
                 break
+            update_note = target.after_update()
         else:
             # fp16 gradients overflowed at this loss scale: no update, the scaler halves the scale. The step still
             # counts (its data is used up), so a resumed run stays on the same sequence.
@@ -566,7 +568,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             p.text = (
                 f"Training {target.kind} '{target.name}' step {step}/{end_step} [Epoch {epoch}: "
                 f"{epoch_step + 1}/{steps_per_epoch}] loss: {mean_loss:.7f} "
-                f"{elapsed / max(1, step - start_step):.3f} s/it"
+                f"{elapsed / max(1, step - start_step):.3f} s/it" + (f", {update_note}" if update_note else "")
             )
             p.history.append((step, mean_loss))
         previewed = preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0

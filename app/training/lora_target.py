@@ -95,6 +95,16 @@ def network_type_of(lora: LoraFile) -> str:
     return NETWORK_TYPES[next(iter(lora.layers.values())).kind]
 
 
+def layer_of(network_type: str, parts: dict[str, torch.Tensor], alpha: float) -> LoraLayer | LohaLayer | LokrLayer:
+    """One trained layer's tensors (by their file names) as the reader's layer, whose `delta` is what the file will
+    do to the model."""
+    if network_type == "loha":
+        return LohaLayer(*(parts.get(n) for n in LOHA_TENSORS), alpha)
+    if network_type == "lokr":
+        return LokrLayer(*(parts.get(n) for n in LOKR_TENSORS), alpha)
+    return LoraLayer(parts["lora_down.weight"], parts["lora_up.weight"], alpha)
+
+
 def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer) -> tuple[int, dict[str, torch.Tensor]]:
     """The rank PEFT needs to make this layer's tensors again, and the tensors by their file names."""
     parts = layer.named_tensors()
@@ -138,8 +148,10 @@ class LoraTarget:
         conv_alpha: float = 1.0,
         network_type: str = "lora",
         bundle: TrainedVectors | None = None,
+        max_norm: float = 0.0,
     ):
         self.path, self.name = path, path.stem
+        self.max_norm = float(max_norm)  # kohya's scale_weight_norms: 0 = off
         self.bundle = bundle
         self.prompt_name = bundle.name if bundle is not None else self.name
         self.embedding_parameters = 1 if bundle is not None else 0
@@ -300,6 +312,27 @@ class LoraTarget:
                     alpha = float(wrapper.alpha[ADAPTER])
                 out.append((component, path, parts, alpha))
         return out
+
+    def after_update(self) -> str:
+        """kohya's `scale_weight_norms` (max-norm regularization): a layer whose update (alpha/rank included) has a
+        Frobenius norm above `max_norm` is scaled back to it, each of its tensors by the same share,
+        ratio ** (1 / tensors), as kohya scales a LoRA's two halves and LyCORIS its kinds' factors (the update is a
+        product of all of them). Returns kohya's two figures for the progress text."""
+        if not self.max_norm:
+            return ""
+        scaled, norms = 0, []
+        with torch.no_grad():
+            for _, _, parts, alpha in self._layers():
+                first = next(iter(parts.values()))
+                norm = float(layer_of(self.network_type, parts, alpha).delta(first.device).norm())
+                ratio = self.max_norm / norm if norm > self.max_norm else 1.0
+                if ratio < 1.0:
+                    share = ratio ** (1 / len(parts))
+                    for tensor in parts.values():
+                        tensor.mul_(share)
+                    scaled += 1
+                norms.append(norm * ratio)
+        return f"keys scaled: {scaled}, average key norm: {sum(norms) / max(1, len(norms)):.4f}"
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None:
         metadata = {**self._metadata, "ss_steps": str(step), "ss_output_name": self.name}

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 LOWVRAM_REASON = "Training models with lowvram not possible"
 MAX_LORA_RANK = 1024
 MAX_LORA_ALPHA = 100_000.0
+MAX_WEIGHT_NORM = 1000.0  # scale_weight_norms: kohya suggests 1; a larger bound only catches typos
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # a LoRA file's
 
 
@@ -308,12 +309,14 @@ class TrainingService:
         bundle_embedding: str = "",
         bundle_vectors: int = 1,
         bundle_init_text: str = "*",
+        scale_weight_norms: float = 0.0,
     ) -> Job:
         """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
         and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
         `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA. `bundle_embedding` names a new
         embedding (`bundle_vectors` vectors from `bundle_init_text`) trained beside the layers and saved in the file
-        (pivotal tuning); the templates' `[name]` is that word."""
+        (pivotal tuning); the templates' `[name]` is that word. `scale_weight_norms` > 0 keeps each layer's update
+        at most that norm after every step (kohya's max-norm regularization)."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -344,6 +347,16 @@ class TrainingService:
             raise UserError(
                 f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got {conv_alpha}.",
                 "conv_alpha",
+            )
+        try:
+            max_norm = float(scale_weight_norms or 0)
+        except (TypeError, ValueError):
+            raise UserError(f"Scale weight norms must be a number; got {scale_weight_norms!r}.") from None
+        if not (math.isfinite(max_norm) and 0 <= max_norm <= MAX_WEIGHT_NORM):
+            raise UserError(
+                f"Scale weight norms must be 0 (off) or above, at most {MAX_WEIGHT_NORM:g} (1 is usual), got "
+                f"{scale_weight_norms}.",
+                "scale_weight_norms",
             )
         existing_entry = self.loras.db.files().get(name)
         existing = None
@@ -428,6 +441,7 @@ class TrainingService:
             with self.models.lock:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
+                metadata["ss_scale_weight_norms"] = str(max_norm or None)  # kohya writes "None" when off
                 kind = network_type_of(existing) if existing is not None else network_type
                 if kind != "lora":  # what kohya writes for LyCORIS networks
                     metadata["ss_network_module"] = "lycoris.kohya"
@@ -460,6 +474,7 @@ class TrainingService:
                     conv_alpha_value,
                     network_type,
                     trained,
+                    max_norm=max_norm,
                 )
                 try:
                     with self.models.placed_for_training(model):

@@ -71,6 +71,11 @@ class TrainingTarget(Protocol):
 
     def save(self, step: int, model: LoadedModel, copy_to: Path | None = None) -> None: ...
 
+    def after_update(self) -> str:
+        """Run after each optimizer update (a LoRA's max-norm regularization, kohya's `scale_weight_norms`); a note
+        for the progress text, or ""."""
+        ...
+
     def save_preview(
         self, path: Path, image: Image.Image, step: int, infotext: str, with_data: bool, model: LoadedModel
     ) -> None: ...
@@ -186,6 +191,9 @@ class EmbeddingTarget:
     def restore(self, stored: dict) -> None:
         pass
 
+    def after_update(self) -> str:
+        return ""
+
     @property
     def optim_path(self) -> Path:
         return self.path.with_suffix(".optim")
@@ -282,6 +290,9 @@ class HypernetworkTarget:
 
     def restore(self, stored: dict) -> None:
         pass
+
+    def after_update(self) -> str:
+        return ""
 
     @property
     def optim_path(self) -> Path:

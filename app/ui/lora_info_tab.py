@@ -42,7 +42,11 @@ def summary_html(info: dict[str, Any]) -> str:
         ("Layers", str(info["layers"])),
         ("Bundled embeddings", ", ".join(info["embeddings"]) or "none"),
     ]
-    rows += [(label, info["training"][key]) for key, label in TRAINING_KEYS.items() if info["training"].get(key)]
+    rows += [
+        (label, info["training"][key])
+        for key, label in TRAINING_KEYS.items()
+        if info["training"].get(key) not in (None, "", "None")
+    ]  # kohya: "None" = off
     if info["user"].problem:
         rows.append(("User metadata", info["user"].problem))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)

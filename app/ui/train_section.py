@@ -50,6 +50,7 @@ LORA_FIELDS = (
     "bundle_embedding",
     "bundle_vectors",
     "bundle_init_text",
+    "scale_weight_norms",
 )
 
 
@@ -114,6 +115,11 @@ class TrainSection:
                     elem_id=f"{p}_conv_dim",
                 )
                 f["conv_alpha"] = gr.Number(value=1, label="Conv alpha", elem_id=f"{p}_conv_alpha")
+            f["scale_weight_norms"] = gr.Number(
+                value=0,
+                label="Scale weight norms (kohya's max-norm: each layer's change kept at most this; 0 = off, 1 usual)",
+                elem_id=f"{p}_scale_weight_norms",
+            )
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
@@ -383,6 +389,7 @@ class TrainSection:
                     given["bundle_embedding"] or "",
                     1 if given["bundle_vectors"] is None else int(given["bundle_vectors"]),
                     given["bundle_init_text"] or "",
+                    scale_weight_norms=given["scale_weight_norms"] or 0.0,  # emptied: off
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)
