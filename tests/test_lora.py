@@ -213,6 +213,29 @@ def test_multipliers_follow_a1111(services, folder):
             reference = pixels(gen(services, "a blue square"))
         assert np.abs(pixels(ours) - reference).max() <= 1, tag
 
+    # A1111's `dyn` (DyLoRA): the first ranks of each layer, at the file's alpha / full rank; a rank at or above the
+    # file's is the whole file
+    rank = layers[0].down.shape[0]
+    first_two = [
+        Layer(x.component, x.path, x.module, x.down[:2], x.up[:, :2], (x.alpha or rank) * 2 / rank) for x in layers
+    ]
+    for tag, (te, unet), reference_layers in [
+        ("<lora:zq:1:1:2>", (1, 1), first_two),
+        ("<lora:zq:0.7:dyn=2>", (0.7, 0.7), first_two),
+        (f"<lora:zq:dyn={rank}>", (1, 1), layers),
+    ]:
+        ours = gen(services, f"a blue square {tag}")
+        assert ours.notes == [], tag
+        with merged(reference_layers, te, unet):
+            reference = pixels(gen(services, "a blue square"))
+        assert np.abs(pixels(ours) - reference).max() <= 1, tag
+    assert not np.array_equal(
+        pixels(gen(services, "a blue square <lora:zq:1:1:2>")), pixels(gen(services, "a blue square <lora:zq>"))
+    )
+    for bad in ("<lora:zq:1:1:0>", "<lora:zq:dyn=two>"):
+        result = gen(services, f"a blue square {bad}")
+        assert len(result.notes) == 1 and "is not a rank" in result.notes[0] and np.array_equal(pixels(result), base)
+
 
 def test_two_loras_add_up_and_hashes_go_in_the_infotext(services, folder):
     model = services.models.get()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from app.lora.files import BoundLayer
+from app.lora.layers import truncated
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Application:
     bound: list[BoundLayer]
     te_multiplier: float
     unet_multiplier: float
+    # A1111's `dyn` (DyLoRA): only the first `dyn` ranks of each LoRA layer, at the file's alpha / full rank;
+    # other kinds are applied whole, as A1111 does
+    dyn: int | None = None
 
 
 def _multiplier(app: Application, component: str) -> float:
@@ -49,10 +53,12 @@ def lora_applied(applications: list[Application]) -> Iterator[None]:
         yield
 
 
-def delta_weight(bound: BoundLayer, weight: torch.Tensor) -> torch.Tensor:
+def delta_weight(bound: BoundLayer, weight: torch.Tensor, dyn: int | None = None) -> torch.Tensor:
     """The layer's update (LoRA: (alpha/rank) up @ down; the other kinds: layers.py) in the shape of `weight` (the
-    layer's original weight, which (IA)³, OFT, GLoRA and DoRA updates depend on), fp32 on its device."""
-    return bound.layer.delta(weight.device, weight).reshape(weight.shape)
+    layer's original weight, which (IA)³, OFT, GLoRA and DoRA updates depend on), fp32 on its device; with `dyn`,
+    a LoRA's first `dyn` ranks only."""
+    layer = bound.layer if dyn is None else truncated(bound.layer, dyn)
+    return layer.delta(weight.device, weight).reshape(weight.shape)
 
 
 class _Slot:
@@ -97,7 +103,7 @@ def _merged(applications: list[Application]) -> Iterator[None]:
             m = _multiplier(app, b.target.component)
             if m == 0:
                 continue
-            add(b.target.module, "weight", lambda weight, b=b, m=m: m * delta_weight(b, weight))
+            add(b.target.module, "weight", lambda weight, b=b, m=m, d=app.dyn: m * delta_weight(b, weight, d))
             if b.layer.bias_shape is not None:  # full-difference and norm layers change the bias too
                 add(
                     b.target.module,

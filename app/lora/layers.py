@@ -462,6 +462,17 @@ NetworkLayer = (
 DECOMPOSABLE = (LoraLayer, TuckerLoraLayer, LohaLayer, LokrLayer)  # the kinds a DoRA magnitude may go with
 
 
+def truncated(layer: NetworkLayer, rank: int) -> NetworkLayer:
+    """A LoRA layer (also under DoRA) cut to its first `rank` ranks at its own alpha / full rank, as A1111 applies
+    `dyn` (a DyLoRA file orders its ranks by importance); any other layer as it is."""
+    if isinstance(layer, DoraLayer):
+        return DoraLayer(truncated(layer.inner, rank), layer.dora_scale)
+    if not isinstance(layer, LoraLayer) or rank >= layer.rank:
+        return layer
+    alpha = layer.alpha if layer.alpha is not None else float(layer.rank)  # no alpha: a scale of 1
+    return LoraLayer(layer.down[:rank], layer.up[:, :rank], alpha * rank / layer.rank)
+
+
 def kernel(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
     """A weight's kernel size; a Linear layer's and a 1x1 convolution's count as the same."""
     k = tuple(weight_shape[2:])

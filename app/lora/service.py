@@ -85,6 +85,19 @@ def model_label(model) -> str:
     return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a model with {width}-wide text embeddings")
 
 
+def _rank(text: str, tag: ExtraNetworkTag) -> int:
+    """A DyLoRA rank (`dyn`): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LoraFormatError(
+            f"{tag.text}: dyn '{text}' is not a rank (a whole number of at least 1); LoRA not applied"
+        )
+    return value
+
+
 def _number(text: str, what: str, tag: ExtraNetworkTag) -> float:
     try:
         value = float(text)
@@ -312,10 +325,10 @@ class LoraService:
         return None
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float, bool]:
+    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float, int | None]:
         """(text encoder, UNet) multipliers with A1111's rules: `<lora:x>` is 1, `<lora:x:m>` sets both,
-        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values; and whether the tag asks for
-        DyLoRA dimensions (a third value or `dyn=`), which are not supported."""
+        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values; and the DyLoRA rank a third
+        value or `dyn=` asks for (None: the file's full rank)."""
         positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
         te = _number(positional[0], "multiplier", tag) if positional and positional[0] else 1.0
         if "te" in named:
@@ -323,7 +336,8 @@ class LoraService:
         unet = _number(positional[1], "UNet multiplier", tag) if len(positional) > 1 and positional[1] else te
         if "unet" in named:
             unet = _number(named["unet"], "unet multiplier", tag)
-        return te, unet, len(positional) > 2 or "dyn" in named
+        dyn_text = named.get("dyn", positional[2] if len(positional) > 2 else "")
+        return te, unet, _rank(dyn_text, tag) if dyn_text else None
 
     def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
         """The `<lora:...>` tags of one generation as merged weights for its duration (`lora_applied`), with a note
@@ -340,8 +354,6 @@ class LoraService:
             name = tag.args[0].strip()
             try:
                 te, unet, dyn = self.multipliers(tag)
-                if dyn:
-                    notes.append(f"{tag.text}: DyLoRA dimensions (dyn) are not supported; the full rank is used")
                 f = self.find(name)
                 if f is None:
                     notes.append(f"{tag.text}: LoRA '{name}' not found in {self.db.folder}; generated without it")
@@ -351,7 +363,7 @@ class LoraService:
             except LoraFormatError as e:
                 notes.append(f"{tag.text}: {e}; generated without it" if tag.text not in str(e) else str(e))
                 continue
-            applications.append(Application(bound, te, unet))
+            applications.append(Application(bound, te, unet, dyn))
             shown = name.replace(":", "").replace(",", "")
             hashes[shown] = self.hash(f.path, lora.metadata)[:12]
             notes += self._take_bundled(tag, shown, f.path, lora, model.text_width, bundled)
