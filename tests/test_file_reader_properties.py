@@ -59,6 +59,23 @@ def _seeds() -> dict[str, bytes]:
             }
         ),
         "lora.pt": _pt(lora),
+        # LyCORIS's other kinds, one layer each: (IA)³, OFT, GLoRA, full difference, norm
+        "lora-lycoris.safetensors": save(
+            {
+                "lora_unet_a.weight": torch.randn(8, generator=g),
+                "lora_unet_a.on_input": torch.tensor(0),
+                "lora_unet_b.oft_blocks": torch.randn(2, 4, 4, generator=g),
+                "lora_unet_b.alpha": torch.tensor(1e-3),
+                "lora_unet_c.a1.weight": torch.randn(6, 2, generator=g),
+                "lora_unet_c.a2.weight": torch.randn(2, 6, generator=g),
+                "lora_unet_c.b1.weight": torch.randn(8, 2, generator=g),
+                "lora_unet_c.b2.weight": torch.randn(2, 6, generator=g),
+                "lora_unet_d.diff": torch.randn(8, 6, generator=g),
+                "lora_unet_d.diff_b": torch.randn(8, generator=g),
+                "lora_unet_e.w_norm": torch.randn(8, generator=g),
+                "lora_unet_e.b_norm": torch.randn(8, generator=g),
+            }
+        ),
     }
 
 
@@ -105,6 +122,10 @@ def _check(name: str, data: bytes) -> None:
                 if read is read_lora_file:  # each bundled embedding: usable, or a sentence saying why not
                     for found in bundled_embeddings(got).values():
                         assert not isinstance(found, str) or found.strip()
+                    for layer in got.layers.values():  # and each layer computes its update for a weight it fits
+                        shape = tuple(2 if d is None else d for d in layer.update_shape)
+                        delta = layer.delta(torch.device("cpu"), torch.ones(shape))
+                        assert delta.shape[0] == shape[0]
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
