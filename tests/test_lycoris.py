@@ -223,7 +223,7 @@ def test_broken_lycoris_layers_say_why(tensors, message):
         parse_lora(tensors)
 
 
-@pytest.mark.parametrize("case", ["loha-tucker", "lokr"])
+@pytest.mark.parametrize("case", ["loha-tucker", "lokr", "ia3", "oft", "glora", "full"])
 def test_sdxl_lycoris_files_with_both_text_encoders(case):
     """kohya + LyCORIS's SDXL names (`lora_unet_`, `lora_te1_`, `lora_te2_`), text encoder and UNet multipliers
     apart, against LyCORIS's modules running forward on copies of a tiny SDXL model."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_kill_9_at_random_points_never_loses_the_last_checkpoint(tmp_path, model
 # its optimizer state (`.optim.next` written, and its commit over `.optim`), of a log copy, of a preview, or half-way
 # through a loss-log row. Then training again runs to the end: the result must equal an uninterrupted run's, bit
 # for bit, and every file under a real name must load. Embeddings get 20 seeded points; hypernetworks and LoRAs
-# (the same engine and save order, other files) one point of each kind.
+# (the same engine and save order, other files; a LoRA also with a bundled embedding and max-norm) one point of each
+# kind.
 KILL_STEPS = 6
 
 
@@ -99,6 +101,8 @@ class Kind:
     folder: str  # of the trained file, in the data folder
     suffix: str  # of the trained file and its log copies
     loss_log: str
+    log_folder: str = ""  # of the copies in the log folder: `<name>s` unless given
+    sidecars: tuple[str, ...] = ()  # other files the run writes beside the trained one
 
     def kill_kinds(self) -> list[tuple[str, int, int]]:
         return [
@@ -107,9 +111,10 @@ class Kind:
             (f"rename:*/{self.folder}/zqkill{self.suffix}", 1, KILL_STEPS),
             (f"rename:*/{self.folder}/zqkill.optim.next", 1, KILL_STEPS),
             (f"rename:*/{self.folder}/zqkill.optim", 1, KILL_STEPS),
-            (f"rename:*/log/*/{self.name}s/zqkill-*{self.suffix}", 1, KILL_STEPS),
+            (f"rename:*/log/*/{self.log_folder or self.name + 's'}/zqkill-*{self.suffix}", 1, KILL_STEPS),
             ("rename:*/images/zqkill-*.png", 1, 2),
             ("csv", 1, KILL_STEPS),
+            *((f"rename:*/{self.folder}/{sidecar}", 1, 1) for sidecar in self.sidecars),
         ]
 
     def step(self, path: Path) -> int:
@@ -135,6 +140,9 @@ KINDS = {
     "embedding": Kind("embedding", "embeddings", ".pt", "textual_inversion_loss.csv"),
     "hypernetwork": Kind("hypernetwork", "models/hypernetworks", ".pt", "hypernetwork_loss.csv"),
     "lora": Kind("lora", "models/Lora", ".safetensors", "lora_loss.csv"),
+    # a LoRA with a bundled embedding (pivotal tuning) and max-norm regularization: the embedding's vectors and
+    # the scaled layers are in the file, and the trigger word's NAME.json is written beside it
+    "pivotal": Kind("pivotal", "models/Lora", ".safetensors", "lora_loss.csv", "loras", ("zqkill.json",)),
 }
 
 
@@ -163,7 +171,7 @@ def kill_points(kind: Kind, seed: int = 20261205, count: int = 20) -> list[str]:
 
 
 CASES = [("embedding", point) for point in kill_points(KINDS["embedding"])]
-CASES += [(name, point) for name in ("hypernetwork", "lora") for point in kill_points(KINDS[name], count=0)]
+CASES += [(name, point) for name in ("hypernetwork", "lora", "pivotal") for point in kill_points(KINDS[name], count=0)]
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +207,10 @@ def test_kill_9_at_a_chosen_point_then_resume_ends_bit_identical(tmp_path, model
     folder = data_dir / kind.folder
     trained = folder / f"zqkill{kind.suffix}"
     names = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
-    assert names <= {trained.name, "zqkill.optim", "zqkill.optim.next"}
+    assert names <= {trained.name, "zqkill.optim", "zqkill.optim.next", *kind.sidecars}
+    for sidecar in kind.sidecars:  # whole, when there
+        if (folder / sidecar).exists():
+            json.loads((folder / sidecar).read_text(encoding="utf-8"))
     for optim in folder.glob("zqkill.optim*"):
         torch.load(optim, weights_only=True)
     for copy in (data_dir / "log").rglob(f"zqkill-*{kind.suffix}"):

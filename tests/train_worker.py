@@ -1,6 +1,6 @@
 """Run by test_training_kill.py in a subprocess: train until killed or done.
 
-python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork|lora] [KILL_AT]
+python tests/train_worker.py DATA_DIR DATASET STEPS [embedding|hypernetwork|lora|pivotal] [KILL_AT]
 
 KILL_AT (`<point>:<n>`) makes the process SIGKILL itself the n-th time training reaches `point`: `latents` (a VAE
 encode), `unet` (a UNet forward), `rename:<glob>` (just before a file matching the glob is published by its
@@ -102,6 +102,13 @@ def main() -> int:
 
         def train(cfg):  # rank 4, alpha 2, the text encoder trained too: every kind of tensor the file holds
             return services.training.train_lora(cfg, 4, 2.0, True)
+    elif kind == "pivotal":  # a LoRA with a bundled embedding (its word through subject.txt's [name]), max-norm on
+        cfg.template_filename, cfg.learn_rate = "subject.txt", "0.001"
+
+        def train(cfg):
+            return services.training.train_lora(
+                cfg, 4, 2.0, bundle_embedding="zqword", bundle_init_text="star", scale_weight_norms=0.02
+            )
     else:
         if "zqkill" not in services.hypernetworks.names():
             import torch
