@@ -103,11 +103,11 @@ def main() -> int:
         def train(cfg):  # rank 4, alpha 2, the text encoder trained too: every kind of tensor the file holds
             return services.training.train_lora(cfg, 4, 2.0, True)
     elif kind == "pivotal":  # a LoRA with a bundled embedding (its word through subject.txt's [name]), max-norm on
-        cfg.template_filename, cfg.learn_rate = "subject.txt", "0.001"
+        cfg.template_filename, cfg.learn_rate = "subject.txt", "0.001"  # max-norm 0.01 binds: layers get scaled
 
         def train(cfg):
             return services.training.train_lora(
-                cfg, 4, 2.0, bundle_embedding="zqword", bundle_init_text="star", scale_weight_norms=0.02
+                cfg, 4, 2.0, bundle_embedding="zqword", bundle_init_text="star", scale_weight_norms=0.01
             )
     else:
         if "zqkill" not in services.hypernetworks.names():
