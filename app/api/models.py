@@ -250,6 +250,11 @@ class TrainLoraRequest(TrainRequest):
     conv_alpha: float = bounded(1.0, maximum=MAX_LORA_ALPHA, exclusive_minimum=0)
     # kohya's max-norm regularization: each layer's update kept at most this norm after every step; 0 = off
     scale_weight_norms: float = bounded(0.0, 0, MAX_WEIGHT_NORM)
+    # kohya's dropouts while the LoRA trains: elements of the down projection's output (LoRA only), whole ranks,
+    # whole layers per forward; 0 = off
+    network_dropout: float = bounded(0.0, 0, exclusive_maximum=1)
+    rank_dropout: float = bounded(0.0, 0, exclusive_maximum=1)
+    module_dropout: float = bounded(0.0, 0, exclusive_maximum=1)
     text_encoder_lr: str | float = ""  # kohya's: the text encoder layers' rate (A1111 schedule syntax); "" = learn_rate
     # the file's precision: "" = fp16 for a new LoRA (as LoRAs are shared), the file's own for a continued one
     save_precision: Literal["", "fp16", "bf16", "fp32"] = ""

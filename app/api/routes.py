@@ -376,6 +376,9 @@ def register_api(app: FastAPI, services: Services) -> None:
                 req.bundle_vectors,
                 req.bundle_init_text,
                 scale_weight_norms=req.scale_weight_norms,
+                network_dropout=req.network_dropout,
+                rank_dropout=req.rank_dropout,
+                module_dropout=req.module_dropout,
             )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})

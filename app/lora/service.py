@@ -124,6 +124,7 @@ TRAINING_KEYS = {
     "ss_learning_rate": "Learning rate",
     "ss_text_encoder_lr": "Text encoder learning rate",
     "ss_scale_weight_norms": "Scale weight norms",
+    "ss_network_dropout": "Network dropout",
     "ss_optimizer": "Optimizer",
     "ss_lr_scheduler": "LR scheduler",
     "ss_mixed_precision": "Mixed precision",

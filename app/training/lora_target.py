@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,6 +89,38 @@ def trained_parts(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return parts
 
 
+@dataclass(frozen=True)
+class NetworkDropout:
+    """kohya's three dropouts of a LoRA's forward while it trains (never in previews or generation):
+    `network` drops elements of the down projection's output (kohya's `network_dropout`), `rank` drops whole ranks
+    per sample and scales the rest up by 1 / (1 - p) (`rank_dropout`), `module` skips a layer's LoRA for a whole
+    forward (`module_dropout`). LoHa and LoKr take rank and module dropout from PEFT, which implements LyCORIS's
+    (rows of the update, per forward)."""
+
+    network: float = 0.0
+    rank: float = 0.0
+    module: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.network or self.rank or self.module)
+
+
+def _dropped(dropout: NetworkDropout, output: torch.Tensor) -> torch.Tensor:
+    """A LoRA down projection's output [batch, ..., rank] (a convolution's: [batch, rank, h, w]) with kohya's
+    dropouts applied, in kohya's order: the module, then elements, then ranks."""
+    if dropout.module and float(torch.rand(1)) < dropout.module:
+        return torch.zeros_like(output)  # the layer's LoRA adds nothing this forward
+    if dropout.network:
+        output = torch.nn.functional.dropout(output, p=dropout.network, training=True)
+    if dropout.rank:
+        conv = output.dim() == 4
+        rank = output.shape[1] if conv else output.shape[-1]
+        keep = (torch.rand((output.shape[0], rank), device=output.device) > dropout.rank).to(output.dtype)
+        keep = keep[:, :, None, None] if conv else keep.reshape(output.shape[0], *[1] * (output.dim() - 2), rank)
+        output = output * keep / (1.0 - dropout.rank)
+    return output
+
+
 NETWORK_TYPES = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr"}  # a layer kind -> the network type that trains it
 
 
@@ -149,9 +183,14 @@ class LoraTarget:
         network_type: str = "lora",
         bundle: TrainedVectors | None = None,
         max_norm: float = 0.0,
+        dropout: NetworkDropout = NetworkDropout(),
     ):
         self.path, self.name = path, path.stem
         self.max_norm = float(max_norm)  # kohya's scale_weight_norms: 0 = off
+        self.dropout = dropout
+        self.random_forward = bool(dropout)  # the loop seeds and replays the RNG per micro-batch for an exact resume
+        self._in_training_forward = False  # the dropouts act only in the training step's forward, not in previews
+        self._hooks: list = []
         self.bundle = bundle
         self.prompt_name = bundle.name if bundle is not None else self.name
         self.embedding_parameters = 1 if bundle is not None else 0
@@ -194,6 +233,13 @@ class LoraTarget:
         except Exception:
             self.close()
             raise
+        # PEFT's LoHa/LoKr layers drop (rank, module) in training mode only; the frozen model stays in eval mode
+        self._dropping_wrappers = [
+            m
+            for c in self._plan
+            for m in self._components[c].modules()
+            if isinstance(m, BaseTunerLayer) and self.dropout and self.network_type != "lora"
+        ]
         self._text_encoders = [self._components[c] for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan]
         self.trains_text_encoder = bool(self._text_encoders)
         self._encoder = model.encoder
@@ -207,6 +253,8 @@ class LoraTarget:
             alpha_pattern={re.escape(p): a for p, _, a, _ in layers},
         )
         r, a = layers[0][1], layers[0][2]
+        if self.network_type in ("loha", "lokr"):  # PEFT's own rank and module dropout (LyCORIS's)
+            common.update(rank_dropout=self.dropout.rank, module_dropout=self.dropout.module)
         if self.network_type == "loha":
             return LoHaConfig(r=r, alpha=a, init_weights=True, **common)
         if self.network_type == "lokr":
@@ -242,10 +290,18 @@ class LoraTarget:
                 p.requires_grad_(True)
                 self._params.append(p)
                 added += 1
+            if self.dropout and self.network_type == "lora":
+                down = wrapper.lora_A[ADAPTER]
+                self._hooks.append(down.register_forward_hook(self._drop_hook))
         return added
+
+    def _drop_hook(self, module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        return _dropped(self.dropout, output) if self._in_training_forward else None
 
     def close(self) -> None:
         """Take the LoRA layers out of the model (always called when the run ends)."""
+        for hook in self._hooks:
+            hook.remove()
         for root in self._components.values():
             unwrap(root)
 
@@ -259,8 +315,19 @@ class LoraTarget:
             return encode(self.bundle.encoder, texts, clip_skip, with_grad=True)
         return encode(self._encoder, texts, clip_skip, with_grad=self.trains_text_encoder)
 
-    def unet_context(self) -> AbstractContextManager:
-        return nullcontext()  # the layers sit in the model for the whole run
+    @contextmanager
+    def unet_context(self) -> Iterator[None]:
+        """The training step's forward (the layers sit in the model for the whole run): the dropouts act here, and
+        PEFT's LoHa/LoKr layers drop only in training mode."""
+        self._in_training_forward = True
+        for wrapper in self._dropping_wrappers:
+            wrapper.train(True)
+        try:
+            yield
+        finally:
+            self._in_training_forward = False
+            for wrapper in self._dropping_wrappers:
+                wrapper.train(False)
 
     def preview_encoder(self) -> PromptEncoder:
         return self.bundle.encoder if self.bundle is not None else self._encoder

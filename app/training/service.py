@@ -32,7 +32,7 @@ from app.settings import Settings
 from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, OWN_RATES, TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
-from app.training.lora_target import NETWORK_TYPES, LoraTarget, network_type_of
+from app.training.lora_target import NETWORK_TYPES, LoraTarget, NetworkDropout, network_type_of
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
@@ -310,13 +310,17 @@ class TrainingService:
         bundle_vectors: int = 1,
         bundle_init_text: str = "*",
         scale_weight_norms: float = 0.0,
+        network_dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
     ) -> Job:
         """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
         and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
         `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA. `bundle_embedding` names a new
         embedding (`bundle_vectors` vectors from `bundle_init_text`) trained beside the layers and saved in the file
         (pivotal tuning); the templates' `[name]` is that word. `scale_weight_norms` > 0 keeps each layer's update
-        at most that norm after every step (kohya's max-norm regularization)."""
+        at most that norm after every step (kohya's max-norm regularization); the dropouts are kohya's
+        (`NetworkDropout`)."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -348,16 +352,7 @@ class TrainingService:
                 f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got {conv_alpha}.",
                 "conv_alpha",
             )
-        try:
-            max_norm = float(scale_weight_norms or 0)
-        except (TypeError, ValueError):
-            raise UserError(f"Scale weight norms must be a number; got {scale_weight_norms!r}.") from None
-        if not (math.isfinite(max_norm) and 0 <= max_norm <= MAX_WEIGHT_NORM):
-            raise UserError(
-                f"Scale weight norms must be 0 (off) or above, at most {MAX_WEIGHT_NORM:g} (1 is usual), got "
-                f"{scale_weight_norms}.",
-                "scale_weight_norms",
-            )
+        max_norm, dropout = _regularization(scale_weight_norms, network_dropout, rank_dropout, module_dropout)
         existing_entry = self.loras.db.files().get(name)
         existing = None
         if existing_entry is not None:
@@ -388,6 +383,13 @@ class TrainingService:
             raise UserError(
                 f"Network type must be one of {', '.join(NETWORK_TYPES.values())}, got {network_type!r}.",
                 "network_type",
+            )
+        trained_kind = network_type_of(existing) if existing is not None else network_type
+        if dropout.network and trained_kind != "lora":
+            raise UserError(
+                f"Network dropout is kohya's LoRA dropout; a {'LoHa' if trained_kind == 'loha' else 'LoKr'} takes "
+                "rank dropout and module dropout instead.",
+                "network_dropout",
             )
         if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
             raise UserError(
@@ -445,14 +447,20 @@ class TrainingService:
                 kind = network_type_of(existing) if existing is not None else network_type
                 if kind != "lora":  # what kohya writes for LyCORIS networks
                     metadata["ss_network_module"] = "lycoris.kohya"
+                metadata["ss_network_dropout"] = str(dropout.network or None)
                 if existing is None:  # kohya's record of its network_args
                     args = {"algo": kind} if kind != "lora" else {}
                     if conv_dim_value:
                         args.update(conv_dim=str(conv_dim_value), conv_alpha=str(conv_alpha_value))
-                    if args:
-                        metadata["ss_network_args"] = json.dumps(args)
-                elif "ss_network_args" in existing.metadata:
-                    metadata["ss_network_args"] = existing.metadata["ss_network_args"]
+                else:  # the file's own, with this run's dropouts
+                    args = _json_object(existing.metadata.get("ss_network_args", ""))
+                    args.pop("rank_dropout", None)
+                    args.pop("module_dropout", None)
+                args.update(
+                    {k: str(v) for k, v in (("rank_dropout", dropout.rank), ("module_dropout", dropout.module)) if v}
+                )
+                if args:
+                    metadata["ss_network_args"] = json.dumps(args)
                 seed = cfg.seed if cfg.seed is not None else 0
                 trained = None
                 if bundle is not None:
@@ -475,6 +483,7 @@ class TrainingService:
                     network_type,
                     trained,
                     max_norm=max_norm,
+                    dropout=dropout,
                 )
                 try:
                     with self.models.placed_for_training(model):
@@ -672,6 +681,40 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }
+
+
+def _regularization(
+    scale_weight_norms: object, network_dropout: object, rank_dropout: object, module_dropout: object
+) -> tuple[float, NetworkDropout]:
+    """kohya's max-norm limit and dropouts, checked: a number each, the limit 0 (off) up to MAX_WEIGHT_NORM, each
+    dropout 0 (off) up to, not including, 1."""
+    values = {}
+    for field, label, value in (
+        ("scale_weight_norms", "Scale weight norms", scale_weight_norms),
+        ("network_dropout", "Network dropout", network_dropout),
+        ("rank_dropout", "Rank dropout", rank_dropout),
+        ("module_dropout", "Module dropout", module_dropout),
+    ):
+        try:
+            number = float(value or 0)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UserError(f"{label} must be a number; got {value!r}.", field) from None
+        top = MAX_WEIGHT_NORM if field == "scale_weight_norms" else 1.0
+        if not (math.isfinite(number) and 0 <= number <= top) or (top == 1.0 and number == 1.0):
+            usual = f"at most {MAX_WEIGHT_NORM:g} (1 is usual)" if top != 1.0 else "below 1 (0.1 is usual)"
+            raise UserError(f"{label} must be 0 (off) or above, {usual}, got {value}.", field)
+        values[field] = number
+    dropout = NetworkDropout(values["network_dropout"], values["rank_dropout"], values["module_dropout"])
+    return values["scale_weight_norms"], dropout
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from a file's metadata, or {} for anything else (kohya's fields are written by many tools)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def dataset_dirs(images: list[TrainingImage]) -> str:

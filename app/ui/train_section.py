@@ -51,6 +51,9 @@ LORA_FIELDS = (
     "bundle_vectors",
     "bundle_init_text",
     "scale_weight_norms",
+    "network_dropout",
+    "rank_dropout",
+    "module_dropout",
 )
 
 
@@ -120,6 +123,12 @@ class TrainSection:
                 label="Scale weight norms (kohya's max-norm: each layer's change kept at most this; 0 = off, 1 usual)",
                 elem_id=f"{p}_scale_weight_norms",
             )
+            with gr.Row():  # kohya's dropouts while training; 0 = off
+                f["network_dropout"] = gr.Number(
+                    value=0, label="Network dropout (LoRA; 0.1 usual)", elem_id=f"{p}_network_dropout"
+                )
+                f["rank_dropout"] = gr.Number(value=0, label="Rank dropout", elem_id=f"{p}_rank_dropout")
+                f["module_dropout"] = gr.Number(value=0, label="Module dropout", elem_id=f"{p}_module_dropout")
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
@@ -390,6 +399,9 @@ class TrainSection:
                     1 if given["bundle_vectors"] is None else int(given["bundle_vectors"]),
                     given["bundle_init_text"] or "",
                     scale_weight_norms=given["scale_weight_norms"] or 0.0,  # emptied: off
+                    network_dropout=given["network_dropout"] or 0.0,
+                    rank_dropout=given["rank_dropout"] or 0.0,
+                    module_dropout=given["module_dropout"] or 0.0,
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)

@@ -448,6 +448,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_alpha", 4)
     fill_field(page, "train_lora_conv_dim", 2)  # LoCon: the ResNet convolutions too
     fill_field(page, "train_lora_scale_weight_norms", 1)  # kohya's max-norm
+    fill_field(page, "train_lora_network_dropout", 0.1)  # and dropout
     fill_field(page, "train_lora_dataset_directory", dataset)
     fill_field(page, "train_lora_reg_data_dir", reg)
     fill_field(page, "train_lora_prior_loss_weight", 0.5)
@@ -475,7 +476,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
     with safe_open(str(server.data_dir / "models" / "Lora" / "uitrained.safetensors"), "pt") as f:
         assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[:2] == (2, 32)
-        assert f.metadata()["ss_scale_weight_norms"] == "1.0"
+        assert (f.metadata()["ss_scale_weight_norms"], f.metadata()["ss_network_dropout"]) == ("1.0", "0.1")
     page.get_by_role("tab", name="txt2img").click()
     page.locator("#lora_refresh").click()
     page.locator("#lora_cards").get_by_text("uitrained", exact=True).click()
