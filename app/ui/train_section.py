@@ -118,17 +118,6 @@ class TrainSection:
                     elem_id=f"{p}_conv_dim",
                 )
                 f["conv_alpha"] = gr.Number(value=1, label="Conv alpha", elem_id=f"{p}_conv_alpha")
-            f["scale_weight_norms"] = gr.Number(
-                value=0,
-                label="Scale weight norms (kohya's max-norm: each layer's change kept at most this; 0 = off, 1 usual)",
-                elem_id=f"{p}_scale_weight_norms",
-            )
-            with gr.Row():  # kohya's dropouts while training; 0 = off
-                f["network_dropout"] = gr.Number(
-                    value=0, label="Network dropout (LoRA; 0.1 usual)", elem_id=f"{p}_network_dropout"
-                )
-                f["rank_dropout"] = gr.Number(value=0, label="Rank dropout", elem_id=f"{p}_rank_dropout")
-                f["module_dropout"] = gr.Number(value=0, label="Module dropout", elem_id=f"{p}_module_dropout")
             f["train_text_encoder"] = gr.Checkbox(
                 False, label="Also train the text encoder", elem_id=f"{p}_train_text_encoder"
             )
@@ -263,7 +252,8 @@ class TrainSection:
         )
         # kohya's options (ours): closed by default, so the form reads as A1111's; each is off until set
         with gr.Accordion(
-            "Advanced: LR scheduler, optimizer, caption and loss options (kohya's)",
+            "Advanced: LR scheduler, optimizer, caption and loss options (kohya's)"
+            + (", max-norm and dropouts" if spec.kind == "lora" else ""),
             open=False,
             elem_id=f"{p}_advanced",
         ):
@@ -333,6 +323,18 @@ class TrainSection:
                     label="Input perturbation noise, ip_noise_gamma (0 = off; 0.1 usual)",
                     elem_id=f"{p}_ip_noise_gamma",
                 )
+            if spec.kind == "lora":  # kohya's regularization of the network itself
+                with gr.Row():
+                    f["scale_weight_norms"] = gr.Number(
+                        value=0,
+                        label="Scale weight norms (max-norm: each layer's change kept at most this; 0 = off, 1 usual)",
+                        elem_id=f"{p}_scale_weight_norms",
+                    )
+                    f["network_dropout"] = gr.Number(
+                        value=0, label="Network dropout (LoRA only; 0.1 usual)", elem_id=f"{p}_network_dropout"
+                    )
+                    f["rank_dropout"] = gr.Number(value=0, label="Rank dropout", elem_id=f"{p}_rank_dropout")
+                    f["module_dropout"] = gr.Number(value=0, label="Module dropout", elem_id=f"{p}_module_dropout")
         with gr.Row():
             f["interrupt"] = gr.Button("Interrupt", elem_id=f"{p}_interrupt_training")
             f["train"] = gr.Button(spec.button, variant="primary", elem_id=f"{p}_train_{spec.kind}")

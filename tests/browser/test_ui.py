@@ -447,14 +447,15 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_rank", 4)
     fill_field(page, "train_lora_alpha", 4)
     fill_field(page, "train_lora_conv_dim", 2)  # LoCon: the ResNet convolutions too
-    fill_field(page, "train_lora_scale_weight_norms", 1)  # kohya's max-norm
-    fill_field(page, "train_lora_network_dropout", 0.1)  # and dropout
+
     fill_field(page, "train_lora_dataset_directory", dataset)
     fill_field(page, "train_lora_reg_data_dir", reg)
     fill_field(page, "train_lora_prior_loss_weight", 0.5)
     fill_field(page, "train_lora_steps", 8)
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # kohya's options, closed by default
     fill_in_opened_accordion(page, "train_lora_min_snr_gamma", 5)
+    fill_in_opened_accordion(page, "train_lora_scale_weight_norms", 1)  # kohya's max-norm
+    fill_in_opened_accordion(page, "train_lora_network_dropout", 0.1)  # and dropout
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
