@@ -12,6 +12,7 @@ from app.errors import UserError
 from app.services import Services
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
 from app.ui.lora_info_tab import build_lora_info_tab
+from app.ui.messages import error_html
 from app.ui.pnginfo_tab import build_pnginfo_tab
 from app.ui.textual_inversion_tab import build_textual_inversion_tab
 from app.ui.train_section import LORA, TrainSection
@@ -84,11 +85,11 @@ def build_ui(services: Services) -> gr.Blocks:
             try:
                 info = services.select_checkpoint(title)
             except UserError as e:
-                return gr.update(), f"<span class='gen-error'>{e}</span>"
+                return gr.update(), error_html(e, tag="span")  # the message may hold a file's name: escaped
             # Loading computes the hash, which changes the title ("name [hash]"): new choices with it, or the
             # dropdown would hold a value that is not among its choices and show nothing.
             choices = [c.title for c in services.models.refresh()]
-            return gr.update(choices=choices, value=info.title), f"Loaded {info.title}"
+            return gr.update(choices=choices, value=info.title), html.escape(f"Loaded {info.title}")
 
         def on_refresh():
             found = services.models.refresh()

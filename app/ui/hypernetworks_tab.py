@@ -12,6 +12,7 @@ from app.hypernetworks.module import COMMON_ACTIVATIONS, WEIGHT_INITS
 from app.hypernetworks.service import STANDARD_WIDTHS
 from app.services import Services
 from app.ui.extra_networks import NetworkList
+from app.ui.messages import error_html, message_html
 from app.ui.train_section import HYPERNETWORK, TrainSection
 
 
@@ -81,11 +82,11 @@ def build_hypernetworks_tab(
             )
         except UserError as e:
             return [
-                f"<p class='gen-error' id='hn_create_error'>{html.escape(str(e))}</p>",
+                error_html(e, "hn_create_error"),
                 *hypernetwork_list.refreshed(False),
                 gr.update(),
             ]
-        notes = "".join(f"<p class='gen-note'>{html.escape(w)}</p>" for w in warnings)
+        notes = "".join(message_html(w, "gen-note") for w in warnings)
         message = f"<p id='hn_create_ok'>Created hypernetwork: {html.escape(str(path))}</p>{notes}"
         return [message, *hypernetwork_list.refreshed(False), gr.update(choices=services.hypernetworks.names())]
 

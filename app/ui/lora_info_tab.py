@@ -17,6 +17,7 @@ from app.errors import UserError
 from app.lora.service import TRAINING_KEYS
 from app.services import Services
 from app.ui.extra_networks import NetworkList
+from app.ui.messages import error_html, message_html
 
 
 def load_preview(path: Path | None) -> Image.Image | None:
@@ -101,7 +102,7 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.
         try:
             info = services.loras.info(picked)
         except UserError as e:
-            return [f"<p class='gen-error'>{html.escape(str(e))}</p>", "", "", 0, "", "", None]
+            return [error_html(e), "", "", 0, "", "", None]
         user = info["user"]
         weight_value = user.preferred_weight or 0
         texts = [user.description, user.activation_text, weight_value, user.negative_text, user.notes]
@@ -120,8 +121,8 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.
                 notes=notes_text or "",
             )
         except UserError as e:
-            return [f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>", *lora_list.refreshed(False)]
-        done = f"<p class='train-done' id='lora_info_saved'>Saved {html.escape(str(path))}.</p>"
+            return [error_html(e, "lora_info_error"), *lora_list.refreshed(False)]
+        done = message_html(f"Saved {path}.", "train-done", "lora_info_saved")
         return [done, *lora_list.refreshed(False)]
 
     def on_resize(picked, rank_value, keep_value, new_name_text) -> list:
@@ -133,9 +134,9 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.
             target = (new_name_text or "").strip() or f"{picked}-r{int(rank_value)}"
             path, report = services.loras.resize(picked, target, int(rank_value), float(keep_value or 0))
         except UserError as e:
-            error = f"<p class='gen-error' id='lora_resize_error'>{html.escape(str(e))}</p>"
+            error = error_html(e, "lora_resize_error")
             return [error, gr.update(), *lora_list.refreshed(False)]
-        done = f"<p class='train-done' id='lora_resize_done'>Wrote {html.escape(str(path))}: {report.sentence()}</p>"
+        done = message_html(f"Wrote {path}: {report.sentence()}", "train-done", "lora_resize_done")
         return [done, gr.update(choices=services.loras.names()), *lora_list.refreshed(False)]
 
     resize.click(
@@ -159,9 +160,9 @@ def build_lora_info_tab(services: Services, lora_list: NetworkList, gallery: gr.
                 image = Image.open(first)
             path = services.loras.save_preview(picked, image)
         except (UserError, OSError) as e:
-            error = f"<p class='gen-error' id='lora_info_error'>{html.escape(str(e))}</p>"
+            error = error_html(e, "lora_info_error")
             return [gr.update(), error, *lora_list.refreshed(False)]
-        saved = f"<p class='train-done' id='lora_info_preview_saved'>Saved {html.escape(str(path))}.</p>"
+        saved = message_html(f"Saved {path}.", "train-done", "lora_info_preview_saved")
         return [load_preview(path), saved, *lora_list.refreshed(False)]
 
     use_image.click(on_use_image, inputs=[name, gallery], outputs=[preview, message, *lora_list.outputs])

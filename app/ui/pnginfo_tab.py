@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from app.errors import UserError
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import find_sampler, find_schedule
+from app.ui.messages import error_html
 
 
 def read_parameters(path: str | None) -> tuple[str, str]:
@@ -21,7 +22,7 @@ def read_parameters(path: str | None) -> tuple[str, str]:
         with Image.open(path) as image:
             chunks = png_text_chunks(image)
     except (UnidentifiedImageError, OSError) as e:
-        return "", f"<p class='gen-error'>Not an image this app can read: {html.escape(str(e))}</p>"
+        return "", error_html(f"Not an image this app can read: {e}")
     text = chunks.get("parameters", "")
     if not chunks:
         return "", "<p>This image holds no generation parameters.</p>"

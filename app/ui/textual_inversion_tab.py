@@ -12,6 +12,7 @@ from app.folders import FolderPolicy
 from app.services import Services
 from app.training.preprocess import PreprocessOptions, preprocess
 from app.ui.extra_networks import NetworkList
+from app.ui.messages import error_html
 from app.ui.train_section import EMBEDDING, TrainSection
 
 
@@ -37,7 +38,7 @@ def build_textual_inversion_tab(
             path = services.embeddings.create(name_value, int(count), init_value, bool(overwrite_value))
         except UserError as e:
             return [
-                f"<p class='gen-error' id='ti_create_error'>{html.escape(str(e))}</p>",
+                error_html(e, "ti_create_error"),
                 *embedding_list.refreshed(False),
                 gr.update(),
             ]
@@ -95,7 +96,7 @@ def build_preprocess_section(folders: FolderPolicy) -> None:
         try:
             result = preprocess(options, folders=folders)
         except UserError as e:
-            return f"<p class='gen-error' id='preprocess_error'>{html.escape(str(e))}</p>"
+            return error_html(e, "preprocess_error")
         skipped = f" Skipped: {html.escape('; '.join(result.skipped))}" if result.skipped else ""
         return (
             f"<p id='preprocess_done'>Preprocessing finished: {len(result.written)} images written to "

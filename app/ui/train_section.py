@@ -13,6 +13,7 @@ from app.services import Services
 from app.training.config import TrainConfig
 from app.training.lr_schedule import LR_SCHEDULERS
 from app.training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from app.ui.messages import error_html
 from app.ui.training_panel import TrainingPanel
 
 
@@ -408,5 +409,5 @@ class TrainSection:
             else:
                 self.services.training.train_hypernetwork(cfg)
         except (UserError, ValueError, TypeError) as e:
-            return f"<p class='gen-error' id='train_error'>{html.escape(str(e))}</p>"
+            return error_html(e, "train_error")
         return f"<p id='train_started'>Training {self.spec.kind} '{html.escape(cfg.name)}' started.</p>"

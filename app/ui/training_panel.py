@@ -13,6 +13,7 @@ import pandas as pd
 
 from app.services import Services
 from app.training.service import result_message
+from app.ui.messages import error_html, message_html
 
 POLL_SECONDS = 1.0
 
@@ -27,7 +28,7 @@ def _progress_html(job) -> str:
         notes.append(f"Skipped unreadable images: {'; '.join(skipped)}")
     if checkpointing := p.extra.get("gradient_checkpointing"):
         notes.append(checkpointing)
-    note = "".join(f"<div class='gen-note'>{html.escape(text)}</div>" for text in notes)
+    note = "".join(message_html(text, "gen-note", tag="div") for text in notes)
     return (
         "<div style='width:100%;background:#eee;border-radius:4px'>"
         f"<div class='train-progress-bar' style='width:{percent}%;background:#f97316;height:8px;border-radius:4px'>"
@@ -68,11 +69,11 @@ class TrainingPanel:
         message = gr.update()
         if job.finished:
             if job.error is not None:
-                message = f"<p class='gen-error' id='train_error'>{html.escape(str(job.error))}</p>"
+                message = error_html(job.error, "train_error")
             elif job.result is not None:
                 text = result_message(job.result, self.kind)
                 css = "gen-error" if job.result.error else "train-done"
-                message = f"<p class='{css}' id='train_result'>{html.escape(text)}</p>"
+                message = message_html(text, css, "train_result")
         preview = gr.update()
         p = job.progress
         if p.preview is not None and p.preview_id != shown_preview:

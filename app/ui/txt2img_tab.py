@@ -15,6 +15,7 @@ from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MA
 from app.jobs import Job
 from app.services import Services
 from app.ui.extra_networks import Listing, NetworkList, lora_about
+from app.ui.messages import error_html, message_html
 
 POLL_SECONDS = 0.25
 
@@ -37,7 +38,7 @@ def info_html(infotext: str, seconds: float, notes: list[str], interrupted: bool
     lines = [f"<p id='generation_info_text' style='white-space:pre-wrap'>{html.escape(infotext)}</p>"]
     if interrupted:
         lines.append("<p><b>Interrupted</b>: showing what finished.</p>")
-    lines += [f"<p class='gen-note'>{html.escape(n)}</p>" for n in notes]
+    lines += [message_html(n, "gen-note") for n in notes]
     lines.append(f"<p class='gen-time'>Time taken: {seconds:.2f} s</p>")
     return "".join(lines)
 
@@ -261,7 +262,7 @@ def build_txt2img_tab(
         try:
             job = services.txt2img.submit(params)
         except UserError as e:
-            yield {info: f"<p class='gen-error' id='generation_error'>{html.escape(str(e))}</p>", progress: ""}
+            yield {info: error_html(e, "generation_error"), progress: ""}
             return
         yield {
             running_job: job.id,
@@ -287,7 +288,7 @@ def build_txt2img_tab(
         }
         if job.error is not None:
             message = str(job.error) if isinstance(job.error, UserError) else f"Generation failed: {job.error}"
-            done[info] = f"<p class='gen-error' id='generation_error'>{html.escape(message)}</p>"
+            done[info] = error_html(message, "generation_error")
             yield done
             return
         result = job.result
