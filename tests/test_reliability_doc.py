@@ -40,11 +40,12 @@ def test_kill_point_counts_are_the_suites():
     text = doc()
     assert (
         f"{total} chosen points ({counts['embedding']} embedding, {counts['hypernetwork']} hypernetwork, "
-        f"{counts['lora']} LoRA)" in text
+        f"{counts['lora']} LoRA, {counts['pivotal']} pivotal LoRA with max-norm)" in text
     )
     assert f"**{counts['embedding']} seeded kill points**" in text
     kinds = len(test_training_kill.KINDS["lora"].kill_kinds())
     assert f"one point of each of the {kinds} kinds, {counts['hypernetwork'] + counts['lora']} more" in text
+    assert counts["pivotal"] == kinds + 1 and f"gets the {kinds} and a ninth" in text
 
 
 def test_fault_and_property_figures_are_the_suites():
