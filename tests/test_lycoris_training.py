@@ -131,3 +131,55 @@ def test_bad_network_types_and_unsupported_files_are_refused(services, dataset):
     with pytest.raises(UserError, match=r"holds LoHa \(with Tucker cores\) layers"):
         services.training.train_lora(lora_cfg("zqlyttucker", dataset), 4, 4.0)
     path.unlink()
+
+
+def test_a_lokr_factor_splits_the_layers_as_lycoris_does_and_a_continued_run_keeps_it(services, dataset):
+    """LyCORIS's `factor`: each layer's sides split as LyCORIS's own `factorization` splits them (w1 holds the
+    smaller halves), recorded in `ss_network_args`, and read back by a continued run (which ends on the file an
+    uninterrupted run writes, whatever factor the request gives)."""
+    from lycoris.functional import factorization
+
+    name = "zqlytfactor"
+    run = dict(steps=4, seed=4, save_precision="fp32")
+    clean(services, name)
+    result = services.training.train_lora(
+        lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr", lokr_factor=4
+    ).wait()
+    assert result.error is None
+    straight, meta = tensors(result.path)
+    assert json.loads(meta["ss_network_args"]) == {"algo": "lokr", "factor": "4"}
+    table = layer_table(model_components(services.models.get().pipe))
+    w1 = {k.removesuffix(".lokr_w1"): v for k, v in straight.items() if k.endswith(".lokr_w1")}
+    assert w1
+    for layer, tensor in w1.items():
+        out_dim, in_dim = table[layer].shape[:2]
+        assert tuple(tensor.shape) == (factorization(out_dim, 4)[0], factorization(in_dim, 4)[0]), layer
+    default = {k: v.shape for k, v in straight.items()}
+    clean(services, name)
+    assert (
+        services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr").wait().error is None
+    )
+    assert {k: v.shape for k, v in tensors(result.path)[0].items()} != default  # the factor changed the layout
+
+    clean(services, name)
+    first = services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr", lokr_factor=4)
+    assert interrupt_at(services, first, 2).interrupted
+    again = services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, lokr_factor=8).wait()
+    assert again.step == 4
+    resumed, _ = tensors(result.path)
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    clean(services, name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(network_type="lokr", lokr_factor=0), "-1 \\(automatic\\) or between 1"),
+        (dict(network_type="lokr", lokr_factor="x"), "whole number"),
+        (dict(network_type="lora", lokr_factor=4), "applies to a LoKr"),
+    ],
+)
+def test_bad_lokr_factors_are_refused(services, dataset, kwargs, message):
+    with pytest.raises(UserError, match=message) as caught:
+        services.training.train_lora(lora_cfg("zqlytbadfactor", dataset), 4, 4.0, **kwargs)
+    assert caught.value.field == "lokr_factor"

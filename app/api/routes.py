@@ -379,6 +379,7 @@ def register_api(app: FastAPI, services: Services) -> None:
                 network_dropout=req.network_dropout,
                 rank_dropout=req.rank_dropout,
                 module_dropout=req.module_dropout,
+                lokr_factor=req.lokr_factor,
             )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})

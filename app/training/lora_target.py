@@ -184,6 +184,7 @@ class LoraTarget:
         bundle: TrainedVectors | None = None,
         max_norm: float = 0.0,
         dropout: NetworkDropout = NetworkDropout(),
+        lokr_factor: int = -1,
     ):
         self.path, self.name = path, path.stem
         self.max_norm = float(max_norm)  # kohya's scale_weight_norms: 0 = off
@@ -199,6 +200,7 @@ class LoraTarget:
         self._components = model_components(model.pipe)
         self.network_type = network_type
         self._decompose_both = False  # LoKr: w1 low-rank too (only a continued file that has it so)
+        self._factor = int(lokr_factor)  # LoKr: LyCORIS's `factor` (-1: the most square split)
         plan: dict[str, list[tuple[str, int, float, dict[str, torch.Tensor] | None]]] = {}
         if existing is not None:
             self.initial_step = int(existing.metadata.get("ss_steps", "0") or 0)
@@ -258,7 +260,14 @@ class LoraTarget:
         if self.network_type == "loha":
             return LoHaConfig(r=r, alpha=a, init_weights=True, **common)
         if self.network_type == "lokr":
-            return LoKrConfig(r=r, alpha=a, init_weights="lycoris", decompose_both=self._decompose_both, **common)
+            return LoKrConfig(
+                r=r,
+                alpha=a,
+                init_weights="lycoris",
+                decompose_both=self._decompose_both,
+                decompose_factor=self._factor,
+                **common,
+            )
         return LoraConfig(r=r, lora_alpha=a, lora_dropout=0.0, init_lora_weights=True, **common)
 
     def _inject(self, root: torch.nn.Module, layers: list) -> int:

@@ -313,6 +313,7 @@ class TrainingService:
         network_dropout: float = 0.0,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        lokr_factor: int = -1,
     ) -> Job:
         """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
         and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
@@ -320,7 +321,8 @@ class TrainingService:
         embedding (`bundle_vectors` vectors from `bundle_init_text`) trained beside the layers and saved in the file
         (pivotal tuning); the templates' `[name]` is that word. `scale_weight_norms` > 0 keeps each layer's update
         at most that norm after every step (kohya's max-norm regularization); the dropouts are kohya's
-        (`NetworkDropout`)."""
+        (`NetworkDropout`). `lokr_factor` is LyCORIS's `factor` for a new LoKr (-1: as square as the layer allows);
+        a continued LoKr keeps the one its file records."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -385,6 +387,9 @@ class TrainingService:
                 "network_type",
             )
         trained_kind = network_type_of(existing) if existing is not None else network_type
+        factor = _lokr_factor(lokr_factor, network_type if existing is None else "lokr")
+        if existing is not None and trained_kind == "lokr":  # the layout the file was made with
+            factor = _lokr_factor(_json_object(existing.metadata.get("ss_network_args", "")).get("factor", -1), "lokr")
         if dropout.network and trained_kind != "lora":
             raise UserError(
                 f"Network dropout is kohya's LoRA dropout; a {'LoHa' if trained_kind == 'loha' else 'LoKr'} takes "
@@ -450,6 +455,8 @@ class TrainingService:
                 metadata["ss_network_dropout"] = str(dropout.network or None)
                 if existing is None:  # kohya's record of its network_args
                     args = {"algo": kind} if kind != "lora" else {}
+                    if factor != -1:
+                        args["factor"] = str(factor)  # LyCORIS's record, which a continued run reads back
                     if conv_dim_value:
                         args.update(conv_dim=str(conv_dim_value), conv_alpha=str(conv_alpha_value))
                 else:  # the file's own, with this run's dropouts
@@ -484,6 +491,7 @@ class TrainingService:
                     trained,
                     max_norm=max_norm,
                     dropout=dropout,
+                    lokr_factor=factor,
                 )
                 try:
                     with self.models.placed_for_training(model):
@@ -706,6 +714,25 @@ def _regularization(
         values[field] = number
     dropout = NetworkDropout(values["network_dropout"], values["rank_dropout"], values["module_dropout"])
     return values["scale_weight_norms"], dropout
+
+
+def _lokr_factor(value: object, network_type: str) -> int:
+    """LyCORIS's LoKr `factor`: -1 (the most square split of each layer's sides) or a whole number of at least 1
+    (the smaller half's side where it divides the layer's, else the most square split); only for a LoKr."""
+    try:
+        factor = int(str(value).strip())
+    except ValueError:
+        raise UserError(
+            f"LoKr factor must be a whole number (-1 for automatic), got {value!r}.", "lokr_factor"
+        ) from None
+    if factor == 0 or factor < -1 or factor > MAX_LORA_RANK:
+        raise UserError(
+            f"LoKr factor must be -1 (automatic) or between 1 and {MAX_LORA_RANK} (4-16 is usual), got {value}.",
+            "lokr_factor",
+        )
+    if factor != -1 and network_type != "lokr":
+        raise UserError("LoKr factor applies to a LoKr; leave it at -1 for a LoRA or LoHa.", "lokr_factor")
+    return factor
 
 
 def _json_object(text: str) -> dict:

@@ -55,6 +55,7 @@ LORA_FIELDS = (
     "network_dropout",
     "rank_dropout",
     "module_dropout",
+    "lokr_factor",
 )
 
 
@@ -111,6 +112,9 @@ class TrainSection:
             with gr.Row():
                 f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
+                f["lokr_factor"] = gr.Number(
+                    value=-1, precision=0, label="LoKr factor (-1: automatic)", elem_id=f"{p}_lokr_factor"
+                )
             with gr.Row():
                 f["conv_dim"] = gr.Number(
                     value=0,
@@ -405,6 +409,7 @@ class TrainSection:
                     network_dropout=given["network_dropout"] or 0.0,
                     rank_dropout=given["rank_dropout"] or 0.0,
                     module_dropout=given["module_dropout"] or 0.0,
+                    lokr_factor=-1 if given["lokr_factor"] is None else int(given["lokr_factor"]),
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)
