@@ -17,6 +17,7 @@ from app.hypernetworks.attention import install as install_hypernetwork_attentio
 from app.hypernetworks.database import HypernetworkDatabase
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import JobRunner
+from app.lora.block_weights import PRESETS_FILE
 from app.lora.service import LoraDatabase, LoraService
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
@@ -129,7 +130,7 @@ def build_services(settings: Settings) -> Services:
     slice_size = 1 if settings.opt_split_attention else None
     models.on_load(lambda model: install_hypernetwork_attention(model.pipe.unet, stack, slice_size))
     hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models, stack)
-    loras = LoraService(LoraDatabase(settings.lora_dir), models, embedding_db)
+    loras = LoraService(LoraDatabase(settings.lora_dir), models, embedding_db, settings.data_dir / PRESETS_FILE)
     jobs = JobRunner(max_waiting=settings.queue_limit)
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
     styles = StyleDatabase(settings.data_dir / "styles.csv")

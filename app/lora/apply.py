@@ -36,6 +36,8 @@ class Application:
     # A1111's `dyn` (DyLoRA): only the first `dyn` ranks of each LoRA layer, at the file's alpha / full rank;
     # other kinds are applied whole, as A1111 does
     dyn: int | None = None
+    # block weights (block_weights.py): each bound layer's share of its multiplier, in `bound`'s order
+    scales: list[float] | None = None
 
 
 def _multiplier(app: Application, component: str) -> float:
@@ -99,8 +101,8 @@ def _merged(applications: list[Application]) -> Iterator[None]:
         deltas[key] = deltas[key] + d if key in deltas else d
 
     for app in applications:
-        for b in app.bound:
-            m = _multiplier(app, b.target.component)
+        for i, b in enumerate(app.bound):
+            m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
             if m == 0:
                 continue
             add(b.target.module, "weight", lambda weight, b=b, m=m, d=app.dyn: m * delta_weight(b, weight, d))

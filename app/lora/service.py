@@ -9,12 +9,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
 from app.lora.apply import Application, lora_applied
+from app.lora.block_weights import PRESETS_FILE, block_of, block_weights, read_presets
 from app.lora.files import (
     SUFFIXES,
     LoraFile,
@@ -83,6 +85,17 @@ def model_label(model) -> str:
         return "SDXL"
     width = int(model.pipe.text_encoder.config.hidden_size)
     return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a model with {width}-wide text embeddings")
+
+
+@dataclass(frozen=True)
+class TagArgs:
+    """What a `<lora:...>` tag asks for besides the file."""
+
+    te: float
+    unet: float
+    dyn: int | None  # DyLoRA rank, None: the full rank
+    lbw: str  # block weights (a preset or values), "": none
+    steps: bool  # a step range (start=, stop=, step=), which is not supported
 
 
 def _rank(text: str, tag: ExtraNetworkTag) -> int:
@@ -165,8 +178,16 @@ class LoraService:
     tag = "lora"
     aliases = ("lyco",)  # A1111 (1.5+) reads LyCORIS' old `<lyco:...>` tags as LoRA tags
 
-    def __init__(self, db: LoraDatabase, models: ModelManager, embeddings: EmbeddingDatabase | None = None):
+    def __init__(
+        self,
+        db: LoraDatabase,
+        models: ModelManager,
+        embeddings: EmbeddingDatabase | None = None,
+        presets_path: Path | None = None,
+    ):
         self.db = db
+        # the LoRA Block Weight presets beyond the defaults (`lbwpresets.txt`, read at each use: edits apply at once)
+        self.presets_path = presets_path or db.folder / PRESETS_FILE
         self.models = models
         self.embeddings = embeddings  # where a file's bundled embeddings are found while it is applied
         self._hashes: dict[tuple[Path, int, int], str] = {}
@@ -326,11 +347,12 @@ class LoraService:
         return None
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def multipliers(self, tag: ExtraNetworkTag) -> tuple[float, float, int | None]:
+    def multipliers(self, tag: ExtraNetworkTag) -> TagArgs:
         """(text encoder, UNet) multipliers with A1111's rules: `<lora:x>` is 1, `<lora:x:m>` sets both,
-        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values; and the DyLoRA rank a third
-        value or `dyn=` asks for (None: the file's full rank)."""
-        positional, named = parse_multipliers(tag, ("te", "unet", "dyn"))
+        `<lora:x:te:unet>` each, and `te=`/`unet=` override the positional values; the DyLoRA rank a third value or
+        `dyn=` asks for (None: the file's full rank); the LoRA Block Weight extension's `lbw=` (or `w=`) and whether
+        it asks for a step range (`start=`, `stop=`, `step=`)."""
+        positional, named = parse_multipliers(tag, ("te", "unet", "dyn", "lbw", "w", "start", "stop", "step"))
         te = _number(positional[0], "multiplier", tag) if positional and positional[0] else 1.0
         if "te" in named:
             te = _number(named["te"], "te multiplier", tag)
@@ -338,7 +360,9 @@ class LoraService:
         if "unet" in named:
             unet = _number(named["unet"], "unet multiplier", tag)
         dyn_text = named.get("dyn", positional[2] if len(positional) > 2 else "")
-        return te, unet, _rank(dyn_text, tag) if dyn_text else None
+        dyn = _rank(dyn_text, tag) if dyn_text else None
+        steps = any(k in named for k in ("start", "stop", "step"))
+        return TagArgs(te, unet, dyn, named.get("lbw", named.get("w", "")), steps)
 
     def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
         """The `<lora:...>` tags of one generation as merged weights for its duration (`lora_applied`), with a note
@@ -354,7 +378,10 @@ class LoraService:
         for tag in tags:
             name = tag.args[0].strip()
             try:
-                te, unet, dyn = self.multipliers(tag)
+                args = self.multipliers(tag)
+                weights = block_weights(args.lbw, read_presets(self.presets_path)) if args.lbw else None
+                if args.steps:
+                    notes.append(f"{tag.text}: start/stop steps are not supported; the LoRA applies to every step")
                 f = self.find(name)
                 if f is None:
                     notes.append(f"{tag.text}: LoRA '{name}' not found in {self.db.folder}; generated without it")
@@ -364,7 +391,11 @@ class LoraService:
             except LoraFormatError as e:
                 notes.append(f"{tag.text}: {e}; generated without it" if tag.text not in str(e) else str(e))
                 continue
-            applications.append(Application(bound, te, unet, dyn))
+            scales = None
+            if weights is not None:
+                unet_config = model.pipe.unet.config
+                scales = [weights.get(block_of(b.target, unet_config) or "", 1.0) for b in bound]
+            applications.append(Application(bound, args.te, args.unet, args.dyn, scales))
             shown = name.replace(":", "").replace(",", "")
             hashes[shown] = self.hash(f.path, lora.metadata)[:12]
             notes += self._take_bundled(tag, shown, f.path, lora, model.text_width, bundled)
