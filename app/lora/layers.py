@@ -392,59 +392,48 @@ class GloraLayer(_WeightOnly):
 
 
 @dataclass
-class FullLayer:
+class _Change:
+    """A layer's change written out in full: its weight's (`weight`) and, where given, its bias's (`bias`); the
+    file's names for the two are the kind's `names`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    alpha: float | None = None
+    kind: ClassVar[str]
+    names: ClassVar[tuple[str, str]]
+
+    @property
+    def update_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def bias_shape(self) -> tuple[int, ...] | None:
+        return None if self.bias is None else tuple(self.bias.shape)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        weight_name, bias_name = self.names
+        return {weight_name: self.weight} | ({bias_name: self.bias} if self.bias is not None else {})
+
+    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
+        change = self.weight.to(device, torch.float32)
+        return _rows(change) if change.dim() > 1 else change
+
+    def bias_delta(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(device, torch.float32)
+
+
+class FullLayer(_Change):
     """LyCORIS's full difference: the change of the weight itself (`diff`), and of the bias (`diff_b`)."""
 
-    diff: torch.Tensor
-    diff_b: torch.Tensor | None = None
-    alpha: float | None = None
     kind: ClassVar[str] = "full difference"
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        return tuple(self.diff.shape)
-
-    @property
-    def bias_shape(self) -> tuple[int, ...] | None:
-        return None if self.diff_b is None else tuple(self.diff_b.shape)
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {"diff": self.diff} | ({"diff_b": self.diff_b} if self.diff_b is not None else {})
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return (
-            _rows(self.diff.to(device, torch.float32)) if self.diff.dim() > 1 else self.diff.to(device, torch.float32)
-        )
-
-    def bias_delta(self, device: torch.device) -> torch.Tensor | None:
-        return None if self.diff_b is None else self.diff_b.to(device, torch.float32)
+    names: ClassVar[tuple[str, str]] = ("diff", "diff_b")
 
 
-@dataclass
-class NormLayer:
+class NormLayer(_Change):
     """LyCORIS's norm layers: the change of a GroupNorm's or LayerNorm's weight (`w_norm`) and bias (`b_norm`)."""
 
-    w_norm: torch.Tensor
-    b_norm: torch.Tensor | None = None
-    alpha: float | None = None
     kind: ClassVar[str] = "norm"
-
-    @property
-    def update_shape(self) -> tuple[int, ...]:
-        return tuple(self.w_norm.shape)
-
-    @property
-    def bias_shape(self) -> tuple[int, ...] | None:
-        return None if self.b_norm is None else tuple(self.b_norm.shape)
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {"w_norm": self.w_norm} | ({"b_norm": self.b_norm} if self.b_norm is not None else {})
-
-    def delta(self, device: torch.device, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self.w_norm.to(device, torch.float32)
-
-    def bias_delta(self, device: torch.device) -> torch.Tensor | None:
-        return None if self.b_norm is None else self.b_norm.to(device, torch.float32)
+    names: ClassVar[tuple[str, str]] = ("w_norm", "b_norm")
 
 
 NetworkLayer = (
