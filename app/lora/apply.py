@@ -93,10 +93,11 @@ def _merged(applications: list[Application]) -> Iterator[None]:
     deltas: dict[tuple[torch.nn.Module, str], torch.Tensor] = {}
     slots: dict[tuple[torch.nn.Module, str], _Slot] = {}
 
-    def add(module: torch.nn.Module, name: str, change) -> None:
-        """Add `change(current tensor)` to what goes onto the module's `name` tensor."""
-        slot = slots.setdefault((module, name), _Slot(module, name))
-        d = change(slot.get())
+    def current(module: torch.nn.Module, name: str) -> torch.Tensor:
+        """The module's `name` tensor (weight or bias) as it is now, wherever it lives."""
+        return slots.setdefault((module, name), _Slot(module, name)).get()
+
+    def add(module: torch.nn.Module, name: str, d: torch.Tensor) -> None:
         key = (module, name)
         deltas[key] = deltas[key] + d if key in deltas else d
 
@@ -105,13 +106,11 @@ def _merged(applications: list[Application]) -> Iterator[None]:
             m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
             if m == 0:
                 continue
-            add(b.target.module, "weight", lambda weight, b=b, m=m, d=app.dyn: m * delta_weight(b, weight, d))
+            module = b.target.module
+            add(module, "weight", m * delta_weight(b, current(module, "weight"), app.dyn))
             if b.layer.bias_shape is not None:  # full-difference and norm layers change the bias too
-                add(
-                    b.target.module,
-                    "bias",
-                    lambda bias, b=b, m=m: m * b.layer.bias_delta(bias.device).reshape(bias.shape),
-                )
+                bias = current(module, "bias")
+                add(module, "bias", m * b.layer.bias_delta(bias.device).reshape(bias.shape))
     originals: list[tuple[_Slot, torch.Tensor]] = []
     try:
         with torch.no_grad():
