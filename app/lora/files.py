@@ -206,12 +206,13 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     metadata = metadata or {}
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
-    ia3_layers = {key.removesuffix(".on_input") for key in map(_renamed, tensors) if key.endswith(".on_input")}
+    keys = {raw_key: _renamed(raw_key) for raw_key in tensors}  # each key as our names have it, once
+    ia3_layers = {key.removesuffix(".on_input") for key in keys.values() if key.endswith(".on_input")}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     bundles: dict[str, dict] = {}
     unknown: list[str] = []
     for raw_key, tensor in tensors.items():
-        key = _renamed(raw_key)
+        key = keys[raw_key]
         if key.startswith(BUNDLE_PREFIX):
             _add_bundled(bundles, key.removeprefix(BUNDLE_PREFIX), tensor)
             continue
