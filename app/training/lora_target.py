@@ -164,7 +164,6 @@ class LoraTarget:
 
     kind = "lora"
     weight_decay = 1e-2  # AdamW's default, as diffusers' LoRA examples use
-    random_forward = False
     copy_suffix = ".safetensors"
 
     def __init__(
@@ -236,12 +235,11 @@ class LoraTarget:
             self.close()
             raise
         # PEFT's LoHa/LoKr layers drop (rank, module) in training mode only; the frozen model stays in eval mode
-        self._dropping_wrappers = [
-            m
-            for c in self._plan
-            for m in self._components[c].modules()
-            if isinstance(m, BaseTunerLayer) and self.dropout and self.network_type != "lora"
-        ]
+        self._dropping_wrappers = (
+            [m for c in self._plan for m in self._components[c].modules() if isinstance(m, BaseTunerLayer)]
+            if self.dropout and self.network_type != "lora"
+            else []
+        )
         self._text_encoders = [self._components[c] for c in (TEXT_ENCODER, TEXT_ENCODER_2) if c in self._plan]
         self.trains_text_encoder = bool(self._text_encoders)
         self._encoder = model.encoder

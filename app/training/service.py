@@ -387,9 +387,10 @@ class TrainingService:
                 "network_type",
             )
         trained_kind = network_type_of(existing) if existing is not None else network_type
+        existing_args = _json_object(existing.metadata.get("ss_network_args", "")) if existing is not None else {}
         factor = _lokr_factor(lokr_factor, network_type if existing is None else "lokr")
         if existing is not None and trained_kind == "lokr":  # the layout the file was made with
-            factor = _lokr_factor(_json_object(existing.metadata.get("ss_network_args", "")).get("factor", -1), "lokr")
+            factor = _lokr_factor(existing_args.get("factor", -1), "lokr")
         if dropout.network and trained_kind != "lora":
             raise UserError(
                 f"Network dropout is kohya's LoRA dropout; a {'LoHa' if trained_kind == 'loha' else 'LoKr'} takes "
@@ -449,18 +450,17 @@ class TrainingService:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
                 metadata["ss_scale_weight_norms"] = str(max_norm or None)  # kohya writes "None" when off
-                kind = network_type_of(existing) if existing is not None else network_type
-                if kind != "lora":  # what kohya writes for LyCORIS networks
+                if trained_kind != "lora":  # what kohya writes for LyCORIS networks
                     metadata["ss_network_module"] = "lycoris.kohya"
                 metadata["ss_network_dropout"] = str(dropout.network or None)
                 if existing is None:  # kohya's record of its network_args
-                    args = {"algo": kind} if kind != "lora" else {}
+                    args = {"algo": trained_kind} if trained_kind != "lora" else {}
                     if factor != -1:
                         args["factor"] = str(factor)  # LyCORIS's record, which a continued run reads back
                     if conv_dim_value:
                         args.update(conv_dim=str(conv_dim_value), conv_alpha=str(conv_alpha_value))
                 else:  # the file's own, with this run's dropouts
-                    args = _json_object(existing.metadata.get("ss_network_args", ""))
+                    args = dict(existing_args)
                     args.pop("rank_dropout", None)
                     args.pop("module_dropout", None)
                 args.update(
