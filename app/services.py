@@ -130,7 +130,9 @@ def build_services(settings: Settings) -> Services:
     slice_size = 1 if settings.opt_split_attention else None
     models.on_load(lambda model: install_hypernetwork_attention(model.pipe.unet, stack, slice_size))
     hypernetworks = HypernetworkService(HypernetworkDatabase(settings.hypernetwork_dir), models, stack)
-    loras = LoraService(LoraDatabase(settings.lora_dir), models, embedding_db, settings.data_dir / PRESETS_FILE)
+    loras = LoraService(
+        LoraDatabase(settings.lora_dir), models, embedding_db, presets_path=settings.data_dir / PRESETS_FILE
+    )
     jobs = JobRunner(max_waiting=settings.queue_limit)
     outdir = settings.data_dir / str(options["outdir_txt2img_samples"] or "outputs/txt2img-images")
     styles = StyleDatabase(settings.data_dir / "styles.csv")

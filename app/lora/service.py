@@ -16,7 +16,7 @@ from typing import Any
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
 from app.lora.apply import Application, lora_applied
-from app.lora.block_weights import PRESETS_FILE, block_of, block_weights, read_presets
+from app.lora.block_weights import block_of, block_weights, read_presets
 from app.lora.files import (
     SUFFIXES,
     LoraFile,
@@ -183,11 +183,13 @@ class LoraService:
         db: LoraDatabase,
         models: ModelManager,
         embeddings: EmbeddingDatabase | None = None,
-        presets_path: Path | None = None,
+        *,
+        presets_path: Path,
     ):
         self.db = db
-        # the LoRA Block Weight presets beyond the defaults (`lbwpresets.txt`, read at each use: edits apply at once)
-        self.presets_path = presets_path or db.folder / PRESETS_FILE
+        # the LoRA Block Weight presets beyond the defaults (`lbwpresets.txt` in the data folder, read at each use:
+        # edits apply at once)
+        self.presets_path = presets_path
         self.models = models
         self.embeddings = embeddings  # where a file's bundled embeddings are found while it is applied
         self._hashes: dict[tuple[Path, int, int], str] = {}
