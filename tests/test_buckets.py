@@ -133,6 +133,8 @@ def test_a_bucketed_lora_records_its_buckets_as_kohya_does(services, shaped):
     assert meta["ss_min_snr_gamma"] == meta["ss_noise_offset"] == "None"  # off, written as kohya does
     assert meta["ss_multires_noise_iterations"] == meta["ss_ip_noise_gamma"] == "None"
     assert meta["ss_multires_noise_discount"] == "0.3"
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("l2", "snr", "0.1")
+    assert (meta["ss_huber_scale"], meta["ss_debiased_estimation"]) == ("1.0", "False")
     buckets = json.loads(meta["ss_bucket_info"])["buckets"]
     images, _ = load_dataset(shaped, 64, 64, ["[filewords]"], 0, bucketing=True)
     expected = Counter(im.image.size for im in images)

@@ -59,8 +59,16 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
             optimizer_type="Prodigy",
             optimizer_args="d_coef=2",
             prior_loss_weight=None,  # emptied: the default weight
+            loss_type="huber",
+            huber_schedule="exponential",
+            huber_c=None,  # emptied: kohya's default
+            debiased_estimation_loss=True,
+            min_timestep=100,
+            max_timestep=900,
         )
     )
+    assert (cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) == ("huber", "exponential", 0.1, 1.0)
+    assert (cfg.debiased_estimation_loss, cfg.min_timestep, cfg.max_timestep) == (True, 100, 900)
     assert (cfg.enable_bucket, cfg.min_snr_gamma, cfg.noise_offset, cfg.keep_tokens) == (True, 5.0, 0.0, 2)
     assert (cfg.multires_noise_iterations, cfg.multires_noise_discount, cfg.ip_noise_gamma) == (6, 0.3, 0.1)
     assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.text_encoder_lr) == ("cosine", 10, "5e-5")

@@ -152,6 +152,15 @@ class TrainRequest(BaseModel):
     multires_noise_iterations: int = bounded(0, 0, 20)
     multires_noise_discount: float = bounded(0.3, maximum=1, exclusive_minimum=0)
     ip_noise_gamma: float = bounded(0.0, 0, 1)
+    # ours (kohya's names): the loss, the Huber threshold's schedule, c and scale, debiased estimation weights, the
+    # timesteps trained [min_timestep, max_timestep)
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
+    huber_c: float = bounded(0.1, maximum=1, exclusive_minimum=0)
+    huber_scale: float = bounded(1.0, maximum=10, exclusive_minimum=0)
+    debiased_estimation_loss: bool = False
+    min_timestep: int = bounded(0, 0, 999)
+    max_timestep: int = bounded(1000, 1, 1000)
     # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
     # that holds the model and the queue for days.
     steps: int = bounded(..., 1)

@@ -140,6 +140,7 @@ TRAINING_KEYS = {
     "ss_network_dropout": "Network dropout",
     "ss_optimizer": "Optimizer",
     "ss_lr_scheduler": "LR scheduler",
+    "ss_loss_type": "Loss type",
     "ss_mixed_precision": "Mixed precision",
     "ss_training_started_at": "Started",
     "ss_training_finished_at": "Finished",

@@ -42,6 +42,15 @@ class TrainConfig:
     multires_noise_iterations: int = 0
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0
+    # ours (kohya's names, losses.py): the loss (l2, l1, huber, smooth_l1) and the Huber threshold's schedule, c and
+    # scale; debiased estimation weights; the timesteps drawn, [min_timestep, max_timestep)
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    debiased_estimation_loss: bool = False
+    min_timestep: int = 0
+    max_timestep: int = 1000
     # LoRAs: "fp16", "bf16" or "fp32" for the file; "" = fp16 for a new LoRA, the file's own for a continued one
     save_precision: str = ""
     steps: int = 100000

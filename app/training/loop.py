@@ -34,6 +34,7 @@ from app.training.checkpoint import commit_optim, fit_param_groups, load_optim, 
 from app.training.config import OWN_RATES, TrainConfig
 from app.training.dataset import TrainingImage, epoch_items, prompt_for
 from app.training.latents import LatentCache
+from app.training.losses import HUBER_LOSSES, debiased_weights, elementwise_loss, huber_thresholds, min_snr_weights
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import DEFAULT_OPTIMIZER, make_optimizer, optimizer_name
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
@@ -176,22 +177,6 @@ def pyramid_noise(noise: torch.Tensor, g: torch.Generator, iterations: int, disc
     return total / total.std()
 
 
-def min_snr_weights(noise_schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR loss weights (Hang et al. 2023, kohya's `min_snr_gamma`), one per sample: the loss at timestep t
-    counts min(SNR(t), gamma) / SNR(t) for noise prediction, min(SNR(t), gamma) / (SNR(t) + 1) for velocity
-    (whose loss is (SNR + 1) / SNR times the noise loss). Low-noise timesteps, whose easy losses otherwise pull the
-    hardest, count less; the rest as before. SNR(t) = alpha_bar / (1 - alpha_bar)."""
-    alpha_bar = noise_schedule.alphas_cumprod.to(torch.float64)[t]
-    snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
-    prediction = noise_schedule.config.prediction_type
-    if prediction == "v_prediction":
-        return (clipped / (snr + 1)).float()
-    if prediction == "epsilon":
-        return (clipped / snr).float()
-    return clipped.float()  # "sample": the loss on x0 is the noise loss divided by SNR
-
-
 def denoising_loss(
     target: TrainingTarget,
     unet: torch.nn.Module,
@@ -204,13 +189,17 @@ def denoising_loss(
     weight: torch.Tensor | None = None,
     time_ids: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
+    loss_type: str = "l2",
+    thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One micro-batch's loss: the conditioning and the UNet under autocast, the MSE in fp32. Call it inside
+    """One micro-batch's loss: the conditioning and the UNet under autocast, the loss in fp32. Call it inside
     `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward.
 
     SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
     six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained.
-    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR, prior loss weight)."""
+    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR, debiased estimation, prior
+    loss weight); `loss_type`: the MSE (`l2`) or another of `losses.LOSS_TYPES`, with a Huber threshold per sample
+    (`thresholds`) for the Huber kinds."""
     unet_dtype = amp.model_dtype
     with amp.autocast():
         cond, pooled = target.conditioning(texts, clip_skip)
@@ -221,9 +210,9 @@ def denoising_loss(
                 time_ids = torch.tensor([[height, width, 0, 0, height, width]] * noisy.shape[0], dtype=torch.float32)
             added = {"text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(noisy.device, unet_dtype)}
         pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), added_cond_kwargs=added).sample
-    if weight is None and sample_weights is None:
+    if weight is None and sample_weights is None and loss_type == "l2":
         return F.mse_loss(pred.float(), wanted.float())
-    errors = F.mse_loss(pred.float(), wanted.float(), reduction="none")
+    errors = elementwise_loss(pred.float(), wanted.float(), loss_type, thresholds)
     if weight is not None:
         errors = errors * weight
     if sample_weights is None:
@@ -274,6 +263,14 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         raise UserError(
             f"This model's scheduler predicts {prediction!r}; training knows {', '.join(PREDICTION_TYPES)}. "
             "Fix prediction_type in its scheduler config (or the .yaml beside a single file)."
+        )
+    # kohya's min_timestep/max_timestep: timesteps are drawn from [first_t, end_t); the defaults draw the same numbers
+    # as before the option existed
+    first_t, end_t = int(cfg.min_timestep), int(cfg.max_timestep)
+    if end_t > noise_schedule.config.num_train_timesteps:
+        raise UserError(
+            f"Max timestep {end_t} is beyond this model's {noise_schedule.config.num_train_timesteps} timesteps.",
+            "max_timestep",
         )
     if step >= end_step:
         raise UserError(
@@ -469,9 +466,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 first_prompt = first_prompt or texts[0]
                 x0 = torch.stack([latents.get(index, g) for index, g in zip(chosen, gens, strict=True)])
                 noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-                t = torch.tensor(
-                    [int(torch.randint(0, noise_schedule.config.num_train_timesteps, (1,), generator=g)) for g in gens]
-                )
+                t = torch.tensor([int(torch.randint(first_t, end_t, (1,), generator=g)) for g in gens])
                 if cfg.noise_offset:  # one offset per channel and sample: drawn last, so 0 changes no other number
                     channels = (x0.shape[1], 1, 1)
                     noise = noise + cfg.noise_offset * torch.stack([torch.randn(channels, generator=g) for g in gens])
@@ -484,6 +479,9 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                     extra = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
                     noise_in = noise + float(cfg.ip_noise_gamma) * extra
                 per_sample = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+                if cfg.debiased_estimation_loss:  # kohya's order: after Min-SNR, both may apply
+                    debiased = debiased_weights(noise_schedule, t)
+                    per_sample = debiased if per_sample is None else per_sample * debiased
                 if weigh_prior:
                     prior = torch.tensor([prior_weight if images[i].is_reg else 1.0 for i in chosen])
                     per_sample = prior if per_sample is None else per_sample * prior
@@ -495,7 +493,21 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 with torch.random.fork_rng(devices=[]), target.unet_context():
                     seed_forward(gens[0].initial_seed(), device)
                     loss = denoising_loss(
-                        target, unet, amp, texts, noisy, t.to(device), wanted, clip_skip, weight, time_ids, per_sample
+                        target,
+                        unet,
+                        amp,
+                        texts,
+                        noisy,
+                        t.to(device),
+                        wanted,
+                        clip_skip,
+                        weight,
+                        time_ids,
+                        per_sample,
+                        cfg.loss_type,
+                        huber_thresholds(noise_schedule, t, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale)
+                        if cfg.loss_type in HUBER_LOSSES
+                        else None,
                     )
                     amp.backward(loss / cfg.gradient_step)
                 step_loss += loss.item() / cfg.gradient_step

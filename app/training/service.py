@@ -33,6 +33,7 @@ from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, OWN_RATES, Tra
 from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import NETWORK_TYPES, LoraTarget, NetworkDropout, network_type_of
+from app.training.losses import HUBER_SCHEDULES, LOSS_TYPES
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
@@ -160,6 +161,7 @@ class TrainingService:
                 f"{cfg.multires_noise_discount}.",
                 "multires_noise_discount",
             )
+        _check_loss(cfg)
         if not 0 < float(cfg.prior_loss_weight) <= 100:  # NaN fails this too
             raise UserError(
                 f"Prior loss weight must be above 0 and at most 100 (1 is usual), got {cfg.prior_loss_weight}.",
@@ -680,6 +682,11 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_multires_noise_iterations": str(int(cfg.multires_noise_iterations) or None),
         "ss_multires_noise_discount": str(float(cfg.multires_noise_discount)),
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+        "ss_debiased_estimation": str(bool(cfg.debiased_estimation_loss)),
+        "ss_loss_type": str(cfg.loss_type),
+        "ss_huber_schedule": str(cfg.huber_schedule),
+        "ss_huber_c": str(float(cfg.huber_c)),
+        "ss_huber_scale": str(float(cfg.huber_scale)),
         "ss_keep_tokens": str(int(cfg.keep_tokens)),
         "ss_caption_dropout_rate": str(float(cfg.caption_dropout_rate)),
         "ss_optimizer": describe(cfg.optimizer_type, cfg.optimizer_args),
@@ -689,6 +696,31 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         **({"ss_bucket_info": bucket_info(run.images)} if cfg.enable_bucket else {}),
         "ss_training_comment": "trained with sd-personalize-webui",
     }
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    """kohya's loss options (losses.py): a loss type and Huber schedule it knows, a threshold c in (0, 1] (the
+    exponential schedule takes its log), a scale in (0, 10], and a timestep range of at least one timestep."""
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"Loss type must be one of {', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}.", "loss_type")
+    if cfg.huber_schedule not in HUBER_SCHEDULES:
+        raise UserError(
+            f"Huber schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {cfg.huber_schedule!r}.",
+            "huber_schedule",
+        )
+    for label, value, field, top in (
+        ("Huber c", cfg.huber_c, "huber_c", 1.0),
+        ("Huber scale", cfg.huber_scale, "huber_scale", 10.0),
+    ):
+        if not 0 < float(value) <= top:  # NaN fails this too
+            raise UserError(f"{label} must be above 0 and at most {top:g} (0.1 and 1 are usual), got {value}.", field)
+    first, end = int(cfg.min_timestep), int(cfg.max_timestep)
+    if not 0 <= first < end <= 1000:
+        raise UserError(
+            f"The timesteps trained must satisfy 0 <= min timestep < max timestep <= 1000 (the max is not "
+            f"trained), got {first} and {end}.",
+            "max_timestep" if not 0 < end <= 1000 else "min_timestep",
+        )
 
 
 def _regularization(

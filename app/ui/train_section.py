@@ -11,6 +11,7 @@ import gradio as gr
 from app.errors import UserError
 from app.services import Services
 from app.training.config import TrainConfig
+from app.training.losses import HUBER_SCHEDULES
 from app.training.lr_schedule import LR_SCHEDULERS
 from app.training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from app.ui.messages import error_html
@@ -39,6 +40,8 @@ EMPTIED_NUMBERS = {
     "ip_noise_gamma": 0.0,
     "caption_dropout_rate": 0.0,
     "prior_loss_weight": 1.0,
+    "huber_c": 0.1,
+    "huber_scale": 1.0,
 }
 # not TrainConfig fields: passed to train_lora
 LORA_FIELDS = (
@@ -328,6 +331,30 @@ class TrainSection:
                     label="Input perturbation noise, ip_noise_gamma (0 = off; 0.1 usual)",
                     elem_id=f"{p}_ip_noise_gamma",
                 )
+            with gr.Row():
+                f["loss_type"] = gr.Dropdown(
+                    [("L2 (MSE)", "l2"), ("L1", "l1"), ("Huber", "huber"), ("Smooth L1", "smooth_l1")],
+                    value="l2",
+                    label="Loss (Huber, smooth L1: outliers in the data pull less)",
+                    elem_id=f"{p}_loss_type",
+                )
+                f["huber_schedule"] = gr.Dropdown(
+                    list(HUBER_SCHEDULES), value="snr", label="Huber schedule", elem_id=f"{p}_huber_schedule"
+                )
+                f["huber_c"] = gr.Number(value=0.1, label="Huber c (0.1 usual)", elem_id=f"{p}_huber_c")
+                f["huber_scale"] = gr.Number(value=1, label="Huber scale", elem_id=f"{p}_huber_scale")
+            with gr.Row():
+                f["debiased_estimation_loss"] = gr.Checkbox(
+                    False,
+                    label="Debiased estimation loss (nearly clean timesteps count far less)",
+                    elem_id=f"{p}_debiased_estimation_loss",
+                )
+                f["min_timestep"] = gr.Number(
+                    value=0, precision=0, label="Min timestep (0-999)", elem_id=f"{p}_min_timestep"
+                )
+                f["max_timestep"] = gr.Number(
+                    value=1000, precision=0, label="Max timestep (1-1000, not trained)", elem_id=f"{p}_max_timestep"
+                )
             if spec.kind == "lora":  # kohya's regularization of the network itself
                 with gr.Row():
                     f["scale_weight_norms"] = gr.Number(
@@ -359,6 +386,8 @@ class TrainSection:
             "keep_tokens",
             "lr_warmup_steps",
             "lr_scheduler_num_cycles",
+            "min_timestep",
+            "max_timestep",
         )
         for key in numbers:
             if key in given and given[key] is None:  # an emptied number box: say which, not int(None)'s TypeError
