@@ -56,9 +56,9 @@ if [ -n "$TINY" ]; then
     "$PY" benchmarks/train_full_size.py --tiny --cpu --arch sd2 --steps 2 --batches 1 --targets embedding \
         --markdown "$OUT_DIR/train_sd2.md"
     section "Training on SD 2.x" "$OUT_DIR/train_sd2.md"
-    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets loha,lokr,pivotal --ours-only \
-        --markdown "$OUT_DIR/train_lora_kinds.md"
-    section "LoHa, LoKr and pivotal tuning" "$OUT_DIR/train_lora_kinds.md"
+    "$PY" benchmarks/train_full_size.py --tiny --cpu --steps 2 --batches 1 --targets loha,lokr,pivotal,dora \
+        --ours-only --markdown "$OUT_DIR/train_lora_kinds.md"
+    section "LoHa, LoKr, DoRA and pivotal tuning" "$OUT_DIR/train_lora_kinds.md"
     "$PY" benchmarks/step_profile.py --tiny --cpu --steps 2 --markdown "$OUT_DIR/step_profile.md"
     section "Per step: ops, launches, syncs" "$OUT_DIR/step_profile.md"
     "$PY" benchmarks/oom_check.py --tiny --markdown "$OUT_DIR/oom.md"
@@ -127,10 +127,10 @@ if [ $(($(date +%s) - started)) -lt 420 ]; then
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 \
         --targets lora --markdown "$OUT_DIR/train_lora.md"
     section "LoRA training against diffusers' train_text_to_image_lora way, 512 px" "$OUT_DIR/train_lora.md"
-    # What LyCORIS kinds and a bundled embedding cost against the LoRA row above (the same rank, 4).
+    # What LyCORIS kinds, DoRA and a bundled embedding cost against the LoRA row above (the same rank, 4).
     "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 3 --batches 1 --ours-only \
-        --targets loha,lokr,pivotal --markdown "$OUT_DIR/train_lora_kinds.md"
-    section "LoHa, LoKr and pivotal tuning (a LoRA with a bundled embedding), ours, 512 px" \
+        --targets loha,lokr,pivotal,dora --markdown "$OUT_DIR/train_lora_kinds.md"
+    section "LoHa, LoKr, DoRA and pivotal tuning (a LoRA with a bundled embedding), ours, 512 px" \
         "$OUT_DIR/train_lora_kinds.md"
     { echo '```'; "$PY" benchmarks/checkpointing.py --size 512 --steps 5; echo '```'; } >"$OUT_DIR/checkpointing.md"
     section "Activation checkpointing: one embedding step at 512 px, fp16" "$OUT_DIR/checkpointing.md"

@@ -1,7 +1,7 @@
 """Training at real scale: an SD1.5-size single file (random weights, written by our own exporter in the original
 LDM layout: nothing downloaded), 512 px, batch 1 and 4, embedding, hypernetwork and LoRA (or LoHa, LoKr:
-`--targets`; `pivotal`: a LoRA trained with a bundled embedding, `lora-maxnorm`: with scale_weight_norms, their
-baseline the LoRA one). Our engine (through
+`--targets`; `pivotal`: a LoRA trained with a bundled embedding, `lora-maxnorm`: with scale_weight_norms, `dora`:
+a DoRA LoRA (LyCORIS's dora_wd), their baseline the LoRA one). Our engine (through
 `TrainingService`, as the UI and API run it) against the diffusers-example-style
 baseline of `baselines.py` at the same settings, each run in its own process so its memory is its own.
 
@@ -10,7 +10,7 @@ above the idle RSS of the loaded model. CUDA: `torch.cuda.max_memory_allocated` 
 ratios ours/baseline. The model runs as the app runs it: fp32 on the CPU, fp16 on CUDA (`--bf16`, `--no-half`).
 
     .venv/bin/python benchmarks/train_full_size.py [--steps 3] [--batches 1,4]
-        [--targets embedding,hypernetwork,lora,loha,lokr,pivotal,lora-maxnorm]
+        [--targets embedding,hypernetwork,lora,loha,lokr,pivotal,lora-maxnorm,dora]
         [--size 512] [--cpu] [--tiny] [--medvram] [--bf16] [--no-half] [--markdown OUT.md] [--arch sd2|sdxl]
 
 `--arch sd2`: an SD 2.1-768-size file (OpenCLIP-H text encoder, 1024-wide context, v-prediction as the 768 px
@@ -38,8 +38,8 @@ from random_checkpoint import make_in_subprocess
 # Targets trained as LoRAs (LyCORIS LoHa/LoKr; "pivotal": a LoRA with a bundled embedding); their baseline: the LoRA
 # one. The pivotal target costs what the trigger word's embedding adds: the text encoder's backward pass each step.
 # "lora-maxnorm": the LoRA with kohya's scale_weight_norms=1, what computing every layer's update norm after each
-# step costs.
-LORA_TYPES = ("lora", "loha", "lokr", "pivotal", "lora-maxnorm")
+# step costs. "dora": the LoRA weight-decomposed, what each layer's column norms of W + update cost every forward.
+LORA_TYPES = ("lora", "loha", "lokr", "pivotal", "lora-maxnorm", "dora")
 
 
 def child(args) -> dict:
@@ -112,6 +112,8 @@ def child(args) -> dict:
                 result = services.training.train_lora(cfg, 4, 4.0, **bundle).wait()
             elif args.target == "lora-maxnorm":
                 result = services.training.train_lora(cfg, 4, 4.0, scale_weight_norms=1.0).wait()
+            elif args.target == "dora":
+                result = services.training.train_lora(cfg, 4, 4.0, dora_wd=True).wait()
             else:
                 result = services.training.train_lora(cfg, 4, 4.0, network_type=args.target).wait()
         else:

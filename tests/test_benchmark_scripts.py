@@ -47,8 +47,8 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
             line = next(x for x in training.splitlines() if x.startswith(f"| {target} | {batch} |"))
             numbers = [float(n) for n in re.findall(r"\d+\.\d+", line)]
             assert len(numbers) >= 3 and all(n > 0 for n in numbers[:2])  # both sides measured a step time
-    kinds = report.split("## LoHa, LoKr and pivotal tuning")[1]
-    for target in ("loha", "lokr", "pivotal"):
+    kinds = report.split("## LoHa, LoKr, DoRA and pivotal tuning")[1]
+    for target in ("loha", "lokr", "pivotal", "dora"):
         assert re.search(rf"\| {target} \| 1 \| - \| \d+\.\d+ \|", kinds), kinds
     sdxl = report.split("## Training on SDXL")[1]
     assert "tiny SDXL file" in sdxl

@@ -155,12 +155,12 @@ def test_a_lycoris_file_changes_the_model_as_lycoris_itself_runs_it(services, fo
     assert np.array_equal(pixels(gen(services, "a red circle")), image)
 
 
-def test_a_dora_file_is_not_continued_by_training(services, folder, tmp_path):  # noqa: F811
+def test_a_per_row_dora_locon_file_is_not_continued_by_training(services, folder, tmp_path):  # noqa: F811
     unet_copy = copy.deepcopy(services.models.get().pipe.unet)
     network = lycoris_network(unet_copy, UNET_BLOCKS, "lora_unet", "lora", seed=3, linear_dim=2, dora_wd=True)
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "zqlycotrain.safetensors"))
     before = (folder / "zqlycotrain.safetensors").read_bytes()
-    with pytest.raises(UserError, match=r"holds LoRA \+ DoRA layers; training continues files of one kind"):
+    with pytest.raises(UserError, match=r"has DoRA magnitudes per output row \(LyCORIS's default\); training"):
         services.training.train_lora(cfg("zqlycotrain", make_dataset(tmp_path / "stars")), 4, 4.0)
     assert (folder / "zqlycotrain.safetensors").read_bytes() == before
 

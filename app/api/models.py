@@ -266,6 +266,8 @@ class TrainLoraRequest(TrainRequest):
     module_dropout: float = bounded(0.0, 0, exclusive_maximum=1)
     # LyCORIS's LoKr `factor` for a new LoKr: -1 = the most square split of each layer's sides
     lokr_factor: int = bounded(-1, -1, MAX_LORA_RANK)
+    # LyCORIS's `dora_wd`: a new network weight-decomposed (DoRA), a trained magnitude per input column of each layer
+    dora_wd: bool = False
     text_encoder_lr: str | float = ""  # kohya's: the text encoder layers' rate (A1111 schedule syntax); "" = learn_rate
     # the file's precision: "" = fp16 for a new LoRA (as LoRAs are shared), the file's own for a continued one
     save_precision: Literal["", "fp16", "bf16", "fp32"] = ""

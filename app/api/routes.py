@@ -380,6 +380,7 @@ def register_api(app: FastAPI, services: Services) -> None:
                 rank_dropout=req.rank_dropout,
                 module_dropout=req.module_dropout,
                 lokr_factor=req.lokr_factor,
+                dora_wd=req.dora_wd,
             )
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})

@@ -20,6 +20,7 @@ from PIL import Image
 
 from app.errors import UserError
 from app.lora.files import LOHA_TENSORS, LOKR_TENSORS, LohaLayer, LokrLayer, LoraFile, LoraLayer, bind
+from app.lora.layers import DoraLayer
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET, layer_table, model_components
 from app.lora.writer import bundle_tensors, save_network
 from app.models.manager import LoadedModel
@@ -125,8 +126,16 @@ NETWORK_TYPES = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr"}  # a layer kind
 
 
 def network_type_of(lora: LoraFile) -> str:
-    """The network type that continues `lora` (the service has refused files of other or mixed kinds)."""
-    return NETWORK_TYPES[next(iter(lora.layers.values())).kind]
+    """The network type that continues `lora` (the service has refused files of other or mixed kinds); a DoRA
+    file's is that of the layers it decomposes."""
+    layer = next(iter(lora.layers.values()))
+    return NETWORK_TYPES[(layer.inner if isinstance(layer, DoraLayer) else layer).kind]
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each input column of a weight [out, in, ...] (a convolution's over its outputs and kernel): the
+    DoRA magnitudes A1111 and the DoRA paper use, LyCORIS's `wd_on_output=False`."""
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
 
 
 def layer_of(network_type: str, parts: dict[str, torch.Tensor], alpha: float) -> LoraLayer | LohaLayer | LokrLayer:
@@ -139,8 +148,12 @@ def layer_of(network_type: str, parts: dict[str, torch.Tensor], alpha: float) ->
     return LoraLayer(parts["lora_down.weight"], parts["lora_up.weight"], alpha)
 
 
-def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer) -> tuple[int, dict[str, torch.Tensor]]:
-    """The rank PEFT needs to make this layer's tensors again, and the tensors by their file names."""
+def continued_layer(layer: LoraLayer | LohaLayer | LokrLayer | DoraLayer) -> tuple[int, dict[str, torch.Tensor]]:
+    """The rank PEFT needs to make this layer's tensors again, and the tensors by their file names (a DoRA layer's
+    magnitudes as `dora_scale`)."""
+    if isinstance(layer, DoraLayer):
+        rank, parts = continued_layer(layer.inner)
+        return rank, {**parts, "dora_scale": layer.dora_scale}
     parts = layer.named_tensors()
     if isinstance(layer, LoraLayer):
         return layer.rank, parts
@@ -184,8 +197,12 @@ class LoraTarget:
         max_norm: float = 0.0,
         dropout: NetworkDropout = NetworkDropout(),
         lokr_factor: int = -1,
+        dora_wd: bool = False,
     ):
         self.path, self.name = path, path.stem
+        # DoRA (LyCORIS's `dora_wd`): a magnitude per input column of each layer, trained with its update
+        self.dora = bool(dora_wd)
+        self._magnitudes: dict[tuple[str, str], torch.nn.Parameter] = {}
         self.max_norm = float(max_norm)  # kohya's scale_weight_norms: 0 = off
         self.dropout = dropout
         self.random_forward = bool(dropout)  # the loop seeds and replays the RNG per micro-batch for an exact resume
@@ -205,6 +222,7 @@ class LoraTarget:
             self.initial_step = int(existing.metadata.get("ss_steps", "0") or 0)
             bound = bind(existing, layer_table(self._components), "the loaded model")
             self.network_type = network_type_of(existing)
+            self.dora = any(isinstance(b.layer, DoraLayer) for b in bound)
             for b in bound:
                 rank_value, parts = continued_layer(b.layer)
                 self._decompose_both |= "lokr_w1_a" in parts
@@ -229,7 +247,7 @@ class LoraTarget:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # PEFT's random init (Kaiming): the same run, the same start
                 for component, layers in self._plan.items():
-                    added = self._inject(self._components[component], layers)
+                    added = self._inject(component, layers)
                     self.text_encoder_parameters += added if component != UNET else 0
         except Exception:
             self.close()
@@ -268,9 +286,10 @@ class LoraTarget:
             )
         return LoraConfig(r=r, lora_alpha=a, lora_dropout=0.0, init_lora_weights=True, **common)
 
-    def _inject(self, root: torch.nn.Module, layers: list) -> int:
-        """Wrap `layers` of `root` with trainable layers of the network type (fp32, a continued file's values put
-        in); the number of tensors added."""
+    def _inject(self, component: str, layers: list) -> int:
+        """Wrap `layers` of the model's `component` with trainable layers of the network type (fp32, a continued
+        file's values put in); the number of tensors added."""
+        root = self._components[component]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inject_adapter_in_model(self._config(layers), root, adapter_name=ADAPTER)
@@ -297,10 +316,53 @@ class LoraTarget:
                 p.requires_grad_(True)
                 self._params.append(p)
                 added += 1
+            if self.dora:
+                magnitude = self._magnitude(wrapper, path, given)
+                self._magnitudes[(component, path)] = magnitude
+                self._params.append(magnitude)
+                added += 1
+                self._hooks.append(wrapper.register_forward_pre_hook(self._decomposing_hook(wrapper, magnitude)))
             if self.dropout and self.network_type == "lora":
                 down = wrapper.lora_A[ADAPTER]
                 self._hooks.append(down.register_forward_hook(self._drop_hook))
         return added
+
+    def _magnitude(self, wrapper: torch.nn.Module, path: str, given: dict | None) -> torch.nn.Parameter:
+        """A layer's DoRA magnitudes, one per input column: the base weight's column norms for a new layer (the
+        update starts at zero, so the layer starts as the model's), a continued file's `dora_scale` otherwise."""
+        weight = wrapper.get_base_layer().weight
+        if given is None:
+            values = column_norms(weight.detach().float())
+        else:
+            stored = given.get("dora_scale")
+            if stored is None or stored.numel() != weight.shape[1]:
+                raise UserError(
+                    f"'{self.name}' cannot be continued: its layer {path} has no DoRA magnitude per input column "
+                    f"({weight.shape[1]} values). Choose another name to train a new one."
+                )
+            values = stored.detach().float().reshape(-1)
+        return torch.nn.Parameter(values.to(weight.device).clone(), requires_grad=True)
+
+    def _decomposing_hook(self, wrapper: torch.nn.Module, magnitude: torch.nn.Parameter):
+        """DoRA per input column as a forward pre-hook on the wrapped layer. The merged weight (W + update) with each
+        column rescaled to its magnitude is (W + update) @ diag(m / column norms), so the layer's forward on
+        x * m / norms (base and update alike; the bias untouched) is exactly what the file does to the model: no
+        merged copy of the weight is kept. The norms are taken without gradient (the DoRA paper's and PEFT's
+        memory saving: the graph of W + update is not stored); the magnitudes and, through x, the update learn."""
+        weight = wrapper.get_base_layer().weight
+        conv = weight.dim() == 4
+
+        def hook(module: torch.nn.Module, args: tuple) -> tuple:
+            parts = trained_parts(wrapper)
+            with torch.no_grad():
+                update = layer_of(self.network_type, parts, self._alpha(wrapper, parts)).delta(weight.device)
+                norms = column_norms(weight.float() + update.reshape(weight.shape))
+            scale = magnitude / norms.clamp_min(torch.finfo(torch.float32).tiny)
+            x = args[0]
+            scale = scale.to(x.dtype).view(1, -1, 1, 1) if conv else scale.to(x.dtype)
+            return (x * scale, *args[1:])
+
+        return hook
 
     def _drop_hook(self, module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
         return _dropped(self.dropout, output) if self._in_training_forward else None
@@ -371,19 +433,28 @@ class LoraTarget:
     def optim_path(self) -> Path:
         return self.path.with_suffix(".optim")
 
-    def _layers(self) -> list[tuple[str, str, dict[str, torch.Tensor], float]]:
+    def _alpha(self, wrapper: torch.nn.Module, parts: dict[str, torch.Tensor]) -> float:
+        if self.network_type == "lora":
+            return float(wrapper.lora_alpha[ADAPTER])
+        if self.network_type == "lokr" and {"lokr_w1", "lokr_w2"} <= set(parts):
+            return float(wrapper.r[ADAPTER])  # LyCORIS's convention for a rankless layer: alpha = rank
+        return float(wrapper.alpha[ADAPTER])
+
+    def _layers(self, with_magnitudes: bool = True) -> list[tuple[str, str, dict[str, torch.Tensor], float]]:
+        """Each layer as the file holds it: (component, path, tensors by file name, alpha); a DoRA layer's
+        magnitudes as `dora_scale` [1, in] ([1, in, 1, 1] for a convolution), LyCORIS's per-column layout, which
+        A1111 and ComfyUI apply as such."""
         out = []
         for component, layers in self._plan.items():
             root = self._components[component]
             for path, *_ in layers:
                 wrapper = root.get_submodule(path)
                 parts = trained_parts(wrapper)
-                if self.network_type == "lora":
-                    alpha = float(wrapper.lora_alpha[ADAPTER])
-                elif self.network_type == "lokr" and {"lokr_w1", "lokr_w2"} <= set(parts):
-                    alpha = float(wrapper.r[ADAPTER])  # LyCORIS's convention for a rankless layer: alpha = rank
-                else:
-                    alpha = float(wrapper.alpha[ADAPTER])
+                alpha = self._alpha(wrapper, parts)
+                magnitude = self._magnitudes.get((component, path))
+                if with_magnitudes and magnitude is not None:
+                    ones = [1] * (wrapper.get_base_layer().weight.dim() - 2)
+                    parts = {**parts, "dora_scale": magnitude.reshape(1, -1, *ones)}
                 out.append((component, path, parts, alpha))
         return out
 
@@ -396,7 +467,7 @@ class LoraTarget:
             return ""
         scaled, norms = 0, []
         with torch.no_grad():
-            for _, _, parts, alpha in self._layers():
+            for _, _, parts, alpha in self._layers(with_magnitudes=False):  # DoRA: the update, as LyCORIS limits it
                 first = next(iter(parts.values()))
                 norm = float(layer_of(self.network_type, parts, alpha).delta(first.device).norm())
                 ratio = self.max_norm / norm if norm > self.max_norm else 1.0

@@ -23,6 +23,7 @@ from app.hypernetworks.hypernetwork import HypernetworkFormatError
 from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
 from app.lora.files import LoraFile, LoraFormatError, bind, bundled_embeddings
+from app.lora.layers import DoraLayer
 from app.lora.service import LoraService, model_label
 from app.models.manager import LoadedModel, ModelManager
 from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advice
@@ -316,6 +317,7 @@ class TrainingService:
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         lokr_factor: int = -1,
+        dora_wd: bool = False,
     ) -> Job:
         """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
         and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
@@ -324,7 +326,8 @@ class TrainingService:
         (pivotal tuning); the templates' `[name]` is that word. `scale_weight_norms` > 0 keeps each layer's update
         at most that norm after every step (kohya's max-norm regularization); the dropouts are kohya's
         (`NetworkDropout`). `lokr_factor` is LyCORIS's `factor` for a new LoKr (-1: as square as the layer allows);
-        a continued LoKr keeps the one its file records."""
+        a continued LoKr keeps the one its file records. `dora_wd` makes a new network weight-decomposed (DoRA,
+        LyCORIS's name: a trained magnitude per input column of each layer); a continued file keeps what it is."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -371,16 +374,25 @@ class TrainingService:
                 bind(existing, self.loras.table(model), model_label(model))
             except LoraFormatError as e:
                 raise UserError(f"LoRA '{name}' cannot be continued: {e}") from None
-            kinds = {layer.kind for layer in existing.layers.values()}
+            layers = list(existing.layers.values())
+            decomposed = [layer for layer in layers if isinstance(layer, DoraLayer)]
+            inner = [layer.inner if isinstance(layer, DoraLayer) else layer for layer in layers]
+            kinds = {layer.kind for layer in inner}
             tucker = any(
-                getattr(layer, "t1", None) is not None or getattr(layer, "t2", None) is not None
-                for layer in existing.layers.values()
+                getattr(layer, "t1", None) is not None or getattr(layer, "t2", None) is not None for layer in inner
             )
             if len(kinds) != 1 or not kinds <= set(NETWORK_TYPES) or tucker:
                 held = ", ".join(sorted(kinds)) + (" (with Tucker cores)" if tucker else "")
                 raise UserError(
                     f"LoRA '{name}' holds {held} layers; training continues files of one kind, LoRA, LoHa or LoKr, "
                     "without Tucker cores. Choose another name to train a new one."
+                )
+            if decomposed and (len(decomposed) != len(layers) or any(d.per_output for d in decomposed)):
+                raise UserError(
+                    f"LoRA '{name}' has DoRA magnitudes per output row"
+                    + (" on some layers only" if len(decomposed) != len(layers) else "")
+                    + " (LyCORIS's default); training continues DoRA files with a magnitude per input column on "
+                    "every layer (the layout A1111 applies), as it makes them. Choose another name to train a new one."
                 )
         bundle = self._bundle_plan(name, existing, bundle_embedding, bundle_vectors)
         if network_type not in NETWORK_TYPES.values():
@@ -389,6 +401,8 @@ class TrainingService:
                 "network_type",
             )
         trained_kind = network_type_of(existing) if existing is not None else network_type
+        # DoRA: a new file as asked, a continued one as it is
+        dora = bool(dora_wd) if existing is None else any(isinstance(x, DoraLayer) for x in existing.layers.values())
         existing_args = _json_object(existing.metadata.get("ss_network_args", "")) if existing is not None else {}
         factor = _lokr_factor(lokr_factor, network_type if existing is None else "lokr")
         if existing is not None and trained_kind == "lokr":  # the layout the file was made with
@@ -452,11 +466,13 @@ class TrainingService:
                 model = self.models.get()
                 metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
                 metadata["ss_scale_weight_norms"] = str(max_norm or None)  # kohya writes "None" when off
-                if trained_kind != "lora":  # what kohya writes for LyCORIS networks
+                if trained_kind != "lora" or dora:  # what kohya writes for LyCORIS networks
                     metadata["ss_network_module"] = "lycoris.kohya"
                 metadata["ss_network_dropout"] = str(dropout.network or None)
                 if existing is None:  # kohya's record of its network_args
                     args = {"algo": trained_kind} if trained_kind != "lora" else {}
+                    if dora:  # LyCORIS's record; its LoRA is "locon" (with or without convolutions)
+                        args = {"algo": args.get("algo", "locon"), "dora_wd": "True", "wd_on_output": "False"}
                     if factor != -1:
                         args["factor"] = str(factor)  # LyCORIS's record, which a continued run reads back
                     if conv_dim_value:
@@ -494,6 +510,7 @@ class TrainingService:
                     max_norm=max_norm,
                     dropout=dropout,
                     lokr_factor=factor,
+                    dora_wd=dora,
                 )
                 try:
                     with self.models.placed_for_training(model):

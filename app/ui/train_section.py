@@ -59,6 +59,7 @@ LORA_FIELDS = (
     "rank_dropout",
     "module_dropout",
     "lokr_factor",
+    "dora_wd",
 )
 
 
@@ -117,6 +118,9 @@ class TrainSection:
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
                 f["lokr_factor"] = gr.Number(
                     value=-1, precision=0, label="LoKr factor (-1: automatic)", elem_id=f"{p}_lokr_factor"
+                )
+                f["dora_wd"] = gr.Checkbox(
+                    False, label="DoRA (weight-decomposed, a new file)", elem_id=f"{p}_dora_wd", min_width=160
                 )
             with gr.Row():
                 f["conv_dim"] = gr.Number(
@@ -439,6 +443,7 @@ class TrainSection:
                     rank_dropout=given["rank_dropout"] or 0.0,
                     module_dropout=given["module_dropout"] or 0.0,
                     lokr_factor=-1 if given["lokr_factor"] is None else int(given["lokr_factor"]),
+                    dora_wd=bool(given["dora_wd"]),
                 )
             else:
                 self.services.training.train_hypernetwork(cfg)
