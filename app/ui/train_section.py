@@ -107,20 +107,22 @@ class TrainSection:
             )
             f["name_refresh"] = gr.Button("🔄", elem_id=f"{p}_{spec.kind}_refresh", scale=0, min_width=48)
         if spec.kind == "lora":
-            f["network_type"] = gr.Radio(
-                [("LoRA", "lora"), ("LyCORIS LoHa", "loha"), ("LyCORIS LoKr", "lokr")],
-                value="lora",
-                label="Network type (a new file; an existing one continues as what it is)",
-                elem_id=f"{p}_network_type",
-            )
+            with gr.Row(equal_height=True):
+                f["network_type"] = gr.Radio(
+                    [("LoRA", "lora"), ("LyCORIS LoHa", "loha"), ("LyCORIS LoKr", "lokr")],
+                    value="lora",
+                    label="Network type (a new file; an existing one continues as what it is)",
+                    elem_id=f"{p}_network_type",
+                    scale=3,
+                )
+                f["dora_wd"] = gr.Checkbox(
+                    False, label="DoRA (weight-decomposed)", elem_id=f"{p}_dora_wd", scale=1, min_width=120
+                )
             with gr.Row():
                 f["rank"] = gr.Number(value=8, precision=0, label="Rank (network dim)", elem_id=f"{p}_rank")
                 f["alpha"] = gr.Number(value=8, label="Alpha", elem_id=f"{p}_alpha")
                 f["lokr_factor"] = gr.Number(
                     value=-1, precision=0, label="LoKr factor (-1: automatic)", elem_id=f"{p}_lokr_factor"
-                )
-                f["dora_wd"] = gr.Checkbox(
-                    False, label="DoRA (weight-decomposed, a new file)", elem_id=f"{p}_dora_wd", min_width=160
                 )
             with gr.Row():
                 f["conv_dim"] = gr.Number(
@@ -345,14 +347,15 @@ class TrainSection:
                 f["huber_schedule"] = gr.Dropdown(
                     list(HUBER_SCHEDULES), value="snr", label="Huber schedule", elem_id=f"{p}_huber_schedule"
                 )
+            with gr.Row():
                 f["huber_c"] = gr.Number(value=0.1, label="Huber c (0.1 usual)", elem_id=f"{p}_huber_c")
                 f["huber_scale"] = gr.Number(value=1, label="Huber scale", elem_id=f"{p}_huber_scale")
+            f["debiased_estimation_loss"] = gr.Checkbox(
+                False,
+                label="Debiased estimation loss (nearly clean timesteps count far less)",
+                elem_id=f"{p}_debiased_estimation_loss",
+            )
             with gr.Row():
-                f["debiased_estimation_loss"] = gr.Checkbox(
-                    False,
-                    label="Debiased estimation loss (nearly clean timesteps count far less)",
-                    elem_id=f"{p}_debiased_estimation_loss",
-                )
                 f["min_timestep"] = gr.Number(
                     value=0, precision=0, label="Min timestep (0-999)", elem_id=f"{p}_min_timestep"
                 )
