@@ -447,6 +447,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_field(page, "train_lora_rank", 4)
     fill_field(page, "train_lora_alpha", 4)
     fill_field(page, "train_lora_conv_dim", 2)  # LoCon: the ResNet convolutions too
+    page.locator("#train_lora_dora_wd input").check()  # weight-decomposed
 
     fill_field(page, "train_lora_dataset_directory", dataset)
     fill_field(page, "train_lora_reg_data_dir", reg)
@@ -456,6 +457,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_in_opened_accordion(page, "train_lora_min_snr_gamma", 5)
     fill_in_opened_accordion(page, "train_lora_scale_weight_norms", 1)  # kohya's max-norm
     fill_in_opened_accordion(page, "train_lora_network_dropout", 0.1)  # and dropout
+    pick_option(page, "#train_lora_loss_type input", "Huber", exact=True)
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
@@ -478,6 +480,8 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     with safe_open(str(server.data_dir / "models" / "Lora" / "uitrained.safetensors"), "pt") as f:
         assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[:2] == (2, 32)
         assert (f.metadata()["ss_scale_weight_norms"], f.metadata()["ss_network_dropout"]) == ("1.0", "0.1")
+        assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.dora_scale").shape == (1, 32, 1, 1)
+        assert f.metadata()["ss_loss_type"] == "huber"
     page.get_by_role("tab", name="txt2img").click()
     page.locator("#lora_refresh").click()
     page.locator("#lora_cards").get_by_text("uitrained", exact=True).click()
