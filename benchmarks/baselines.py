@@ -157,7 +157,7 @@ def baseline_step(
     from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from app.training.loop import denoising_target
+    from app.training.losses import denoising_target
 
     device, vae, unet = model.device, model.pipe.vae, model.pipe.unet
     noise_schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)

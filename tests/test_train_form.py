@@ -65,8 +65,12 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
             debiased_estimation_loss=True,
             min_timestep=100,
             max_timestep=900,
+            validation_split=0.2,
+            validate_every_n_steps=50,
+            validation_seed=None,  # empty: the run's seed
         )
     )
+    assert (cfg.validation_split, cfg.validate_every_n_steps, cfg.validation_seed) == (0.2, 50, None)
     assert (cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) == ("huber", "exponential", 0.1, 1.0)
     assert (cfg.debiased_estimation_loss, cfg.min_timestep, cfg.max_timestep) == (True, 100, 900)
     assert (cfg.enable_bucket, cfg.min_snr_gamma, cfg.noise_offset, cfg.keep_tokens) == (True, 5.0, 0.0, 2)
@@ -75,7 +79,8 @@ def test_the_form_s_kohya_options_reach_the_run_s_settings(services):
     assert (cfg.save_precision, cfg.gradient_checkpointing) == ("bf16", "off")
     assert (cfg.reg_data_dir, cfg.prior_loss_weight) == ("/data/reg", 1.0)
     assert (cfg.optimizer_type, cfg.optimizer_args) == ("Prodigy", "d_coef=2")
-    given = section.config(values(section, name="zqform", prior_loss_weight=0.5))
+    given = section.config(values(section, name="zqform", prior_loss_weight=0.5, validation_seed=7.0))
+    assert given.validation_seed == 7 and isinstance(given.validation_seed, int)
     assert (given.reg_data_dir, given.prior_loss_weight) == ("", 0.5)
     assert (given.optimizer_type, given.optimizer_args) == ("AdamW", "")  # the defaults
 

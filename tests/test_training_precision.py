@@ -24,7 +24,8 @@ from app.prompts.encoder import PromptEncoder
 from app.settings import Settings
 from app.training.config import TrainConfig
 from app.training.dataset import load_dataset
-from app.training.loop import all_finite, denoising_loss, train
+from app.training.loop import all_finite, train
+from app.training.losses import denoising_loss
 from app.training.precision import (
     MAX_SKIPPED_IN_A_ROW,
     Checkpointing,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from app.errors import UserError
 from app.hypernetworks.files import read_hypernetwork_file
-from app.training.loop import denoising_target
+from app.training.losses import denoising_target
 from tests.conftest import make_data_dir
 from tests.test_training import cfg, fresh, make_dataset, vectors
 

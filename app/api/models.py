@@ -10,6 +10,7 @@ from app.embeddings.service import MAX_VECTORS
 from app.generation.txt2img import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from app.hypernetworks.service import MAX_WIDTH
 from app.training.service import MAX_LORA_ALPHA, MAX_LORA_RANK, MAX_WEIGHT_NORM
+from app.training.validation import MAX_VALIDATION_SEED
 
 
 def bounded(
@@ -161,6 +162,11 @@ class TrainRequest(BaseModel):
     debiased_estimation_loss: bool = False
     min_timestep: int = bounded(0, 0, 999)
     max_timestep: int = bounded(1000, 1, 1000)
+    # ours (kohya's names): the share of training images held out for a validation loss (0 = off), the seed that
+    # picks them and their noise (null: the run's), how often (every N steps; 0 = at each epoch's end)
+    validation_split: float = bounded(0.0, 0, exclusive_maximum=1)
+    validation_seed: int | None = bounded(None, 0, MAX_VALIDATION_SEED)
+    validate_every_n_steps: int = bounded(0, 0)
     # Required, as in A1111's API: a request that left it out would start a 100000-step run (A1111's UI default)
     # that holds the model and the queue for days.
     steps: int = bounded(..., 1)

@@ -51,6 +51,11 @@ class TrainConfig:
     debiased_estimation_loss: bool = False
     min_timestep: int = 0
     max_timestep: int = 1000
+    # ours (kohya's names, validation.py): the share of training images held out for a validation loss (0 = off),
+    # the seed that picks them and their noise (None: the run's), every N steps (0: at each epoch's end)
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    validate_every_n_steps: int = 0
     # LoRAs: "fp16", "bf16" or "fp32" for the file; "" = fp16 for a new LoRA, the file's own for a continued one
     save_precision: str = ""
     steps: int = 100000

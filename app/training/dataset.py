@@ -40,6 +40,8 @@ class TrainingImage:
     # a regularization image (kohya's reg_data_dir, DreamBooth's prior preservation): trained on its own caption
     # alone, without the trained name, so the network keeps what the model already made of that class
     is_reg: bool = False
+    # held out for the validation loss (kohya's validation_split): never trained on
+    is_validation: bool = False
 
     def time_ids(self) -> list[float]:
         """SDXL's six size numbers: original (h, w), crop (top, left), target (h, w)."""
@@ -187,10 +189,11 @@ def load_dataset(
 
 
 def epoch_items(images: list[TrainingImage]) -> list[int]:
-    """The image indices of one epoch: each training image `repeats` times, then as many regularization samples
+    """The image indices of one epoch: each training image `repeats` times (not those held out for validation),
+    then as many regularization samples
     as there are training samples (kohya's balance: the regularization images with their repeats, in order, cycled
     when they are fewer and cut off when they are more), so prior preservation weighs as much as the subject."""
-    train = [i for i, im in enumerate(images) if not im.is_reg for _ in range(im.repeats)]
+    train = [i for i, im in enumerate(images) if not im.is_reg and not im.is_validation for _ in range(im.repeats)]
     pool = [i for i, im in enumerate(images) if im.is_reg for _ in range(im.repeats)]
     return train + ([pool[k % len(pool)] for k in range(len(train))] if pool else [])
 

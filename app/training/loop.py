@@ -6,8 +6,6 @@ saved with every checkpoint, so N steps in one go equal N/2 + interrupt + N/2 bi
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -32,13 +30,15 @@ from app.models.out_of_memory import OutOfMemoryError, guarded, is_out_of_memory
 from app.training.buckets import BucketSchedule
 from app.training.checkpoint import commit_optim, fit_param_groups, load_optim, pending_path, save_optim
 from app.training.config import OWN_RATES, TrainConfig
+from app.training.csv_log import CsvLog
 from app.training.dataset import TrainingImage, epoch_items, prompt_for
 from app.training.latents import LatentCache
-from app.training.losses import HUBER_LOSSES, debiased_weights, elementwise_loss, huber_thresholds, min_snr_weights
+from app.training.losses import PREDICTION_TYPES, denoising_loss, denoising_target, run_thresholds, timestep_weights
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import DEFAULT_OPTIMIZER, make_optimizer, optimizer_name
 from app.training.precision import MAX_SKIPPED_IN_A_ROW, MixedPrecision, training_memory
 from app.training.targets import TrainingTarget
+from app.training.validation import VALIDATION_FIELDS, is_validation_step, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class TrainResult:
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed (no update; the loss scale was halved)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step, checkpoints/previews excluded
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on held-out images)
     checkpointing_from: int | None = None  # `auto` turned gradient checkpointing on at this step (out of memory)
     checkpointing: str = ""  # how the run ended up: "on", "off", or "on from step N"
 
@@ -120,43 +121,7 @@ def sample_indices(items: list[int], seed: int, step: int, per_step: int) -> lis
     return picks
 
 
-class LossLog:
-    """`<kind>_loss.csv`: one row per step; rows past the resume point (left by a kill) are dropped first."""
-
-    FIELDS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        rows = []
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, self.FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, text.getvalue())  # a kill or a full disk here keeps the old log whole
-
-    def write(self, step: int, epoch: int, epoch_step: int, loss: float, rate: float) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow([step, epoch, epoch_step, f"{loss:.7f}", rate])
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def denoising_target(noise_schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict for `x0` noised with `noise` at `t`, by the model's `prediction_type`: the
-    noise (SD 1.x, SDXL, SD 2.x 512 px), the velocity sqrt(a)*noise - sqrt(1-a)*x0 (SD 2.x 768 px "v" models), or
-    the clean latent. Training a v model on the noise would teach it the wrong thing and still lower a loss."""
-    prediction = noise_schedule.config.prediction_type
-    if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return noise_schedule.get_velocity(x0, noise, t)
-    if prediction == "sample":
-        return x0
-    raise ValueError(f"unknown prediction_type {prediction!r}")
+LOSS_FIELDS = ("step", "epoch", "epoch_step", "loss", "learn_rate")  # A1111's `<kind>_loss.csv`
 
 
 def pyramid_noise(noise: torch.Tensor, g: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
@@ -175,49 +140,6 @@ def pyramid_noise(noise: torch.Tensor, g: torch.Generator, iterations: int, disc
         if coarse_h == 1 or coarse_w == 1:
             break  # the coarsest level is one value per channel
     return total / total.std()
-
-
-def denoising_loss(
-    target: TrainingTarget,
-    unet: torch.nn.Module,
-    amp: MixedPrecision,
-    texts: list[str],
-    noisy: torch.Tensor,
-    t: torch.Tensor,
-    wanted: torch.Tensor,
-    clip_skip: int,
-    weight: torch.Tensor | None = None,
-    time_ids: torch.Tensor | None = None,
-    sample_weights: torch.Tensor | None = None,
-    loss_type: str = "l2",
-    thresholds: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One micro-batch's loss: the conditioning and the UNet under autocast, the loss in fp32. Call it inside
-    `target.unet_context()`, and backward too: checkpointed layers run their forward again during backward.
-
-    SDXL models also get the pooled prompt embedding and each sample's size conditioning (`time_ids`, one row of
-    six numbers per sample: original size, crop top-left, target size), as SDXL itself was trained.
-    `weight`: per element (the alpha channel); `sample_weights`: per sample (Min-SNR, debiased estimation, prior
-    loss weight); `loss_type`: the MSE (`l2`) or another of `losses.LOSS_TYPES`, with a Huber threshold per sample
-    (`thresholds`) for the Huber kinds."""
-    unet_dtype = amp.model_dtype
-    with amp.autocast():
-        cond, pooled = target.conditioning(texts, clip_skip)
-        added = None
-        if pooled is not None:
-            if time_ids is None:
-                height, width = noisy.shape[-2] * 8, noisy.shape[-1] * 8
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]] * noisy.shape[0], dtype=torch.float32)
-            added = {"text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(noisy.device, unet_dtype)}
-        pred = unet(noisy.to(unet_dtype), t, encoder_hidden_states=cond.to(unet_dtype), added_cond_kwargs=added).sample
-    if weight is None and sample_weights is None and loss_type == "l2":
-        return F.mse_loss(pred.float(), wanted.float())
-    errors = elementwise_loss(pred.float(), wanted.float(), loss_type, thresholds)
-    if weight is not None:
-        errors = errors * weight
-    if sample_weights is None:
-        return errors.mean()
-    return (errors.mean(dim=tuple(range(1, errors.dim()))) * sample_weights.to(errors.device)).mean()
 
 
 def train(
@@ -353,17 +275,24 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                         "seed": seed,
                         "start_step": step,
                         "model": model.info.title,
-                        "images": sum(not im.is_reg for im in images),
+                        "images": sum(not im.is_reg and not im.is_validation for im in images),
                         "regularization_images": sum(im.is_reg for im in images),
+                        "validation_images": sum(im.is_validation for im in images),
                     },
                     indent=2,
                     default=str,
                 ),
             )
             loss_name = f"{'textual_inversion' if target.kind == 'embedding' else target.kind}_loss.csv"
-            loss_log = LossLog(log_dir / loss_name, step)
+            loss_log = CsvLog(log_dir / loss_name, LOSS_FIELDS, step)
+            validation_log = (
+                CsvLog(log_dir / "validation_loss.csv", VALIDATION_FIELDS, step)
+                if any(im.is_validation for im in images)
+                else None
+            )
     except SaveFailed as e:
         raise SaveFailed(f"Training did not start: {e}. Nothing was changed; {SAVE_REMEDY}.") from None
+    validation_seed = int(cfg.validation_seed) if cfg.validation_seed is not None else seed
     recent: deque[float] = deque(maxlen=max(1, 3 * len(images)))
     result = TrainResult(target.name, target.path, step, log_dir)
     started, start_step = time.time(), step
@@ -478,10 +407,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 if cfg.ip_noise_gamma:  # input perturbation: the UNet sees noise + gamma * more noise, learns `noise`
                     extra = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
                     noise_in = noise + float(cfg.ip_noise_gamma) * extra
-                per_sample = min_snr_weights(noise_schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-                if cfg.debiased_estimation_loss:  # kohya's order: after Min-SNR, both may apply
-                    debiased = debiased_weights(noise_schedule, t)
-                    per_sample = debiased if per_sample is None else per_sample * debiased
+                per_sample = timestep_weights(noise_schedule, t, cfg)  # Min-SNR, debiased estimation
                 if weigh_prior:
                     prior = torch.tensor([prior_weight if images[i].is_reg else 1.0 for i in chosen])
                     per_sample = prior if per_sample is None else per_sample * prior
@@ -505,9 +431,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                         time_ids,
                         per_sample,
                         cfg.loss_type,
-                        huber_thresholds(noise_schedule, t, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale)
-                        if cfg.loss_type in HUBER_LOSSES
-                        else None,
+                        run_thresholds(noise_schedule, t, cfg),
                     )
                     amp.backward(loss / cfg.gradient_step)
                 step_loss += loss.item() / cfg.gradient_step
@@ -569,7 +493,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
         epoch, epoch_step = divmod(step - 1, steps_per_epoch)
         try:
             with writing("loss log", log_dir):
-                loss_log.write(step, epoch, epoch_step + 1, step_loss, rate)
+                loss_log.append([step, epoch, epoch_step + 1, f"{step_loss:.7f}", rate])
         except SaveFailed as e:
             save_failed(e)
             break
@@ -583,6 +507,37 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 f"{elapsed / max(1, step - start_step):.3f} s/it" + (f", {update_note}" if update_note else "")
             )
             p.history.append((step, mean_loss))
+        if validation_log is not None and is_validation_step(step, cfg.validate_every_n_steps, steps_per_epoch):
+            try:
+                measured = guarded(
+                    device,
+                    lambda: validation_loss(
+                        target,
+                        unet,
+                        amp,
+                        noise_schedule,
+                        cfg,
+                        images,
+                        latents,
+                        weights,
+                        templates,
+                        clip_skip,
+                        validation_seed,
+                        device,
+                    ),
+                )
+                with writing("validation log", log_dir):
+                    validation_log.append([step, epoch, f"{measured:.7f}"])
+            except OutOfMemoryError as e:
+                out_of_memory(f"the validation loss after step {step} ({e.detail})", step)
+                break
+            except SaveFailed as e:
+                save_failed(e)
+                break
+            result.validation_losses.append((step, measured))
+            if job is not None:
+                job.progress.extra.setdefault("validation_history", []).append((step, measured))
+                job.progress.text += f", validation loss: {measured:.7f}"
         previewed = preview is not None and cfg.create_image_every and step % cfg.create_image_every == 0
         try:
             if cfg.save_every and step % cfg.save_every == 0:

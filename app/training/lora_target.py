@@ -385,12 +385,12 @@ class LoraTarget:
         return encode(self._encoder, texts, clip_skip, with_grad=self.trains_text_encoder)
 
     @contextmanager
-    def unet_context(self) -> Iterator[None]:
+    def unet_context(self, training: bool = True) -> Iterator[None]:
         """The training step's forward (the layers sit in the model for the whole run): the dropouts act here, and
-        PEFT's LoHa/LoKr layers drop only in training mode."""
-        self._in_training_forward = True
+        PEFT's LoHa/LoKr layers drop only in training mode; a validation forward (`training` False) drops nothing."""
+        self._in_training_forward = training
         for wrapper in self._dropping_wrappers:
-            wrapper.train(True)
+            wrapper.train(training)
         try:
             yield
         finally:

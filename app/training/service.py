@@ -46,6 +46,7 @@ from app.training.targets import (
     check_trainable,
 )
 from app.training.templates import list_templates, read_template
+from app.training.validation import MAX_VALIDATION_SEED, hold_out
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class TrainingService:
         for label, value, field in (
             ("Drop out tags", cfg.tag_drop_out, "tag_drop_out"),
             ("Caption dropout", cfg.caption_dropout_rate, "caption_dropout_rate"),
+            ("Validation split", cfg.validation_split, "validation_split"),
         ):
             if not 0 <= float(value) < 1:
                 raise UserError(f"{label} must be between 0 and 1 (exclusive), got {value}.", field)
@@ -185,9 +187,16 @@ class TrainingService:
             ("Keep tokens", cfg.keep_tokens, "keep_tokens", 0, 1000),
             ("Warmup steps", cfg.lr_warmup_steps, "lr_warmup_steps", 0, 10_000_000),
             ("Cycles", cfg.lr_scheduler_num_cycles, "lr_scheduler_num_cycles", 1, 1000),
+            ("Validate every N steps", cfg.validate_every_n_steps, "validate_every_n_steps", 0, 10_000_000),
         ):
             if not low <= int(value) <= top:
                 raise UserError(f"{label} must be between {low} and {top}, got {value}.", field)
+        if cfg.validation_seed is not None and not 0 <= int(cfg.validation_seed) <= MAX_VALIDATION_SEED:
+            raise UserError(
+                f"Validation seed must be between 0 and {MAX_VALIDATION_SEED} (or empty: the run's seed), got "
+                f"{cfg.validation_seed}.",
+                "validation_seed",
+            )
         if cfg.clip_grad_mode != "disabled":
             LearnRateSchedule(cfg.clip_grad_value, cfg.steps, "Gradient clipping value")
         if cfg.preview_from_txt2img:
@@ -211,6 +220,15 @@ class TrainingService:
             f"loading the training images at {width}×{height}",
             "Nothing was changed. Try a smaller training size, or fewer or smaller images.",
         )
+        if cfg.validation_split:
+            if sum(not im.is_reg for im in images) < 2:
+                raise UserError(
+                    "A validation loss needs at least 2 training images: one or more are held out, the rest train. "
+                    "Add images, or set the validation split to 0.",
+                    "validation_split",
+                )
+            held_seed = int(cfg.validation_seed) if cfg.validation_seed is not None else seed
+            images = hold_out(images, float(cfg.validation_split), held_seed)
         if str(cfg.reg_data_dir or "").strip():
             reg_root = self.folders.check(cfg.reg_data_dir, "Regularization image directory")
             if cfg.data_root and reg_root == Path(cfg.data_root).resolve():
@@ -669,7 +687,7 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
     the same file as an uninterrupted one)."""
     v2 = not model.is_xl and int(model.pipe.text_encoder.config.hidden_size) == 1024
     version = "sdxl_base_v1-0" if model.is_xl else "sd_v2" if v2 else "sd_v1"
-    train = [im for im in run.images if not im.is_reg]
+    train = [im for im in run.images if not im.is_reg and not im.is_validation]
     reg = [im for im in run.images if im.is_reg]
     return {
         "ss_network_module": "networks.lora",
@@ -700,6 +718,9 @@ def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: 
         "ss_multires_noise_discount": str(float(cfg.multires_noise_discount)),
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
         "ss_debiased_estimation": str(bool(cfg.debiased_estimation_loss)),
+        "ss_validation_split": str(float(cfg.validation_split)),
+        "ss_validation_seed": str(cfg.validation_seed),  # kohya writes "None" when unset (the run's seed)
+        "ss_validate_every_n_steps": str(int(cfg.validate_every_n_steps) or None),  # None: at each epoch's end
         "ss_loss_type": str(cfg.loss_type),
         "ss_huber_schedule": str(cfg.huber_schedule),
         "ss_huber_c": str(float(cfg.huber_c)),

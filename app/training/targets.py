@@ -53,7 +53,10 @@ class TrainingTarget(Protocol):
         """(hidden states, pooled): pooled is SDXL's second-encoder projection, None for SD 1.x/2.x."""
         ...
 
-    def unet_context(self) -> AbstractContextManager: ...
+    def unet_context(self, training: bool = True) -> AbstractContextManager:
+        """Around a forward (and its backward) of the UNet with the trained network in it; `training`: a training
+        step (dropout on), not a validation forward."""
+        ...
 
     def preview_encoder(self) -> PromptEncoder: ...
 
@@ -173,7 +176,7 @@ class EmbeddingTarget:
     def conditioning(self, texts: list[str], clip_skip: int) -> Conditioning:
         return encode(self._encoder, texts, clip_skip, with_grad=True)
 
-    def unet_context(self) -> AbstractContextManager:
+    def unet_context(self, training: bool = True) -> AbstractContextManager:
         return nullcontext()
 
     def preview_encoder(self) -> PromptEncoder:
@@ -270,8 +273,8 @@ class HypernetworkTarget:
         return encode(self._encoder, texts, clip_skip, with_grad=False)
 
     @contextmanager
-    def unet_context(self):
-        self.hn.train(True)
+    def unet_context(self, training: bool = True):
+        self.hn.train(training)
         with self._stack.using([(self.hn, 1.0)]):
             yield
 

@@ -42,6 +42,7 @@ EMPTIED_NUMBERS = {
     "prior_loss_weight": 1.0,
     "huber_c": 0.1,
     "huber_scale": 1.0,
+    "validation_split": 0.0,
 }
 # not TrainConfig fields: passed to train_lora
 LORA_FIELDS = (
@@ -356,6 +357,18 @@ class TrainSection:
                 elem_id=f"{p}_debiased_estimation_loss",
             )
             with gr.Row():
+                f["validation_split"] = gr.Number(
+                    value=0,
+                    label="Validation split: the share of images held out for a validation loss (0 = off; 0.1-0.2)",
+                    elem_id=f"{p}_validation_split",
+                )
+                f["validate_every_n_steps"] = gr.Number(
+                    value=0, precision=0, label="Validate every N steps (0: each epoch)", elem_id=f"{p}_validate_every"
+                )
+                f["validation_seed"] = gr.Number(
+                    value=None, precision=0, label="Validation seed (empty: the run's)", elem_id=f"{p}_validation_seed"
+                )
+            with gr.Row():
                 f["min_timestep"] = gr.Number(
                     value=0, precision=0, label="Min timestep (0-999)", elem_id=f"{p}_min_timestep"
                 )
@@ -395,11 +408,14 @@ class TrainSection:
             "lr_scheduler_num_cycles",
             "min_timestep",
             "max_timestep",
+            "validate_every_n_steps",
         )
         for key in numbers:
             if key in given and given[key] is None:  # an emptied number box: say which, not int(None)'s TypeError
                 raise UserError(f"'{self.fields[key].label}' is empty: enter a whole number.", key)
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
+        if fields.get("validation_seed") is not None:  # empty: the run's seed
+            fields["validation_seed"] = int(fields["validation_seed"])
         for key in ("name", "template_filename", "optimizer_args", "reg_data_dir", "embedding_lr"):  # not on every tab
             if key in fields:
                 fields[key] = fields[key] or ""

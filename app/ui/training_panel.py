@@ -36,6 +36,13 @@ def _progress_html(job) -> str:
     )
 
 
+def loss_rows(training: list, validation: list) -> list[tuple[int, float, str]]:
+    """The plot's rows: the training loss's points, then the validation loss's (one line each)."""
+    return [(step, loss, "training") for step, loss in training] + [
+        (step, loss, "validation") for step, loss in validation
+    ]
+
+
 class TrainingPanel:
     def __init__(self, services: Services, kind: str, elem_prefix: str):
         self.services = services
@@ -47,10 +54,11 @@ class TrainingPanel:
                 label="Latest preview", interactive=False, height=256, elem_id=f"{elem_prefix}_preview"
             )
             self.plot = gr.LinePlot(
-                pd.DataFrame({"step": [], "loss": []}),
+                pd.DataFrame({"step": [], "loss": [], "series": []}),
                 x="step",
                 y="loss",
-                title="Loss (mean of recent steps)",
+                color="series",
+                title="Loss (training: mean of recent steps; validation: on the held-out images)",
                 elem_id=f"{elem_prefix}_loss_plot",
                 height=240,
             )
@@ -79,6 +87,6 @@ class TrainingPanel:
         if p.preview is not None and p.preview_id != shown_preview:
             shown_preview = p.preview_id
             preview = p.preview()
-        history = list(p.history)
-        plot = pd.DataFrame(history, columns=["step", "loss"]) if history else gr.update()
+        history = loss_rows(p.history, p.extra.get("validation_history", []))
+        plot = pd.DataFrame(history, columns=["step", "loss", "series"]) if history else gr.update()
         return [message, _progress_html(job), preview, plot, shown_preview]
