@@ -50,7 +50,7 @@ images_strategy = st.lists(st.tuples(st.integers(1, 5), st.booleans()), max_size
 
 @given(images_strategy)
 def test_an_epoch_holds_as_many_regularization_samples_as_training_samples(spec):
-    images = [SimpleNamespace(repeats=r, is_reg=is_reg) for r, is_reg in spec]
+    images = [SimpleNamespace(repeats=r, is_reg=is_reg, is_validation=False) for r, is_reg in spec]
     items = epoch_items(images)
     train = [i for i, im in enumerate(images) if not im.is_reg for _ in range(im.repeats)]
     pool = [i for i, im in enumerate(images) if im.is_reg for _ in range(im.repeats)]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import app.training.loop as loop_module
+import app.training.csv_log as csv_log_module
 from app.embeddings.formats import read_embedding_file
 from app.generation.txt2img import Txt2ImgParams
 from app.training.loop import SaveFailed
@@ -69,7 +69,7 @@ class Faults:
             return real_open(file, mode, *args, **kwargs)
 
         monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(loop_module, "open", append_open, raising=False)
+        monkeypatch.setattr(csv_log_module, "open", append_open, raising=False)
 
     def _check(self, path) -> None:
         if not fnmatch.fnmatch(Path(path).as_posix(), self.pattern):

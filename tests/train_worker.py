@@ -46,7 +46,7 @@ def arm(spec: str, services) -> None:
 
         os.replace = replace
     elif point == "csv":
-        import app.training.loop as loop_module
+        import app.training.csv_log as csv_log_module
 
         real_open = open
 
@@ -70,7 +70,7 @@ def arm(spec: str, services) -> None:
             def __exit__(self, *exc):
                 return self.f.__exit__(*exc)
 
-        loop_module.open = lambda file, mode="r", *a, **k: (
+        csv_log_module.open = lambda file, mode="r", *a, **k: (
             TornWriter(real_open(file, mode, *a, **k)) if "a" in mode else real_open(file, mode, *a, **k)
         )
     else:
