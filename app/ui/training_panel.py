@@ -36,13 +36,6 @@ def _progress_html(job) -> str:
     )
 
 
-def loss_rows(training: list, validation: list) -> list[tuple[int, float, str]]:
-    """The plot's rows: the training loss's points, then the validation loss's (one line each)."""
-    return [(step, loss, "training") for step, loss in training] + [
-        (step, loss, "validation") for step, loss in validation
-    ]
-
-
 class TrainingPanel:
     def __init__(self, services: Services, kind: str, elem_prefix: str):
         self.services = services
@@ -54,13 +47,23 @@ class TrainingPanel:
                 label="Latest preview", interactive=False, height=256, elem_id=f"{elem_prefix}_preview"
             )
             self.plot = gr.LinePlot(
-                pd.DataFrame({"step": [], "loss": [], "series": []}),
+                pd.DataFrame({"step": [], "loss": []}),
                 x="step",
                 y="loss",
-                color="series",
-                title="Loss (training: mean of recent steps; validation: on the held-out images)",
+                title="Loss (mean of recent steps)",
                 elem_id=f"{elem_prefix}_loss_plot",
                 height=240,
+            )
+            # A plot of its own, shown once a run measures it: gradio 6 does not redraw a plot's second colour
+            # series on update (tried), and the two losses have different scales anyway.
+            self.validation_plot = gr.LinePlot(
+                pd.DataFrame({"step": [], "loss": []}),
+                x="step",
+                y="loss",
+                title="Validation loss (held-out images)",
+                elem_id=f"{elem_prefix}_validation_plot",
+                height=200,
+                visible=False,
             )
         shown_preview = gr.State(-1)  # per browser session: which preview this page already shows
         timer = gr.Timer(POLL_SECONDS)
@@ -68,12 +71,12 @@ class TrainingPanel:
 
     @property
     def outputs(self) -> list:
-        return [self.message, self.progress, self.preview, self.plot]
+        return [self.message, self.progress, self.preview, self.plot, self.validation_plot]
 
     def poll(self, shown_preview: int):
         job = self.services.training.running()
         if job is None or not job.kind.endswith(self.kind):
-            return [gr.update()] * 4 + [shown_preview]
+            return [gr.update()] * 5 + [shown_preview]
         message = gr.update()
         if job.finished:
             if job.error is not None:
@@ -87,6 +90,12 @@ class TrainingPanel:
         if p.preview is not None and p.preview_id != shown_preview:
             shown_preview = p.preview_id
             preview = p.preview()
-        history = loss_rows(p.history, p.extra.get("validation_history", []))
-        plot = pd.DataFrame(history, columns=["step", "loss", "series"]) if history else gr.update()
-        return [message, _progress_html(job), preview, plot, shown_preview]
+        history = list(p.history)
+        plot = pd.DataFrame(history, columns=["step", "loss"]) if history else gr.update()
+        measured = list(p.extra.get("validation_history", []))
+        validation = (
+            gr.update(value=pd.DataFrame(measured, columns=["step", "loss"]), visible=True)
+            if measured
+            else gr.update(visible=False)
+        )
+        return [message, _progress_html(job), preview, plot, validation, shown_preview]

@@ -458,6 +458,8 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     fill_in_opened_accordion(page, "train_lora_scale_weight_norms", 1)  # kohya's max-norm
     fill_in_opened_accordion(page, "train_lora_network_dropout", 0.1)  # and dropout
     pick_option(page, "#train_lora_loss_type input", "Huber", exact=True)
+    fill_in_opened_accordion(page, "train_lora_validation_split", 0.25)  # one of the 4 images held out
+    fill_in_opened_accordion(page, "train_lora_validate_every", 4)
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
@@ -475,6 +477,8 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
         0.5,
         2,
     )
+    assert settings["validation_images"] == 1 and settings["validate_every_n_steps"] == 4
+    page.locator("#lora_train_validation_plot").wait_for()  # shown once the run measured it
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
     with safe_open(str(server.data_dir / "models" / "Lora" / "uitrained.safetensors"), "pt") as f:
