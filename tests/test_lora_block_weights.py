@@ -94,10 +94,57 @@ def test_what_cannot_be_honoured_gets_a_note(services, folder):  # noqa: F811
         result = gen(services, f"a blue square {tag}")
         assert len(result.notes) == 1 and says in result.notes[0], (tag, result.notes)
         assert np.array_equal(pixels(result), base)  # not applied rather than applied otherwise than asked
-    # a step range: applied to every step, with a note
-    ranged = gen(services, "a blue square <lora:zqlbwbad:1:lbw=ALL:stop=3>")
-    assert len(ranged.notes) == 1 and "start/stop steps are not supported" in ranged.notes[0]
-    assert np.array_equal(pixels(ranged), pixels(gen(services, "a blue square <lora:zqlbwbad:1:lbw=ALL>")))
+    for tag, says in [
+        ("<lora:zqlbwbad:1:stop=x>", "stop step 'x' is not a whole number"),
+        ("<lora:zqlbwbad:1:start=-2>", "start step -2 is below 0"),
+    ]:
+        result = gen(services, f"a blue square {tag}")
+        assert len(result.notes) == 1 and says in result.notes[0], (tag, result.notes)
+        assert np.array_equal(pixels(result), base)
+
+
+def test_a_step_range_applies_the_unet_part_from_start_up_to_stop(services, folder):  # noqa: F811
+    """The extension's `start=`, `stop=`, `step=A-B` (steps counted from 1, stop not included): a UNet layer the
+    file touches holds its merged weight at exactly those steps, the text encoder part applies throughout, and
+    the model is its own afterwards."""
+    pipe = services.models.get().pipe
+    layers = make_layers(pipe, seed=4)
+    save_file(kohya_file(pipe, layers), str(folder / "zqsteps.safetensors"))
+    probe = next(x.module for x in layers if x.component == "unet")
+    original = probe.weight.detach().clone()
+    seen: list[bool] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: seen.append(not torch.equal(probe.weight, original)))
+
+    def merged_at(tag: str, **kw) -> list[bool]:
+        seen.clear()
+        result = gen(services, f"a blue square {tag}", **kw)
+        assert result.notes == [], result.notes
+        return list(seen)
+
+    try:
+        assert merged_at("<lora:zqsteps:1>") == [True] * 6
+        assert merged_at("<lora:zqsteps:1:stop=3>") == [True, True, False, False, False, False]
+        assert merged_at("<lora:zqsteps:1:start=3>") == [False, False, True, True, True, True]
+        assert merged_at("<lora:zqsteps:1:step=2-4>") == [False, True, True, False, False, False]
+        # every image of a batch count starts its range again
+        assert merged_at("<lora:zqsteps:1:stop=2>", n_iter=2) == [True, False, False, False, False, False] * 2
+    finally:
+        handle.remove()
+    assert torch.equal(probe.weight, original)
+    # the text encoder part applies throughout: outside its range the LoRA is `<lora:x:1:0>` (te 1, UNet 0)
+    never = pixels(gen(services, "a blue square <lora:zqsteps:1:start=50>"))
+    assert np.array_equal(never, pixels(gen(services, "a blue square <lora:zqsteps:1:0>")))
+    assert np.array_equal(
+        pixels(gen(services, "a blue square <lora:zqsteps:1:start=1>")),
+        pixels(gen(services, "a blue square <lora:zqsteps:1>")),
+    )
+    full = pixels(gen(services, "a blue square <lora:zqsteps:1>"))
+    part = pixels(gen(services, "a blue square <lora:zqsteps:1:stop=3>"))
+    assert not np.array_equal(part, never) and not np.array_equal(part, full)
+    # with another LoRA applied throughout, each switch merges both from the original weights
+    save_file(kohya_file(pipe, make_layers(pipe, seed=5)), str(folder / "zqsteps2.safetensors"))
+    both = pixels(gen(services, "a blue square <lora:zqsteps2:1> <lora:zqsteps:1:start=50>"))
+    assert np.array_equal(both, pixels(gen(services, "a blue square <lora:zqsteps2:1> <lora:zqsteps:1:0>")))
 
 
 def test_the_block_of_every_layer_a_kohya_file_can_name():

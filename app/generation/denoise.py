@@ -71,13 +71,15 @@ def sample(
     on_step: StepCallback | None = None,
     start_index: int = 0,
     time_ids: torch.Tensor | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (fp32; scaled by the init sigma, or noised to the start timestep); returns the result.
 
     `steps` is how many steps run (the prompt schedule spans them). `start_index` skips the first timesteps, as
     img2img and the hires pass do. `time_ids` (SDXL: original size, crop, target size) switches on SDXL's extra
     conditioning with the pooled text embeddings. `on_step(step, total, latents)` runs after every scheduler step
-    and may raise to stop (interrupt).
+    and may raise to stop (interrupt). `before_step(step_index)` runs before each model call (a LoRA that applies
+    in a step range switches there).
     """
     batch = latents.shape[0]
     dtype = next(unet.parameters()).dtype
@@ -120,6 +122,8 @@ def sample(
 
     for i, t in enumerate(timesteps):
         step_index = min(steps - 1, int(i / per_step))
+        if before_step is not None:
+            before_step(step_index)
         model_in = scheduler.scale_model_input(latents, t).to(dtype)
         c, u, both_context, c_extra, u_extra, both_extra = context_for(step_index)
         if cfg_scale == 1.0:

@@ -383,7 +383,7 @@ class Txt2ImgService:
         encoder = encoder or model.encoder
         prompt_text, tags = extract_extra_networks(prompt)
         applied.enter_context(self.stack.using(networks))
-        tag_notes, network_fields = activate_all(self.network_kinds, model, tags, applied)
+        tag_notes, network_fields, before_step = activate_all(self.network_kinds, model, tags, applied)
         notes += tag_notes
         cond = ScheduledConditioning(encoder, prompt_text, p.steps, clip_skip)
         uncond = ScheduledConditioning(encoder, negative, p.steps, clip_skip)
@@ -458,6 +458,7 @@ class Txt2ImgService:
                         generators,
                         on_step,
                         time_ids=xl_time_ids(model, p.width, p.height),
+                        before_step=before_step,  # each image's first pass from its first step
                     )
                     if hires is not None:
                         latents = self._hires_pass(model, p, hires, latents, generators, schedule, seeds[0], on_step)

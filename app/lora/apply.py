@@ -17,8 +17,8 @@ merged tensor goes into that map; under --medvram the model hook moves the whole
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +53,60 @@ def lora_applied(applications: list[Application]) -> Iterator[None]:
         return
     with _merged(live):
         yield
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """The LoRA Block Weight extension's `start=`/`stop=`/`step=A-B`: the sampling steps (counted from 1) at which a
+    LoRA's UNet part applies, from `start` up to, not including, `stop` (None: from the first, to the last)."""
+
+    start: int | None = None
+    stop: int | None = None
+
+    def covers(self, index: int) -> bool:
+        """Whether the step of 0-based `index` is in the range."""
+        step = index + 1
+        return (self.start is None or step >= self.start) and (self.stop is None or step < self.stop)
+
+
+class StepSwitch:
+    """LoRAs some of which apply their UNet part only in a step range (the extension's syntax, as it does it in
+    A1111): their text-encoder part applies throughout (the prompt is encoded before sampling), their UNet part is
+    merged in at the first step of its range and taken out at its stop. Each change merges the set that applies from
+    the original weights again (a weight-dependent kind's update, DoRA or OFT, depends on the original weight, not
+    on another LoRA's), so a change costs one merge; the other steps run at the base model's speed.
+
+    `at_step(index)` before each step of a first pass; a second (hires) pass keeps the state the first left, as the
+    extension's does."""
+
+    def __init__(self, always: list[Application], ranged: list[tuple[Application, StepRange]]):
+        self.always = list(always)
+        # the text-encoder part of a ranged file applies throughout; its UNet part only in its range
+        self.always += [replace(app, unet_multiplier=0.0) for app, _ in ranged]
+        self.ranged = [(replace(app, te_multiplier=0.0), steps) for app, steps in ranged]
+        self._stack: ExitStack | None = None
+        self._active: tuple[int, ...] | None = None
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The LoRAs as they apply at the first step, for the body of the `with`; always restored."""
+        self._stack = ExitStack()
+        try:
+            self.at_step(0)
+            yield
+        finally:
+            self._stack.close()
+            self._stack, self._active = None, None
+
+    def at_step(self, index: int) -> None:
+        """Merge what applies at the step of 0-based `index`, if that differs from what is merged now."""
+        active = tuple(k for k, (_, steps) in enumerate(self.ranged) if steps.covers(index))
+        if self._stack is None or active == self._active:
+            return
+        self._stack.close()
+        self._stack = ExitStack()
+        self._active = active
+        self._stack.enter_context(lora_applied(self.always + [self.ranged[k][0] for k in active]))
 
 
 def delta_weight(bound: BoundLayer, weight: torch.Tensor, dyn: int | None = None) -> torch.Tensor:

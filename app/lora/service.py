@@ -8,14 +8,14 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
-from app.lora.apply import Application, lora_applied
+from app.lora.apply import Application, StepRange, StepSwitch, lora_applied
 from app.lora.block_weights import block_of, block_weights, read_presets
 from app.lora.files import (
     SUFFIXES,
@@ -95,7 +95,7 @@ class TagArgs:
     unet: float
     dyn: int | None  # DyLoRA rank, None: the full rank
     lbw: str  # block weights (a preset or values), "": none
-    steps: bool  # a step range (start=, stop=, step=), which is not supported
+    steps: StepRange | None  # the LoRA Block Weight extension's step range (start=, stop=, step=A-B); None: all
 
 
 def _rank(text: str, tag: ExtraNetworkTag) -> int:
@@ -108,6 +108,19 @@ def _rank(text: str, tag: ExtraNetworkTag) -> int:
         raise LoraFormatError(
             f"{tag.text}: dyn '{text}' is not a rank (a whole number of at least 1); LoRA not applied"
         )
+    return value
+
+
+def _step(text: str | None, what: str, tag: ExtraNetworkTag) -> int | None:
+    """A step of the extension's range (counted from 1), or None where it is not given."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise LoraFormatError(f"{tag.text}: {what} step '{text}' is not a whole number; LoRA not applied") from None
+    if value < 0:
+        raise LoraFormatError(f"{tag.text}: {what} step {value} is below 0; LoRA not applied")
     return value
 
 
@@ -364,7 +377,12 @@ class LoraService:
             unet = _number(named["unet"], "unet multiplier", tag)
         dyn_text = named.get("dyn", positional[2] if len(positional) > 2 else "")
         dyn = _rank(dyn_text, tag) if dyn_text else None
-        steps = any(k in named for k in ("start", "stop", "step"))
+        start, stop = named.get("start"), named.get("stop")
+        if "step" in named and "-" in named["step"]:  # the extension's `step=A-B`: from A up to B
+            start, _, stop = named["step"].partition("-")
+        steps = None
+        if start is not None or stop is not None:
+            steps = StepRange(_step(start, "start", tag), _step(stop, "stop", tag))
         return TagArgs(te, unet, dyn, named.get("lbw", named.get("w", "")), steps)
 
     def activate(self, model, tags: list[ExtraNetworkTag]) -> Activation:
@@ -375,6 +393,7 @@ class LoraService:
         table = self.table(model)
         label = model_label(model)
         applications: list[Application] = []
+        ranged: list[tuple[Application, StepRange]] = []  # applied in a step range only (their UNet part)
         notes: list[str] = []
         hashes: dict[str, str] = {}
         bundled: dict[str, Embedding] = {}
@@ -383,8 +402,6 @@ class LoraService:
             try:
                 args = self.multipliers(tag)
                 weights = block_weights(args.lbw, read_presets(self.presets_path)) if args.lbw else None
-                if args.steps:
-                    notes.append(f"{tag.text}: start/stop steps are not supported; the LoRA applies to every step")
                 f = self.find(name)
                 if f is None:
                     notes.append(f"{tag.text}: LoRA '{name}' not found in {self.db.folder}; generated without it")
@@ -398,12 +415,21 @@ class LoraService:
             if weights is not None:
                 unet_config = model.pipe.unet.config
                 scales = [weights.get(block_of(b.target, unet_config) or "", 1.0) for b in bound]
-            applications.append(Application(bound, args.te, args.unet, args.dyn, scales))
+            application = Application(bound, args.te, args.unet, args.dyn, scales)
+            if args.steps is None:
+                applications.append(application)
+            else:
+                ranged.append((application, args.steps))
             shown = name.replace(":", "").replace(",", "")
             hashes[shown] = self.hash(f.path, lora.metadata)[:12]
             notes += self._take_bundled(tag, shown, f.path, lora, model.text_width, bundled)
         infotext = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())} if hashes else {}
-        return Activation(self._applied(applications, list(bundled.values())), notes, infotext)
+        if ranged:
+            switch = StepSwitch(applications, ranged)
+            merged, before_step = switch.applied(), switch.at_step
+        else:
+            merged, before_step = lora_applied(applications), None
+        return Activation(self._applied(merged, list(bundled.values())), notes, infotext, before_step)
 
     def _take_bundled(
         self, tag: ExtraNetworkTag, shown: str, path: Path, lora: LoraFile, width: int, taken: dict[str, Embedding]
@@ -439,9 +465,10 @@ class LoraService:
         return notes
 
     @contextmanager
-    def _applied(self, applications: list[Application], bundled: list[Embedding]) -> Iterator[None]:
-        """The LoRAs merged into the model, and their bundled embeddings findable in the prompt, for one generation."""
-        with lora_applied(applications):
+    def _applied(self, merged: AbstractContextManager, bundled: list[Embedding]) -> Iterator[None]:
+        """The LoRAs merged into the model (`merged`), and their bundled embeddings findable in the prompt, for one
+        generation."""
+        with merged:
             if self.embeddings is None:
                 yield
                 return

@@ -4,6 +4,7 @@ and restores the model after, plus notes for tags it could not use and its infot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,6 +17,9 @@ class Activation:
     context: AbstractContextManager[Any] = field(default_factory=nullcontext)
     notes: list[str] = field(default_factory=list)  # one sentence per tag that was not (fully) used
     infotext: dict[str, str] = field(default_factory=dict)  # e.g. {"Lora hashes": "name: 0123456789ab"}
+    # called with the 0-based index of each step of a first sampling pass, before its model call (a LoRA that
+    # applies in a step range switches there); None: nothing changes during sampling
+    before_step: Callable[[int], None] | None = None
 
 
 class NetworkKind(Protocol):
@@ -40,11 +44,12 @@ def parse_multipliers(tag: ExtraNetworkTag, names: tuple[str, ...]) -> tuple[lis
 
 def activate_all(
     kinds: list[NetworkKind], model: Any, tags: list[ExtraNetworkTag], stack: ExitStack
-) -> tuple[list[str], dict[str, str]]:
+) -> tuple[list[str], dict[str, str], Callable[[int], None] | None]:
     """Activate every kind for its tags inside `stack` (exiting the stack restores the model); tags of unknown
-    kinds become notes. Returns (notes, infotext fields)."""
+    kinds become notes. Returns (notes, infotext fields, what to call before each sampling step or None)."""
     notes: list[str] = []
     infotext: dict[str, str] = {}
+    hooks: list[Callable[[int], None]] = []
     words = {kind: {kind.tag, *kind.aliases} for kind in kinds}
     known = set().union(*words.values())
     notes += [
@@ -58,4 +63,13 @@ def activate_all(
         stack.enter_context(activation.context)
         notes += activation.notes
         infotext.update(activation.infotext)
-    return notes, infotext
+        if activation.before_step is not None:
+            hooks.append(activation.before_step)
+    if not hooks:
+        return notes, infotext, None
+
+    def before_step(index: int) -> None:
+        for hook in hooks:
+            hook(index)
+
+    return notes, infotext, before_step
