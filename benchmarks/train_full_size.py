@@ -56,7 +56,7 @@ def child(args) -> dict:
     from app.logs import quiet_libraries
     from app.services import build_services
     from app.settings import Settings
-    from app.training.config import TrainConfig
+    from app.training.config import LoraNetwork, PivotalEmbedding, TrainConfig
     from app.training.templates import read_template
 
     quiet_libraries()
@@ -107,15 +107,19 @@ def child(args) -> dict:
         )
         if args.target in LORA_TYPES:  # the example's rank 4, scale 1; LoHa/LoKr of the same rank
             if args.target == "pivotal":  # the word goes in through subject.txt's [name]
-                bundle = dict(bundle_embedding="zqbenchword", bundle_vectors=1, bundle_init_text="star")
+                bundle = PivotalEmbedding(name="zqbenchword", vectors=1, init_text="star")
                 cfg.template_filename = "subject.txt"
-                result = services.training.train_lora(cfg, 4, 4.0, **bundle).wait()
+                result = services.training.train_lora(cfg, LoraNetwork(rank=4, alpha=4.0), bundle).wait()
             elif args.target == "lora-maxnorm":
-                result = services.training.train_lora(cfg, 4, 4.0, scale_weight_norms=1.0).wait()
+                result = services.training.train_lora(
+                    cfg, LoraNetwork(rank=4, alpha=4.0, scale_weight_norms=1.0)
+                ).wait()
             elif args.target == "dora":
-                result = services.training.train_lora(cfg, 4, 4.0, dora_wd=True).wait()
+                result = services.training.train_lora(cfg, LoraNetwork(rank=4, alpha=4.0, dora_wd=True)).wait()
             else:
-                result = services.training.train_lora(cfg, 4, 4.0, network_type=args.target).wait()
+                result = services.training.train_lora(
+                    cfg, LoraNetwork(rank=4, alpha=4.0, network_type=args.target)
+                ).wait()
         else:
             run = (
                 services.training.train_embedding

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from app.errors import UserError
 from app.training.buckets import BucketSchedule, bucket_sizes, bucket_step, epoch_batches, nearest_bucket
+from app.training.config import LoraNetwork
 from app.training.dataset import load_dataset
 from app.training.loop import sample_indices
 from tests.test_training import cfg, fresh, interrupt_at, vectors
@@ -122,8 +123,7 @@ def test_bucketing_with_do_not_resize_is_refused(services, shaped):
 def test_a_bucketed_lora_records_its_buckets_as_kohya_does(services, shaped):
     job = services.training.train_lora(
         cfg("zqbucketlora", shaped, steps=2, batch_size=2, enable_bucket=True, template_filename="hypernetwork.txt"),
-        4,
-        4.0,
+        LoraNetwork(rank=4, alpha=4.0),
     )
     result = job.wait()
     assert result.error is None
@@ -156,7 +156,7 @@ def test_a_kohya_dataset_trains_with_repeats_resumes_exactly_and_is_recorded(ser
     make_shaped_dataset(root / "4_zqstar", shapes=((96, 64), (64, 64)))
     make_shaped_dataset(root / "1_zqstar", shapes=((64, 96),))
     run = dict(steps=6, batch_size=2, enable_bucket=True, template_filename="hypernetwork.txt")
-    result = services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0).wait()
+    result = services.training.train_lora(cfg("zqkohya", root, **run), LoraNetwork(rank=4, alpha=4.0)).wait()
     assert result.error is None
     with safe_open(str(result.path), "pt") as f:
         meta = f.metadata()
@@ -171,7 +171,9 @@ def test_a_kohya_dataset_trains_with_repeats_resumes_exactly_and_is_recorded(ser
     # the same run, interrupted and trained again, ends on the same weights
     result.path.unlink()
     result.path.with_suffix(".optim").unlink(missing_ok=True)
-    assert interrupt_at(services, services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0), 2).interrupted
-    assert services.training.train_lora(cfg("zqkohya", root, **run), 4, 4.0).wait().step == 6
+    assert interrupt_at(
+        services, services.training.train_lora(cfg("zqkohya", root, **run), LoraNetwork(rank=4, alpha=4.0)), 2
+    ).interrupted
+    assert services.training.train_lora(cfg("zqkohya", root, **run), LoraNetwork(rank=4, alpha=4.0)).wait().step == 6
     with safe_open(str(result.path), "pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in straight.items())

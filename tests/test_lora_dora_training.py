@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.lora.files import DoraLayer, read_lora_file
+from app.training.config import LoraNetwork
 from app.training.lora_target import LoraTarget, column_norms
 from tests.test_lora import folder, gen, pixels  # noqa: F401 - `folder` is a fixture
 from tests.test_lora_training import clean, lora_cfg, tensors
@@ -73,7 +74,9 @@ def test_a_new_dora_lora_has_the_layout_a1111_applies_and_resumes_exactly(servic
     model = services.models.get()
     run = dict(steps=8, save_every=4, learn_rate="0.005")
     clean(services, "zqdora")
-    job = services.training.train_lora(lora_cfg("zqdora", dataset, **run), 2, 1.0, conv_dim=2, dora_wd=True)
+    job = services.training.train_lora(
+        lora_cfg("zqdora", dataset, **run), LoraNetwork(rank=2, alpha=1.0, conv_dim=2, dora_wd=True)
+    )
     result = job.wait()
     assert result.error is None and result.step == 8
     data, meta = tensors(result.path)
@@ -101,14 +104,18 @@ def test_a_new_dora_lora_has_the_layout_a1111_applies_and_resumes_exactly(servic
     assert not (pixels(gen(services, "a yellow star <lora:zqdora:1>")) == pixels(gen(services, "a yellow star"))).all()
     # Interrupted and continued, the file is the straight run's, bit for bit (fp16 file, fp32 values in .optim).
     clean(services, "zqdora")
-    first = services.training.train_lora(lora_cfg("zqdora", dataset, **run), 2, 1.0, conv_dim=2, dora_wd=True)
+    first = services.training.train_lora(
+        lora_cfg("zqdora", dataset, **run), LoraNetwork(rank=2, alpha=1.0, conv_dim=2, dora_wd=True)
+    )
     assert interrupt_at(services, first, 3).interrupted
-    services.training.train_lora(lora_cfg("zqdora", dataset, **run), 2, 1.0).wait()  # continues as DoRA
+    services.training.train_lora(
+        lora_cfg("zqdora", dataset, **run), LoraNetwork(rank=2, alpha=1.0)
+    ).wait()  # continues as DoRA
     resumed, _ = tensors(result.path)
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     # The same run without DoRA learns something else.
     clean(services, "zqdora")
-    services.training.train_lora(lora_cfg("zqdora", dataset, **run), 2, 1.0, conv_dim=2).wait()
+    services.training.train_lora(lora_cfg("zqdora", dataset, **run), LoraNetwork(rank=2, alpha=1.0, conv_dim=2)).wait()
     plain, plain_meta = tensors(result.path)
     assert not any(k.endswith(".dora_scale") for k in plain) and plain_meta["ss_network_module"] == "networks.lora"
     key = downs[0].replace("lora_down", "lora_up")
@@ -120,7 +127,9 @@ def test_a_lycoris_per_column_dora_file_continues(services, dataset, folder):  #
     path = folder / "zqdoracontinue.safetensors"
     lycoris_dora(services, path, seed=7, wd_on_output=False)
     before, _ = tensors(path)
-    result = services.training.train_lora(lora_cfg("zqdoracontinue", dataset, steps=2), 4, 4.0).wait()
+    result = services.training.train_lora(
+        lora_cfg("zqdoracontinue", dataset, steps=2), LoraNetwork(rank=4, alpha=4.0)
+    ).wait()
     assert result.error is None and result.step == 2
     after, meta = tensors(path)
     assert set(before) <= set(after) and meta["ss_steps"] == "2"
@@ -136,7 +145,7 @@ def test_a_per_row_dora_file_is_refused_with_the_reason(services, dataset, folde
     lycoris_dora(services, path, seed=9, wd_on_output=True)
     before = path.read_bytes()
     with pytest.raises(UserError, match=r"has DoRA magnitudes per output row \(LyCORIS's default\); training"):
-        services.training.train_lora(lora_cfg("zqdorarows", dataset, steps=2), 4, 4.0)
+        services.training.train_lora(lora_cfg("zqdorarows", dataset, steps=2), LoraNetwork(rank=4, alpha=4.0))
     assert path.read_bytes() == before
 
 
@@ -163,7 +172,9 @@ def test_a_dora_lokr_trains_on_sdxl_with_both_text_encoders(xl, tmp_path):
     for suffix in (".safetensors", ".optim"):
         (xl.settings.lora_dir / f"zqxldora{suffix}").unlink(missing_ok=True)
     run = lora_cfg("zqxldora", make_dataset(tmp_path / "stars"), steps=2, learn_rate="0.002")
-    result = xl.training.train_lora(run, 4, 4.0, True, network_type="lokr", dora_wd=True).wait()
+    result = xl.training.train_lora(
+        run, LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True, network_type="lokr", dora_wd=True)
+    ).wait()
     assert result.error is None
     data, meta = tensors(result.path)
     scaled = {k.split("_text_model")[0] if "_text_model" in k else "lora_unet" for k in data if "dora_scale" in k}

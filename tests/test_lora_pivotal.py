@@ -14,6 +14,7 @@ from PIL import Image
 
 from app.embeddings.service import model_initial_vectors
 from app.errors import UserError
+from app.training.config import LoraNetwork, PivotalEmbedding
 from tests.test_lora import gen, pixels
 from tests.test_lora_training import clean, lora_cfg, tensors
 from tests.test_training import make_dataset
@@ -38,7 +39,7 @@ def test_the_embedding_starts_from_its_init_text_trains_at_its_own_rate_and_the_
         clean(services, name)
         run = pivotal_cfg(name, dataset, steps=6, embedding_lr=rate, create_image_every=3)
         result = services.training.train_lora(
-            run, 4, 4.0, bundle_embedding="zqtok", bundle_vectors=2, bundle_init_text="star"
+            run, LoraNetwork(rank=4, alpha=4.0), PivotalEmbedding(name="zqtok", vectors=2, init_text="star")
         ).wait()
         assert result.error is None and result.step == 6
         data, meta = tensors(services.settings.lora_dir / f"{name}.safetensors")
@@ -63,15 +64,18 @@ def test_resume_ends_bit_identical_with_the_embedding_in_its_own_group(services,
     for name in ("zqpivstraight", "zqpivresumed"):
         clean(services, name)
     settings = dict(steps=6, batch_size=2, seed=5, embedding_lr="0.02", text_encoder_lr="0.0005")
-    bundle = dict(bundle_embedding="zqtok", bundle_vectors=2, bundle_init_text="yellow star")
-    straight = services.training.train_lora(pivotal_cfg("zqpivstraight", dataset, **settings), 4, 4.0, True, **bundle)
+    network = LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True)
+    bundle = PivotalEmbedding(name="zqtok", vectors=2, init_text="yellow star")
+    straight = services.training.train_lora(pivotal_cfg("zqpivstraight", dataset, **settings), network, bundle)
     assert straight.wait().error is None
     first = services.training.train_lora(
-        pivotal_cfg("zqpivresumed", dataset, **{**settings, "steps": 3}), 4, 4.0, True, **bundle
+        pivotal_cfg("zqpivresumed", dataset, **{**settings, "steps": 3}), network, bundle
     )
     assert first.wait().step == 3
     # continued: the file's bundled embedding trains on, without naming it again
-    rest = services.training.train_lora(pivotal_cfg("zqpivresumed", dataset, **settings), 4, 4.0, True).wait()
+    rest = services.training.train_lora(
+        pivotal_cfg("zqpivresumed", dataset, **settings), LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True)
+    ).wait()
     assert rest.error is None and rest.step == 6
     a, _ = tensors(services.settings.lora_dir / "zqpivstraight.safetensors")
     b, _ = tensors(services.settings.lora_dir / "zqpivresumed.safetensors")
@@ -87,11 +91,11 @@ def test_bundle_settings_that_cannot_work_are_refused_before_anything_runs(servi
     embeddings.mkdir(parents=True, exist_ok=True)
     torch.save({"string_to_param": {"*": torch.zeros(1, services.models.get().text_width)}}, embeddings / "zqhas.pt")
     cases = [
-        (dict(bundle_embedding="zq.dot"), "bundle_embedding", "letters, digits"),
-        (dict(bundle_embedding="zqhas"), "bundle_embedding", "zqhas.pt in the embeddings folder"),
-        (dict(bundle_embedding="zqtok", bundle_vectors=0), "bundle_vectors", "between 1 and 75"),
-        (dict(bundle_embedding="zqtok", template="hypernetwork.txt"), "template_filename", "never be in a training"),
-        (dict(bundle_embedding="zqtok", optimizer_type="Prodigy", embedding_lr="0.5"), "embedding_lr", "Prodigy"),
+        (dict(name="zq.dot"), "bundle_embedding", "letters, digits"),
+        (dict(name="zqhas"), "bundle_embedding", "zqhas.pt in the embeddings folder"),
+        (dict(name="zqtok", vectors=0), "bundle_vectors", "between 1 and 75"),
+        (dict(name="zqtok", template="hypernetwork.txt"), "template_filename", "never be in a training"),
+        (dict(name="zqtok", optimizer_type="Prodigy", embedding_lr="0.5"), "embedding_lr", "Prodigy"),
     ]
     try:
         for kw, field, words in cases:
@@ -101,7 +105,7 @@ def test_bundle_settings_that_cannot_work_are_refused_before_anything_runs(servi
             config = {k: kw.pop(k) for k in ("optimizer_type", "embedding_lr") if k in kw}
             run = lora_cfg("zqpivbad", dataset, steps=2, template_filename=template, **config)
             with pytest.raises(UserError, match=words) as caught:
-                services.training.train_lora(run, 4, 4.0, **kw)
+                services.training.train_lora(run, LoraNetwork(rank=4, alpha=4.0), PivotalEmbedding(**kw))
             assert caught.value.field == field
             assert not (services.settings.lora_dir / "zqpivbad.safetensors").exists()
     finally:
@@ -114,7 +118,7 @@ def test_a_caption_holding_the_word_is_enough_and_a_continued_file_keeps_its_own
         image.with_suffix(".txt").write_text("zqcap, a yellow star")
     clean(services, "zqpivcap")
     run = lora_cfg("zqpivcap", data, steps=2, embedding_lr="0.01")  # hypernetwork.txt: [filewords] only
-    result = services.training.train_lora(run, 4, 4.0, bundle_embedding="zqcap").wait()
+    result = services.training.train_lora(run, LoraNetwork(rank=4, alpha=4.0), PivotalEmbedding(name="zqcap")).wait()
     assert result.error is None
     before, _ = tensors(services.settings.lora_dir / "zqpivcap.safetensors")
     # the word is the LoRA's activation text in A1111's NAME.json, so its card writes a prompt that works ...
@@ -122,9 +126,13 @@ def test_a_caption_holding_the_word_is_enough_and_a_continued_file_keeps_its_own
     assert services.loras.user_metadata("zqpivcap").card_prompt("lora", "zqpivcap") == "<lora:zqpivcap:1> zqcap"
     sidecar.write_text(json.dumps({"activation text": "zqcap, my own words"}))  # ... and a user's own is kept
     with pytest.raises(UserError, match="bundles 'zqcap'") as caught:
-        services.training.train_lora(lora_cfg("zqpivcap", data, steps=4), 4, 4.0, bundle_embedding="zqother")
+        services.training.train_lora(
+            lora_cfg("zqpivcap", data, steps=4), LoraNetwork(rank=4, alpha=4.0), PivotalEmbedding(name="zqother")
+        )
     assert caught.value.field == "bundle_embedding"
-    more = services.training.train_lora(lora_cfg("zqpivcap", data, steps=4, embedding_lr="0.01"), 4, 4.0).wait()
+    more = services.training.train_lora(
+        lora_cfg("zqpivcap", data, steps=4, embedding_lr="0.01"), LoraNetwork(rank=4, alpha=4.0)
+    ).wait()
     assert more.error is None and more.step == 4
     after, _ = tensors(services.settings.lora_dir / "zqpivcap.safetensors")
     key = "bundle_emb.zqcap.string_to_param.*"
@@ -138,7 +146,9 @@ def test_sdxl_bundles_clip_l_and_clip_g_each_from_its_own_encoder(xl, tmp_path):
     for name, rate in (("zqxlpivfrozen", "0"), ("zqxlpiv", "0.01")):
         clean(xl, name)
         run = pivotal_cfg(name, data, steps=2, embedding_lr=rate)
-        result = xl.training.train_lora(run, 4, 4.0, bundle_embedding="zqxltok", bundle_init_text="star").wait()
+        result = xl.training.train_lora(
+            run, LoraNetwork(rank=4, alpha=4.0), PivotalEmbedding(name="zqxltok", init_text="star")
+        ).wait()
         assert result.error is None
     frozen, _ = tensors(xl.settings.lora_dir / "zqxlpivfrozen.safetensors")
     trained, _ = tensors(xl.settings.lora_dir / "zqxlpiv.safetensors")

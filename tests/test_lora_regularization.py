@@ -17,6 +17,7 @@ import torch
 
 from app.errors import UserError
 from app.lora.files import read_lora_file
+from app.training.config import LoraNetwork
 from app.training.lora_target import NetworkDropout, _dropped
 from tests.test_lora_training import clean, dataset, lora_cfg, tensors  # noqa: F401 - `dataset` is a fixture
 
@@ -31,14 +32,17 @@ def test_every_layers_update_stays_under_the_limit_and_resume_is_exact(services,
     name = f"zqmaxnorm{network_type}"
     run = dict(steps=4, seed=2, learn_rate="0.02", save_precision="fp32")
     clean(services, name)
-    free = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 4.0, network_type=network_type).wait()
+    free = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=4, alpha=4.0, network_type=network_type)
+    ).wait()
     assert free.error is None
     unlimited = update_norms(free.path)
     limit = 0.3 * max(unlimited.values())  # below what the largest layers reach without it
 
     clean(services, name)
     job = services.training.train_lora(
-        lora_cfg(name, dataset, **run), 4, 4.0, network_type=network_type, scale_weight_norms=limit
+        lora_cfg(name, dataset, **run),
+        LoraNetwork(rank=4, alpha=4.0, network_type=network_type, scale_weight_norms=limit),
     )
     result = job.wait()
     assert result.error is None and result.step == 4
@@ -55,10 +59,13 @@ def test_every_layers_update_stays_under_the_limit_and_resume_is_exact(services,
     # interrupted after 2 steps and continued: the same file, bit for bit
     clean(services, name)
     first = services.training.train_lora(
-        lora_cfg(name, dataset, **{**run, "steps": 2}), 4, 4.0, network_type=network_type, scale_weight_norms=limit
+        lora_cfg(name, dataset, **{**run, "steps": 2}),
+        LoraNetwork(rank=4, alpha=4.0, network_type=network_type, scale_weight_norms=limit),
     )
     assert first.wait().step == 2
-    again = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 4.0, scale_weight_norms=limit).wait()
+    again = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=4, alpha=4.0, scale_weight_norms=limit)
+    ).wait()
     assert again.step == 4
     resumed, _ = tensors(again.path)
     assert resumed.keys() == data.keys() and all(torch.equal(resumed[k], data[k]) for k in data)
@@ -68,14 +75,16 @@ def test_every_layers_update_stays_under_the_limit_and_resume_is_exact(services,
 @pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 5000, "x"])
 def test_bad_scale_weight_norms_are_refused_before_anything_starts(services, dataset, value):  # noqa: F811
     with pytest.raises(UserError, match="Scale weight norms") as caught:
-        services.training.train_lora(lora_cfg("zqbadnorm", dataset), 4, 4.0, scale_weight_norms=value)
+        services.training.train_lora(
+            lora_cfg("zqbadnorm", dataset), LoraNetwork(rank=4, alpha=4.0, scale_weight_norms=value)
+        )
     assert caught.value.field == "scale_weight_norms"
     assert not (services.settings.lora_dir / "zqbadnorm.safetensors").exists()
 
 
 def test_all_off_by_default_and_off_is_written_as_kohya_writes_it(services, dataset):  # noqa: F811
     clean(services, "zqnonorm")
-    job = services.training.train_lora(lora_cfg("zqnonorm", dataset, steps=1), 4, 4.0)
+    job = services.training.train_lora(lora_cfg("zqnonorm", dataset, steps=1), LoraNetwork(rank=4, alpha=4.0))
     result = job.wait()
     assert result.error is None and "keys scaled" not in job.progress.text
     meta = tensors(result.path)[1]
@@ -114,13 +123,14 @@ def test_a_run_with_dropouts_differs_records_them_and_resumes_bit_identical(serv
     name = f"zqdrop{network_type}"
     run = dict(steps=4, seed=2, learn_rate="0.01", save_precision="fp32")
     clean(services, name)
-    plain = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 4.0, network_type=network_type).wait()
+    plain = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=4, alpha=4.0, network_type=network_type)
+    ).wait()
     assert plain.error is None
     without, _ = tensors(plain.path)
     clean(services, name)
-    result = services.training.train_lora(
-        lora_cfg(name, dataset, **run), 4, 4.0, network_type=network_type, **dropouts
-    ).wait()
+    network = LoraNetwork(rank=4, alpha=4.0, network_type=network_type, **dropouts)
+    result = services.training.train_lora(lora_cfg(name, dataset, **run), network).wait()
     assert result.error is None and result.step == 4
     data, meta = tensors(result.path)
     assert data.keys() == without.keys() and any(not torch.equal(data[k], without[k]) for k in data)
@@ -132,11 +142,11 @@ def test_a_run_with_dropouts_differs_records_them_and_resumes_bit_identical(serv
     )
 
     clean(services, name)  # interrupted after 2 steps and continued: the same file, bit for bit
-    first = services.training.train_lora(
-        lora_cfg(name, dataset, **{**run, "steps": 2}), 4, 4.0, network_type=network_type, **dropouts
-    )
+    first = services.training.train_lora(lora_cfg(name, dataset, **{**run, "steps": 2}), network)
     assert first.wait().step == 2
-    again = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 4.0, **dropouts).wait()
+    again = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=4, alpha=4.0, **dropouts)
+    ).wait()
     assert again.step == 4
     resumed, resumed_meta = tensors(again.path)
     assert all(torch.equal(resumed[k], data[k]) for k in data)
@@ -156,6 +166,6 @@ def test_a_run_with_dropouts_differs_records_them_and_resumes_bit_identical(serv
 )
 def test_bad_dropouts_are_refused_before_anything_starts(services, dataset, kwargs, field):  # noqa: F811
     with pytest.raises(UserError) as caught:
-        services.training.train_lora(lora_cfg("zqbaddrop", dataset), 4, 4.0, **kwargs)
+        services.training.train_lora(lora_cfg("zqbaddrop", dataset), LoraNetwork(rank=4, alpha=4.0, **kwargs))
     assert caught.value.field == field, caught.value
     assert not (services.settings.lora_dir / "zqbaddrop.safetensors").exists()

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from app.errors import UserError
 from app.lora.files import read_lora_file
 from app.training.checkpoint import fit_param_groups
+from app.training.config import LoraNetwork
 from tests.test_lora import gen, pixels, snapshot, unet_probe
 from tests.test_training import cfg, make_dataset
 
@@ -47,7 +48,9 @@ def test_new_lora_is_a_kohya_file_the_tag_uses_and_the_model_is_restored(service
     model = services.models.get()
     before = snapshot(model)
     base = pixels(gen(services, "a yellow star"))
-    result = services.training.train_lora(lora_cfg("zqtrain", dataset, steps=6, save_every=3), 4, 2.0).wait()
+    result = services.training.train_lora(
+        lora_cfg("zqtrain", dataset, steps=6, save_every=3), LoraNetwork(rank=4, alpha=2.0)
+    ).wait()
     assert result.error is None and result.step == 6
     path = services.settings.lora_dir / "zqtrain.safetensors"
     data, meta = tensors(path)
@@ -80,12 +83,19 @@ def test_resume_ends_bit_identical_to_a_straight_run(services, dataset):
     clean(services, "zqstraight")
     clean(services, "zqresumed")
     settings = dict(steps=6, batch_size=2, seed=5)
-    straight = services.training.train_lora(lora_cfg("zqstraight", dataset, **settings), 4, 4.0, True).wait()
+    straight = services.training.train_lora(
+        lora_cfg("zqstraight", dataset, **settings), LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True)
+    ).wait()
     assert straight.error is None
-    first = services.training.train_lora(lora_cfg("zqresumed", dataset, **{**settings, "steps": 3}), 4, 4.0, True)
+    first = services.training.train_lora(
+        lora_cfg("zqresumed", dataset, **{**settings, "steps": 3}),
+        LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True),
+    )
     assert first.wait().step == 3
     # Rank and alpha of the request are ignored when continuing: the file's own are used.
-    rest = services.training.train_lora(lora_cfg("zqresumed", dataset, **settings), 16, 1.0, False).wait()
+    rest = services.training.train_lora(
+        lora_cfg("zqresumed", dataset, **settings), LoraNetwork(rank=16, alpha=1.0, train_text_encoder=False)
+    ).wait()
     assert rest.error is None and rest.step == 6
     a, meta_a = tensors(services.settings.lora_dir / "zqstraight.safetensors")
     b, meta_b = tensors(services.settings.lora_dir / "zqresumed.safetensors")
@@ -106,25 +116,31 @@ def test_resume_ends_bit_identical_to_a_straight_run(services, dataset):
 def test_save_precision_is_asked_or_kept_and_a_continued_run_still_resumes(services, dataset, caplog):
     for name, asked, dtype in (("zqfp32", "fp32", torch.float32), ("zqbf16", "bf16", torch.bfloat16)):
         clean(services, name)
-        first = services.training.train_lora(lora_cfg(name, dataset, steps=2, save_precision=asked), 4, 4.0).wait()
+        first = services.training.train_lora(
+            lora_cfg(name, dataset, steps=2, save_precision=asked), LoraNetwork(rank=4, alpha=4.0)
+        ).wait()
         assert first.error is None
         path = services.settings.lora_dir / f"{name}.safetensors"
         assert {v.dtype for k, v in tensors(path)[0].items() if not k.endswith(".alpha")} == {dtype}
         # continued with the default: the file keeps its precision, and its .optim is taken (no fresh optimizer)
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            again = services.training.train_lora(lora_cfg(name, dataset, steps=4), 4, 4.0).wait()
+            again = services.training.train_lora(
+                lora_cfg(name, dataset, steps=4), LoraNetwork(rank=4, alpha=4.0)
+            ).wait()
         assert again.error is None and again.step == 4
         assert {v.dtype for k, v in tensors(path)[0].items() if not k.endswith(".alpha")} == {dtype}
         assert "Ignoring" not in caplog.text and f"Resuming lora '{name}' at step 2" in caplog.text
     with pytest.raises(UserError, match="Save precision must be one of fp16, bf16, fp32"):
-        services.training.train_lora(lora_cfg("zqfp8", dataset, steps=2, save_precision="fp8"), 4, 4.0)
+        services.training.train_lora(
+            lora_cfg("zqfp8", dataset, steps=2, save_precision="fp8"), LoraNetwork(rank=4, alpha=4.0)
+        )
 
 
 def test_the_text_encoder_has_its_own_learning_rate(services, dataset):
     clean(services, "zqtelr")
     run = lora_cfg("zqtelr", dataset, steps=3, text_encoder_lr="0", save_precision="fp32")
-    result = services.training.train_lora(run, 4, 4.0, True).wait()
+    result = services.training.train_lora(run, LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True)).wait()
     assert result.error is None
     data, meta = tensors(services.settings.lora_dir / "zqtelr.safetensors")
     ups = {k: v for k, v in data.items() if k.endswith("lora_up.weight")}
@@ -153,7 +169,10 @@ def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset
     from app.models.default_model import build_default_pipeline
 
     clean(services, "zqdiff")
-    assert services.training.train_lora(lora_cfg("zqdiff", dataset, steps=4), 4, 8.0).wait().error is None
+    assert (
+        services.training.train_lora(lora_cfg("zqdiff", dataset, steps=4), LoraNetwork(rank=4, alpha=8.0)).wait().error
+        is None
+    )
     path = services.settings.lora_dir / "zqdiff.safetensors"
     pipe = build_default_pipeline()  # same layout as the default model, its own copy for diffusers to change
     run = unet_probe(pipe, seed=0, timestep=400)
@@ -180,7 +199,7 @@ def test_diffusers_loads_the_trained_file_with_the_same_result(services, dataset
 )
 def test_bad_settings_are_refused_before_anything_runs(services, dataset, rank, alpha, name, word):
     with pytest.raises(UserError, match=word):
-        services.training.train_lora(lora_cfg(name, dataset), rank, alpha)
+        services.training.train_lora(lora_cfg(name, dataset), LoraNetwork(rank=rank, alpha=alpha))
     assert not (services.settings.lora_dir / "zqbad.safetensors").exists()
 
 
@@ -190,7 +209,7 @@ def test_a_foreign_file_cannot_be_continued(services, dataset):
     (folder / "zqforeign.safetensors").write_bytes(b"garbage")
     try:
         with pytest.raises(UserError, match="cannot be continued"):
-            services.training.train_lora(lora_cfg("zqforeign", dataset), 4, 4)
+            services.training.train_lora(lora_cfg("zqforeign", dataset), LoraNetwork(rank=4, alpha=4))
         assert (folder / "zqforeign.safetensors").read_bytes() == b"garbage"
     finally:
         (folder / "zqforeign.safetensors").unlink()
@@ -228,7 +247,10 @@ def test_a_locon_trains_the_resnet_convolutions_resumes_exactly_and_diffusers_lo
 
     run = dict(steps=4, seed=2)
     clean(services, "zqlocon")
-    result = services.training.train_lora(lora_cfg("zqlocon", dataset, **run), 4, 4.0, False, 2, 1.0).wait()
+    result = services.training.train_lora(
+        lora_cfg("zqlocon", dataset, **run),
+        LoraNetwork(rank=4, alpha=4.0, train_text_encoder=False, conv_dim=2, conv_alpha=1.0),
+    ).wait()
     assert result.error is None
     data, meta = tensors(result.path)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
@@ -243,9 +265,15 @@ def test_a_locon_trains_the_resnet_convolutions_resumes_exactly_and_diffusers_lo
     # interrupted and continued (the file's own layers, whatever the request says), it ends on the same file
     straight = data
     clean(services, "zqlocon")
-    first = services.training.train_lora(lora_cfg("zqlocon", dataset, **{**run, "steps": 2}), 4, 4.0, False, 2, 1.0)
+    first = services.training.train_lora(
+        lora_cfg("zqlocon", dataset, **{**run, "steps": 2}),
+        LoraNetwork(rank=4, alpha=4.0, train_text_encoder=False, conv_dim=2, conv_alpha=1.0),
+    )
     assert first.wait().step == 2
-    assert services.training.train_lora(lora_cfg("zqlocon", dataset, **run), 8, 8.0).wait().step == 4
+    assert (
+        services.training.train_lora(lora_cfg("zqlocon", dataset, **run), LoraNetwork(rank=8, alpha=8.0)).wait().step
+        == 4
+    )
     resumed, resumed_meta = tensors(result.path)
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert resumed_meta["ss_network_args"] == meta["ss_network_args"]
@@ -267,6 +295,9 @@ def test_a_locon_trains_the_resnet_convolutions_resumes_exactly_and_diffusers_lo
 )
 def test_bad_locon_settings_are_refused(services, dataset, conv_dim, conv_alpha, word):
     with pytest.raises(UserError, match=word) as caught:
-        services.training.train_lora(lora_cfg("zqbad", dataset), 4, 4.0, False, conv_dim, conv_alpha)
+        services.training.train_lora(
+            lora_cfg("zqbad", dataset),
+            LoraNetwork(rank=4, alpha=4.0, train_text_encoder=False, conv_dim=conv_dim, conv_alpha=conv_alpha),
+        )
     assert caught.value.field == word.lower().replace(" ", "_")
     assert not (services.settings.lora_dir / "zqbad.safetensors").exists()

@@ -20,6 +20,7 @@ from app.errors import UserError
 from app.lora.apply import Application, lora_applied
 from app.lora.files import DoraLayer, LoraFormatError, bind, check_fits, parse_lora, read_lora_file
 from app.lora.names import Target
+from app.training.config import LoraNetwork
 from tests.test_lora import folder, gen, pixels, same, snapshot  # noqa: F401 - `folder` is a fixture
 from tests.test_training import cfg, make_dataset
 
@@ -161,7 +162,9 @@ def test_a_per_row_dora_locon_file_is_not_continued_by_training(services, folder
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "zqlycotrain.safetensors"))
     before = (folder / "zqlycotrain.safetensors").read_bytes()
     with pytest.raises(UserError, match=r"has DoRA magnitudes per output row \(LyCORIS's default\); training"):
-        services.training.train_lora(cfg("zqlycotrain", make_dataset(tmp_path / "stars")), 4, 4.0)
+        services.training.train_lora(
+            cfg("zqlycotrain", make_dataset(tmp_path / "stars")), LoraNetwork(rank=4, alpha=4.0)
+        )
     assert (folder / "zqlycotrain.safetensors").read_bytes() == before
 
 

@@ -17,6 +17,7 @@ from app.errors import UserError
 from app.lora.apply import Application, lora_applied
 from app.lora.files import LohaLayer, LokrLayer, bind, read_lora_file
 from app.lora.names import layer_table, model_components
+from app.training.config import LoraNetwork
 from app.training.lora_target import LoraTarget
 from tests.test_lora import gen, pixels, snapshot
 from tests.test_lora_training import clean, lora_cfg, tensors
@@ -81,7 +82,10 @@ def test_a_lycoris_network_trains_is_recorded_and_resumes_exactly(services, data
     model = services.models.get()
     before = snapshot(model)
     image = pixels(gen(services, "a yellow star"))
-    job = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 2.0, False, 2, 1.0, network_type)
+    job = services.training.train_lora(
+        lora_cfg(name, dataset, **run),
+        LoraNetwork(rank=4, alpha=2.0, train_text_encoder=False, conv_dim=2, conv_alpha=1.0, network_type=network_type),
+    )
     result = job.wait()
     assert result.error is None and result.step == 6
     straight, meta = tensors(result.path)
@@ -96,10 +100,13 @@ def test_a_lycoris_network_trains_is_recorded_and_resumes_exactly(services, data
     assert used.notes == [] and np.abs(pixels(used) - image).max() > 0
 
     clean(services, name)
-    first = services.training.train_lora(lora_cfg(name, dataset, **run), 4, 2.0, False, 2, 1.0, network_type)
+    first = services.training.train_lora(
+        lora_cfg(name, dataset, **run),
+        LoraNetwork(rank=4, alpha=2.0, train_text_encoder=False, conv_dim=2, conv_alpha=1.0, network_type=network_type),
+    )
     assert interrupt_at(services, first, 2).interrupted
     # continued as what the file is, whatever the request says
-    assert services.training.train_lora(lora_cfg(name, dataset, **run), 8, 8.0).wait().step == 6
+    assert services.training.train_lora(lora_cfg(name, dataset, **run), LoraNetwork(rank=8, alpha=8.0)).wait().step == 6
     resumed, _ = tensors(result.path)
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
 
@@ -112,7 +119,9 @@ def test_a_lokr_made_by_lycoris_is_continued(services, dataset):
     clean(services, "zqlytmade")
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path), metadata={"ss_steps": "3"})
     before = read_lora_file(path)
-    result = services.training.train_lora(lora_cfg("zqlytmade", dataset, steps=5), 4, 4.0).wait()
+    result = services.training.train_lora(
+        lora_cfg("zqlytmade", dataset, steps=5), LoraNetwork(rank=4, alpha=4.0)
+    ).wait()
     assert result.error is None and result.step == 5
     after = read_lora_file(path)
     assert after.layers.keys() == before.layers.keys()
@@ -122,14 +131,17 @@ def test_a_lokr_made_by_lycoris_is_continued(services, dataset):
 
 def test_bad_network_types_and_unsupported_files_are_refused(services, dataset):
     with pytest.raises(UserError, match="Network type must be one of lora, loha, lokr") as caught:
-        services.training.train_lora(lora_cfg("zqlytbad", dataset), 4, 4.0, False, 0, 1.0, "glora")
+        services.training.train_lora(
+            lora_cfg("zqlytbad", dataset),
+            LoraNetwork(rank=4, alpha=4.0, train_text_encoder=False, conv_dim=0, conv_alpha=1.0, network_type="glora"),
+        )
     assert caught.value.field == "network_type"
     unet_copy = copy.deepcopy(services.models.get().pipe.unet)
     tucker = lycoris_network(unet_copy, UNET_BLOCKS, "lora_unet", "loha", seed=1, conv_dim=2, use_tucker=True)
     path = services.settings.lora_dir / "zqlyttucker.safetensors"
     save_file({k: v.contiguous() for k, v in tucker.state_dict().items()}, str(path))
     with pytest.raises(UserError, match=r"holds LoHa \(with Tucker cores\) layers"):
-        services.training.train_lora(lora_cfg("zqlyttucker", dataset), 4, 4.0)
+        services.training.train_lora(lora_cfg("zqlyttucker", dataset), LoraNetwork(rank=4, alpha=4.0))
     path.unlink()
 
 
@@ -143,7 +155,7 @@ def test_a_lokr_factor_splits_the_layers_as_lycoris_does_and_a_continued_run_kee
     run = dict(steps=4, seed=4, save_precision="fp32")
     clean(services, name)
     result = services.training.train_lora(
-        lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr", lokr_factor=4
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=2, alpha=1.0, network_type="lokr", lokr_factor=4)
     ).wait()
     assert result.error is None
     straight, meta = tensors(result.path)
@@ -157,14 +169,23 @@ def test_a_lokr_factor_splits_the_layers_as_lycoris_does_and_a_continued_run_kee
     default = {k: v.shape for k, v in straight.items()}
     clean(services, name)
     assert (
-        services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr").wait().error is None
+        services.training.train_lora(
+            lora_cfg(name, dataset, **run), LoraNetwork(rank=2, alpha=1.0, network_type="lokr")
+        )
+        .wait()
+        .error
+        is None
     )
     assert {k: v.shape for k, v in tensors(result.path)[0].items()} != default  # the factor changed the layout
 
     clean(services, name)
-    first = services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, network_type="lokr", lokr_factor=4)
+    first = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=2, alpha=1.0, network_type="lokr", lokr_factor=4)
+    )
     assert interrupt_at(services, first, 2).interrupted
-    again = services.training.train_lora(lora_cfg(name, dataset, **run), 2, 1.0, lokr_factor=8).wait()
+    again = services.training.train_lora(
+        lora_cfg(name, dataset, **run), LoraNetwork(rank=2, alpha=1.0, lokr_factor=8)
+    ).wait()
     assert again.step == 4
     resumed, _ = tensors(result.path)
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -181,5 +202,5 @@ def test_a_lokr_factor_splits_the_layers_as_lycoris_does_and_a_continued_run_kee
 )
 def test_bad_lokr_factors_are_refused(services, dataset, kwargs, message):
     with pytest.raises(UserError, match=message) as caught:
-        services.training.train_lora(lora_cfg("zqlytbadfactor", dataset), 4, 4.0, **kwargs)
+        services.training.train_lora(lora_cfg("zqlytbadfactor", dataset), LoraNetwork(rank=4, alpha=4.0, **kwargs))
     assert caught.value.field == "lokr_factor"

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import UserError
+from app.training.config import LoraNetwork
 from app.training.optimizers import OPTIMIZERS, check_optimizer, optimizer_name, parse_optimizer_args
 from tests.test_lora_training import clean, lora_cfg, tensors
 from tests.test_training import cfg, fresh, interrupt_at, make_dataset, vectors
@@ -65,7 +66,7 @@ def test_each_optimizer_trains_a_lora_resumes_exactly_and_is_recorded(services, 
     run = dict(steps=6, optimizer_type=name, learn_rate=RATES[name])
     lora = f"zqopt{name.lower()}"
     clean(services, lora)
-    result = services.training.train_lora(lora_cfg(lora, dataset, **run), 4, 4.0).wait()
+    result = services.training.train_lora(lora_cfg(lora, dataset, **run), LoraNetwork(rank=4, alpha=4.0)).wait()
     assert result.error is None and result.step == 6
     straight, meta = tensors(result.path)
     ups = [v for k, v in straight.items() if k.endswith("lora_up.weight")]
@@ -76,9 +77,11 @@ def test_each_optimizer_trains_a_lora_resumes_exactly_and_is_recorded(services, 
     assert stored["optimizer_type"] == name
 
     clean(services, lora)
-    first = interrupt_at(services, services.training.train_lora(lora_cfg(lora, dataset, **run), 4, 4.0), 2)
+    first = interrupt_at(
+        services, services.training.train_lora(lora_cfg(lora, dataset, **run), LoraNetwork(rank=4, alpha=4.0)), 2
+    )
     assert first.interrupted and first.step < 6
-    assert services.training.train_lora(lora_cfg(lora, dataset, **run), 4, 4.0).wait().step == 6
+    assert services.training.train_lora(lora_cfg(lora, dataset, **run), LoraNetwork(rank=4, alpha=4.0)).wait().step == 6
     resumed, _ = tensors(result.path)
     assert all(torch.equal(resumed[k], v) for k, v in straight.items()), name
 
@@ -88,7 +91,11 @@ def test_the_optimizers_learn_differently(services, dataset):
     for name in ("AdamW", "Lion"):
         clean(services, "zqoptdiff")
         run = dict(steps=4, optimizer_type=name, learn_rate="0.001")
-        path = services.training.train_lora(lora_cfg("zqoptdiff", dataset, **run), 4, 4.0).wait().path
+        path = (
+            services.training.train_lora(lora_cfg("zqoptdiff", dataset, **run), LoraNetwork(rank=4, alpha=4.0))
+            .wait()
+            .path
+        )
         finals[name] = tensors(path)[0]
     assert any(not torch.equal(finals["AdamW"][k], v) for k, v in finals["Lion"].items())
 
@@ -106,10 +113,11 @@ def test_an_embedding_trains_with_prodigy_at_rate_1(services, dataset):
 
 def test_continuing_with_another_optimizer_starts_its_state_afresh_and_says_so(services, dataset, caplog):
     clean(services, "zqoptswitch")
-    services.training.train_lora(lora_cfg("zqoptswitch", dataset, steps=2), 4, 4.0).wait()
+    services.training.train_lora(lora_cfg("zqoptswitch", dataset, steps=2), LoraNetwork(rank=4, alpha=4.0)).wait()
     with caplog.at_level(logging.WARNING):
         result = services.training.train_lora(
-            lora_cfg("zqoptswitch", dataset, steps=4, optimizer_type="Prodigy", learn_rate="1"), 4, 4.0
+            lora_cfg("zqoptswitch", dataset, steps=4, optimizer_type="Prodigy", learn_rate="1"),
+            LoraNetwork(rank=4, alpha=4.0),
         ).wait()
     assert result.error is None and result.step == 4
     assert "was trained with AdamW; continuing with Prodigy, whose state starts afresh" in caplog.text
@@ -135,7 +143,9 @@ def test_continuing_with_another_optimizer_starts_its_state_afresh_and_says_so(s
 def test_bad_optimizer_settings_are_refused_before_anything_starts(services, dataset, change, field, message):
     clean(services, "zqoptbad")
     with pytest.raises(UserError, match=message) as caught:
-        services.training.train_lora(lora_cfg("zqoptbad", dataset, **change), 4, 4.0, True)
+        services.training.train_lora(
+            lora_cfg("zqoptbad", dataset, **change), LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True)
+        )
     assert caught.value.field == field
     assert not (services.settings.lora_dir / "zqoptbad.safetensors").exists()
 

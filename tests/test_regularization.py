@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from app.errors import UserError
+from app.training.config import LoraNetwork
 from app.training.dataset import epoch_items, load_dataset, prompt_for
 from app.training.loop import sample_indices
 from tests.test_lora_training import clean, lora_cfg, tensors
@@ -105,7 +106,7 @@ def step_one(services, dataset, reg, seed, prior_loss_weight):
             prior_loss_weight=prior_loss_weight,
             template_filename="subject_filewords.txt",
         )
-        result = services.training.train_lora(run, 4, 4.0).wait()
+        result = services.training.train_lora(run, LoraNetwork(rank=4, alpha=4.0)).wait()
     finally:
         handle.remove()
     assert result.error is None, result.error
@@ -129,7 +130,7 @@ def test_a_regularization_sample_s_loss_counts_the_prior_loss_weight(services, d
 def test_a_lora_with_regularization_images_records_them_and_resumes_exactly(services, dataset, reg):
     run = dict(steps=6, batch_size=2, reg_data_dir=str(reg), prior_loss_weight=0.5)
     clean(services, "zqreglora")
-    result = services.training.train_lora(lora_cfg("zqreglora", dataset, **run), 4, 4.0).wait()
+    result = services.training.train_lora(lora_cfg("zqreglora", dataset, **run), LoraNetwork(rank=4, alpha=4.0)).wait()
     assert result.error is None
     straight, meta = tensors(result.path)
     assert meta["ss_num_train_images"] == "3" and meta["ss_num_reg_images"] == "2"
@@ -139,14 +140,21 @@ def test_a_lora_with_regularization_images_records_them_and_resumes_exactly(serv
     assert (settings["images"], settings["regularization_images"], settings["reg_data_dir"]) == (3, 2, str(reg))
 
     clean(services, "zqreglora")
-    first = interrupt_at(services, services.training.train_lora(lora_cfg("zqreglora", dataset, **run), 4, 4.0), 2)
+    first = interrupt_at(
+        services, services.training.train_lora(lora_cfg("zqreglora", dataset, **run), LoraNetwork(rank=4, alpha=4.0)), 2
+    )
     assert first.interrupted and first.step < 6
-    assert services.training.train_lora(lora_cfg("zqreglora", dataset, **run), 4, 4.0).wait().step == 6
+    assert (
+        services.training.train_lora(lora_cfg("zqreglora", dataset, **run), LoraNetwork(rank=4, alpha=4.0)).wait().step
+        == 6
+    )
     resumed, _ = tensors(result.path)
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
     clean(services, "zqreglora")
-    services.training.train_lora(lora_cfg("zqreglora", dataset, steps=6, batch_size=2), 4, 4.0).wait()
+    services.training.train_lora(
+        lora_cfg("zqreglora", dataset, steps=6, batch_size=2), LoraNetwork(rank=4, alpha=4.0)
+    ).wait()
     without, meta = tensors(result.path)
     assert meta["ss_num_reg_images"] == "0" and "ss_reg_dataset_dirs" not in meta
     assert any(not torch.equal(without[k], v) for k, v in straight.items())  # they changed what was learned
@@ -179,7 +187,7 @@ def test_bad_regularization_settings_are_refused_before_anything_starts(
     change = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
     clean(services, "zqregbad")
     with pytest.raises(UserError, match=message) as caught:
-        services.training.train_lora(lora_cfg("zqregbad", dataset, **change), 4, 4.0)
+        services.training.train_lora(lora_cfg("zqregbad", dataset, **change), LoraNetwork(rank=4, alpha=4.0))
     assert caught.value.field == field
     assert not (services.settings.lora_dir / "zqregbad.safetensors").exists()
 

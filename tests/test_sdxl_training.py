@@ -14,6 +14,7 @@ from app.embeddings.service import initial_vectors
 from app.errors import UserError
 from app.hypernetworks.attention import attention_widths
 from app.lora.files import read_lora_file
+from app.training.config import LoraNetwork
 from app.training.dataset import crop_of_fit, load_dataset
 from tests.test_lora_training import tensors
 from tests.test_training import cfg, make_dataset, state_hash
@@ -269,7 +270,8 @@ def test_lora_trains_on_sdxl_with_both_text_encoders_and_diffusers_loads_it(xl, 
     for suffix in (".safetensors", ".optim"):
         (xl.settings.lora_dir / f"zqxllora{suffix}").unlink(missing_ok=True)
     job = xl.training.train_lora(
-        cfg("zqxllora", dataset, steps=3, template_filename="hypernetwork.txt", learn_rate="0.002"), 4, 4.0, True
+        cfg("zqxllora", dataset, steps=3, template_filename="hypernetwork.txt", learn_rate="0.002"),
+        LoraNetwork(rank=4, alpha=4.0, train_text_encoder=True),
     )
     assert job.wait().error is None
     path = xl.settings.lora_dir / "zqxllora.safetensors"

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from app.errors import UserError
 from app.hypernetworks.files import read_hypernetwork_file
+from app.training.config import LoraNetwork
 from app.training.losses import denoising_target
 from tests.conftest import make_data_dir
 from tests.test_training import cfg, fresh, make_dataset, vectors
@@ -95,7 +96,8 @@ def test_hypernetwork_and_lora_train_on_a_v_model(sd2, dataset):
     assert sorted(written.widths) == widths and written.step == 3
 
     result = sd2.training.train_lora(
-        cfg("zqsd2lora", dataset, steps=3, learn_rate="0.0001", template_filename="hypernetwork.txt"), 4, 4.0
+        cfg("zqsd2lora", dataset, steps=3, learn_rate="0.0001", template_filename="hypernetwork.txt"),
+        LoraNetwork(rank=4, alpha=4.0),
     ).wait()
     assert result.error is None and result.step == 3
     with safe_open(str(sd2.settings.lora_dir / "zqsd2lora.safetensors"), "pt") as f:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from app.errors import UserError
+from app.training.config import LoraNetwork
 from app.training.dataset import TrainingImage, epoch_items
 from app.training.validation import hold_out, validation_timesteps
 from tests.test_lora_training import clean, lora_cfg, tensors
@@ -95,7 +96,7 @@ def test_measuring_does_not_change_what_is_trained_and_resume_is_exact(services,
 def test_a_lora_records_its_validation_settings_as_kohya_does(services, dataset):
     clean(services, "zqvallora")
     run = lora_cfg("zqvallora", dataset, steps=4, validation_split=0.5, validation_seed=11, validate_every_n_steps=2)
-    result = services.training.train_lora(run, 2, 2.0, network_dropout=0.5).wait()
+    result = services.training.train_lora(run, LoraNetwork(rank=2, alpha=2.0, network_dropout=0.5)).wait()
     assert result.error is None and [s for s, _ in result.validation_losses] == [2, 4]
     _, meta = tensors(result.path)
     assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_validate_every_n_steps"]) == (

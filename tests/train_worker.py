@@ -17,7 +17,7 @@ from pathlib import Path
 from app.logs import quiet_libraries
 from app.services import build_services
 from app.settings import Settings
-from app.training.config import TrainConfig
+from app.training.config import LoraNetwork, PivotalEmbedding, TrainConfig
 
 
 def arm(spec: str, services) -> None:
@@ -101,13 +101,15 @@ def main() -> int:
         cfg.template_filename, cfg.learn_rate = "hypernetwork.txt", "0.001"
 
         def train(cfg):  # rank 4, alpha 2, the text encoder trained too: every kind of tensor the file holds
-            return services.training.train_lora(cfg, 4, 2.0, True)
+            return services.training.train_lora(cfg, LoraNetwork(rank=4, alpha=2.0, train_text_encoder=True))
     elif kind == "pivotal":  # a LoRA with a bundled embedding (its word through subject.txt's [name]), max-norm on
         cfg.template_filename, cfg.learn_rate = "subject.txt", "0.001"  # max-norm 0.01 binds: layers get scaled
 
         def train(cfg):
             return services.training.train_lora(
-                cfg, 4, 2.0, bundle_embedding="zqword", bundle_init_text="star", scale_weight_norms=0.01
+                cfg,
+                LoraNetwork(rank=4, alpha=2.0, scale_weight_norms=0.01),
+                PivotalEmbedding(name="zqword", init_text="star"),
             )
     else:
         if "zqkill" not in services.hypernetworks.names():

@@ -38,7 +38,7 @@ from app.generation.txt2img import Txt2ImgParams
 from app.models.out_of_memory import OutOfMemoryError, is_out_of_memory, memory_state
 from app.services import Services
 from app.settings import parse_credentials
-from app.training.config import TrainConfig
+from app.training.config import LoraNetwork, PivotalEmbedding, TrainConfig
 from app.training.preprocess import PreprocessOptions, preprocess
 
 log = logging.getLogger(__name__)
@@ -364,24 +364,9 @@ def register_api(app: FastAPI, services: Services) -> None:
         """Train a LoRA (created on the first save if `lora_name` does not exist, continued if it does)."""
         cfg = train_config(req, req.lora_name, req.save_lora_every)
         try:
-            job = services.training.train_lora(
-                cfg,
-                req.rank,
-                req.alpha,
-                req.train_text_encoder,
-                req.conv_dim,
-                req.conv_alpha,
-                req.network_type,
-                req.bundle_embedding,
-                req.bundle_vectors,
-                req.bundle_init_text,
-                scale_weight_norms=req.scale_weight_norms,
-                network_dropout=req.network_dropout,
-                rank_dropout=req.rank_dropout,
-                module_dropout=req.module_dropout,
-                lokr_factor=req.lokr_factor,
-                dora_wd=req.dora_wd,
-            )
+            network = LoraNetwork(**{f: getattr(req, f) for f in LoraNetwork.__dataclass_fields__})
+            pivotal = PivotalEmbedding(req.bundle_embedding, req.bundle_vectors, req.bundle_init_text)
+            job = services.training.train_lora(cfg, network, pivotal)
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})
         return {"info": train_info(job, "lora")}

@@ -35,7 +35,7 @@ from app.services import Services, build_services
 from app.settings import Settings
 from app.shapes.metrics import color_share, dark_share, mean_of
 from app.shapes.scenes import COLORS, HELD_OUT_COLOR, HELD_OUT_RGB, Scene, caption, render, sample_scene
-from app.training.config import TrainConfig
+from app.training.config import LoraNetwork, PivotalEmbedding, TrainConfig
 from app.training.latents import image_tensor
 
 TI_NAME = "zqorange"
@@ -155,12 +155,12 @@ def _train(
     steps: int,
     seed: int,
     work: Path,
-    lora: tuple[int, float, bool] = (8, 8.0, False),
-    bundle: dict | None = None,
+    lora: LoraNetwork = LoraNetwork(),
+    bundle: PivotalEmbedding = PivotalEmbedding(),
     embedding_lr: str = "",
 ) -> float:
     """Train `name` on `data` through the training service (as the UI's Train button does); returns seconds.
-    `bundle`: train_lora's bundled-embedding arguments (pivotal tuning)."""
+    `lora`: what a LoRA is made of; `bundle`: its bundled embedding (pivotal tuning)."""
     cfg = TrainConfig(
         embedding_lr=embedding_lr,
         name=name,
@@ -179,7 +179,7 @@ def _train(
     )
     start = time.perf_counter()
     if kind == "lora":
-        result = services.training.train_lora(cfg, *lora, **(bundle or {})).wait()
+        result = services.training.train_lora(cfg, lora, bundle).wait()
     else:
         train = services.training.train_embedding if kind == "embedding" else services.training.train_hypernetwork
         result = train(cfg).wait()
@@ -295,9 +295,8 @@ def run_lora_outline(
     tag = f"{LORA_OUTLINE}{steps}"
     train_scenes = style_scenes(seed * 100 + 11, 8)
     data = _write_dataset(work / f"lora-outline-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
-    seconds = _train(
-        services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, (rank, float(rank), False)
-    )
+    lora = LoraNetwork(rank=rank, alpha=float(rank))
+    seconds = _train(services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, lora)
     held = style_scenes(seed * 100 + 12, 16)
     prompts = [caption(s) for s in held]
     held_images = [render(s) for s in held]
@@ -316,7 +315,8 @@ def run_lora_colour(
     tag = f"{LORA_COLOUR}{steps}"
     train_scenes = concept_scenes(seed * 100 + 1, 8)
     data = _write_dataset(work / f"lora-colour-data-{steps}", train_scenes, [caption(s) for s in train_scenes])
-    seconds = _train(services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, (rank, float(rank), True))
+    lora = LoraNetwork(rank=rank, alpha=float(rank), train_text_encoder=True)
+    seconds = _train(services, "lora", tag, data, HN_TEMPLATE, learn_rate, steps, seed, work, lora)
     held = concept_scenes(seed * 100 + 2, 16)
     prompts = [caption(s) for s in held]
     held_images = [render(s) for s in held]
@@ -345,8 +345,8 @@ def run_lora_pivotal(
     train_scenes = concept_scenes(seed * 100 + 1, 8)
     data = _write_dataset(work / f"pivotal-data-{steps}", train_scenes, [ti_words(s) for s in train_scenes])
     pivotal, plain = f"{PIVOTAL}{steps}", f"{PIVOTAL}{steps}plain"
-    bundle = dict(bundle_embedding=PIVOTAL_WORD, bundle_vectors=1, bundle_init_text=TI_INIT)
-    lora = (rank, float(rank), False)
+    bundle = PivotalEmbedding(name=PIVOTAL_WORD, vectors=1, init_text=TI_INIT)
+    lora = LoraNetwork(rank=rank, alpha=float(rank))
     seconds = _train(
         services, "lora", pivotal, data, TI_TEMPLATE, learn_rate, steps, seed, work, lora, bundle, embedding_lr
     )

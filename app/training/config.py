@@ -87,3 +87,33 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoraNetwork:
+    """What a new LoRA is made of, in kohya's terms (a continued file keeps its own kind, layers, ranks and alphas;
+    the regularization applies to any run). The service checks every value."""
+
+    rank: int = 8  # network_dim
+    alpha: float = 8.0
+    train_text_encoder: bool = False  # the text encoder's attention projections too (the UNet's always)
+    conv_dim: int = 0  # LoCon: the UNet's 3x3 ResNet convolutions too, at this rank; 0 = off
+    conv_alpha: float = 1.0
+    network_type: str = "lora"  # "lora", or LyCORIS's "loha" / "lokr"
+    lokr_factor: int = -1  # LyCORIS's LoKr `factor`; -1: the most square split
+    dora_wd: bool = False  # LyCORIS's DoRA: a trained magnitude per input column of each layer
+    # kohya's regularization of the network: max-norm (0 = off), and its three dropouts (0 = off)
+    scale_weight_norms: float = 0.0
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class PivotalEmbedding:
+    """Pivotal tuning: a new embedding trained beside a LoRA's layers and saved in its file ("" = none); a continued
+    file trains the one it bundles."""
+
+    name: str = ""
+    vectors: int = 1
+    init_text: str = "*"

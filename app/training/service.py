@@ -30,7 +30,14 @@ from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advic
 from app.naming import clean_name
 from app.options import Options
 from app.settings import Settings
-from app.training.config import CLIP_GRAD_MODES, LATENT_SAMPLING, OWN_RATES, TrainConfig
+from app.training.config import (
+    CLIP_GRAD_MODES,
+    LATENT_SAMPLING,
+    OWN_RATES,
+    LoraNetwork,
+    PivotalEmbedding,
+    TrainConfig,
+)
 from app.training.dataset import TrainingImage, epoch_items, load_dataset
 from app.training.loop import TrainResult, checkpointing_note, train
 from app.training.lora_target import NETWORK_TYPES, LoraTarget, NetworkDropout, network_type_of
@@ -319,33 +326,12 @@ class TrainingService:
 
     # -- LoRAs -----------------------------------------------------------------------------------------------------
     def train_lora(
-        self,
-        cfg: TrainConfig,
-        rank: int = 8,
-        alpha: float = 8.0,
-        train_text_encoder: bool = False,
-        conv_dim: int = 0,
-        conv_alpha: float = 1.0,
-        network_type: str = "lora",
-        bundle_embedding: str = "",
-        bundle_vectors: int = 1,
-        bundle_init_text: str = "*",
-        scale_weight_norms: float = 0.0,
-        network_dropout: float = 0.0,
-        rank_dropout: float = 0.0,
-        module_dropout: float = 0.0,
-        lokr_factor: int = -1,
-        dora_wd: bool = False,
+        self, cfg: TrainConfig, network: LoraNetwork = LoraNetwork(), pivotal: PivotalEmbedding = PivotalEmbedding()
     ) -> Job:
-        """Create `models/Lora/<name>.safetensors` on the first save, or continue it (its own kind, layers, ranks
-        and alphas). `conv_dim` > 0 also trains the UNet's ResNet convolutions at that rank (kohya's LoCon);
-        `network_type` "loha"/"lokr" trains LyCORIS's LoHa/LoKr instead of a LoRA. `bundle_embedding` names a new
-        embedding (`bundle_vectors` vectors from `bundle_init_text`) trained beside the layers and saved in the file
-        (pivotal tuning); the templates' `[name]` is that word. `scale_weight_norms` > 0 keeps each layer's update
-        at most that norm after every step (kohya's max-norm regularization); the dropouts are kohya's
-        (`NetworkDropout`). `lokr_factor` is LyCORIS's `factor` for a new LoKr (-1: as square as the layer allows);
-        a continued LoKr keeps the one its file records. `dora_wd` makes a new network weight-decomposed (DoRA,
-        LyCORIS's name: a trained magnitude per input column of each layer); a continued file keeps what it is."""
+        """Create `models/Lora/<name>.safetensors` on the first save, made as `network` says, or continue it (its own
+        kind, layers, ranks, alphas, LoKr factor and DoRA; `network`'s regularization applies either way). With
+        `pivotal.name`, a new embedding of that name (`pivotal.vectors` vectors from `pivotal.init_text`) trains
+        beside the layers and is saved in the file (pivotal tuning); the templates' `[name]` is that word."""
         if self.loras is None:
             raise UserError("LoRA training is not available here.")
         name = clean_name(cfg.name or "")
@@ -353,31 +339,39 @@ class TrainingService:
             raise UserError(f"LoRA name '{cfg.name}' has no usable characters: use letters, digits, '.', '_', '-'.")
         cfg.name = name
         try:
-            rank_value, alpha_value = int(rank), float(alpha)
+            rank_value, alpha_value = int(network.rank), float(network.alpha)
         except (TypeError, ValueError):
-            raise UserError(f"Rank must be a whole number and alpha a number; got {rank!r} and {alpha!r}.") from None
+            raise UserError(
+                f"Rank must be a whole number and alpha a number; got {network.rank!r} and {network.alpha!r}."
+            ) from None
         if not 1 <= rank_value <= MAX_LORA_RANK:
-            raise UserError(f"Rank must be between 1 and {MAX_LORA_RANK} (4-32 is usual), got {rank}.", "rank")
+            raise UserError(f"Rank must be between 1 and {MAX_LORA_RANK} (4-32 is usual), got {network.rank}.", "rank")
         if not (math.isfinite(alpha_value) and 0 < alpha_value <= MAX_LORA_ALPHA):
             raise UserError(
-                f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {alpha}.", "alpha"
+                f"Alpha must be above 0 and at most {MAX_LORA_ALPHA} (often rank or rank/2), got {network.alpha}.",
+                "alpha",
             )
         try:
-            conv_dim_value, conv_alpha_value = int(conv_dim or 0), float(conv_alpha)
+            conv_dim_value, conv_alpha_value = int(network.conv_dim or 0), float(network.conv_alpha)
         except (TypeError, ValueError):
             raise UserError(
-                f"Conv dim must be a whole number and conv alpha a number; got {conv_dim!r} and {conv_alpha!r}."
+                "Conv dim must be a whole number and conv alpha a number; got "
+                f"{network.conv_dim!r} and {network.conv_alpha!r}."
             ) from None
         if not 0 <= conv_dim_value <= MAX_LORA_RANK:
             raise UserError(
-                f"Conv dim must be between 0 (off) and {MAX_LORA_RANK} (4-16 is usual), got {conv_dim}.", "conv_dim"
+                f"Conv dim must be between 0 (off) and {MAX_LORA_RANK} (4-16 is usual), got {network.conv_dim}.",
+                "conv_dim",
             )
         if not (math.isfinite(conv_alpha_value) and 0 < conv_alpha_value <= MAX_LORA_ALPHA):
             raise UserError(
-                f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got {conv_alpha}.",
+                f"Conv alpha must be above 0 and at most {MAX_LORA_ALPHA} (1 is kohya's default), got "
+                f"{network.conv_alpha}.",
                 "conv_alpha",
             )
-        max_norm, dropout = _regularization(scale_weight_norms, network_dropout, rank_dropout, module_dropout)
+        max_norm, dropout = _regularization(
+            network.scale_weight_norms, network.network_dropout, network.rank_dropout, network.module_dropout
+        )
         existing_entry = self.loras.db.files().get(name)
         existing = None
         if existing_entry is not None:
@@ -412,17 +406,21 @@ class TrainingService:
                     + " (LyCORIS's default); training continues DoRA files with a magnitude per input column on "
                     "every layer (the layout A1111 applies), as it makes them. Choose another name to train a new one."
                 )
-        bundle = self._bundle_plan(name, existing, bundle_embedding, bundle_vectors)
-        if network_type not in NETWORK_TYPES.values():
+        bundle = self._bundle_plan(name, existing, pivotal.name, pivotal.vectors)
+        if network.network_type not in NETWORK_TYPES.values():
             raise UserError(
-                f"Network type must be one of {', '.join(NETWORK_TYPES.values())}, got {network_type!r}.",
+                f"Network type must be one of {', '.join(NETWORK_TYPES.values())}, got {network.network_type!r}.",
                 "network_type",
             )
-        trained_kind = network_type_of(existing) if existing is not None else network_type
+        trained_kind = network_type_of(existing) if existing is not None else network.network_type
         # DoRA: a new file as asked, a continued one as it is
-        dora = bool(dora_wd) if existing is None else any(isinstance(x, DoraLayer) for x in existing.layers.values())
+        dora = (
+            bool(network.dora_wd)
+            if existing is None
+            else any(isinstance(x, DoraLayer) for x in existing.layers.values())
+        )
         existing_args = _json_object(existing.metadata.get("ss_network_args", "")) if existing is not None else {}
-        factor = _lokr_factor(lokr_factor, network_type if existing is None else "lokr")
+        factor = _lokr_factor(network.lokr_factor, network.network_type if existing is None else "lokr")
         if existing is not None and trained_kind == "lokr":  # the layout the file was made with
             factor = _lokr_factor(existing_args.get("factor", -1), "lokr")
         if dropout.network and trained_kind != "lora":
@@ -447,7 +445,7 @@ class TrainingService:
         te_rate = str(cfg.text_encoder_lr).strip()
         # a continued file trains the text encoder layers it has, whatever the request says
         trains_te = (
-            train_text_encoder
+            network.train_text_encoder
             if existing is None
             else any(not n.startswith(("lora_unet", "unet.")) for n in existing.layers)
         )
@@ -482,7 +480,7 @@ class TrainingService:
         def run_job(job: Job) -> TrainResult:
             with self.models.lock:
                 model = self.models.get()
-                metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, train_text_encoder)
+                metadata = lora_metadata(model, cfg, run, rank_value, alpha_value, network.train_text_encoder)
                 metadata["ss_scale_weight_norms"] = str(max_norm or None)  # kohya writes "None" when off
                 if trained_kind != "lora" or dora:  # what kohya writes for LyCORIS networks
                     metadata["ss_network_module"] = "lycoris.kohya"
@@ -509,21 +507,21 @@ class TrainingService:
                 if bundle is not None:
                     bundle_name, vectors = bundle
                     if vectors is None:  # a new one, from the init text through each encoder's token table
-                        vectors = model_initial_vectors(model, bundle_init_text, int(bundle_vectors))
+                        vectors = model_initial_vectors(model, pivotal.init_text, int(pivotal.vectors))
                     trained = TrainedVectors(bundle_name, vectors, path, model, self.embeddings, name)
                 target = LoraTarget(
                     path,
                     model,
                     rank_value,
                     alpha_value,
-                    train_text_encoder,
+                    network.train_text_encoder,
                     seed,
                     metadata,
                     existing,
                     save_dtype,
                     conv_dim_value,
                     conv_alpha_value,
-                    network_type,
+                    network.network_type,
                     trained,
                     max_norm=max_norm,
                     dropout=dropout,

@@ -10,7 +10,7 @@ import gradio as gr
 
 from app.errors import UserError
 from app.services import Services
-from app.training.config import TrainConfig
+from app.training.config import LoraNetwork, PivotalEmbedding, TrainConfig
 from app.training.losses import HUBER_SCHEDULES
 from app.training.lr_schedule import LR_SCHEDULERS
 from app.training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
@@ -446,24 +446,26 @@ class TrainSection:
                 if rank is None or alpha is None:
                     raise UserError("Enter a rank (e.g. 8) and an alpha (e.g. 8).")
                 conv_dim, conv_alpha = given["conv_dim"] or 0, given["conv_alpha"]  # an emptied conv dim: off
-                self.services.training.train_lora(
-                    cfg,
-                    int(rank),
-                    float(alpha),
-                    bool(given["train_text_encoder"]),
-                    int(conv_dim),
-                    1.0 if conv_alpha is None else float(conv_alpha),
-                    given["network_type"] or "lora",
-                    given["bundle_embedding"] or "",
-                    1 if given["bundle_vectors"] is None else int(given["bundle_vectors"]),
-                    given["bundle_init_text"] or "",
+                network = LoraNetwork(
+                    rank=int(rank),
+                    alpha=float(alpha),
+                    train_text_encoder=bool(given["train_text_encoder"]),
+                    conv_dim=int(conv_dim),
+                    conv_alpha=1.0 if conv_alpha is None else float(conv_alpha),
+                    network_type=given["network_type"] or "lora",
+                    lokr_factor=-1 if given["lokr_factor"] is None else int(given["lokr_factor"]),
+                    dora_wd=bool(given["dora_wd"]),
                     scale_weight_norms=given["scale_weight_norms"] or 0.0,  # emptied: off
                     network_dropout=given["network_dropout"] or 0.0,
                     rank_dropout=given["rank_dropout"] or 0.0,
                     module_dropout=given["module_dropout"] or 0.0,
-                    lokr_factor=-1 if given["lokr_factor"] is None else int(given["lokr_factor"]),
-                    dora_wd=bool(given["dora_wd"]),
                 )
+                pivotal = PivotalEmbedding(
+                    name=given["bundle_embedding"] or "",
+                    vectors=1 if given["bundle_vectors"] is None else int(given["bundle_vectors"]),
+                    init_text=given["bundle_init_text"] or "",
+                )
+                self.services.training.train_lora(cfg, network, pivotal)
             else:
                 self.services.training.train_hypernetwork(cfg)
         except (UserError, ValueError, TypeError) as e:
