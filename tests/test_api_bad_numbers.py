@@ -77,7 +77,8 @@ def violations(prop: dict) -> list:
     """Values just outside a property's declared bounds (a list for an array of bounded numbers)."""
     if prop.get("type") == "array":
         return [[value] for value in violations(prop["items"])]
-    whole = prop.get("type") == "integer"  # FastAPI writes every bound as a float (2**63 - 1 as 9.22e18)
+    # FastAPI writes every bound as a float (2**63 - 1 as 9.22e18); an optional integer is an anyOf with null
+    whole = prop.get("type") == "integer" or any(option.get("type") == "integer" for option in prop.get("anyOf", []))
     step = 1 if whole else 0.5
     out = []
     if "maximum" in prop:
