@@ -106,8 +106,7 @@ def huber_thresholds(
         total = noise_schedule.config.num_train_timesteps
         return (torch.exp(math.log(huber_c) * t.cpu().to(torch.float64) / total) * huber_scale).float()
     if schedule == "snr":
-        alpha_bar = noise_schedule.alphas_cumprod.to(torch.float64)[t.cpu()]
-        sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+        sigma = _snr(noise_schedule, t).rsqrt()  # sqrt((1 - alpha_bar) / alpha_bar)
         return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).float()
     raise ValueError(f"unknown Huber schedule {schedule!r}")
 

@@ -71,6 +71,7 @@ def validation_loss(
     evaluation mode (no dropout), the noise without the run's offsets (a plain measure of the fit). Each image's
     prompt is its caption through the templates without tag shuffling or dropping, as the validation seed picks it."""
     timesteps = validation_timesteps(int(cfg.min_timestep), int(cfg.max_timestep))
+    per_batch = max(1, int(cfg.batch_size))  # the run's batch size: memory it is known to fit in
     total, count = 0.0, 0
     with torch.no_grad(), target.unet_context(training=False):
         for index, image in enumerate(images):
@@ -80,7 +81,6 @@ def validation_loss(
             prompt = prompt_for(image, target.prompt_name, templates, random.Random(g.initial_seed()), False, 0.0)
             x0 = latents.get(index, g)
             noise = torch.randn(x0.shape, generator=g)
-            per_batch = max(1, int(cfg.batch_size))
             for start in range(0, len(timesteps), per_batch):
                 t = torch.tensor(timesteps[start : start + per_batch])
                 k = len(t)
