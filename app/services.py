@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import EmbeddingService
@@ -16,8 +18,9 @@ from app.hypernetworks.attention import HypernetworkStack
 from app.hypernetworks.attention import install as install_hypernetwork_attention
 from app.hypernetworks.database import HypernetworkDatabase
 from app.hypernetworks.service import HypernetworkService
-from app.jobs import JobRunner
+from app.jobs import Job, JobRunner
 from app.lora.block_weights import PRESETS_FILE
+from app.lora.extract import ExtractOptions, ExtractReport
 from app.lora.service import LoraDatabase, LoraService
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
@@ -53,6 +56,29 @@ class Services:
         loaded = job.wait()
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
+
+    def extract_lora(
+        self, tuned: str, base: str, name: str, options: ExtractOptions, abandoned: Callable[[], bool] | None = None
+    ) -> tuple[Path, ExtractReport]:
+        """Extract a LoRA (LoRA tab → Extract, `/sdapi/v1/extract/lora`) as a job: it queues behind generations,
+        shows its progress per layer and stops at Interrupt (or when `abandoned()`: the client went away) with
+        nothing written."""
+        self._refuse_during_training("extract a LoRA")
+        options.check()  # refused at once, not after the queue
+
+        def run(job: Job) -> tuple[Path, ExtractReport]:
+            def progress(done: int, total: int) -> None:
+                job.progress.sampling_step, job.progress.sampling_steps = done, total
+                job.progress.text = f"Extracting layer {done}/{total}"
+                job.check_interrupt()
+
+            return self.loras.extract(tuned, base, name, options, progress)
+
+        job = self.jobs.submit("extract LoRA", run, description=name)
+        result = self.jobs.wait_for(job, abandoned or (lambda: False))
+        if result is None:
+            raise UserError("The extraction was interrupted; nothing was written.")
+        return result
 
     def _refuse_during_training(self, what: str) -> None:
         job = self.training.running()

@@ -72,11 +72,11 @@ def make_lora(path: Path, arch: str, rank: int) -> None:
 def full_svd_layer(down, up, alpha, rank, keep=0.0):
     """kohya's resize_lora way, for comparison: the SVD of the whole out x in update matrix, in fp32 as kohya's
     script loads the file (its `merge_dtype`)."""
-    from app.lora.resize import _new_rank
+    from app.lora.resize import chosen_rank
 
     update = (up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()) * alpha / down.shape[0]
     u, s, vh = torch.linalg.svd(update, full_matrices=False)
-    k = _new_rank(s, rank, keep)
+    k = chosen_rank(s, rank, keep)
     kept = float((s[:k] ** 2).sum() / (s**2).sum()) ** 0.5
     root = s[:k].sqrt()
     new_up, new_down = (u[:, :k] * root).to(up.dtype), (root[:, None] * vh[:k]).to(down.dtype)

@@ -59,7 +59,7 @@ def _refusal(lora: LoraFile, keys: list[str]) -> str | None:
     return None
 
 
-def _new_rank(singular: torch.Tensor, rank: int, keep: float) -> int:
+def chosen_rank(singular: torch.Tensor, rank: int, keep: float) -> int:
     """`rank`, or with `keep` > 0 the smallest rank whose values hold that share of the Frobenius norm (at most
     `rank`); at least 1."""
     if keep <= 0:
@@ -87,7 +87,7 @@ def resize_layer(
     q_down, r_down = torch.linalg.qr(down.reshape(old_rank, -1).double().T)
     u_small, s, vh_small = torch.linalg.svd(r_up @ r_down.T * scale)
     u, vh = q_up @ u_small, vh_small @ q_down.T
-    k = _new_rank(s, rank, keep)
+    k = chosen_rank(s, rank, keep)
     total = float((s**2).sum())
     kept = math.sqrt(float((s[:k] ** 2).sum()) / total) if total > 0 else 1.0
     root = s[:k].sqrt()

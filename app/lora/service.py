@@ -7,16 +7,19 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
 from app.lora.apply import Application, StepRange, StepSwitch, lora_applied
 from app.lora.block_weights import block_of, block_weights, read_presets
+from app.lora.extract import ExtractOptions, ExtractReport, extract_lora
 from app.lora.files import (
     SUFFIXES,
     LoraFile,
@@ -29,7 +32,9 @@ from app.lora.files import (
 )
 from app.lora.names import Target, layer_table, model_components
 from app.lora.resize import ResizeReport, resize_lora
-from app.models.manager import LoadedModel, ModelManager
+from app.lora.writer import model_version
+from app.models.checkpoints import CheckpointInfo
+from app.models.manager import LoadedModel, ModelManager, offload_mode, preflight, read_pipeline
 from app.naming import clean_name
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
@@ -328,15 +333,67 @@ class LoraService:
         """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an
         existing file or another LoRA's name)."""
         found = self._required(name)
+        dst = self._new_file(new_name, found.path.parent, "resized")
+        with _write_errors("the resized LoRA", dst.parent):
+            report = resize_lora(found.path, dst, rank, keep, output_name=dst.stem)
+        return dst, report
+
+    def _new_file(self, new_name: str, folder: Path, what: str) -> Path:
+        """`<new_name>.safetensors` in `folder`, refused when the name is not a usable file name or a LoRA (file
+        or alias) already has it: a tool never writes over a file."""
         clean = clean_name(new_name)
         if not clean or clean != new_name.strip():
             raise UserError(f"'{new_name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
-        dst = found.path.with_name(clean + ".safetensors")
+        dst = folder / (clean + ".safetensors")
         if dst.exists() or self.find(clean) is not None:
-            raise UserError(f"A LoRA named '{clean}' already exists; pick another name for the resized file.")
-        with _write_errors("the resized LoRA", dst.parent):
-            report = resize_lora(found.path, dst, rank, keep, output_name=clean)
+            raise UserError(f"A LoRA named '{clean}' already exists; pick another name for the {what} file.")
+        return dst
+
+    def extract(
+        self,
+        tuned: str,
+        base: str,
+        name: str,
+        options: ExtractOptions,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Path, ExtractReport]:
+        """Extract the change from checkpoint `base` (empty: the loaded model) to checkpoint `tuned` as the LoRA
+        `<name>.safetensors` in the LoRA folder. Holds the model lock: nothing generates while the weights are
+        read."""
+        options.check()
+        dst = self._new_file(name, self.db.folder, "extracted")
+        tuned_info = self.models.find(tuned)
+        base_info = self.models.find(base) if base else self.models.get().info
+        if tuned_info.path == base_info.path:
+            raise UserError(f"The fine-tuned model and the base model are both {base_info.title}: pick two models.")
+        with self.models.lock:
+            base_pipe, tuned_pipe = self._weights_of(base_info), self._weights_of(tuned_info)
+            version, v2 = model_version(base_pipe)
+            metadata = {
+                "ss_base_model_version": version,
+                "ss_v2": str(v2),
+                "ss_sd_model_name": base_info.model_name,
+                "ss_sd_model_hash": base_info.short_hash or "",
+                "ss_new_sd_model_hash": base_info.sha256 or "",
+                "ss_output_name": dst.stem,
+                "ss_training_comment": f"extracted from {tuned_info.title} against {base_info.title}",
+            }
+            with _write_errors("the extracted LoRA", dst.parent):
+                report = extract_lora(
+                    model_components(base_pipe), model_components(tuned_pipe), dst, options, metadata, progress
+                )
         return dst, report
+
+    def _weights_of(self, info: CheckpointInfo):
+        """The pipeline whose weights stand for checkpoint `info`: the loaded one where its weights are there to
+        read as they are (not offloaded, not in bf16, whose 8-bit mantissa would make small changes noise), else
+        the file read into CPU memory in the loaded model's half precision, or fp32."""
+        loaded = self.models.loaded
+        offloaded = offload_mode(self.models.settings, self.models.device) is not None
+        if loaded is not None and loaded.info.path == info.path and loaded.dtype != torch.bfloat16 and not offloaded:
+            return loaded.pipe
+        preflight(info)
+        return read_pipeline(info, torch.float16 if self.models.dtype == torch.float16 else torch.float32)
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""

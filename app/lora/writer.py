@@ -26,6 +26,13 @@ def kohya_name(component: str, path: str, xl: bool = False) -> str:
     return te_prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
+def model_version(pipe) -> tuple[str, bool]:
+    """kohya's `ss_base_model_version` for the pipeline's model, and its `ss_v2`."""
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    v2 = not xl and int(pipe.text_encoder.config.hidden_size) == 1024
+    return ("sdxl_base_v1-0" if xl else "sd_v2" if v2 else "sd_v1"), v2
+
+
 def save_network(
     path: Path,
     layers: list[tuple[str, str, dict[str, torch.Tensor], float]],

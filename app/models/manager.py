@@ -208,7 +208,7 @@ class ModelManager:
         with self.lock:
             if self._loaded is not None and self._loaded.info.path == info.path:
                 return self._loaded
-            self._preflight(info)  # a file that cannot load is refused while the current model stays loaded
+            preflight(info)  # a file that cannot load is refused while the current model stays loaded
             previous = self._loaded.info if self._loaded is not None else None
             self.unload()
             try:
@@ -216,7 +216,7 @@ class ModelManager:
                     info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
                 pipe = guarded(
                     self.device,
-                    lambda: self._load_pipeline(info),
+                    lambda: self._place(read_pipeline(info, self.dtype)),
                     f"loading {info.title} on {self.device}",
                     lambda: (
                         "This model needs more memory than is free; "
@@ -292,44 +292,6 @@ class ModelManager:
             self._loaded = None
             release_memory(self.device)
 
-    def _preflight(self, info: CheckpointInfo) -> None:
-        if not info.path.exists():
-            raise UserError(f"Checkpoint {info.path} no longer exists; refresh the list.")
-        if info.kind == "single_file":
-            check_checkpoint(info.path)
-            return
-        index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
-        if index.get("_class_name") not in PIPELINES:
-            raise UserError(
-                f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x and SDXL "
-                "text-to-image pipelines can be loaded."
-            )
-
-    def _load_pipeline(self, info: CheckpointInfo) -> StableDiffusionPipeline:
-        if info.kind != "diffusers":
-            pipe = load_single_file(info.path, self.dtype)
-            return self._place(pipe)
-        index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
-        if index.get("_class_name") == "StableDiffusionXLPipeline":
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                info.path,
-                local_files_only=True,
-                dtype=self.dtype,
-                tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
-                tokenizer_2=load_clip_tokenizer(_tokenizer_folder(info.path, "tokenizer_2")),
-            )
-            return self._place(pipe)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            info.path,
-            local_files_only=True,
-            dtype=self.dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
-        )
-        return self._place(pipe)
-
     def _place(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         pipe.vae.to(dtype=self.vae_dtype)
         offload = offload_mode(self.settings, self.device)
@@ -345,6 +307,46 @@ class ModelManager:
                 module.eval()
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def preflight(info: CheckpointInfo) -> None:
+    """Refuse a checkpoint that cannot load (gone, damaged, another kind of pipeline) before anything is freed."""
+    if not info.path.exists():
+        raise UserError(f"Checkpoint {info.path} no longer exists; refresh the list.")
+    if info.kind == "single_file":
+        check_checkpoint(info.path)
+        return
+    index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("_class_name") not in PIPELINES:
+        raise UserError(
+            f"'{info.name}' is a {index.get('_class_name')} model; only Stable Diffusion 1.x/2.x and SDXL "
+            "text-to-image pipelines can be loaded."
+        )
+
+
+def read_pipeline(info: CheckpointInfo, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """The checkpoint's pipeline in `dtype`, on the CPU and not placed (the manager places its one model; a LoRA
+    extraction reads a second one's weights)."""
+    if info.kind != "diffusers":
+        return load_single_file(info.path, dtype)
+    index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("_class_name") == "StableDiffusionXLPipeline":
+        return StableDiffusionXLPipeline.from_pretrained(
+            info.path,
+            local_files_only=True,
+            dtype=dtype,
+            tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
+            tokenizer_2=load_clip_tokenizer(_tokenizer_folder(info.path, "tokenizer_2")),
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        info.path,
+        local_files_only=True,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        tokenizer=load_clip_tokenizer(_tokenizer_folder(info.path)),
+    )
 
 
 def model_offloaded(pipe) -> bool:

@@ -25,6 +25,7 @@ from app.jobs import Job, JobRunner
 from app.lora.files import LoraFile, LoraFormatError, bind, bundled_embeddings
 from app.lora.layers import DoraLayer
 from app.lora.service import LoraService, model_label
+from app.lora.writer import model_version
 from app.models.manager import LoadedModel, ModelManager
 from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advice
 from app.naming import clean_name
@@ -683,8 +684,7 @@ def preview_params(cfg: TrainConfig, prompt: str) -> Txt2ImgParams:
 def lora_metadata(model: LoadedModel, cfg: TrainConfig, run: PreparedRun, rank: int, alpha: float, te: bool) -> dict:
     """kohya's `ss_` fields that A1111, ComfyUI and kohya's tools show and use (no timestamps: a resumed run writes
     the same file as an uninterrupted one)."""
-    v2 = not model.is_xl and int(model.pipe.text_encoder.config.hidden_size) == 1024
-    version = "sdxl_base_v1-0" if model.is_xl else "sd_v2" if v2 else "sd_v1"
+    version, v2 = model_version(model.pipe)
     train = [im for im in run.images if not im.is_reg and not im.is_validation]
     reg = [im for im in run.images if im.is_reg]
     return {
