@@ -274,3 +274,29 @@ def test_the_file_loads_in_diffusers_as_it_applies_here(own):
     theirs = run()
     assert (ours - base).abs().max() > 1e-3
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_extract_through_the_api(server):
+    """`POST /sdapi/v1/extract/lora` with kohya's option names; the new file is in `/loras` at once."""
+    import requests
+
+    from app.models.default_model import build_default_pipeline
+
+    pipe = build_default_pipeline()  # shapes-64's architecture: a checkpoint of the same family, other weights
+    save_file(export_sd1(pipe), str(server.data_dir / "models" / "Stable-diffusion" / "other.safetensors"))
+    url = f"{server.url}/sdapi/v1"
+    assert requests.post(f"{url}/refresh-checkpoints", timeout=60).ok
+    body = dict(model_tuned="other", lora_name="zqapi", rank=4, conv_dim=2, save_precision="bf16")
+    answer = requests.post(f"{url}/extract/lora", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["path"].endswith("zqapi.safetensors") and result["text_encoder"] and result["layers"] == 79 + 24
+    assert "extract lora complete" in result["info"] and result["size_mb"] > 0
+    listed = {entry["name"]: entry for entry in requests.get(f"{url}/loras", timeout=60).json()}
+    assert listed["zqapi"]["metadata"]["ss_network_dim"] == "4"
+    again = requests.post(f"{url}/extract/lora", json=body, timeout=60)
+    assert again.status_code == 400 and "already exists" in again.json()["detail"]
+    typo = requests.post(f"{url}/extract/lora", json={**body, "lora_name": "zqtypo", "dim": 8}, timeout=60)
+    assert typo.status_code == 422  # kohya's `dim` is `rank` here: a misspelt option is not silently ignored
+    missing = requests.post(f"{url}/extract/lora", json={**body, "model_tuned": "nosuch"}, timeout=60)
+    assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]

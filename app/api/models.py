@@ -289,6 +289,31 @@ class PNGInfoRequest(BaseModel):
     image: str
 
 
+class ExtractLoraRequest(BaseModel):
+    """kohya's `extract_lora_from_models.py` options: the change from `model_org` (empty: the loaded model) to
+    `model_tuned` (checkpoint titles or names, as `sd_model_checkpoint` takes them) as the LoRA `lora_name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_tuned: str = name_field()
+    model_org: str = ""
+    lora_name: str = name_field()
+    rank: int = bounded(32, 1, MAX_LORA_RANK)  # kohya's `dim`
+    conv_dim: int = bounded(0, 0, MAX_LORA_RANK)  # the ResNet 3x3 convolutions' rank; 0 = left out
+    sv_fro: float = bounded(0.0, 0, 1)  # 0 = every layer at `rank`; else the least rank keeping this norm share
+    clamp_quantile: float = bounded(0.99, maximum=1, exclusive_minimum=0)  # 1 = no clamping
+    min_diff: float = bounded(0.01, 0, 1)  # text encoders that changed by at most this are left out
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class ExtractLoraResponse(BaseModel):
+    info: str
+    path: str
+    layers: int
+    text_encoder: bool
+    size_mb: float
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] | None
     parameters: dict[str, Any]

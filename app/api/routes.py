@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -19,6 +20,8 @@ from app.api.models import (
     CreateEmbeddingRequest,
     CreateHypernetworkRequest,
     ErrorResponse,
+    ExtractLoraRequest,
+    ExtractLoraResponse,
     PNGInfoRequest,
     PreprocessRequest,
     ProgressResponse,
@@ -35,6 +38,7 @@ from app.generation.hires import LATENT_MODES
 from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
 from app.generation.txt2img import Txt2ImgParams
+from app.lora.extract import ExtractOptions
 from app.models.out_of_memory import OutOfMemoryError, is_out_of_memory, memory_state
 from app.services import Services
 from app.settings import parse_credentials
@@ -148,6 +152,11 @@ def train_info(job, kind: str) -> str:
     return f"train {kind} complete: filename: {result.path} error: {result.error}"
 
 
+def disconnected(request: Request) -> Callable[[], bool]:
+    """Whether the client of `request` went away, asked from the worker thread FastAPI runs the route on."""
+    return lambda: anyio.from_thread.run(request.is_disconnected)
+
+
 def register_api(app: FastAPI, services: Services) -> None:
     """Mount `/sdapi/v1` on `app`, with HTTP Basic auth when `--api-auth` is set."""
     auth = _auth_dependency(services.settings.api_auth)
@@ -178,13 +187,8 @@ def register_api(app: FastAPI, services: Services) -> None:
     @router.post("/txt2img", response_model=Txt2ImgResponse)
     def txt2img(req: Txt2ImgRequest, request: Request) -> Txt2ImgResponse:
         params = params_from_request(req)
-
-        def abandoned() -> bool:
-            # This runs on the worker thread FastAPI gave this request; ask the event loop about the connection.
-            return anyio.from_thread.run(request.is_disconnected)
-
         result = services.generate_with_overrides(
-            params, req.override_settings or {}, req.override_settings_restore_afterwards, abandoned
+            params, req.override_settings or {}, req.override_settings_restore_afterwards, disconnected(request)
         )
         pairs = zip(result.images, result.infotexts, strict=True)
         images = [encode_png(im, text) for im, text in pairs] if req.send_images else []
@@ -370,6 +374,22 @@ def register_api(app: FastAPI, services: Services) -> None:
         except UserError as e:
             return a1111_error(e, "train lora", {"save_every": "save_lora_every"})
         return {"info": train_info(job, "lora")}
+
+    @router.post("/extract/lora", response_model=ExtractLoraResponse)
+    def extract_lora(req: ExtractLoraRequest, request: Request) -> ExtractLoraResponse:
+        """A LoRA of the change from `model_org` (empty: the loaded model) to `model_tuned` (kohya's
+        `extract_lora_from_models.py`), written to the LoRA folder; waits until it is written."""
+        fields = {f: getattr(req, f) for f in ExtractOptions.__dataclass_fields__}
+        path, report = services.extract_lora(
+            req.model_tuned, req.model_org, req.lora_name, ExtractOptions(**fields), disconnected(request)
+        )
+        return ExtractLoraResponse(
+            info=f"extract lora complete: {path}: {report.sentence()}",
+            path=str(path),
+            layers=report.layers,
+            text_encoder=report.text_encoder,
+            size_mb=round(report.size_bytes / 2**20, 3),
+        )
 
     @router.get("/hypernetworks")
     def hypernetworks() -> list[dict[str, str]]:
