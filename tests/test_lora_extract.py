@@ -298,5 +298,7 @@ def test_extract_through_the_api(server):
     assert again.status_code == 400 and "already exists" in again.json()["detail"]
     typo = requests.post(f"{url}/extract/lora", json={**body, "lora_name": "zqtypo", "dim": 8}, timeout=60)
     assert typo.status_code == 422  # kohya's `dim` is `rank` here: a misspelt option is not silently ignored
-    missing = requests.post(f"{url}/extract/lora", json={**body, "model_tuned": "nosuch"}, timeout=60)
+    missing = requests.post(
+        f"{url}/extract/lora", json={**body, "model_tuned": "nosuch", "lora_name": "zqm"}, timeout=60
+    )
     assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]
