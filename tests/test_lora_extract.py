@@ -301,4 +301,4 @@ def test_extract_through_the_api(server):
     missing = requests.post(
         f"{url}/extract/lora", json={**body, "model_tuned": "nosuch", "lora_name": "zqm"}, timeout=60
     )
-    assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]
+    assert missing.status_code == 404 and "nosuch" in missing.json()["detail"]
