@@ -89,8 +89,12 @@ class ExtractReport:
         unchanged = f", {self.unchanged} unchanged layers left out" if self.unchanged else ""
         return (
             f"{self.layers} layers at rank {ranks}{unchanged}; {te}; each layer keeps at least {self.kept_min:.1%} "
-            f"of its change's norm ({self.kept_mean:.1%} on average); {self.size_bytes / 2**20:.1f} MB."
+            f"of its change's norm ({self.kept_mean:.1%} on average); {_size(self.size_bytes)}."
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 def kohya_layers(component: str, root: torch.nn.Module, conv: bool) -> dict[str, torch.nn.Module]:

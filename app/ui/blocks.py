@@ -11,6 +11,7 @@ import gradio as gr
 from app.errors import UserError
 from app.services import Services
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
+from app.ui.lora_extract_tab import build_lora_extract_tab, model_choices
 from app.ui.lora_info_tab import build_lora_info_tab
 from app.ui.messages import error_html
 from app.ui.pnginfo_tab import build_pnginfo_tab
@@ -115,6 +116,8 @@ def build_ui(services: Services) -> gr.Blocks:
                     TrainSection(services, LORA, txt2img_fields)
                 with gr.Tab("Info", id="lora_info_tab"):
                     lora_info_name = build_lora_info_tab(services, lora_list, gallery)
+                with gr.Tab("Extract", id="lora_extract_tab"):
+                    extract_pickers = build_lora_extract_tab(services, lora_list, lora_info_name)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")
@@ -131,6 +134,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *hypernetwork_list.refreshed(False),
                 *lora_list.refreshed(False),
                 gr.update(choices=services.loras.names()),
+                *model_choices(services),
             ]
 
         demo.load(
@@ -142,6 +146,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *hypernetwork_list.outputs,
                 *lora_list.outputs,
                 lora_info_name,
+                *extract_pickers,
             ],
         )
     return demo

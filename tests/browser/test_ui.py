@@ -433,6 +433,50 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     )
 
 
+def test_extract_a_lora_from_a_fine_tuned_model_and_use_it(page, server):
+    """LoRA tab → Extract: a fine-tuned copy of the loaded model (known changes in some layers) becomes a LoRA that
+    brings the fine-tune's image to the base model."""
+    from safetensors.torch import save_file
+
+    from app.models.checkpoints import scan_checkpoints
+    from app.models.manager import read_pipeline
+    from tests.ldm_export import export_sd1
+    from tests.test_lora_extract import CHANGES, low_rank
+
+    ckpt = server.data_dir / "models" / "Stable-diffusion"
+    base = next(c for c in scan_checkpoints([ckpt], None) if c.name == "shapes-64")
+    pipe = read_pipeline(base, torch.float32)
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    with torch.no_grad():
+        for i, (component, path, rank) in enumerate(CHANGES):
+            layer = parts[component].get_submodule(path)
+            layer.weight += low_rank(layer.weight.shape, rank, seed=i, size=0.5)
+    save_file(export_sd1(pipe), str(ckpt / "uituned.safetensors"))
+    open_ui(page, server)
+    page.get_by_role("tab", name="LoRA").click()
+    page.get_by_role("tab", name="Extract", exact=True).click()
+    page.locator("#lora_extract_refresh").click()
+    pick_option(page, "#lora_extract_tuned input", re.compile("^uituned"))
+    fill_field(page, "lora_extract_name", "uiextract")
+    fill_field(page, "lora_extract_rank", 4)
+    fill_field(page, "lora_extract_conv_dim", 4)
+    page.locator("#lora_extract_button").click()
+    done = page.locator("#lora_extract_done")
+    done.wait_for(timeout=120000)
+    text = done.inner_text()
+    assert "uiextract.safetensors" in text and "6 layers at rank 4" in text and "is included" in text, text
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_extract.png"), full_page=True)
+    page.locator("#lora_extract_button").click()  # the same name again: refused, nothing overwritten
+    page.locator("#lora_extract_error").wait_for()
+    assert "already exists" in page.locator("#lora_extract_error").inner_text()
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#lora_cards tr", has_text="uiextract").wait_for()  # the list was refreshed
+    page.locator("#txt2img_prompt textarea").fill("a red circle <lora:uiextract:1>")
+    page.locator("#txt2img_generate").click()
+    page.locator("#generation_info_text").wait_for()
+    assert "Lora hashes" in page.locator("#generation_info_text").inner_text()
+
+
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     from tests.test_regularization import make_reg_dataset
     from tests.test_training import make_dataset
