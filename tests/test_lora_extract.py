@@ -302,3 +302,47 @@ def test_extract_through_the_api(server):
         f"{url}/extract/lora", json={**body, "model_tuned": "nosuch", "lora_name": "zqm"}, timeout=60
     )
     assert missing.status_code == 404 and "nosuch" in missing.json()["detail"]
+
+
+def test_an_sdxl_fine_tune_with_both_text_encoders(xl):
+    """SDXL: the UNet and both text encoders (kohya's `lora_te1_`/`lora_te2_`); the LoRA on the base model gives
+    the fine-tuned model's image."""
+    from app.lora.names import TEXT_ENCODER_2
+    from tests.ldm_export import export_sdxl
+
+    pipe = read_pipeline(xl.models.find("tinyxl-folder"), torch.float32)
+    parts = model_components(pipe)
+    changes = [
+        (UNET, next(p for p in kohya_layers(UNET, parts[UNET], False) if p.endswith("attn2.to_k")), 2),
+        (
+            TEXT_ENCODER,
+            next(p for p in kohya_layers(TEXT_ENCODER, parts[TEXT_ENCODER], False) if "0.self_attn.q" in p),
+            2,
+        ),
+        (
+            TEXT_ENCODER_2,
+            next(p for p in kohya_layers(TEXT_ENCODER_2, parts[TEXT_ENCODER_2], False) if "1.mlp.fc2" in p),
+            2,
+        ),
+    ]
+    with torch.no_grad():
+        for i, (component, path, rank) in enumerate(changes):
+            layer = parts[component].get_submodule(path)
+            layer.weight += low_rank(layer.weight.shape, rank, seed=i, size=0.5)
+    save_file(export_sdxl(pipe), str(xl.settings.ckpt_dir / "tinyxl-tuned.safetensors"))
+    xl.models.refresh()
+    xl.settings.lora_dir.mkdir(parents=True, exist_ok=True)
+    options = ExtractOptions(rank=2, clamp_quantile=1.0, save_precision="fp32")
+    path, report = xl.extract_lora("tinyxl-tuned", "", "zqxl", options)
+    data, metadata = tensors(path)
+    assert report.layers == 3 and report.text_encoder
+    assert {k.split("_text_model")[0] for k in data if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    with_lora = pixels(gen(xl, "a red circle <lora:zqxl:1>"))
+    xl.select_checkpoint("tinyxl-tuned")
+    try:
+        tuned = pixels(gen(xl, "a red circle"))
+    finally:
+        xl.select_checkpoint("tinyxl-folder")
+    assert np.abs(with_lora - tuned).max() <= 1
+    assert np.abs(tuned - pixels(gen(xl, "a red circle"))).max() > 4  # (a random tiny model: small changes)
