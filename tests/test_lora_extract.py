@@ -151,6 +151,20 @@ def test_dynamic_rank_keeps_a_share_of_each_change(own):
     assert report.kept_min >= 0.9999
 
 
+def test_checkpoints_are_read_in_the_precision_they_store(own):
+    """Exact and lean: an fp16 file in fp16 (half the memory), an fp32 one in fp32, the loaded fp32 model as it is."""
+    state = export_sd1(read_pipeline(own.models.find("tuned"), torch.float32))
+    save_file({k: v.half() for k, v in state.items()}, str(own.settings.ckpt_dir / "tuned-half.safetensors"))
+    own.models.refresh()
+    half, full = own.models.find("tuned-half"), own.models.find("tuned")
+    assert half.stores_half() and not full.stores_half()
+    assert own.loras._weights_of(half).unet.dtype == torch.float16
+    assert own.loras._weights_of(full).unet.dtype == torch.float32
+    assert own.loras._weights_of(own.models.find("shapes-64")) is own.models.get().pipe
+    _, report = own.extract_lora("tuned-half", "", "zqhalf", ExtractOptions(rank=4, conv_dim=4))
+    assert report.layers >= len(CHANGES)  # fp16 rounding of the other layers is a change too, below min_diff's
+
+
 def kohya_reference(diff: torch.Tensor, rank: int, q: float) -> torch.Tensor:
     """kohya's extraction of one layer, written from its definition: up = U S, down = Vh, both clamped at the
     q-quantile of their values."""

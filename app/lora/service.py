@@ -385,15 +385,17 @@ class LoraService:
         return dst, report
 
     def _weights_of(self, info: CheckpointInfo):
-        """The pipeline whose weights stand for checkpoint `info`: the loaded one where its weights are there to
-        read as they are (not offloaded, not in bf16, whose 8-bit mantissa would make small changes noise), else
-        the file read into CPU memory in the loaded model's half precision, or fp32."""
+        """The pipeline whose weights stand for checkpoint `info`, exactly as the file holds them: the file read
+        into CPU memory in fp16 where it stores fp16 (SDXL: half the memory), else in fp32; the loaded model itself
+        where its weights are those (not offloaded, and fp32, or fp16 from an fp16 file)."""
+        half = info.stores_half()
         loaded = self.models.loaded
         offloaded = offload_mode(self.models.settings, self.models.device) is not None
-        if loaded is not None and loaded.info.path == info.path and loaded.dtype != torch.bfloat16 and not offloaded:
+        exact = loaded is not None and (loaded.dtype == torch.float32 or (half and loaded.dtype == torch.float16))
+        if exact and loaded.info.path == info.path and not offloaded:
             return loaded.pipe
         preflight(info)
-        return read_pipeline(info, torch.float16 if self.models.dtype == torch.float16 else torch.float32)
+        return read_pipeline(info, torch.float16 if half else torch.float32)
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""

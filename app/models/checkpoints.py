@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from app.errors import NotFoundError
 from app.models.hashes import HashCache, old_hash, short_hash
 
@@ -38,6 +40,22 @@ class CheckpointInfo:
             return [self.path]
         files = {p for pattern in _FOLDER_HASH_GLOBS for p in self.path.glob(pattern) if p.is_file()}
         return sorted(files, key=lambda p: p.relative_to(self.path).as_posix())
+
+    def stores_half(self) -> bool:
+        """Whether the UNet's weights are stored in fp16 (most shared checkpoints): read in fp16, they are exact.
+        Read from the safetensors header; a `.ckpt` or an unreadable header counts as not."""
+        if self.kind == "single_file":
+            path, prefix = self.path, "model.diffusion_model."
+        else:
+            path, prefix = self.path / "unet" / "diffusion_pytorch_model.safetensors", ""
+        if path.suffix.lower() != ".safetensors":
+            return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                key = next((k for k in f.keys() if k.startswith(prefix) and k.endswith(".weight")), None)  # noqa: SIM118
+                return key is not None and f.get_slice(key).get_dtype() == "F16"
+        except (SafetensorError, OSError, ValueError):
+            return False
 
     def matches(self, query: str) -> bool:
         """A1111 accepts a title, a name, a model name or a hash wherever a checkpoint is named."""
