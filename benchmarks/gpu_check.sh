@@ -63,6 +63,8 @@ if [ -n "$TINY" ]; then
     section "Per step: ops, launches, syncs" "$OUT_DIR/step_profile.md"
     "$PY" benchmarks/oom_check.py --tiny --markdown "$OUT_DIR/oom.md"
     section "Out of memory" "$OUT_DIR/oom.md"
+    "$PY" benchmarks/lora_extract.py --arch tiny-sd1 --rank 4 --ours-only --markdown "$OUT_DIR/extract.md"
+    section "LoRA extraction" "$OUT_DIR/extract.md"
     cat "$report"
     exit 0
 fi
@@ -81,6 +83,11 @@ elapsed "generation"
 "$PY" benchmarks/lora_generation.py --ckpt "$files/sd15-random.safetensors" --repeats 2 --markdown "$OUT_DIR/lora.md"
 section "LoRA, SD1.5 at 512 px" "$OUT_DIR/lora.md"
 elapsed "LoRA"
+
+"$PY" benchmarks/lora_extract.py --arch sd1 --base "$files/sd15-random.safetensors" --device cuda --ours-only \
+    --markdown "$OUT_DIR/extract.md" || echo "lora_extract.py failed: see the log" >>"$OUT_DIR/extract.md"
+section "LoRA extraction from an SD1.5-size fine-tune, rank 32, SVDs on the GPU" "$OUT_DIR/extract.md"
+elapsed "LoRA extraction"
 
 # As the app trains by default: checkpointing auto (off on a GPU until a step runs out of memory)
 "$PY" benchmarks/train_full_size.py --ckpt "$files/sd15-random.safetensors" --steps 2 --markdown "$OUT_DIR/train.md"

@@ -36,6 +36,7 @@ def test_gpu_check_runs_on_tiny_files_and_reports_every_part(tmp_path):
         "## Training on SDXL",
         "## Per step: ops, launches, syncs",
         "## Out of memory",
+        "## LoRA extraction",
     ):
         assert heading in report
     for row in ("| SD1.5 64 px |", "| SDXL 64 px |", "| --medvram |", "| --lowvram (4 steps) |"):
@@ -92,6 +93,15 @@ def test_checkpointing_benchmark_measures_every_mode_against_no_checkpointing():
     for line in rows.values():
         ms, peak = (float(n) for n in re.findall(r"([\d.]+) (?:ms/step|MB)", line))
         assert ms > 0 and peak > 0
+
+
+def test_lora_extract_benchmark_runs_both_ways_on_a_tiny_fine_tune():
+    out = run_benchmark("lora_extract.py", "--arch", "tiny-sdxl", "--rank", "4")
+    assert re.search(r"TINY-SDXL-size base and fine-tune, .* (\d+) layers changed", out), out
+    for label in ("kohya's way", "ours"):
+        assert re.search(rf"\| {label}.* \| [\d.]+ \| [\d.]+ \| [\d.]+x faster \| \d+ MB \| [\d.]+ MB \|", out), out
+    gap = float(re.search(r"updates \(fp16 files\): ([\d.e+-]+)", out).group(1))
+    assert gap < 1e-2, out  # the same extraction: only rounding apart
 
 
 def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():

@@ -148,8 +148,8 @@ def extract_layer(
     return down.contiguous(), up.contiguous(), kept
 
 
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    return module.weight.detach().to("cpu", torch.float32)
+def _weight(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    return module.weight.detach().to(device, torch.float32)
 
 
 def layer_pairs(
@@ -180,21 +180,27 @@ def extract_lora(
     options: ExtractOptions,
     metadata: dict[str, str],
     progress: Callable[[int, int], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> ExtractReport:
     """Write the LoRA of `tuned` - `base` (each {component: module}, as `names.model_components` gives) to `dst`,
-    atomically; `progress(done, total)` is called after each layer (it may raise to stop: nothing is written)."""
+    atomically; `progress(done, total)` is called after each layer (it may raise to stop: nothing is written). The
+    SVDs run on `device` (kohya's `--device`; a GPU's takes seconds where a CPU's takes a minute), one layer's change
+    there at a time."""
+    device = torch.device(device)
     options.check()
     conv = options.conv_dim > 0
     pairs = layer_pairs(base, tuned, conv)
     text_pairs = [p for p in pairs if p[0] in (TEXT_ENCODER, TEXT_ENCODER_2)]
     with torch.no_grad():
-        te_diff = max((float((_weight(t) - _weight(b)).abs().max()) for _, _, b, t in text_pairs), default=0.0)
+        te_diff = max(
+            (float((_weight(t, device) - _weight(b, device)).abs().max()) for _, _, b, t in text_pairs), default=0.0
+        )
         with_text = te_diff > options.min_diff
         if not with_text:
             pairs = [p for p in pairs if p[0] == UNET]
         layers, kept, unchanged = [], [], 0
         for done, (component, path, base_layer, tuned_layer) in enumerate(pairs, 1):
-            diff = _weight(tuned_layer) - _weight(base_layer)
+            diff = _weight(tuned_layer, device) - _weight(base_layer, device)
             if not bool(diff.any()):
                 unchanged += 1
             else:

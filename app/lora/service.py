@@ -380,7 +380,13 @@ class LoraService:
             }
             with _write_errors("the extracted LoRA", dst.parent):
                 report = extract_lora(
-                    model_components(base_pipe), model_components(tuned_pipe), dst, options, metadata, progress
+                    model_components(base_pipe),
+                    model_components(tuned_pipe),
+                    dst,
+                    options,
+                    metadata,
+                    progress,
+                    device=self.models.device if self.models.device.type == "cuda" else "cpu",
                 )
         return dst, report
 
