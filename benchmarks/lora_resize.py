@@ -30,24 +30,18 @@ for folder in (ROOT, ROOT / "benchmarks"):
 def kohya_layers(arch: str) -> dict[str, tuple[int, ...]]:
     """kohya name -> the layer's weight shape, for kohya's default LoRA targets of a full-size model."""
     import tests.ldm_export as ldm_export
+    from app.lora import extract
+    from app.lora.names import model_components
     from app.lora.writer import kohya_name
     from app.models.single_file import CONFIG_DIR
 
     parts = ldm_export.meta_pipeline(CONFIG_DIR / arch)
     xl = getattr(parts, "text_encoder_2", None) is not None
-    found = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        root = getattr(parts, component, None)
-        if root is None:
-            continue
-        for path, module in root.named_modules():
-            in_block = "transformer_blocks" in path or path.endswith(("proj_in", "proj_out"))
-            wanted = in_block if component == "unet" else ".layers." in path
-            if wanted and isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1):
-                    continue
-                found[kohya_name(component, path, xl)] = tuple(module.weight.shape)
-    return found
+    return {
+        kohya_name(component, path, xl): tuple(module.weight.shape)
+        for component, root in model_components(parts).items()
+        for path, module in extract.kohya_layers(component, root, conv=False).items()
+    }
 
 
 def make_lora(path: Path, arch: str, rank: int) -> None:
