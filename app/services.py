@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 PATH_OPTIONS = frozenset({"outdir_samples", "outdir_txt2img_samples"})
 
 
+def extraction_result(result: tuple[Path, ExtractReport] | None) -> tuple[Path, ExtractReport]:
+    if result is None:
+        raise UserError("The extraction was interrupted; nothing was written.")
+    return result
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -57,12 +63,10 @@ class Services:
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
 
-    def extract_lora(
-        self, tuned: str, base: str, name: str, options: ExtractOptions, abandoned: Callable[[], bool] | None = None
-    ) -> tuple[Path, ExtractReport]:
-        """Extract a LoRA (LoRA tab → Extract, `/sdapi/v1/extract/lora`) as a job: it queues behind generations,
-        shows its progress per layer and stops at Interrupt (or when `abandoned()`: the client went away) with
-        nothing written."""
+    def start_extract_lora(self, tuned: str, base: str, name: str, options: ExtractOptions) -> Job:
+        """Queue a LoRA extraction (LoRA tab → Extract, `/sdapi/v1/extract/lora`) as a job: it runs after the jobs
+        ahead of it, reports its progress per layer and stops at Interrupt with nothing written. Its result is
+        (path, report), or None when interrupted (`extraction_result` turns that into a message)."""
         self._refuse_during_training("extract a LoRA")
         options.check()  # refused at once, not after the queue
 
@@ -74,11 +78,14 @@ class Services:
 
             return self.loras.extract(tuned, base, name, options, progress)
 
-        job = self.jobs.submit("extract LoRA", run, description=name)
-        result = self.jobs.wait_for(job, abandoned or (lambda: False))
-        if result is None:
-            raise UserError("The extraction was interrupted; nothing was written.")
-        return result
+        return self.jobs.submit("extract LoRA", run, description=name)
+
+    def extract_lora(
+        self, tuned: str, base: str, name: str, options: ExtractOptions, abandoned: Callable[[], bool] | None = None
+    ) -> tuple[Path, ExtractReport]:
+        """`start_extract_lora` and wait for it; interrupted also when `abandoned()` (the client went away)."""
+        job = self.start_extract_lora(tuned, base, name, options)
+        return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
 
     def _refuse_during_training(self, what: str) -> None:
         job = self.training.running()

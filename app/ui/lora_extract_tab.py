@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from app.errors import UserError
 from app.lora.extract import SAVE_DTYPES, ExtractOptions
-from app.services import Services
+from app.services import Services, extraction_result
 from app.ui.extra_networks import NetworkList
 from app.ui.messages import error_html, message_html
 
@@ -58,7 +60,18 @@ def build_lora_extract_tab(services: Services, lora_list: NetworkList, lora_info
     extract = gr.Button("Extract", variant="primary", elem_id="lora_extract_button")
     message = gr.HTML(elem_id="lora_extract_message")
 
-    def on_extract(tuned_title, base_title, new_name, rank_value, conv_value, share, clamp_value, min_value, dtype):
+    def on_extract(
+        tuned_title,
+        base_title,
+        new_name,
+        rank_value,
+        conv_value,
+        share,
+        clamp_value,
+        min_value,
+        dtype,
+        progress=gr.Progress(),
+    ):
         try:
             if not tuned_title:
                 raise UserError("Pick the fine-tuned model first.")
@@ -75,7 +88,13 @@ def build_lora_extract_tab(services: Services, lora_list: NetworkList, lora_info
                 save_precision=dtype or "fp16",
             )
             base_query = "" if base_title in (None, "", LOADED) else base_title
-            path, report = services.extract_lora(tuned_title, base_query, (new_name or "").strip(), options)
+            job = services.start_extract_lora(tuned_title, base_query, (new_name or "").strip(), options)
+            while not job.finished:  # the bar under the button; the job's own progress, as /progress reports it
+                position = services.jobs.queue_position(job)
+                text = job.progress.text or (f"Waiting: {position} jobs ahead" if position else "Reading the models")
+                progress(job.progress.fraction, desc=text)
+                time.sleep(0.25)
+            path, report = extraction_result(job.wait())
         except UserError as e:
             return [error_html(e, "lora_extract_error"), gr.update(), *lora_list.refreshed(False)]
         done = message_html(f"Wrote {path}: {report.sentence()}", "train-done", "lora_extract_done")
