@@ -21,6 +21,7 @@ from app.hypernetworks.service import HypernetworkService
 from app.jobs import Job, JobRunner
 from app.lora.block_weights import PRESETS_FILE
 from app.lora.extract import ExtractOptions, ExtractReport
+from app.lora.merge import MergeReport
 from app.lora.service import LoraDatabase, LoraService
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
@@ -86,6 +87,13 @@ class Services:
         """`start_extract_lora` and wait for it; interrupted also when `abandoned()` (the client went away)."""
         job = self.start_extract_lora(tuned, base, name, options)
         return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
+
+    def merge_lora(self, loras: str, name: str, save_precision: str = "fp16") -> tuple[Path, MergeReport]:
+        """Merge LoRAs into a new checkpoint (LoRA tab → Merge, `/sdapi/v1/merge/lora`) as a job, so it never
+        runs while a generation has LoRAs merged of its own."""
+        self._refuse_during_training("merge LoRAs into a checkpoint")
+        job = self.jobs.submit("merge LoRA", lambda job: self.loras.merge(loras, name, save_precision), name)
+        return job.wait()
 
     def _refuse_during_training(self, what: str) -> None:
         job = self.training.running()

@@ -29,7 +29,7 @@ for folder in (ROOT, ROOT / "benchmarks"):
 
 def kohya_layers(arch: str) -> dict[str, tuple[int, ...]]:
     """kohya name -> the layer's weight shape, for kohya's default LoRA targets of a full-size model."""
-    import tests.ldm_export as ldm_export
+    import app.models.ldm_export as ldm_export
     from app.lora import extract
     from app.lora.names import model_components
     from app.lora.writer import kohya_name

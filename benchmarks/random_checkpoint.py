@@ -1,7 +1,7 @@
 """Full-size single-file checkpoints with random weights, written by our own exporter (nothing downloaded).
 
 The components are built on the meta device from a shipped config folder (sd1, sd2, sdxl, tiny-*), exported to the
-original LDM key layout by `tests/ldm_export.py`, and filled with N(0, 0.02) values in fp16. Drawing the numbers on
+original LDM key layout by `app/models/ldm_export.py`, and filled with N(0, 0.02) values in fp16. Drawing the numbers on
 a GPU (`--device cuda`) takes seconds even for SDXL's 3.5 B parameters.
 
     python benchmarks/random_checkpoint.py sdxl /tmp/sdxl.safetensors [--device cuda]
@@ -26,7 +26,7 @@ EXPORTERS = {"sd1": "export_sd1", "sd2": "export_sd2", "sdxl": "export_sdxl"}
 def make_checkpoint(path: Path, config: str, device: str = "cpu", seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
-    import tests.ldm_export as ldm_export
+    import app.models.ldm_export as ldm_export
     from app.models.single_file import CONFIG_DIR
 
     export = getattr(ldm_export, EXPORTERS[config.removeprefix("tiny-")])

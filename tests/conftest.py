@@ -56,10 +56,10 @@ def xl(tmp_path_factory, model_store):
     from safetensors.torch import save_file
 
     from app.models.default_model import build_tiny_sdxl_pipeline
+    from app.models.ldm_export import export_sdxl
     from app.models.single_file import CONFIG_DIR
     from app.services import build_services
     from app.settings import Settings
-    from tests.ldm_export import export_sdxl
 
     data = make_data_dir(tmp_path_factory.mktemp("xl"), model_store)
     ckpt = data / "models" / "Stable-diffusion"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from app.models.ldm_export import export_sd1, export_sd2, export_sdxl, meta_pipeline
 from app.models.single_file import CONFIG_DIR, check_checkpoint, load_single_file
-from tests.ldm_export import export_sd1, export_sd2, export_sdxl, meta_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from app.generation.txt2img import Txt2ImgParams
-from tests.ldm_export import unet_to_ldm
+from app.models.ldm_export import unet_to_ldm
 
 
 @dataclass

@@ -17,9 +17,9 @@ from app.errors import UserError
 from app.lora.extract import ExtractOptions, extract_layer, kohya_layers, quantile
 from app.lora.names import TEXT_ENCODER, UNET, model_components
 from app.lora.writer import kohya_name
+from app.models.ldm_export import export_sd1
 from app.models.manager import read_pipeline
 from tests.conftest import make_data_dir
-from tests.ldm_export import export_sd1
 from tests.test_lora import gen, pixels
 
 ATTN = "down_blocks.0.attentions.0"
@@ -223,7 +223,7 @@ def test_bad_options_are_refused_before_anything_is_read(own, options, field):
 
 def test_what_cannot_give_a_lora_is_refused_with_the_reason(own):
     from app.models.default_model import build_tiny_sd2_pipeline
-    from tests.ldm_export import export_sd2
+    from app.models.ldm_export import export_sd2
 
     def refused(tuned: str, base: str, name: str = "zqnone") -> str:
         before = sorted(own.settings.lora_dir.iterdir())
@@ -318,34 +318,28 @@ def test_extract_through_the_api(server):
     assert missing.status_code == 404 and "nosuch" in missing.json()["detail"]
 
 
-def test_an_sdxl_fine_tune_with_both_text_encoders(xl):
-    """SDXL: the UNet and both text encoders (kohya's `lora_te1_`/`lora_te2_`); the LoRA on the base model gives
-    the fine-tuned model's image."""
+def save_tuned_xl(xl, name: str) -> None:
+    """A copy of the tiny SDXL with low-rank changes in its UNet and both text encoders, as `<name>.safetensors`."""
     from app.lora.names import TEXT_ENCODER_2
-    from tests.ldm_export import export_sdxl
+    from app.models.ldm_export import export_sdxl
 
     pipe = read_pipeline(xl.models.find("tinyxl-folder"), torch.float32)
     parts = model_components(pipe)
-    changes = [
-        (UNET, next(p for p in kohya_layers(UNET, parts[UNET], False) if p.endswith("attn2.to_k")), 2),
-        (
-            TEXT_ENCODER,
-            next(p for p in kohya_layers(TEXT_ENCODER, parts[TEXT_ENCODER], False) if "0.self_attn.q" in p),
-            2,
-        ),
-        (
-            TEXT_ENCODER_2,
-            next(p for p in kohya_layers(TEXT_ENCODER_2, parts[TEXT_ENCODER_2], False) if "1.mlp.fc2" in p),
-            2,
-        ),
-    ]
+    wanted = [(UNET, "attn2.to_k"), (TEXT_ENCODER, "0.self_attn.q"), (TEXT_ENCODER_2, "1.mlp.fc2")]
     with torch.no_grad():
-        for i, (component, path, rank) in enumerate(changes):
+        for i, (component, part) in enumerate(wanted):
+            path = next(p for p in kohya_layers(component, parts[component], False) if part in p)
             layer = parts[component].get_submodule(path)
-            layer.weight += low_rank(layer.weight.shape, rank, seed=i, size=0.5)
-    save_file(export_sdxl(pipe), str(xl.settings.ckpt_dir / "tinyxl-tuned.safetensors"))
+            layer.weight += low_rank(layer.weight.shape, 2, seed=i, size=0.5)
+    save_file(export_sdxl(pipe), str(xl.settings.ckpt_dir / f"{name}.safetensors"))
     xl.models.refresh()
     xl.settings.lora_dir.mkdir(parents=True, exist_ok=True)
+
+
+def test_an_sdxl_fine_tune_with_both_text_encoders(xl):
+    """SDXL: the UNet and both text encoders (kohya's `lora_te1_`/`lora_te2_`); the LoRA on the base model gives
+    the fine-tuned model's image."""
+    save_tuned_xl(xl, "tinyxl-tuned")
     options = ExtractOptions(rank=2, clamp_quantile=1.0, save_precision="fp32")
     path, report = xl.extract_lora("tinyxl-tuned", "", "zqxl", options)
     data, metadata = tensors(path)

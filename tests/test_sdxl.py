@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from app.generation.samplers import build_scheduler
 from app.generation.txt2img import Txt2ImgParams
+from app.models.ldm_export import export_sdxl, meta_pipeline
 from app.models.single_file import CONFIG_DIR, detect
-from tests.ldm_export import export_sdxl, meta_pipeline
 
 PARAMS = dict(
     prompt="a red circle",

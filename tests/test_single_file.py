@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from app.errors import UserError
 from app.generation.txt2img import Txt2ImgParams
 from app.models.default_model import DEFAULT_MODEL_NAME, build_default_pipeline
+from app.models.ldm_export import export_sd1, meta_pipeline
 from app.models.single_file import CONFIG_DIR, detect
 from tests.conftest import make_data_dir
-from tests.ldm_export import export_sd1, meta_pipeline
 
 PARAMS = dict(
     prompt="a red circle",
@@ -184,7 +184,7 @@ def test_old_a1111_hash_finds_the_checkpoint(own):
 def sd2_files(own):
     """A tiny SD 2.x-style model as a diffusers folder and as an exported single file."""
     from app.models.default_model import build_tiny_sd2_pipeline
-    from tests.ldm_export import export_sd2
+    from app.models.ldm_export import export_sd2
 
     pipe = build_tiny_sd2_pipeline()
     ckpt = own.settings.ckpt_dir
@@ -220,7 +220,7 @@ def test_sidecar_yaml_selects_v_prediction(own, sd2_files):
 
 
 def test_full_size_sd2_layout_is_detected_as_sd2():
-    from tests.ldm_export import export_sd2
+    from app.models.ldm_export import export_sd2
 
     header = {k: tuple(v.shape) for k, v in export_sd2(meta_pipeline(CONFIG_DIR / "sd2")).items()}
     assert detect(header, "v2-1_768-ema-pruned.safetensors").name == "sd2"

@@ -23,9 +23,9 @@ def sd2(tmp_path_factory, model_store):
     from safetensors.torch import save_file
 
     from app.models.default_model import build_tiny_sd2_pipeline
+    from app.models.ldm_export import export_sd2
     from app.services import build_services
     from app.settings import Settings
-    from tests.ldm_export import export_sd2
 
     data = make_data_dir(tmp_path_factory.mktemp("sd2"), model_store)
     ckpt = data / "models" / "Stable-diffusion"

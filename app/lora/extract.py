@@ -207,6 +207,7 @@ def extract_lora(
                 is_3x3 = diff.ndim == 4 and diff.shape[2:] != (1, 1)
                 rank = options.conv_dim if is_3x3 else options.rank
                 down, up, share = extract_layer(diff, rank, options.sv_fro, options.clamp_quantile)
+                down, up = down.cpu(), up.cpu()  # a GPU holds one layer's work at a time
                 layers.append((component, path, {"lora_down.weight": down, "lora_up.weight": up}, down.shape[0]))
                 kept.append(share)
             if progress is not None:

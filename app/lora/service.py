@@ -30,6 +30,8 @@ from app.lora.files import (
     read_lora_file,
     read_lora_header,
 )
+from app.lora.merge import SAVE_DTYPES as MERGE_DTYPES
+from app.lora.merge import MergeReport, checkpoint_tensors, merge_metadata, write_checkpoint
 from app.lora.names import Target, layer_table, model_components
 from app.lora.resize import ResizeReport, resize_lora
 from app.lora.writer import model_version
@@ -45,7 +47,7 @@ from app.networks.user_metadata import (
     save_preview,
     write_user_metadata,
 )
-from app.prompts.extra_networks import ExtraNetworkTag
+from app.prompts.extra_networks import ExtraNetworkTag, extract_extra_networks
 
 KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
 
@@ -389,6 +391,54 @@ class LoraService:
                     device=self.models.device if self.models.device.type == "cuda" else "cpu",
                 )
         return dst, report
+
+    def merge(self, loras: str, name: str, save_precision: str = "fp16") -> tuple[Path, MergeReport]:
+        """Write the loaded model with the `<lora:...>` tags in `loras` applied, as a generation applies them, as the
+        checkpoint `<name>.safetensors` in the checkpoint folder (never over a file or another checkpoint's name).
+        Refused, with nothing written, when any tag cannot be applied whole."""
+        if save_precision not in MERGE_DTYPES:
+            raise UserError(
+                f"Unknown save precision '{save_precision}'; use one of {', '.join(MERGE_DTYPES)}.", "save_precision"
+            )
+        _, tags = extract_extra_networks(loras)
+        others = [t.text for t in tags if t.kind not in (self.tag, *self.aliases)]
+        if others:
+            raise UserError(f"Only LoRAs can be merged into a checkpoint, not {', '.join(others)}.", "loras")
+        if not tags:
+            raise UserError("Write the LoRAs to merge as in a prompt, e.g. <lora:name:0.8> <lora:other:0.5>.", "loras")
+        clean = clean_name(name)
+        if not clean or clean != name.strip():
+            raise UserError(f"'{name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
+        dst = self.models.settings.ckpt_dir / f"{clean}.safetensors"
+        if dst.exists() or any(c.model_name == clean for c in self.models.refresh()):
+            raise UserError(f"A checkpoint named '{clean}' already exists; pick another name.")
+        if offload_mode(self.models.settings, self.models.device) == "sequential":
+            raise UserError(
+                "Merging needs the model's weights in memory, and under --lowvram they stream to the GPU layer by "
+                "layer; restart with --medvram (or neither) to merge."
+            )
+        with self.models.lock:
+            model = self.models.get()
+            activation = self.activate(model, tags)
+            if activation.notes:
+                raise UserError("Nothing was merged: " + "; ".join(activation.notes), "loras")
+            if activation.before_step is not None:
+                raise UserError(
+                    "Step ranges (start=, stop=, step=) act during sampling; a checkpoint has no steps. "
+                    "Nothing was merged.",
+                    "loras",
+                )
+            components = model_components(model.pipe).values()
+            before = {id(p) for root in components for p in root.parameters()}
+            with activation.context:
+                changed = sum(1 for root in components for p in root.parameters() if id(p) not in before)
+                tensors = checkpoint_tensors(model.pipe, model.own_vae or model.pipe.vae)
+            metadata = merge_metadata(model.info.title, [t.text for t in tags])
+            with _write_errors("the merged checkpoint", dst.parent):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                write_checkpoint(dst, tensors, MERGE_DTYPES[save_precision], metadata)
+        self.models.refresh()
+        return dst, MergeReport([t.text for t in tags], changed, dst.stat().st_size)
 
     def _weights_of(self, info: CheckpointInfo):
         """The pipeline whose weights stand for checkpoint `info`, exactly as the file holds them: the file read

@@ -301,7 +301,7 @@ def test_switch_checkpoint_from_the_dropdown(page, server):
     from safetensors.torch import save_file
 
     from app.models.default_model import build_default_pipeline
-    from tests.ldm_export import export_sd1
+    from app.models.ldm_export import export_sd1
 
     save_file(
         export_sd1(build_default_pipeline()),
@@ -439,8 +439,8 @@ def test_extract_a_lora_from_a_fine_tuned_model_and_use_it(page, server):
     from safetensors.torch import save_file
 
     from app.models.checkpoints import scan_checkpoints
+    from app.models.ldm_export import export_sd1
     from app.models.manager import read_pipeline
-    from tests.ldm_export import export_sd1
     from tests.test_lora_extract import CHANGES, low_rank
 
     ckpt = server.data_dir / "models" / "Stable-diffusion"

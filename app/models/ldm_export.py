@@ -1,7 +1,11 @@
-"""Test helper: write a diffusers SD1-style pipeline as an original (LDM) single-file checkpoint.
+"""Writing a diffusers pipeline as an original (LDM) single-file checkpoint, the layout A1111, ComfyUI and kohya load:
+SD 1.x (CLIP ViT-L in the transformers layout), SD 2.x (OpenCLIP), SDXL (both). Used to save a checkpoint with LoRAs
+merged in, by the tests for single-file fixtures and by the benchmarks for full-size files with random weights.
 
 Written from the LDM layout itself (input_blocks / middle_block / output_blocks, encoder.down.N.block.M, ...),
-independently of the app's loader, so a loader bug cannot hide behind a shared mapping.
+independently of the app's loader (`single_file.py`, which converts with diffusers' own mapping), so a bug in
+either one shows up as a round trip that does not match (the single-file tests), instead of hiding behind a shared
+mapping.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""Merging LoRAs into a checkpoint (LoRA tab → Merge, kohya's `merge_lora.py`): the loaded model with the tags applied
+as a generation applies them, written as a single-file checkpoint in the original layout. Proven both ways: an
+extracted LoRA merged back gives the fine-tuned checkpoint's tensors, and a merged checkpoint generates the image
+the base model gives with the tag."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from app.errors import UserError
+from app.lora.extract import ExtractOptions
+from tests.test_lora import gen, kohya_file, make_layers, pixels
+from tests.test_lora_extract import own, save_tuned_xl  # noqa: F401 - `own` is a fixture used by name
+
+EXACT = ExtractOptions(rank=4, conv_dim=4, clamp_quantile=1.0, save_precision="fp32")
+
+
+def test_an_extracted_lora_merged_back_is_the_fine_tune(own):  # noqa: F811
+    """Extract (exact: rank >= each change's, no clamp, fp32), merge into the base: every tensor of the new
+    checkpoint is the fine-tuned checkpoint's (the same layout, key for key)."""
+    own.extract_lora("tuned", "", "zqround", EXACT)
+    path, report = own.merge_lora("<lora:zqround:1>", "roundtrip", "fp32")
+    assert path == own.settings.ckpt_dir / "roundtrip.safetensors"
+    assert report.changed == 6 and "<lora:zqround:1>" in report.sentence()
+    merged, tuned = load_file(str(path)), load_file(str(own.settings.ckpt_dir / "tuned.safetensors"))
+    assert merged.keys() == tuned.keys()
+    for key in tuned:
+        torch.testing.assert_close(merged[key], tuned[key], atol=2e-6, rtol=0, msg=key)
+    with safe_open(str(path), "pt") as f:
+        recipe = f.metadata()["sd_merge_recipe"]
+    assert "zqround" in recipe and "shapes-64" in recipe
+    assert own.models.find("roundtrip").title.startswith("roundtrip.safetensors")  # listed at once
+
+
+def test_a_merged_checkpoint_generates_the_tagged_image(own):  # noqa: F811
+    """A LoRA with text-encoder and UNet layers (convolutions too), merged at 0.7 with the UNet at 0.4: the new
+    checkpoint's image is the base model's image with the same tag; the base model is left as it was."""
+    model = own.models.get()
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=4)), str(own.settings.lora_dir / "zqm.safetensors"))
+    tag = "<lora:zqm:0.7:unet=0.4>"
+    base = pixels(gen(own, "a red circle"))
+    tagged = pixels(gen(own, f"a red circle {tag}"))
+    path, report = own.merge_lora(tag, "merged-m")
+    assert report.changed > 0
+    assert {t.dtype for t in load_file(str(path)).values() if t.is_floating_point()} == {torch.float16}
+    assert np.array_equal(pixels(gen(own, "a red circle")), base)  # nothing left merged in the loaded model
+    own.select_checkpoint("merged-m")
+    try:
+        merged = pixels(gen(own, "a red circle"))
+    finally:
+        own.select_checkpoint("shapes-64")
+    assert np.abs(tagged - base).max() > 10
+    assert np.abs(merged - tagged).max() <= 2  # fp16 file
+
+
+def test_what_cannot_be_merged_whole_is_refused_with_nothing_written(own):  # noqa: F811
+    model = own.models.get()
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=5)), str(own.settings.lora_dir / "zqr.safetensors"))
+
+    def refused(loras: str, name: str = "zqrefused", precision: str = "fp16") -> str:
+        before = sorted(own.settings.ckpt_dir.iterdir())
+        with pytest.raises(UserError) as e:
+            own.merge_lora(loras, name, precision)
+        assert sorted(own.settings.ckpt_dir.iterdir()) == before
+        return str(e.value)
+
+    assert "e.g. <lora:name:0.8>" in refused("no tags here")
+    assert "not found" in refused("<lora:zqr:1> <lora:nosuch:0.5>")
+    assert "Only LoRAs" in refused("<lora:zqr:1> <hypernet:x:1>")
+    assert "a checkpoint has no steps" in refused("<lora:zqr:1:stop=3>")
+    assert "already exists" in refused("<lora:zqr:1>", "shapes-64")
+    assert "usable file name" in refused("<lora:zqr:1>", "a/b")
+    assert "save precision" in refused("<lora:zqr:1>", precision="fp8")
+    assert np.array_equal(pixels(gen(own, "a red circle")), pixels(gen(own, "a red circle <lora:zqr:0>")))
+
+
+def test_an_sdxl_model_merges_into_an_sdxl_checkpoint(xl):
+    """SDXL's layout (two text encoders, OpenCLIP for the second): extract, merge back, the tuned tensors again."""
+    save_tuned_xl(xl, "tinyxl-tuned")
+    xl.extract_lora("tinyxl-tuned", "", "zqxlround", ExtractOptions(rank=2, clamp_quantile=1.0, save_precision="fp32"))
+    path, report = xl.merge_lora("<lora:zqxlround:1>", "tinyxl-roundtrip", "fp32")
+    assert report.changed == 3
+    merged, tuned = load_file(str(path)), load_file(str(xl.settings.ckpt_dir / "tinyxl-tuned.safetensors"))
+    assert merged.keys() == tuned.keys() and any(k.startswith("conditioner.embedders.1.") for k in merged)
+    for key in tuned:
+        torch.testing.assert_close(merged[key], tuned[key], atol=2e-6, rtol=0, msg=key)
