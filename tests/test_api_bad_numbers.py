@@ -111,6 +111,7 @@ def route_bodies(server, tmp_path):
         "create/hypernetwork": dict(name="zqboundsc", enable_sizes=[32]),
         "preprocess": dict(process_src=str(tmp_path), process_dst=f"{tmp_path}-out"),
         "extract/lora": dict(model_tuned="shapes-64", lora_name="zqboundsx"),
+        "merge/lora": dict(loras="<lora:zqnone:1>", name="zqboundsm"),
     }
     for route, base in bases.items():
         ref = schema["paths"][f"/sdapi/v1/{route}"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -88,3 +88,45 @@ def test_an_sdxl_model_merges_into_an_sdxl_checkpoint(xl):
     assert merged.keys() == tuned.keys() and any(k.startswith("conditioner.embedders.1.") for k in merged)
     for key in tuned:
         torch.testing.assert_close(merged[key], tuned[key], atol=2e-6, rtol=0, msg=key)
+
+
+def decoded(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_merge_through_the_api_then_generate_with_the_new_checkpoint(server):
+    """`POST /sdapi/v1/merge/lora`; the answer's title picks the new checkpoint through `override_settings`."""
+    import requests
+
+    from app.models.default_model import build_default_pipeline
+
+    pipe = build_default_pipeline()
+    folder = server.data_dir / "models" / "Lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_file(pipe, make_layers(pipe, seed=6)), str(folder / "zqapim.safetensors"))
+    url = f"{server.url}/sdapi/v1"
+    answer = requests.post(
+        f"{url}/merge/lora", json={"loras": "<lora:zqapim:0.8>", "name": "zqapi-merged"}, timeout=300
+    )
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["path"].endswith("zqapi-merged.safetensors") and result["changed"] > 0
+    assert result["title"] in [m["title"] for m in requests.get(f"{url}/sd-models", timeout=60).json()]
+    body = dict(prompt="a red circle", steps=2, width=64, height=64, seed=1)
+    with_tag = requests.post(f"{url}/txt2img", json={**body, "prompt": "a red circle <lora:zqapim:0.8>"}, timeout=300)
+    merged = requests.post(
+        f"{url}/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": result["title"]}}, timeout=300
+    )
+    assert with_tag.ok and merged.ok
+    assert "zqapi-merged" in merged.json()["info"]
+    images = [decoded(r.json()["images"][0]) for r in (with_tag, merged)]
+    assert np.abs(images[0] - images[1]).max() <= 2  # fp16 file
+    again = requests.post(f"{url}/merge/lora", json={"loras": "<lora:zqapim:1>", "name": "zqapi-merged"}, timeout=60)
+    assert again.status_code == 400 and "already exists" in again.json()["detail"]
+    missing = requests.post(f"{url}/merge/lora", json={"loras": "<lora:nosuch:1>", "name": "zqx"}, timeout=60)
+    assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]

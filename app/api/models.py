@@ -314,6 +314,24 @@ class ExtractLoraResponse(BaseModel):
     size_mb: float
 
 
+class MergeLoraRequest(BaseModel):
+    """kohya's `merge_lora.py`: the loaded model with `loras` (`<lora:name:0.8>` tags, as in a prompt) applied,
+    saved as the checkpoint `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loras: str = name_field()
+    name: str = name_field()
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class MergeLoraResponse(BaseModel):
+    info: str
+    path: str
+    title: str  # the new checkpoint's title, for `sd_model_checkpoint`
+    changed: int
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] | None
     parameters: dict[str, Any]

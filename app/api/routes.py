@@ -22,6 +22,8 @@ from app.api.models import (
     ErrorResponse,
     ExtractLoraRequest,
     ExtractLoraResponse,
+    MergeLoraRequest,
+    MergeLoraResponse,
     PNGInfoRequest,
     PreprocessRequest,
     ProgressResponse,
@@ -389,6 +391,18 @@ def register_api(app: FastAPI, services: Services) -> None:
             layers=report.layers,
             text_encoder=report.text_encoder,
             size_mb=round(report.size_bytes / 2**20, 3),
+        )
+
+    @router.post("/merge/lora", response_model=MergeLoraResponse)
+    def merge_lora(req: MergeLoraRequest) -> MergeLoraResponse:
+        """The loaded model with `loras` merged in, written as a new checkpoint (kohya's `merge_lora.py`)."""
+        path, report = services.merge_lora(req.loras, req.name, req.save_precision)
+        title = next((c.title for c in services.models.checkpoints if c.path == path), path.name)
+        return MergeLoraResponse(
+            info=f"merge lora complete: {path}: {report.sentence()}",
+            path=str(path),
+            title=title,
+            changed=report.changed,
         )
 
     @router.get("/hypernetworks")
