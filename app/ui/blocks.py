@@ -13,6 +13,7 @@ from app.services import Services
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
 from app.ui.lora_extract_tab import build_lora_extract_tab, model_choices
 from app.ui.lora_info_tab import build_lora_info_tab
+from app.ui.lora_merge_tab import build_lora_merge_tab
 from app.ui.messages import error_html
 from app.ui.pnginfo_tab import build_pnginfo_tab
 from app.ui.textual_inversion_tab import build_textual_inversion_tab
@@ -118,6 +119,8 @@ def build_ui(services: Services) -> gr.Blocks:
                     lora_info_name = build_lora_info_tab(services, lora_list, gallery)
                 with gr.Tab("Extract", id="lora_extract_tab"):
                     extract_pickers = build_lora_extract_tab(services, lora_list, lora_info_name)
+                with gr.Tab("Merge", id="lora_merge_tab"):
+                    build_lora_merge_tab(services, checkpoint)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")

@@ -433,9 +433,9 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     )
 
 
-def test_extract_a_lora_from_a_fine_tuned_model_and_use_it(page, server):
+def test_extract_a_lora_from_a_fine_tuned_model_use_it_and_merge_it_back(page, server):
     """LoRA tab → Extract: a fine-tuned copy of the loaded model (known changes in some layers) becomes a LoRA that
-    brings the fine-tune's image to the base model."""
+    the prompt applies; LoRA tab → Merge bakes it into a new checkpoint that the checkpoint list then loads."""
     from safetensors.torch import save_file
 
     from app.models.checkpoints import scan_checkpoints
@@ -475,6 +475,28 @@ def test_extract_a_lora_from_a_fine_tuned_model_and_use_it(page, server):
     page.locator("#txt2img_generate").click()
     page.locator("#generation_info_text").wait_for()
     assert "Lora hashes" in page.locator("#generation_info_text").inner_text()
+    # and back: LoRA tab → Merge bakes it into a new checkpoint, which the checkpoint list offers at once
+    page.get_by_role("tab", name="LoRA").click()
+    page.get_by_role("tab", name="Merge", exact=True).click()
+    fill_field(page, "lora_merge_loras", "<lora:uiextract:1>")
+    fill_field(page, "lora_merge_name", "uimerged")
+    page.locator("#lora_merge_button").click()
+    merged = page.locator("#lora_merge_done")
+    merged.wait_for(timeout=120000)
+    assert "uimerged.safetensors" in merged.inner_text() and "<lora:uiextract:1>" in merged.inner_text()
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_merge.png"), full_page=True)
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^uimerged"))
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded uimerged')", timeout=60000
+    )
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("document.querySelector('#generation_info_text')?.innerText.includes('Model: uimerged')")
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-64"))
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
+    )
 
 
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
