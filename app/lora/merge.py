@@ -30,24 +30,23 @@ class MergeReport:
         return f"merged {' '.join(self.tags)}: {self.changed} tensors changed; {size}"
 
 
-def checkpoint_tensors(pipe, vae: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The pipeline's weights (with `vae`, the checkpoint's own where another is selected) in the LDM layout of
-    its family: SDXL (two text encoders), SD 2.x (a 1024-wide OpenCLIP text encoder) or SD 1.x."""
+def checkpoint_tensors(pipe, vae: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies of the pipeline's weights in `dtype` (with `vae`, the checkpoint's own where another is selected) in
+    the LDM layout of its family: SDXL (two text encoders), SD 2.x (a 1024-wide OpenCLIP text encoder) or SD 1.x."""
     parts = type("Parts", (), {})()
     parts.unet, parts.vae, parts.text_encoder = pipe.unet, vae, pipe.text_encoder
     if getattr(pipe, "text_encoder_2", None) is not None:
         parts.text_encoder_2 = pipe.text_encoder_2
-        return ldm_export.export_sdxl(parts)
+        return ldm_export.export_sdxl(parts, dtype)
     if int(pipe.text_encoder.config.hidden_size) == 1024:
-        return ldm_export.export_sd2(parts)
-    return ldm_export.export_sd1(parts)
+        return ldm_export.export_sd2(parts, dtype)
+    return ldm_export.export_sd1(parts, dtype)
 
 
-def write_checkpoint(dst: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, metadata: dict[str, str]) -> None:
-    """`tensors` in `dtype` (floating ones; integer buffers as they are) to `dst`, atomically. Converted in place,
-    one tensor at a time, so the model is never held twice more."""
+def write_checkpoint(dst: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`tensors` to `dst`, atomically (moved to the CPU one at a time: a GPU's copies never all sit in RAM twice)."""
     for key, value in tensors.items():
-        tensors[key] = (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
+        tensors[key] = value.cpu()
     atomic_write(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 

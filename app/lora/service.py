@@ -432,11 +432,12 @@ class LoraService:
             before = {id(p) for root in components for p in root.parameters()}
             with activation.context:
                 changed = sum(1 for root in components for p in root.parameters() if id(p) not in before)
-                tensors = checkpoint_tensors(model.pipe, model.own_vae or model.pipe.vae)
+                dtype = MERGE_DTYPES[save_precision]
+                tensors = checkpoint_tensors(model.pipe, model.own_vae or model.pipe.vae, dtype)
             metadata = merge_metadata(model.info.title, [t.text for t in tags])
             with _write_errors("the merged checkpoint", dst.parent):
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                write_checkpoint(dst, tensors, MERGE_DTYPES[save_precision], metadata)
+                write_checkpoint(dst, tensors, metadata)
         self.models.refresh()
         return dst, MergeReport([t.text for t in tags], changed, dst.stat().st_size)
 

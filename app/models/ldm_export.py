@@ -28,6 +28,17 @@ def _rename_resnet(rest: str) -> str:
     return f"{RESNET[head]}.{tail}"
 
 
+def _copies(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Own copies of the tensors (the model may change after), the floating ones in `dtype` when given: copied
+    straight into it, so a model in fp32 saved in fp16 never needs a second fp32 copy of itself."""
+    return {
+        k: v.detach()
+        .to(dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype, copy=True)
+        .contiguous()
+        for k, v in state.items()
+    }
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
     n = layers_per_block + 1  # LDM input/output block slots per resolution
     out = {}
@@ -123,12 +134,12 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
 
 
-def export_sd1(pipe) -> dict[str, torch.Tensor]:
+def export_sd1(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return _copies(state, dtype)
 
 
 def text_encoder_to_open_clip(state: dict[str, torch.Tensor], p: str = "cond_stage_model.model.") -> dict:
@@ -159,15 +170,15 @@ def text_encoder_to_open_clip(state: dict[str, torch.Tensor], p: str = "cond_sta
     return out
 
 
-def export_sd2(pipe) -> dict[str, torch.Tensor]:
+def export_sd2(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     state.update(text_encoder_to_open_clip(pipe.text_encoder.state_dict()))
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return _copies(state, dtype)
 
 
-def export_sdxl(pipe) -> dict[str, torch.Tensor]:
+def export_sdxl(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
@@ -178,7 +189,7 @@ def export_sdxl(pipe) -> dict[str, torch.Tensor]:
         }
     )
     state.update(text_encoder_to_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return _copies(state, dtype)
 
 
 def meta_pipeline(folder):
