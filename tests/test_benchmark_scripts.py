@@ -104,6 +104,13 @@ def test_lora_extract_benchmark_runs_both_ways_on_a_tiny_fine_tune():
     assert gap < 1e-2, out  # the same extraction: only rounding apart
 
 
+def test_lora_merge_benchmark_saves_and_merges_a_tiny_checkpoint():
+    out = run_benchmark("lora_merge.py", "--arch", "tiny-sd1")
+    for label in ("save the loaded model", "merge `<lora:x:1>` and save"):
+        assert re.search(rf"\| {re.escape(label)}.* \| [\d.]+ \| [\d.]+x \| \d+ MB \| [\d.]+ GiB \|", out), out
+    assert re.search(r"merge: merged <lora:x:1>: [1-9]\d* tensors changed", out), out
+
+
 def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
     out = run_benchmark("step_overhead.py", "--tiny", "--repeats", "3")
     lines = [line for line in out.splitlines() if "baseline" in line and "ours" in line]

@@ -1,0 +1,101 @@
+"""Merging a LoRA into a full-size checkpoint: an SD1.5-size (or SDXL-size) base with random weights from our exporter
+and a rank-32 kohya LoRA on kohya's default layers (both built here: nothing downloaded), loaded as the app loads
+them (fp32 on the CPU). Each side in its own process, after the model is loaded: the named baseline writes the
+loaded model as an fp16 single file without any LoRA (what any merge must at least do), ours merges `<lora:x:1>`
+into it through the LoRA tab's path (`LoraService.merge`) and writes the same kind of file. Prints seconds, peak
+RSS above the loaded model and the ratio.
+
+    .venv/bin/python benchmarks/lora_merge.py [--arch sd1|sdxl]   (tiny-sd1: the tests')
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for folder in (ROOT, ROOT / "benchmarks"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def child(args) -> dict:
+    from baselines import PeakMemory
+
+    from app.lora.merge import checkpoint_tensors, write_checkpoint
+    from app.services import build_services
+    from app.settings import Settings
+
+    services = build_services(Settings(data_dir=Path(args.data)))
+    model = services.models.get()
+    memory = PeakMemory(torch.device("cpu"))
+    memory.start()  # the loaded model is the idle level: what the merge itself adds
+    started = time.perf_counter()
+    if args.child == "save":
+        out = Path(args.data) / "models" / "Stable-diffusion" / "saved.safetensors"
+        write_checkpoint(out, checkpoint_tensors(model.pipe, model.pipe.vae, torch.float16), {})
+        report = "the loaded model, no LoRA"
+    else:
+        out, merged = services.merge_lora("<lora:x:1>", "merged")
+        report = merged.sentence()
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "peak_mb": memory.peak_mb() - memory.idle_mb,
+        "bytes": out.stat().st_size,
+        "report": report,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", choices=["sd1", "sdxl", "tiny-sd1"], default="sd1")
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--data", default="")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    from lora_resize import make_lora
+    from random_checkpoint import make_in_subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "models" / "Stable-diffusion"
+        ckpt.mkdir(parents=True)
+        base = make_in_subprocess(args.arch, ckpt)
+        (Path(tmp) / "models" / "Lora").mkdir()
+        make_lora(Path(tmp) / "models" / "Lora" / "x.safetensors", args.arch, 32)
+        print(
+            f"{args.arch.upper()}-size checkpoint, fp16 file of {base.stat().st_size / 2**30:.2f} GiB; a rank-32 LoRA"
+        )
+        rows = {}
+        for side in ("save", "merge"):
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            command = [sys.executable, __file__, "--child", side, "--data", tmp, "--arch", args.arch]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"the {side} side failed")
+            rows[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        saved = rows["save"]
+        print("| run | seconds | vs. saving alone | peak RSS above the loaded model | file |")
+        print("|---|---|---|---|---|")
+        for side, label in (("save", "save the loaded model (no LoRA)"), ("merge", "merge `<lora:x:1>` and save")):
+            r = rows[side]
+            print(
+                f"| {label} | {r['seconds']:.1f} | {r['seconds'] / saved['seconds']:.2f}x | {r['peak_mb']:.0f} MB | "
+                f"{r['bytes'] / 2**30:.2f} GiB |"
+            )
+        print(f"merge: {rows['merge']['report']}")
+
+
+if __name__ == "__main__":
+    main()
