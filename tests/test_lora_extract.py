@@ -134,11 +134,14 @@ def test_a_text_encoder_below_min_diff_is_left_out(own):
     path, report = own.extract_lora("tuned-unet", "", "zqunet", ExtractOptions(rank=4))
     data, metadata = tensors(path)
     assert not report.text_encoder and abs(report.text_encoder_diff - 0.005) < 1e-4
-    assert "UNet only" in report.sentence()
+    assert "at most 0.005, not more than the minimum change (0.01): UNet only" in report.sentence()
     assert not any(k.startswith("lora_te") for k in data) and report.layers == 1
     assert metadata["ss_network_train_unet_only"] == "True"
     _, with_te = own.extract_lora("tuned-unet", "", "zqunet-te", ExtractOptions(rank=4, min_diff=0.001))
     assert with_te.text_encoder and with_te.layers == 2
+    save_tuned(own, "tuned-unet-only", [(UNET, f"{ATTN}.transformer_blocks.0.attn1.to_v", 2)])
+    _, unet_only = own.extract_lora("tuned-unet-only", "", "zqunet-only", ExtractOptions(rank=4))
+    assert "the text encoder is unchanged: UNet only" in unet_only.sentence()
 
 
 def test_dynamic_rank_keeps_a_share_of_each_change(own):

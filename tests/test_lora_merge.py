@@ -69,7 +69,8 @@ def test_what_cannot_be_merged_whole_is_refused_with_nothing_written(own):  # no
         return str(e.value)
 
     assert "e.g. <lora:name:0.8>" in refused("no tags here")
-    assert "not found" in refused("<lora:zqr:1> <lora:nosuch:0.5>")
+    missing = refused("<lora:zqr:1> <lora:nosuch:0.5>")
+    assert "not found" in missing and "generated" not in missing
     assert "Only LoRAs" in refused("<lora:zqr:1> <hypernet:x:1>")
     assert "a checkpoint has no steps" in refused("<lora:zqr:1:stop=3>")
     assert "already exists" in refused("<lora:zqr:1>", "shapes-64")

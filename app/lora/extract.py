@@ -75,6 +75,7 @@ class ExtractReport:
     unchanged: int  # layers whose weights were the same in both models (left out)
     text_encoder: bool  # whether the text encoders' layers are in the file
     text_encoder_diff: float  # the largest change of a text-encoder weight
+    min_diff: float  # the threshold it was held against
     ranks: tuple[int, int]
     kept_min: float  # the smallest share of a layer's change (Frobenius norm) its rank keeps
     kept_mean: float
@@ -84,8 +85,13 @@ class ExtractReport:
         ranks = str(self.ranks[0]) if self.ranks[0] == self.ranks[1] else f"{self.ranks[0]}-{self.ranks[1]}"
         if self.text_encoder:
             te = f"the text encoder changed (by up to {self.text_encoder_diff:.3g}) and is included"
+        elif self.text_encoder_diff == 0:
+            te = "the text encoder is unchanged: UNet only"
         else:
-            te = f"the text encoder did not change by more than {self.text_encoder_diff:.3g}: UNet only"
+            te = (
+                f"the text encoder changed by at most {self.text_encoder_diff:.3g}, not more than the minimum "
+                f"change ({self.min_diff:g}): UNet only"
+            )
         unchanged = f", {self.unchanged} unchanged layers left out" if self.unchanged else ""
         return (
             f"{self.layers} layers at rank {ranks}{unchanged}; {te}; each layer keeps at least {self.kept_min:.1%} "
@@ -233,6 +239,7 @@ def extract_lora(
         unchanged=unchanged,
         text_encoder=with_text,
         text_encoder_diff=te_diff,
+        min_diff=options.min_diff,
         ranks=(min(ranks), max(ranks)),
         kept_min=min(kept),
         kept_mean=sum(kept) / len(kept),

@@ -420,8 +420,9 @@ class LoraService:
         with self.models.lock:
             model = self.models.get()
             activation = self.activate(model, tags)
-            if activation.notes:
-                raise UserError("Nothing was merged: " + "; ".join(activation.notes), "loras")
+            if activation.notes:  # written for a generation, which goes on without the tag; a merge does not
+                notes = [note.removesuffix("; generated without it") for note in activation.notes]
+                raise UserError("Nothing was merged: " + "; ".join(notes) + ".", "loras")
             if activation.before_step is not None:
                 raise UserError(
                     "Step ranges (start=, stop=, step=) act during sampling; a checkpoint has no steps. "
