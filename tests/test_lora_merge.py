@@ -131,3 +131,36 @@ def test_merge_through_the_api_then_generate_with_the_new_checkpoint(server):
     assert again.status_code == 400 and "already exists" in again.json()["detail"]
     missing = requests.post(f"{url}/merge/lora", json={"loras": "<lora:nosuch:1>", "name": "zqx"}, timeout=60)
     assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]
+
+
+@pytest.mark.parametrize("tool", ["merge", "extract"])
+def test_a_full_disk_while_writing_leaves_no_file_and_says_so(own, monkeypatch, tool):  # noqa: F811
+    """The file is written beside its place and renamed when whole: a write that fails half way (here: the disk
+    fills after part of the file) leaves neither a file nor a temp file, and the message says nothing changed."""
+    import app.lora.merge as merge_module
+    import app.lora.writer as writer_module
+
+    module = merge_module if tool == "merge" else writer_module
+    real = module.save_file
+
+    def half_then_full(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "save_file", half_then_full)
+    model = own.models.get()
+    save_file(
+        kohya_file(model.pipe, make_layers(model.pipe, seed=7)), str(own.settings.lora_dir / "zqfull.safetensors")
+    )
+    folder = own.settings.ckpt_dir if tool == "merge" else own.settings.lora_dir
+    before = sorted(p.name for p in folder.iterdir())
+    image = pixels(gen(own, "a red circle"))
+    with pytest.raises(UserError, match=r"No space left on device.*Nothing was changed"):
+        if tool == "merge":
+            own.merge_lora("<lora:zqfull:1>", "zqfull-merged")
+        else:
+            own.extract_lora("tuned", "", "zqfull-extracted", ExtractOptions(rank=2))
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert np.array_equal(pixels(gen(own, "a red circle")), image)  # the loaded model is as it was
