@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import EmbeddingService
@@ -23,6 +24,7 @@ from app.lora.block_weights import PRESETS_FILE
 from app.lora.extract import ExtractOptions, ExtractReport
 from app.lora.merge import MergeReport
 from app.lora.service import LoraDatabase, LoraService
+from app.lora.tools import LoraTools
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
 from app.options import Options
@@ -37,7 +39,7 @@ PATH_OPTIONS = frozenset({"outdir_samples", "outdir_txt2img_samples"})
 
 def extraction_result(result: tuple[Path, ExtractReport] | None) -> tuple[Path, ExtractReport]:
     if result is None:
-        raise UserError("The extraction was interrupted; nothing was written.")
+        raise UserError("Interrupted; nothing was written.")
     return result
 
 
@@ -53,6 +55,7 @@ class Services:
     hypernetworks: HypernetworkService
     styles: StyleDatabase
     loras: LoraService
+    lora_tools: LoraTools
     folders: FolderPolicy
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
@@ -64,22 +67,41 @@ class Services:
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
 
-    def start_extract_lora(self, tuned: str, base: str, name: str, options: ExtractOptions) -> Job:
-        """Queue a LoRA extraction (LoRA tab → Extract, `/sdapi/v1/extract/lora`) as a job: it runs after the jobs
-        ahead of it, reports its progress per layer and stops at Interrupt with nothing written. Its result is
-        (path, report), or None when interrupted (`extraction_result` turns that into a message)."""
-        self._refuse_during_training("extract a LoRA")
-        options.check()  # refused at once, not after the queue
+    def _tool_job(self, kind: str, name: str, verb: str, work: Callable[[Callable[[int, int], None]], Any]) -> Job:
+        """Queue `work(progress)` as a job: it runs after the jobs ahead of it, reports each layer it has done
+        ("<verb> layer n/N") and stops at Interrupt between layers with nothing written (its result is then None,
+        which `extraction_result` turns into a message)."""
+        self._refuse_during_training(kind)
 
-        def run(job: Job) -> tuple[Path, ExtractReport]:
+        def run(job: Job) -> Any:
             def progress(done: int, total: int) -> None:
                 job.progress.sampling_step, job.progress.sampling_steps = done, total
-                job.progress.text = f"Extracting layer {done}/{total}"
+                job.progress.text = f"{verb} layer {done}/{total}"
                 job.check_interrupt()
 
-            return self.loras.extract(tuned, base, name, options, progress)
+            return work(progress)
 
-        return self.jobs.submit("extract LoRA", run, description=name)
+        return self.jobs.submit(kind, run, description=name)
+
+    def start_extract_lora(self, tuned: str, base: str, name: str, options: ExtractOptions) -> Job:
+        """Queue a LoRA extraction (LoRA tab → Extract, `/sdapi/v1/extract/lora`); options are refused at once."""
+        options.check()
+        return self._tool_job(
+            "extract a LoRA",
+            name,
+            "Extracting",
+            lambda progress: self.lora_tools.extract(tuned, base, name, options, progress),
+        )
+
+    def start_merge_to_lora(self, loras: str, name: str, options: ExtractOptions) -> Job:
+        """Queue merging LoRAs into one (LoRA tab → Merge, `/sdapi/v1/merge/lora` with `into: "lora"`)."""
+        options.check()
+        return self._tool_job(
+            "merge LoRAs",
+            name,
+            "Merging",
+            lambda progress: self.lora_tools.merge_to_lora(loras, name, options, progress),
+        )
 
     def extract_lora(
         self, tuned: str, base: str, name: str, options: ExtractOptions, abandoned: Callable[[], bool] | None = None
@@ -88,11 +110,18 @@ class Services:
         job = self.start_extract_lora(tuned, base, name, options)
         return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
 
+    def merge_to_lora(
+        self, loras: str, name: str, options: ExtractOptions, abandoned: Callable[[], bool] | None = None
+    ) -> tuple[Path, ExtractReport]:
+        """`start_merge_to_lora` and wait for it."""
+        job = self.start_merge_to_lora(loras, name, options)
+        return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
+
     def merge_lora(self, loras: str, name: str, save_precision: str = "fp16") -> tuple[Path, MergeReport]:
         """Merge LoRAs into a new checkpoint (LoRA tab → Merge, `/sdapi/v1/merge/lora`) as a job, so it never
         runs while a generation has LoRAs merged of its own."""
         self._refuse_during_training("merge LoRAs into a checkpoint")
-        job = self.jobs.submit("merge LoRA", lambda job: self.loras.merge(loras, name, save_precision), name)
+        job = self.jobs.submit("merge LoRA", lambda job: self.lora_tools.merge(loras, name, save_precision), name)
         return job.wait()
 
     def _refuse_during_training(self, what: str) -> None:
@@ -185,8 +214,20 @@ def build_services(settings: Settings) -> Services:
         settings, models, options, jobs, embedding_db, txt2img, hypernetworks, stack, loras, folders
     )
     embeddings = EmbeddingService(embedding_db, models)
+    lora_tools = LoraTools(loras, models)
     services = Services(
-        settings, options, models, jobs, txt2img, embeddings, training, hypernetworks, styles, loras, folders
+        settings,
+        options,
+        models,
+        jobs,
+        txt2img,
+        embeddings,
+        training,
+        hypernetworks,
+        styles,
+        loras,
+        lora_tools,
+        folders,
     )
     info = models.initial_checkpoint(options["sd_model_checkpoint"])
     models.load(info)

@@ -161,9 +161,9 @@ def test_checkpoints_are_read_in_the_precision_they_store(own):
     own.models.refresh()
     half, full = own.models.find("tuned-half"), own.models.find("tuned")
     assert half.stores_half() and not full.stores_half()
-    assert own.loras._weights_of(half).unet.dtype == torch.float16
-    assert own.loras._weights_of(full).unet.dtype == torch.float32
-    assert own.loras._weights_of(own.models.find("shapes-64")) is own.models.get().pipe
+    assert own.lora_tools._weights_of(half).unet.dtype == torch.float16
+    assert own.lora_tools._weights_of(full).unet.dtype == torch.float32
+    assert own.lora_tools._weights_of(own.models.find("shapes-64")) is own.models.get().pipe
     _, report = own.extract_lora("tuned-half", "", "zqhalf", ExtractOptions(rank=4, conv_dim=4))
     assert report.layers >= len(CHANGES)  # fp16 rounding of the other layers is a change too, below min_diff's
 
@@ -262,11 +262,11 @@ def test_an_interrupted_extraction_writes_nothing(own):
             raise Interrupted()
 
     with pytest.raises(Interrupted):
-        own.loras.extract("tuned", "", "zqstop", ExtractOptions(), progress=stop_after)
+        own.lora_tools.extract("tuned", "", "zqstop", ExtractOptions(), progress=stop_after)
     release = threading.Event()
     own.jobs.submit("block", lambda job: release.wait(30))
     try:
-        with pytest.raises(UserError, match="interrupted"):
+        with pytest.raises(UserError, match="Interrupted; nothing was written"):
             own.extract_lora("tuned", "", "zqstop", ExtractOptions(), abandoned=lambda: True)
     finally:
         release.set()

@@ -72,7 +72,7 @@ def test_what_cannot_be_merged_whole_is_refused_with_nothing_written(own):  # no
     missing = refused("<lora:zqr:1> <lora:nosuch:0.5>")
     assert "not found" in missing and "generated" not in missing
     assert "Only LoRAs" in refused("<lora:zqr:1> <hypernet:x:1>")
-    assert "a checkpoint has no steps" in refused("<lora:zqr:1:stop=3>")
+    assert "a merged file has no steps" in refused("<lora:zqr:1:stop=3>")
     assert "already exists" in refused("<lora:zqr:1>", "shapes-64")
     assert "usable file name" in refused("<lora:zqr:1>", "a/b")
     assert "save precision" in refused("<lora:zqr:1>", precision="fp8")

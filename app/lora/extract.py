@@ -179,6 +179,10 @@ def layer_pairs(
     return pairs
 
 
+# (component, module path, the layer's change as fp32 on the given device): computed when needed, one at a time
+Change = tuple[str, str, Callable[[torch.device], torch.Tensor]]
+
+
 def extract_lora(
     base: dict[str, torch.nn.Module],
     tuned: dict[str, torch.nn.Module],
@@ -192,21 +196,36 @@ def extract_lora(
     atomically; `progress(done, total)` is called after each layer (it may raise to stop: nothing is written). The
     SVDs run on `device` (kohya's `--device`; a GPU's takes seconds where a CPU's takes a minute), one layer's change
     there at a time."""
+    options.check()
+    changes: list[Change] = [
+        (component, path, lambda dev, b=b, t=t: _weight(t, dev) - _weight(b, dev))
+        for component, path, b, t in layer_pairs(base, tuned, options.conv_dim > 0)
+    ]
+    return write_changes(changes, dst, options, metadata, TEXT_ENCODER_2 in base, progress, device)
+
+
+def write_changes(
+    changes: list[Change],
+    dst: Path,
+    options: ExtractOptions,
+    metadata: dict[str, str],
+    xl: bool,
+    progress: Callable[[int, int], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> ExtractReport:
+    """Write the layers' `changes` as a kohya LoRA at `options`' rank (text encoders only where one of their
+    changes exceeds `min_diff`; unchanged layers left out) to `dst`, atomically."""
     device = torch.device(device)
     options.check()
-    conv = options.conv_dim > 0
-    pairs = layer_pairs(base, tuned, conv)
-    text_pairs = [p for p in pairs if p[0] in (TEXT_ENCODER, TEXT_ENCODER_2)]
     with torch.no_grad():
-        te_diff = max(
-            (float((_weight(t, device) - _weight(b, device)).abs().max()) for _, _, b, t in text_pairs), default=0.0
-        )
+        te_changes = [c for c in changes if c[0] in (TEXT_ENCODER, TEXT_ENCODER_2)]
+        te_diff = max((float(change(device).abs().max()) for _, _, change in te_changes), default=0.0)
         with_text = te_diff > options.min_diff
         if not with_text:
-            pairs = [p for p in pairs if p[0] == UNET]
+            changes = [c for c in changes if c[0] == UNET]
         layers, kept, unchanged = [], [], 0
-        for done, (component, path, base_layer, tuned_layer) in enumerate(pairs, 1):
-            diff = _weight(tuned_layer, device) - _weight(base_layer, device)
+        for done, (component, path, change) in enumerate(changes, 1):
+            diff = change(device)
             if not bool(diff.any()):
                 unchanged += 1
             else:
@@ -217,14 +236,14 @@ def extract_lora(
                 layers.append((component, path, {"lora_down.weight": down, "lora_up.weight": up}, down.shape[0]))
                 kept.append(share)
             if progress is not None:
-                progress(done, len(pairs))
+                progress(done, len(changes))
     if not layers:
         raise UserError(
             "The two models have the same weights in every layer a LoRA covers: there is no change to extract."
         )
     ranks = [alpha for *_, alpha in layers]
     dynamic = options.sv_fro > 0
-    args = {"conv_dim": str(options.conv_dim), "conv_alpha": str(float(options.conv_dim))} if conv else {}
+    args = {"conv_dim": str(options.conv_dim), "conv_alpha": str(float(options.conv_dim))} if options.conv_dim else {}
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": "Dynamic" if dynamic else str(options.rank),
@@ -233,7 +252,7 @@ def extract_lora(
         "ss_network_train_unet_only": str(not with_text),
         **metadata,
     }
-    save_network(dst, layers, metadata, xl=TEXT_ENCODER_2 in base, dtype=SAVE_DTYPES[options.save_precision])
+    save_network(dst, layers, metadata, xl=xl, dtype=SAVE_DTYPES[options.save_precision])
     return ExtractReport(
         layers=len(layers),
         unchanged=unchanged,

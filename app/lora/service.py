@@ -7,19 +7,16 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
 from app.lora.apply import Application, StepRange, StepSwitch, lora_applied
 from app.lora.block_weights import block_of, block_weights, read_presets
-from app.lora.extract import ExtractOptions, ExtractReport, extract_lora
 from app.lora.files import (
     SUFFIXES,
     LoraFile,
@@ -30,13 +27,9 @@ from app.lora.files import (
     read_lora_file,
     read_lora_header,
 )
-from app.lora.merge import SAVE_DTYPES as MERGE_DTYPES
-from app.lora.merge import MergeReport, checkpoint_tensors, merge_metadata, write_checkpoint
 from app.lora.names import Target, layer_table, model_components
 from app.lora.resize import ResizeReport, resize_lora
-from app.lora.writer import model_version
-from app.models.checkpoints import CheckpointInfo
-from app.models.manager import LoadedModel, ModelManager, offload_mode, preflight, read_pipeline
+from app.models.manager import LoadedModel, ModelManager
 from app.naming import clean_name
 from app.networks.activation import Activation, parse_multipliers
 from app.networks.folder import NetworkFile, NetworkFolder
@@ -47,7 +40,7 @@ from app.networks.user_metadata import (
     save_preview,
     write_user_metadata,
 )
-from app.prompts.extra_networks import ExtraNetworkTag, extract_extra_networks
+from app.prompts.extra_networks import ExtraNetworkTag
 
 KEEP_WEIGHTS = 8  # LoRAs whose weights stay in memory between generations (the most recently used)
 
@@ -169,7 +162,7 @@ TRAINING_KEYS = {
 
 
 @contextmanager
-def _write_errors(what: str, where: Path) -> Iterator[None]:
+def write_errors(what: str, where: Path) -> Iterator[None]:
     """A failed write (full disk, denied permission, read-only folder) as a message; the writes are atomic, so
     nothing was changed."""
     try:
@@ -322,25 +315,25 @@ class LoraService:
     def save_user_metadata(self, name: str, **fields: Any) -> Path:
         """Write A1111's `<name>.json` beside the file the name finds (fields: write_user_metadata's)."""
         found = self._required(name)
-        with _write_errors("the user metadata", found.path.parent):
+        with write_errors("the user metadata", found.path.parent):
             return write_user_metadata(found.path, **fields)
 
     def save_preview(self, name: str, image: Any) -> Path:
         """Make `image` (a PIL image) the card image of the LoRA `name`: `<name>.png` beside it, as A1111 does."""
         found = self._required(name)
-        with _write_errors("the card image", found.path.parent):
+        with write_errors("the card image", found.path.parent):
             return save_preview(found.path, image)
 
     def resize(self, name: str, new_name: str, rank: int, keep: float = 0.0) -> tuple[Path, ResizeReport]:
         """Write the LoRA `name` resized to at most `rank` as `<new_name>.safetensors` beside it (never over an
         existing file or another LoRA's name)."""
         found = self._required(name)
-        dst = self._new_file(new_name, found.path.parent, "resized")
-        with _write_errors("the resized LoRA", dst.parent):
+        dst = self.new_file(new_name, found.path.parent, "resized")
+        with write_errors("the resized LoRA", dst.parent):
             report = resize_lora(found.path, dst, rank, keep, output_name=dst.stem)
         return dst, report
 
-    def _new_file(self, new_name: str, folder: Path, what: str) -> Path:
+    def new_file(self, new_name: str, folder: Path, what: str) -> Path:
         """`<new_name>.safetensors` in `folder`, refused when the name is not a usable file name or a LoRA (file
         or alias) already has it: a tool never writes over a file."""
         clean = clean_name(new_name)
@@ -350,110 +343,6 @@ class LoraService:
         if dst.exists() or self.find(clean) is not None:
             raise UserError(f"A LoRA named '{clean}' already exists; pick another name for the {what} file.")
         return dst
-
-    def extract(
-        self,
-        tuned: str,
-        base: str,
-        name: str,
-        options: ExtractOptions,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> tuple[Path, ExtractReport]:
-        """Extract the change from checkpoint `base` (empty: the loaded model) to checkpoint `tuned` as the LoRA
-        `<name>.safetensors` in the LoRA folder. Holds the model lock: nothing generates while the weights are
-        read."""
-        options.check()
-        dst = self._new_file(name, self.db.folder, "extracted")
-        tuned_info = self.models.find(tuned)
-        base_info = self.models.find(base) if base else self.models.get().info
-        if tuned_info.path == base_info.path:
-            raise UserError(f"The fine-tuned model and the base model are both {base_info.title}: pick two models.")
-        with self.models.lock:
-            base_pipe, tuned_pipe = self._weights_of(base_info), self._weights_of(tuned_info)
-            version, v2 = model_version(base_pipe)
-            metadata = {
-                "ss_base_model_version": version,
-                "ss_v2": str(v2),
-                "ss_sd_model_name": base_info.model_name,
-                "ss_sd_model_hash": base_info.short_hash or "",
-                "ss_new_sd_model_hash": base_info.sha256 or "",
-                "ss_output_name": dst.stem,
-                "ss_training_comment": f"extracted from {tuned_info.title} against {base_info.title}",
-            }
-            with _write_errors("the extracted LoRA", dst.parent):
-                report = extract_lora(
-                    model_components(base_pipe),
-                    model_components(tuned_pipe),
-                    dst,
-                    options,
-                    metadata,
-                    progress,
-                    device=self.models.device if self.models.device.type == "cuda" else "cpu",
-                )
-        return dst, report
-
-    def merge(self, loras: str, name: str, save_precision: str = "fp16") -> tuple[Path, MergeReport]:
-        """Write the loaded model with the `<lora:...>` tags in `loras` applied, as a generation applies them, as the
-        checkpoint `<name>.safetensors` in the checkpoint folder (never over a file or another checkpoint's name).
-        Refused, with nothing written, when any tag cannot be applied whole."""
-        if save_precision not in MERGE_DTYPES:
-            raise UserError(
-                f"Unknown save precision '{save_precision}'; use one of {', '.join(MERGE_DTYPES)}.", "save_precision"
-            )
-        _, tags = extract_extra_networks(loras)
-        others = [t.text for t in tags if t.kind not in (self.tag, *self.aliases)]
-        if others:
-            raise UserError(f"Only LoRAs can be merged into a checkpoint, not {', '.join(others)}.", "loras")
-        if not tags:
-            raise UserError("Write the LoRAs to merge as in a prompt, e.g. <lora:name:0.8> <lora:other:0.5>.", "loras")
-        clean = clean_name(name)
-        if not clean or clean != name.strip():
-            raise UserError(f"'{name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
-        dst = self.models.settings.ckpt_dir / f"{clean}.safetensors"
-        if dst.exists() or any(c.model_name == clean for c in self.models.refresh()):
-            raise UserError(f"A checkpoint named '{clean}' already exists; pick another name.")
-        if offload_mode(self.models.settings, self.models.device) == "sequential":
-            raise UserError(
-                "Merging needs the model's weights in memory, and under --lowvram they stream to the GPU layer by "
-                "layer; restart with --medvram (or neither) to merge."
-            )
-        with self.models.lock:
-            model = self.models.get()
-            activation = self.activate(model, tags)
-            if activation.notes:  # written for a generation, which goes on without the tag; a merge does not
-                notes = [note.removesuffix("; generated without it") for note in activation.notes]
-                raise UserError("Nothing was merged: " + "; ".join(notes) + ".", "loras")
-            if activation.before_step is not None:
-                raise UserError(
-                    "Step ranges (start=, stop=, step=) act during sampling; a checkpoint has no steps. "
-                    "Nothing was merged.",
-                    "loras",
-                )
-            components = model_components(model.pipe).values()
-            before = {id(p) for root in components for p in root.parameters()}
-            with activation.context:
-                changed = sum(1 for root in components for p in root.parameters() if id(p) not in before)
-                dtype = MERGE_DTYPES[save_precision]
-                tensors = checkpoint_tensors(model.pipe, model.own_vae or model.pipe.vae, dtype)
-            metadata = merge_metadata(model.info.title, [t.text for t in tags])
-            with _write_errors("the merged checkpoint", dst.parent):
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                write_checkpoint(dst, tensors, metadata)
-        self.models.refresh()
-        return dst, MergeReport([t.text for t in tags], changed, dst.stat().st_size)
-
-    def _weights_of(self, info: CheckpointInfo):
-        """The pipeline whose weights stand for checkpoint `info`, exactly as the file holds them: the file read
-        into CPU memory in fp16 where it stores fp16 (SDXL: half the memory), else in fp32; the loaded model itself
-        where its weights are those (not offloaded, and fp32, or fp16 from an fp16 file)."""
-        half = info.stores_half()
-        loaded = self.models.loaded
-        offloaded = offload_mode(self.models.settings, self.models.device) is not None
-        exact = loaded is not None and (loaded.dtype == torch.float32 or (half and loaded.dtype == torch.float16))
-        if exact and loaded.info.path == info.path and not offloaded:
-            return loaded.pipe
-        preflight(info)
-        return read_pipeline(info, torch.float16 if half else torch.float32)
 
     def refresh(self) -> None:
         """Forget parsed files (the folder itself is rescanned on every look): the next use re-reads them."""
