@@ -164,3 +164,44 @@ def test_a_full_disk_while_writing_leaves_no_file_and_says_so(own, monkeypatch, 
             own.extract_lora("tuned", "", "zqfull-extracted", ExtractOptions(rank=2))
     assert sorted(p.name for p in folder.iterdir()) == before
     assert np.array_equal(pixels(gen(own, "a red circle")), image)  # the loaded model is as it was
+
+
+def test_two_loras_merged_into_one_lora_apply_as_both_tags(own):  # noqa: F811
+    """kohya's svd_merge_lora: `<lora:a:0.6> <lora:b:0.4>` as one file; at a rank that holds both (4 + 4) and
+    without clamping, `<lora:ab:1>` is the two tags (text encoder, UNet, convolutions); at rank 2 it keeps less."""
+    model = own.models.get()
+    for name, seed in (("zqa", 11), ("zqb", 12)):
+        layers = make_layers(model.pipe, seed=seed)
+        save_file(kohya_file(model.pipe, layers), str(own.settings.lora_dir / f"{name}.safetensors"))
+    tags = "<lora:zqa:0.6> <lora:zqb:0.4>"
+    options = ExtractOptions(rank=8, clamp_quantile=1.0, save_precision="fp32")
+    path, report = own.merge_to_lora(tags, "zqab", options)
+    assert path == own.settings.lora_dir / "zqab.safetensors" and report.text_encoder
+    assert report.kept_min > 0.99999 and report.unchanged == 0
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_training_comment"] == f"merged from {tags}" and metadata["ss_network_dim"] == "8"
+    both = pixels(gen(own, f"a red circle {tags}"))
+    assert np.abs(both - pixels(gen(own, "a red circle"))).max() > 10
+    assert np.abs(pixels(gen(own, "a red circle <lora:zqab:1>")) - both).max() <= 1
+    _, smaller = own.merge_to_lora(tags, "zqab-r2", ExtractOptions(rank=2))
+    assert smaller.ranks == (2, 2) and smaller.kept_min < 0.99
+
+
+def test_a_lora_that_changes_biases_is_refused_as_one_lora_but_merges_into_a_checkpoint(own):  # noqa: F811
+    from app.lora.names import UNET
+    from app.lora.writer import kohya_name
+
+    layer = own.models.get().pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0")
+    name = kohya_name(UNET, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0")
+    g = torch.Generator().manual_seed(0)
+    full = {
+        f"{name}.diff": torch.randn(layer.weight.shape, generator=g) * 0.05,
+        f"{name}.diff_b": torch.randn(layer.bias.shape, generator=g) * 0.05,
+    }
+    save_file(full, str(own.settings.lora_dir / "zqfullb.safetensors"))
+    with pytest.raises(UserError, match="which a LoRA cannot hold"):
+        own.merge_to_lora("<lora:zqfullb:1>", "zqfullb-one", ExtractOptions())
+    assert not (own.settings.lora_dir / "zqfullb-one.safetensors").exists()
+    _, report = own.merge_lora("<lora:zqfullb:1>", "zqfullb-merged", "fp32")
+    assert report.changed == 2  # the weight and the bias

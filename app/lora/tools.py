@@ -188,9 +188,9 @@ class LoraTools:
                 comment = f"merged from {' '.join(t.text for t in tags)}"
                 metadata = self._base_metadata(model.pipe, model.info, dst.stem, comment)
                 xl = TEXT_ENCODER_2 in components
+                # every text-encoder change is the LoRAs' own, never rounding: no minimum; 3x3 convolutions (LoCon
+                # layers) at the conv rank, or the rank when none is given (kohya's `new_conv_rank` default)
+                merged_options = replace(options, min_diff=0.0, conv_dim=options.conv_dim or options.rank)
                 with write_errors("the merged LoRA", dst.parent):
-                    # every text-encoder change is the LoRAs' own, never rounding: no minimum
-                    report = write_changes(
-                        changes, dst, replace(options, min_diff=0.0), metadata, xl, progress, self._svd_device()
-                    )
+                    report = write_changes(changes, dst, merged_options, metadata, xl, progress, self._svd_device())
         return dst, report
