@@ -131,6 +131,11 @@ def test_merge_through_the_api_then_generate_with_the_new_checkpoint(server):
     assert again.status_code == 400 and "already exists" in again.json()["detail"]
     missing = requests.post(f"{url}/merge/lora", json={"loras": "<lora:nosuch:1>", "name": "zqx"}, timeout=60)
     assert missing.status_code == 400 and "nosuch" in missing.json()["detail"]
+    one = dict(loras="<lora:zqapim:0.5> <lora:zqapim:0.5>", name="zqapi-one", into="lora", rank=4, clamp_quantile=1)
+    as_lora = requests.post(f"{url}/merge/lora", json=one, timeout=300)
+    assert as_lora.status_code == 200, as_lora.text
+    assert as_lora.json()["title"] == "" and as_lora.json()["path"].endswith("Lora/zqapi-one.safetensors")
+    assert "zqapi-one" in [entry["name"] for entry in requests.get(f"{url}/loras", timeout=60).json()]
 
 
 @pytest.mark.parametrize("tool", ["merge", "extract"])

@@ -323,13 +323,20 @@ class MergeLoraRequest(BaseModel):
     loras: str = name_field()
     name: str = name_field()
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    # "checkpoint": a new checkpoint (kohya's merge_lora.py); "lora": one new LoRA (kohya's svd_merge_lora.py) at
+    # `rank` (`conv_dim` for 3x3 convolutions, 0 = the rank; `sv_fro`, `clamp_quantile` as for extract/lora)
+    into: Literal["checkpoint", "lora"] = "checkpoint"
+    rank: int = bounded(32, 1, MAX_LORA_RANK)
+    conv_dim: int = bounded(0, 0, MAX_LORA_RANK)
+    sv_fro: float = bounded(0.0, 0, 1)
+    clamp_quantile: float = bounded(0.99, maximum=1, exclusive_minimum=0)
 
 
 class MergeLoraResponse(BaseModel):
     info: str
     path: str
-    title: str  # the new checkpoint's title, for `sd_model_checkpoint`
-    changed: int
+    title: str  # a new checkpoint's title, for `sd_model_checkpoint`; "" for a LoRA
+    changed: int  # tensors of the checkpoint changed, or layers of the LoRA written
 
 
 class Txt2ImgResponse(BaseModel):

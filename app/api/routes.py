@@ -394,15 +394,27 @@ def register_api(app: FastAPI, services: Services) -> None:
         )
 
     @router.post("/merge/lora", response_model=MergeLoraResponse)
-    def merge_lora(req: MergeLoraRequest) -> MergeLoraResponse:
-        """The loaded model with `loras` merged in, written as a new checkpoint (kohya's `merge_lora.py`)."""
-        path, report = services.merge_lora(req.loras, req.name, req.save_precision)
+    def merge_lora(req: MergeLoraRequest, request: Request) -> MergeLoraResponse:
+        """The loaded model with `loras` merged in, written as a new checkpoint (kohya's `merge_lora.py`), or the
+        LoRAs as one new LoRA (`into: "lora"`, kohya's `svd_merge_lora.py`)."""
+        fields = ("rank", "conv_dim", "sv_fro", "clamp_quantile", "save_precision")
+        options = ExtractOptions(**{f: getattr(req, f) for f in fields})
+        options.check()  # whichever the target: a value out of range is refused, not ignored
+        if req.into == "lora":
+            path, report = services.merge_to_lora(req.loras, req.name, options, disconnected(request))
+            return MergeLoraResponse(
+                info=f"merge lora complete: {path}: {report.sentence()}",
+                path=str(path),
+                title="",
+                changed=report.layers,
+            )
+        path, merged = services.merge_lora(req.loras, req.name, req.save_precision)
         title = next((c.title for c in services.models.checkpoints if c.path == path), path.name)
         return MergeLoraResponse(
-            info=f"merge lora complete: {path}: {report.sentence()}",
+            info=f"merge lora complete: {path}: {merged.sentence()}",
             path=str(path),
             title=title,
-            changed=report.changed,
+            changed=merged.changed,
         )
 
     @router.get("/hypernetworks")
