@@ -1,9 +1,10 @@
 """Merging a LoRA into a full-size checkpoint: an SD1.5-size (or SDXL-size) base with random weights from our exporter
-and a rank-32 kohya LoRA on kohya's default layers (both built here: nothing downloaded), loaded as the app loads
+and two rank-32 kohya LoRAs on kohya's default layers (all built here: nothing downloaded), loaded as the app loads
 them (fp32 on the CPU). Each side in its own process, after the model is loaded: the named baseline writes the
 loaded model as an fp16 single file without any LoRA (what any merge must at least do), ours merges `<lora:x:1>`
-into it through the LoRA tab's path (`LoraService.merge`) and writes the same kind of file. Prints seconds, peak
-RSS above the loaded model and the ratio.
+into it through the LoRA tab's path (`LoraTools.merge`) and writes the same kind of file; and the two LoRAs are
+merged into one rank-32 LoRA (`LoraTools.merge_to_lora`, kohya's svd_merge_lora). Prints seconds, peak RSS above
+the loaded model and the ratio to saving alone.
 
     .venv/bin/python benchmarks/lora_merge.py [--arch sd1|sdxl]   (tiny-sd1: the tests')
 """
@@ -43,9 +44,14 @@ def child(args) -> dict:
         out = Path(args.data) / "models" / "Stable-diffusion" / "saved.safetensors"
         write_checkpoint(out, checkpoint_tensors(model.pipe, model.pipe.vae, torch.float16), {})
         report = "the loaded model, no LoRA"
-    else:
+    elif args.child == "merge":
         out, merged = services.merge_lora("<lora:x:1>", "merged")
         report = merged.sentence()
+    else:  # two LoRAs as one (kohya's svd_merge_lora)
+        from app.lora.extract import ExtractOptions
+
+        out, one = services.merge_to_lora("<lora:x:0.5> <lora:y:0.5>", "one", ExtractOptions(rank=32))
+        report = one.sentence()
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -73,11 +79,12 @@ def main() -> None:
         base = make_in_subprocess(args.arch, ckpt)
         (Path(tmp) / "models" / "Lora").mkdir()
         make_lora(Path(tmp) / "models" / "Lora" / "x.safetensors", args.arch, 32)
+        make_lora(Path(tmp) / "models" / "Lora" / "y.safetensors", args.arch, 32, seed=1)
         print(
             f"{args.arch.upper()}-size checkpoint, fp16 file of {base.stat().st_size / 2**30:.2f} GiB; a rank-32 LoRA"
         )
         rows = {}
-        for side in ("save", "merge"):
+        for side in ("save", "merge", "one"):
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             command = [sys.executable, __file__, "--child", side, "--data", tmp, "--arch", args.arch]
             done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -88,13 +95,19 @@ def main() -> None:
         saved = rows["save"]
         print("| run | seconds | vs. saving alone | peak RSS above the loaded model | file |")
         print("|---|---|---|---|---|")
-        for side, label in (("save", "save the loaded model (no LoRA)"), ("merge", "merge `<lora:x:1>` and save")):
+        labels = (
+            ("save", "save the loaded model (no LoRA)"),
+            ("merge", "merge `<lora:x:1>` and save"),
+            ("one", "`<lora:x:0.5> <lora:y:0.5>` as one rank-32 LoRA"),
+        )
+        for side, label in labels:
             r = rows[side]
             print(
                 f"| {label} | {r['seconds']:.1f} | {r['seconds'] / saved['seconds']:.2f}x | {r['peak_mb']:.0f} MB | "
-                f"{r['bytes'] / 2**30:.2f} GiB |"
+                f"{r['bytes'] / 2**20:.1f} MB |"
             )
         print(f"merge: {rows['merge']['report']}")
+        print(f"one: {rows['one']['report']}")
 
 
 if __name__ == "__main__":

@@ -44,10 +44,10 @@ def kohya_layers(arch: str) -> dict[str, tuple[int, ...]]:
     }
 
 
-def make_lora(path: Path, arch: str, rank: int) -> None:
+def make_lora(path: Path, arch: str, rank: int, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     decay = 0.93 ** torch.arange(rank, dtype=torch.float32)  # most of a trained update lives in a few directions
     tensors = {}
     for name, shape in kohya_layers(arch).items():

@@ -106,9 +106,10 @@ def test_lora_extract_benchmark_runs_both_ways_on_a_tiny_fine_tune():
 
 def test_lora_merge_benchmark_saves_and_merges_a_tiny_checkpoint():
     out = run_benchmark("lora_merge.py", "--arch", "tiny-sd1")
-    for label in ("save the loaded model", "merge `<lora:x:1>` and save"):
-        assert re.search(rf"\| {re.escape(label)}.* \| [\d.]+ \| [\d.]+x \| \d+ MB \| [\d.]+ GiB \|", out), out
+    for label in ("save the loaded model", "merge `<lora:x:1>` and save", "`<lora:x:0.5> <lora:y:0.5>` as one"):
+        assert re.search(rf"\| {re.escape(label)}.* \| [\d.]+ \| [\d.]+x \| \d+ MB \| [\d.]+ MB \|", out), out
     assert re.search(r"merge: merged <lora:x:1>: [1-9]\d* tensors changed", out), out
+    assert re.search(r"one: [1-9]\d* layers at rank 32", out), out
 
 
 def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():

@@ -120,7 +120,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 with gr.Tab("Extract", id="lora_extract_tab"):
                     extract_pickers = build_lora_extract_tab(services, lora_list, lora_info_name)
                 with gr.Tab("Merge", id="lora_merge_tab"):
-                    build_lora_merge_tab(services, checkpoint)
+                    build_lora_merge_tab(services, checkpoint, lora_list, lora_info_name)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")

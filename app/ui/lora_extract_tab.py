@@ -4,16 +4,29 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import gradio as gr
 
 from app.errors import UserError
-from app.lora.extract import SAVE_DTYPES, ExtractOptions
+from app.jobs import Job
+from app.lora.extract import SAVE_DTYPES, ExtractOptions, ExtractReport
 from app.services import Services, extraction_result
 from app.ui.extra_networks import NetworkList
 from app.ui.messages import error_html, message_html
 
 LOADED = "The loaded model"
+
+
+def follow(services: Services, job: Job, progress: gr.Progress) -> tuple[Path, ExtractReport]:
+    """Wait for a layer-progress job (extraction, merging into a LoRA), showing its progress under the button as
+    /progress reports it; its result, or the message when it was interrupted."""
+    while not job.finished:
+        position = services.jobs.queue_position(job)
+        text = job.progress.text or (f"Waiting: {position} jobs ahead" if position else "Reading the models")
+        progress(job.progress.fraction, desc=text)
+        time.sleep(0.25)
+    return extraction_result(job.wait())
 
 
 def _titles(services: Services) -> list[str]:
@@ -89,12 +102,7 @@ def build_lora_extract_tab(services: Services, lora_list: NetworkList, lora_info
             )
             base_query = "" if base_title in (None, "", LOADED) else base_title
             job = services.start_extract_lora(tuned_title, base_query, (new_name or "").strip(), options)
-            while not job.finished:  # the bar under the button; the job's own progress, as /progress reports it
-                position = services.jobs.queue_position(job)
-                text = job.progress.text or (f"Waiting: {position} jobs ahead" if position else "Reading the models")
-                progress(job.progress.fraction, desc=text)
-                time.sleep(0.25)
-            path, report = extraction_result(job.wait())
+            path, report = follow(services, job, progress)
         except UserError as e:
             return [error_html(e, "lora_extract_error"), gr.update(), *lora_list.refreshed(False)]
         done = message_html(f"Wrote {path}: {report.sentence()}", "train-done", "lora_extract_done")

@@ -484,6 +484,14 @@ def test_extract_a_lora_from_a_fine_tuned_model_use_it_and_merge_it_back(page, s
     merged = page.locator("#lora_merge_done")
     merged.wait_for(timeout=120000)
     assert "uimerged.safetensors" in merged.inner_text() and "<lora:uiextract:1>" in merged.inner_text()
+    page.locator("#lora_merge_into").get_by_text("a new LoRA").click()  # and two tags as one LoRA
+    fill_field(page, "lora_merge_loras", "<lora:uiextract:0.5> <lora:uiextract:0.5:unet=1>")
+    fill_field(page, "lora_merge_name", "uione")
+    fill_field(page, "lora_merge_rank", 4)
+    page.locator("#lora_merge_button").click()
+    page.wait_for_function("document.querySelector('#lora_merge_done')?.innerText.includes('uione.safetensors')")
+    assert "It is in the Lora list" in page.locator("#lora_merge_done").inner_text()
+    page.wait_for_timeout(1000)  # the lists' updates settle (the page greys out what is being updated)
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_merge.png"), full_page=True)
     pick_option(page, "#sd_model_checkpoint input", re.compile("^uimerged"))
     page.wait_for_function(
