@@ -81,7 +81,8 @@ def main() -> None:
         make_lora(Path(tmp) / "models" / "Lora" / "x.safetensors", args.arch, 32)
         make_lora(Path(tmp) / "models" / "Lora" / "y.safetensors", args.arch, 32, seed=1)
         print(
-            f"{args.arch.upper()}-size checkpoint, fp16 file of {base.stat().st_size / 2**30:.2f} GiB; two rank-32 LoRAs"
+            f"{args.arch.upper()}-size checkpoint, fp16 file of {base.stat().st_size / 2**30:.2f} GiB; "
+            "two rank-32 LoRAs"
         )
         rows = {}
         for side in ("save", "merge", "one"):
