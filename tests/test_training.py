@@ -222,6 +222,7 @@ def test_lowvram_refuses_training_with_a1111s_reason(services, dataset, template
 
 def test_switching_checkpoints_during_training_is_refused_with_a_message(services, dataset, templates):
     from app.errors import BusyError
+    from app.lora.extract import ExtractOptions
 
     fresh(services, "zqbusy")
     job = services.training.train_embedding(cfg("zqbusy", dataset, steps=100000))
@@ -233,6 +234,13 @@ def test_switching_checkpoints_during_training_is_refused_with_a_message(service
             services.select_checkpoint(services.models.get().info.title)
         with pytest.raises(BusyError, match="training run"):
             services.select_vae("Automatic")
+        # the LoRA tools read or change the model's weights too, which the run has wrapped for training
+        with pytest.raises(BusyError, match="extract a LoRA after it ends"):
+            services.extract_lora("shapes-64", "", "zqbusyx", ExtractOptions())
+        with pytest.raises(BusyError, match="merge LoRAs after it ends"):
+            services.merge_to_lora("<lora:x:1>", "zqbusym", ExtractOptions())
+        with pytest.raises(BusyError, match="merge LoRAs into a checkpoint after it ends"):
+            services.merge_lora("<lora:x:1>", "zqbusyc")
     finally:
         services.jobs.interrupt(job)
         job.wait(30)
