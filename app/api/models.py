@@ -193,6 +193,9 @@ class TrainRequest(BaseModel):
     preview_seed: int = seed_field()
     preview_width: int = size(512)
     preview_height: int = size(512)
+    # ours (kohya's sample prompts): one preview per line at each preview step, kohya's `--n/--w/--h/--d/--l/--s/--ss`
+    # options after the prompt; "" = the one preview of A1111
+    sample_prompts: str = ""
 
 
 class TrainEmbeddingRequest(TrainRequest):

@@ -82,6 +82,8 @@ class TrainConfig:
     preview_seed: int = -1
     preview_width: int = 512
     preview_height: int = 512
+    # kohya's sample prompts: one preview per line at each preview step (sample_prompts.py); "" = the one preview
+    sample_prompts: str = ""
     seed: int | None = None  # data order, noise and timesteps; None = keep the run's stored seed (or 0)
     extra: dict[str, Any] = field(default_factory=dict)
 

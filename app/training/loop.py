@@ -43,7 +43,8 @@ from app.training.validation import VALIDATION_FIELDS, is_validation_step, valid
 log = logging.getLogger(__name__)
 
 SAVE_REMEDY = "free some space or fix the folder's permissions"
-PreviewFn = Callable[[str, int], tuple[Image.Image, str]]  # (prompt, step) -> (image, infotext)
+# (prompt, step) -> [(image, infotext)]: the step's preview, or one per sample prompt
+PreviewFn = Callable[[str, int], list[tuple[Image.Image, str]]]
 
 
 class NonFiniteLoss(UserError):
@@ -544,10 +545,14 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
                 checkpoint(step, copy=True)
             if previewed:
                 with memory.vae_needed():
-                    image, infotext = preview(first_prompt, step)
-                path = log_dir / "images" / f"{target.name}-{step}.png"
-                with writing("preview image", path.parent):
-                    target.save_preview(path, image, step, infotext, cfg.save_image_with_stored_embedding, model)
+                    previews = preview(first_prompt, step)
+                for i, (shown, infotext) in enumerate(previews):  # A1111's name; more sample prompts: -2, -3, ...
+                    shown_path = log_dir / "images" / f"{target.name}-{step}{f'-{i + 1}' if i else ''}.png"
+                    with writing("preview image", shown_path.parent):
+                        target.save_preview(
+                            shown_path, shown, step, infotext, cfg.save_image_with_stored_embedding, model
+                        )
+                image, path = previews[0][0], log_dir / "images" / f"{target.name}-{step}.png"
         except SaveFailed as e:
             save_failed(e)
             break

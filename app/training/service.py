@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from app.embeddings.database import EmbeddingDatabase
 from app.embeddings.service import MAX_VECTORS, model_initial_vectors
@@ -46,6 +47,7 @@ from app.training.losses import HUBER_SCHEDULES, LOSS_TYPES
 from app.training.lr_schedule import LearnRateSchedule, rate_factor
 from app.training.optimizers import check_optimizer, describe, optimizer_name
 from app.training.precision import checkpointing_mode
+from app.training.sample_prompts import parse_sample_prompts
 from app.training.targets import (
     EmbeddingTarget,
     HypernetworkTarget,
@@ -213,6 +215,11 @@ class TrainingService:
                 self.txt2img.validate(preview_params(cfg, ""))
             except UserError as e:
                 raise UserError(f"Preview settings (txt2img values): {e}", e.field and f"preview_{e.field}") from None
+        for number, sample in enumerate(parse_sample_prompts(cfg.sample_prompts), 1):
+            try:  # each line's size, steps and scale as txt2img takes them, before anything starts
+                self.txt2img.validate(sample.params(preview_params(cfg, sample.prompt)))
+            except UserError as e:
+                raise UserError(f"Sample prompt {number}: {e}", "sample_prompts") from None
         templates = read_template(self.settings.templates_dir, cfg.template_filename, require_name)
         seed = cfg.seed if cfg.seed is not None else 0
         if cfg.data_root:
@@ -642,10 +649,18 @@ class TrainingService:
         if run.problems:
             job.progress.extra["skipped_images"] = run.problems
 
-        def preview(prompt: str, step: int):
-            params = preview_params(cfg, prompt)
-            result = self.txt2img.run_on_model(model, params, None, target.preview_encoder(), target.preview_networks())
-            return result.images[0], result.infotexts[0]
+        samples = parse_sample_prompts(cfg.sample_prompts)
+
+        def preview(prompt: str, step: int) -> list[tuple[Image.Image, str]]:
+            """The step's preview, or one per sample prompt (kohya's), each (image, infotext)."""
+            base = preview_params(cfg, prompt)
+            images = []
+            for params in [sample.params(base) for sample in samples] or [base]:
+                result = self.txt2img.run_on_model(
+                    model, params, None, target.preview_encoder(), target.preview_networks()
+                )
+                images.append((result.images[0], result.infotexts[0]))
+            return images
 
         # `auto` checkpointing may start off only where running out of memory is an error the run sees, and not
         # under --medvram, whose user has said memory is tight

@@ -253,6 +253,13 @@ class TrainSection:
             label="Read parameters (prompt, etc...) from txt2img tab when making previews",
             elem_id=f"{p}_preview_from_txt2img",
         )
+        f["sample_prompts"] = gr.Textbox(
+            "",
+            lines=2,
+            label="Sample prompts (kohya's): one preview per line at each preview step, e.g. 'a photo of [name] --n "
+            "blurry --w 512 --h 768 --d 42 --l 7 --s 28 --ss euler_a'; empty: the one preview above",
+            elem_id=f"{p}_sample_prompts",
+        )
         f["shuffle_tags"] = gr.Checkbox(
             False, label="Shuffle tags by ',' when creating prompts.", elem_id=f"{p}_shuffle_tags"
         )
@@ -416,7 +423,7 @@ class TrainSection:
         fields = {k: (int(v) if k in numbers else v) for k, v in given.items() if k not in LORA_FIELDS}
         if fields.get("validation_seed") is not None:  # empty: the run's seed
             fields["validation_seed"] = int(fields["validation_seed"])
-        for key in ("name", "template_filename", "optimizer_args", "reg_data_dir", "embedding_lr"):  # not on every tab
+        for key in ("name", "template_filename", "optimizer_args", "reg_data_dir", "embedding_lr", "sample_prompts"):
             if key in fields:
                 fields[key] = fields[key] or ""
         fields["tag_drop_out"] = float(fields["tag_drop_out"])
