@@ -253,13 +253,6 @@ class TrainSection:
             label="Read parameters (prompt, etc...) from txt2img tab when making previews",
             elem_id=f"{p}_preview_from_txt2img",
         )
-        f["sample_prompts"] = gr.Textbox(
-            "",
-            lines=2,
-            label="Sample prompts (kohya's): one preview per line at each preview step, e.g. 'a photo of [name] --n "
-            "blurry --w 512 --h 768 --d 42 --l 7 --s 28 --ss euler_a'; empty: the one preview above",
-            elem_id=f"{p}_sample_prompts",
-        )
         f["shuffle_tags"] = gr.Checkbox(
             False, label="Shuffle tags by ',' when creating prompts.", elem_id=f"{p}_shuffle_tags"
         )
@@ -362,6 +355,13 @@ class TrainSection:
                 False,
                 label="Debiased estimation loss (nearly clean timesteps count far less)",
                 elem_id=f"{p}_debiased_estimation_loss",
+            )
+            f["sample_prompts"] = gr.Textbox(
+                "",
+                lines=2,
+                label="Sample prompts (kohya's): one preview per line at each preview step, e.g. 'a photo of sks dog "
+                "--n blurry --w 512 --h 768 --d 42 --l 7 --s 28 --ss euler_a'; empty: the usual one preview",
+                elem_id=f"{p}_sample_prompts",
             )
             with gr.Row():
                 f["validation_split"] = gr.Number(

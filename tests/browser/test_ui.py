@@ -534,6 +534,7 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     pick_option(page, "#train_lora_loss_type input", "Huber", exact=True)
     fill_in_opened_accordion(page, "train_lora_validation_split", 0.25)  # one of the 4 images held out
     fill_in_opened_accordion(page, "train_lora_validate_every", 4)
+    fill_in_opened_accordion(page, "train_lora_sample_prompts", "a red star --d 5 --s 2\na blue star --w 72 --s 2")
     page.locator("#train_lora_advanced").get_by_text("Advanced:").click()  # closed again: they stay set
     fill_field(page, "train_lora_create_image_every", 4)
     fill_field(page, "train_lora_save_lora_every", 4)
@@ -552,6 +553,10 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
         2,
     )
     assert settings["validation_images"] == 1 and settings["validate_every_n_steps"] == 4
+    previews = sorted(p.name for p in (run_settings.parent / "images").iterdir())
+    assert previews == ["uitrained-4-2.png", "uitrained-4.png", "uitrained-8-2.png", "uitrained-8.png"], previews
+    with Image.open(run_settings.parent / "images" / "uitrained-8-2.png") as second:
+        assert second.size == (72, 64)  # the second sample prompt's --w
     page.locator("#lora_train_validation_plot").wait_for()  # shown once the run measured it
     page.locator("#lora_train_preview img").wait_for()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
