@@ -191,6 +191,8 @@ def test_two_loras_merged_into_one_lora_apply_as_both_tags(own):  # noqa: F811
     assert np.abs(pixels(gen(own, "a red circle <lora:zqab:1>")) - both).max() <= 1
     _, smaller = own.merge_to_lora(tags, "zqab-r2", ExtractOptions(rank=2))
     assert smaller.ranks == (2, 2) and smaller.kept_min < 0.99
+    with pytest.raises(UserError, match="change no weight"):
+        own.merge_to_lora("<lora:zqa:0>", "zqzero", ExtractOptions())
 
 
 def test_a_lora_that_changes_biases_is_refused_as_one_lora_but_merges_into_a_checkpoint(own):  # noqa: F811

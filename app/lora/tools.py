@@ -185,6 +185,10 @@ class LoraTools:
                             (component, path, lambda dev, m=merged, o=original: m.detach().to(dev, torch.float32)
                              - o.detach().to(dev, torch.float32))
                         )  # fmt: skip
+                if not changes:
+                    raise UserError(
+                        "These tags change no weight (multipliers of 0?): there is nothing to merge.", "loras"
+                    )
                 comment = f"merged from {' '.join(t.text for t in tags)}"
                 metadata = self._base_metadata(model.pipe, model.info, dst.stem, comment)
                 xl = TEXT_ENCODER_2 in components
