@@ -25,6 +25,9 @@ from app.prompts.extra_networks import ExtraNetworkTag, extract_extra_networks
 
 
 class LoraTools:
+    """Extract, merge into a checkpoint, merge into one LoRA: on the model manager's models, writing where the LoRA
+    service lists (and never over a file)."""
+
     def __init__(self, loras: LoraService, models: ModelManager):
         self.loras = loras
         self.models = models
