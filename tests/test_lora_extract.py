@@ -303,14 +303,16 @@ def test_extract_through_the_api(server):
     save_file(export_sd1(pipe), str(server.data_dir / "models" / "Stable-diffusion" / "other.safetensors"))
     url = f"{server.url}/sdapi/v1"
     assert requests.post(f"{url}/refresh-checkpoints", timeout=60).ok
-    body = dict(model_tuned="other", lora_name="zqapi", rank=4, conv_dim=2, save_precision="bf16")
+    body = dict(model_tuned="other", lora_name="zqextractapi", rank=4, conv_dim=2, save_precision="bf16")
     answer = requests.post(f"{url}/extract/lora", json=body, timeout=300)
     assert answer.status_code == 200, answer.text
     result = answer.json()
-    assert result["path"].endswith("zqapi.safetensors") and result["text_encoder"] and result["layers"] == 79 + 24
+    assert (
+        result["path"].endswith("zqextractapi.safetensors") and result["text_encoder"] and result["layers"] == 79 + 24
+    )
     assert "extract lora complete" in result["info"] and result["size_mb"] > 0
     listed = {entry["name"]: entry for entry in requests.get(f"{url}/loras", timeout=60).json()}
-    assert listed["zqapi"]["metadata"]["ss_network_dim"] == "4"
+    assert listed["zqextractapi"]["metadata"]["ss_network_dim"] == "4"
     again = requests.post(f"{url}/extract/lora", json=body, timeout=60)
     assert again.status_code == 400 and "already exists" in again.json()["detail"]
     typo = requests.post(f"{url}/extract/lora", json={**body, "lora_name": "zqtypo", "dim": 8}, timeout=60)
