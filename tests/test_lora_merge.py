@@ -212,3 +212,33 @@ def test_a_lora_that_changes_biases_is_refused_as_one_lora_but_merges_into_a_che
     assert not (own.settings.lora_dir / "zqfullb-one.safetensors").exists()
     _, report = own.merge_lora("<lora:zqfullb:1>", "zqfullb-merged", "fp32")
     assert report.changed == 2  # the weight and the bias
+
+
+def test_an_sd2_model_merges_into_an_sd2_checkpoint(tmp_path, model_store):
+    """SD 2.x's layout (linear proj_in/out, the OpenCLIP text encoder with fused q/k/v): the merged checkpoint, read
+    back by the loader, holds exactly the weights the LoRA gives the loaded model."""
+    from app.lora.names import model_components
+    from app.models.default_model import build_tiny_sd2_pipeline
+    from app.models.ldm_export import export_sd2
+    from app.models.manager import read_pipeline
+    from app.prompts.extra_networks import extract_extra_networks
+    from app.services import build_services
+    from app.settings import Settings
+    from tests.conftest import make_data_dir
+
+    data = make_data_dir(tmp_path / "data", model_store)
+    save_file(export_sd2(build_tiny_sd2_pipeline()), str(data / "models" / "Stable-diffusion" / "tiny2.safetensors"))
+    services = build_services(Settings(data_dir=data))
+    services.select_checkpoint("tiny2")
+    model = services.models.get()
+    services.settings.lora_dir.mkdir(parents=True, exist_ok=True)
+    layers = make_layers(model.pipe, seed=3)
+    save_file(kohya_file(model.pipe, layers, "diffusers"), str(services.settings.lora_dir / "zq2.safetensors"))
+    _, report = services.merge_lora("<lora:zq2:0.8>", "tiny2-merged", "fp32")
+    assert report.changed == len(layers)
+    merged = model_components(read_pipeline(services.models.find("tiny2-merged"), torch.float32))
+    with services.loras.activate(model, extract_extra_networks("<lora:zq2:0.8>")[1]).context:
+        for component, root in model_components(model.pipe).items():
+            theirs = merged[component].state_dict()
+            for key, value in root.state_dict().items():
+                torch.testing.assert_close(theirs[key], value, atol=1e-6, rtol=0, msg=f"{component} {key}")

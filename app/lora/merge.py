@@ -32,15 +32,12 @@ class MergeReport:
 
 def checkpoint_tensors(pipe, vae: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Copies of the pipeline's weights in `dtype` (with `vae`, the checkpoint's own where another is selected) in
-    the LDM layout of its family: SDXL (two text encoders), SD 2.x (a 1024-wide OpenCLIP text encoder) or SD 1.x."""
+    the LDM layout of its family (SD 1.x, SD 2.x with its OpenCLIP text encoder, SDXL with both)."""
     parts = type("Parts", (), {})()
     parts.unet, parts.vae, parts.text_encoder = pipe.unet, vae, pipe.text_encoder
     if getattr(pipe, "text_encoder_2", None) is not None:
         parts.text_encoder_2 = pipe.text_encoder_2
-        return ldm_export.export_sdxl(parts, dtype)
-    if int(pipe.text_encoder.config.hidden_size) == 1024:
-        return ldm_export.export_sd2(parts, dtype)
-    return ldm_export.export_sd1(parts, dtype)
+    return ldm_export.export(parts, dtype)
 
 
 def write_checkpoint(dst: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

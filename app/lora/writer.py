@@ -14,6 +14,7 @@ from safetensors.torch import save, save_file
 from app.fileio import atomic_write
 from app.lora.files import BUNDLE_PREFIX
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from app.models.ldm_export import family
 
 
 def kohya_name(component: str, path: str, xl: bool = False) -> str:
@@ -28,9 +29,8 @@ def kohya_name(component: str, path: str, xl: bool = False) -> str:
 
 def model_version(pipe) -> tuple[str, bool]:
     """kohya's `ss_base_model_version` for the pipeline's model, and its `ss_v2`."""
-    xl = getattr(pipe, "text_encoder_2", None) is not None
-    v2 = not xl and int(pipe.text_encoder.config.hidden_size) == 1024
-    return ("sdxl_base_v1-0" if xl else "sd_v2" if v2 else "sd_v1"), v2
+    kind = family(pipe)
+    return {"sdxl": "sdxl_base_v1-0", "sd2": "sd_v2", "sd1": "sd_v1"}[kind], kind == "sd2"
 
 
 def save_network(

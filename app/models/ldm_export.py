@@ -28,6 +28,19 @@ def _rename_resnet(rest: str) -> str:
     return f"{RESNET[head]}.{tail}"
 
 
+def family(pipe) -> str:
+    """ "sdxl" (two text encoders), "sd2" (an OpenCLIP text encoder: GELU, where OpenAI's CLIP of SD 1.x has
+    quick-GELU; by the activation, not the width, so the tiny SD 2.x-style models count) or "sd1"."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
+
+
+def export(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The pipeline in the LDM layout of its `family`."""
+    return {"sdxl": export_sdxl, "sd2": export_sd2, "sd1": export_sd1}[family(pipe)](pipe, dtype)
+
+
 def _copies(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Own copies of the tensors (the model may change after), the floating ones in `dtype` when given: copied
     straight into it, so a model in fp32 saved in fp16 never needs a second fp32 copy of itself."""
