@@ -31,3 +31,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def size_text(n: int) -> str:
+    """A file's size as a person reads it: GB from 1 GiB, MB from 1 MiB, else KB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"

@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 from app.errors import UserError
+from app.fileio import size_text
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from app.lora.resize import MAX_RANK, chosen_rank
-from app.lora.writer import save_network
+from app.lora.writer import SAVE_DTYPES, save_network
 
 # kohya's `networks.lora` target modules (class names; the layers are their linear and convolution children)
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,8 @@ class ExtractReport:
         unchanged = f", {self.unchanged} unchanged layers left out" if self.unchanged else ""
         return (
             f"{self.layers} layers at rank {ranks}{unchanged}; {te}; each layer keeps at least {self.kept_min:.1%} "
-            f"of its change's norm ({self.kept_mean:.1%} on average); {_size(self.size_bytes)}."
+            f"of its change's norm ({self.kept_mean:.1%} on average); {size_text(self.size_bytes)}."
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 def kohya_layers(component: str, root: torch.nn.Module, conv: bool) -> dict[str, torch.nn.Module]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 
-from app.fileio import atomic_write
+from app.fileio import atomic_write, size_text
 from app.models import ldm_export
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -25,18 +24,14 @@ class MergeReport:
     size_bytes: int
 
     def sentence(self) -> str:
-        gb = self.size_bytes / 2**30
-        size = f"{gb:.2f} GB" if gb >= 1 else f"{self.size_bytes / 2**20:.1f} MB"
-        return f"merged {' '.join(self.tags)}: {self.changed} tensors changed; {size}"
+        return f"merged {' '.join(self.tags)}: {self.changed} tensors changed; {size_text(self.size_bytes)}"
 
 
 def checkpoint_tensors(pipe, vae: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Copies of the pipeline's weights in `dtype` (with `vae`, the checkpoint's own where another is selected) in
     the LDM layout of its family (SD 1.x, SD 2.x with its OpenCLIP text encoder, SDXL with both)."""
-    parts = type("Parts", (), {})()
-    parts.unet, parts.vae, parts.text_encoder = pipe.unet, vae, pipe.text_encoder
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        parts.text_encoder_2 = pipe.text_encoder_2
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    parts = SimpleNamespace(unet=pipe.unet, vae=vae, text_encoder=pipe.text_encoder, text_encoder_2=encoder_2)
     return ldm_export.export(parts, dtype)
 
 

@@ -12,11 +12,10 @@ import torch
 
 from app.errors import UserError
 from app.lora.extract import Change, ExtractOptions, ExtractReport, extract_lora, write_changes
-from app.lora.merge import SAVE_DTYPES as MERGE_DTYPES
 from app.lora.merge import MergeReport, checkpoint_tensors, merge_metadata, write_checkpoint
 from app.lora.names import TEXT_ENCODER_2, model_components
 from app.lora.service import LoraService, write_errors
-from app.lora.writer import model_version
+from app.lora.writer import SAVE_DTYPES, model_version
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import LoadedModel, ModelManager, offload_mode, preflight, read_pipeline
 from app.naming import clean_name
@@ -127,9 +126,9 @@ class LoraTools:
         """Write the loaded model with the `<lora:...>` tags in `loras` applied, as a generation applies them, as the
         checkpoint `<name>.safetensors` in the checkpoint folder (never over a file or another checkpoint's name).
         Refused, with nothing written, when any tag cannot be applied whole."""
-        if save_precision not in MERGE_DTYPES:
+        if save_precision not in SAVE_DTYPES:
             raise UserError(
-                f"Unknown save precision '{save_precision}'; use one of {', '.join(MERGE_DTYPES)}.", "save_precision"
+                f"Unknown save precision '{save_precision}'; use one of {', '.join(SAVE_DTYPES)}.", "save_precision"
             )
         clean = clean_name(name)
         if not clean or clean != name.strip():
@@ -145,7 +144,7 @@ class LoraTools:
             before = {id(p) for root in components for p in root.parameters()}
             with activation.context:
                 changed = sum(1 for root in components for p in root.parameters() if id(p) not in before)
-                dtype = MERGE_DTYPES[save_precision]
+                dtype = SAVE_DTYPES[save_precision]
                 tensors = checkpoint_tensors(model.pipe, model.own_vae or model.pipe.vae, dtype)
             metadata = merge_metadata(model.info.title, [t.text for t in tags])
             with write_errors("the merged checkpoint", dst.parent):

@@ -27,6 +27,10 @@ def kohya_name(component: str, path: str, xl: bool = False) -> str:
     return te_prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
+# a file's precision by its name (kohya's `save_precision`): LoRAs trained, extracted and merged, merged checkpoints
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def model_version(pipe) -> tuple[str, bool]:
     """kohya's `ss_base_model_version` for the pipeline's model, and its `ss_v2`."""
     kind = family(pipe)

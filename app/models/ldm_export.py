@@ -147,10 +147,15 @@ def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
 
 
-def export_sd1(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    state = {}
-    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
+def _unet_and_vae(pipe) -> dict[str, torch.Tensor]:
+    """The part every family shares: the UNet and the VAE in the LDM layout."""
+    state = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    return state
+
+
+def export_sd1(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    state = _unet_and_vae(pipe)
     state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
     return _copies(state, dtype)
 
@@ -184,17 +189,13 @@ def text_encoder_to_open_clip(state: dict[str, torch.Tensor], p: str = "cond_sta
 
 
 def export_sd2(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    state = {}
-    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
-    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    state = _unet_and_vae(pipe)
     state.update(text_encoder_to_open_clip(pipe.text_encoder.state_dict()))
     return _copies(state, dtype)
 
 
 def export_sdxl(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    state = {}
-    state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
-    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    state = _unet_and_vae(pipe)
     state.update(
         {
             f"conditioner.embedders.0.transformer.text_model.{k.removeprefix('text_model.')}": v

@@ -546,13 +546,17 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             if previewed:
                 with memory.vae_needed():
                     previews = preview(first_prompt, step)
-                for i, (shown, infotext) in enumerate(previews):  # A1111's name; more sample prompts: -2, -3, ...
-                    shown_path = log_dir / "images" / f"{target.name}-{step}{f'-{i + 1}' if i else ''}.png"
+                # A1111's name; more sample prompts: -2, -3, ...
+                paths = [
+                    log_dir / "images" / f"{target.name}-{step}{f'-{i + 1}' if i else ''}.png"
+                    for i in range(len(previews))
+                ]
+                for (shown, infotext), shown_path in zip(previews, paths, strict=True):
                     with writing("preview image", shown_path.parent):
                         target.save_preview(
                             shown_path, shown, step, infotext, cfg.save_image_with_stored_embedding, model
                         )
-                image, path = previews[0][0], log_dir / "images" / f"{target.name}-{step}.png"
+                image, path = previews[0][0], paths[0]
         except SaveFailed as e:
             save_failed(e)
             break

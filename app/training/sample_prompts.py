@@ -9,6 +9,7 @@ run's preview settings. Empty lines and lines starting with `#` are skipped, as 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -77,7 +78,7 @@ def _number(kind: type, value: str, what: str, where: str) -> int | float:
         number = kind(value)
     except ValueError:
         raise UserError(f"{where}: {what} must be a number, got '{value}'.", "sample_prompts") from None
-    if number != number or number in (float("inf"), float("-inf")):
+    if not math.isfinite(number):
         raise UserError(f"{where}: {what} must be a finite number, got '{value}'.", "sample_prompts")
     return number
 

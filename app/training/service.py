@@ -26,7 +26,7 @@ from app.jobs import Job, JobRunner
 from app.lora.files import LoraFile, LoraFormatError, bind, bundled_embeddings
 from app.lora.layers import DoraLayer
 from app.lora.service import LoraService, model_label
-from app.lora.writer import model_version
+from app.lora.writer import SAVE_DTYPES, model_version
 from app.models.manager import LoadedModel, ModelManager
 from app.models.out_of_memory import allocation_can_fail, guarded, smaller_advice
 from app.naming import clean_name
@@ -64,7 +64,6 @@ LOWVRAM_REASON = "Training models with lowvram not possible"
 MAX_LORA_RANK = 1024
 MAX_LORA_ALPHA = 100_000.0
 MAX_WEIGHT_NORM = 1000.0  # scale_weight_norms: kohya suggests 1; a larger bound only catches typos
-SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # a LoRA file's
 
 
 @dataclass
@@ -437,17 +436,17 @@ class TrainingService:
                 "rank dropout and module dropout instead.",
                 "network_dropout",
             )
-        if cfg.save_precision and cfg.save_precision not in SAVE_PRECISIONS:
+        if cfg.save_precision and cfg.save_precision not in SAVE_DTYPES:
             raise UserError(
-                f"Save precision must be one of {', '.join(SAVE_PRECISIONS)} (or empty), got {cfg.save_precision!r}.",
+                f"Save precision must be one of {', '.join(SAVE_DTYPES)} (or empty), got {cfg.save_precision!r}.",
                 "save_precision",
             )
         if cfg.save_precision:
-            save_dtype = SAVE_PRECISIONS[cfg.save_precision]
+            save_dtype = SAVE_DTYPES[cfg.save_precision]
         elif existing is not None and existing.layers:  # continue in the file's own precision (its .optim fits it)
             first_layer = next(iter(existing.layers.values()))
             save_dtype = next(iter(first_layer.named_tensors().values())).dtype
-            save_dtype = save_dtype if save_dtype in SAVE_PRECISIONS.values() else torch.float32
+            save_dtype = save_dtype if save_dtype in SAVE_DTYPES.values() else torch.float32
         else:
             save_dtype = torch.float16  # what LoRAs are shared in (kohya's GUI default): half the size of fp32
         te_rate = str(cfg.text_encoder_lr).strip()

@@ -10,7 +10,8 @@ import gradio as gr
 
 from app.errors import UserError
 from app.jobs import Job
-from app.lora.extract import SAVE_DTYPES, ExtractOptions, ExtractReport
+from app.lora.extract import ExtractOptions, ExtractReport
+from app.lora.writer import SAVE_DTYPES
 from app.services import Services, extraction_result
 from app.ui.extra_networks import NetworkList
 from app.ui.messages import error_html, message_html

@@ -7,7 +7,7 @@ import gradio as gr
 
 from app.errors import UserError
 from app.lora.extract import ExtractOptions
-from app.lora.merge import SAVE_DTYPES
+from app.lora.writer import SAVE_DTYPES
 from app.services import Services
 from app.ui.extra_networks import NetworkList
 from app.ui.lora_extract_tab import follow
