@@ -145,6 +145,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    from baselines import run_child
     from random_checkpoint import make_in_subprocess
 
     lines = []
@@ -164,11 +165,7 @@ def main() -> None:
             out = Path(tmp) / f"{side}.safetensors"
             command = [sys.executable, __file__, "--child", side, "--files", str(base), str(tuned), "--out", str(out)]
             command += ["--rank", str(args.rank), "--arch", args.arch, "--device", args.device]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"the {side} side failed")
-            rows[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[side] = run_child(command, f"the {side} side")
         kohya = rows.get("kohya")
         lines.append("| run | reading both files, s | extraction, s | vs. kohya's way | peak RSS above start | file |")
         lines.append("|---|---|---|---|---|---|")

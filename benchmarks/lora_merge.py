@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +68,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    from baselines import run_child
     from lora_resize import make_lora
     from random_checkpoint import make_in_subprocess
 
@@ -86,13 +85,8 @@ def main() -> None:
         )
         rows = {}
         for side in ("save", "merge", "one"):
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
             command = [sys.executable, __file__, "--child", side, "--data", tmp, "--arch", args.arch]
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"the {side} side failed")
-            rows[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[side] = run_child(command, f"the {side} side")
         saved = rows["save"]
         print("| run | seconds | vs. saving alone | peak RSS above the loaded model | file |")
         print("|---|---|---|---|---|")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -121,6 +120,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    from baselines import run_child
+
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "big.safetensors"
         make_lora(src, args.arch, args.rank)
@@ -129,8 +130,7 @@ def main() -> None:
         for side in ("copy", "fullsvd", "rank32", "dynamic"):
             command = [sys.executable, __file__, "--child", side, "--src", str(src), "--dst", f"{tmp}/{side}.st"]
             command += ["--rank", str(args.rank), "--arch", args.arch]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[side] = run_child(command, f"the {side} side")
         base = rows["copy"]
         kohya = rows["fullsvd"]
         print("| run | seconds | vs. copy | vs. kohya's way | peak RSS above start | file |")
