@@ -70,6 +70,15 @@ def own(tmp_path_factory, model_store):
     return services
 
 
+def image_on(services, checkpoint: str, back: str) -> np.ndarray:
+    """The test image with `checkpoint` loaded; `back` is loaded again afterwards, whatever happens."""
+    services.select_checkpoint(checkpoint)
+    try:
+        return pixels(gen(services, "a red circle"))
+    finally:
+        services.select_checkpoint(back)
+
+
 def tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open has no iteration)
@@ -101,11 +110,7 @@ def test_the_extracted_lora_is_the_fine_tune(own):
 
     with_lora = pixels(gen(own, "a red circle <lora:zqexact:1>"))
     base = pixels(gen(own, "a red circle"))
-    own.select_checkpoint("tuned")
-    try:
-        tuned = pixels(gen(own, "a red circle"))
-    finally:
-        own.select_checkpoint("shapes-64")
+    tuned = image_on(own, "tuned", "shapes-64")
     assert np.abs(tuned - base).max() > 20  # the fine-tune changes the image
     assert np.abs(with_lora - tuned).max() <= 1
 
@@ -352,10 +357,6 @@ def test_an_sdxl_fine_tune_with_both_text_encoders(xl):
     assert {k.split("_text_model")[0] for k in data if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     with_lora = pixels(gen(xl, "a red circle <lora:zqxl:1>"))
-    xl.select_checkpoint("tinyxl-tuned")
-    try:
-        tuned = pixels(gen(xl, "a red circle"))
-    finally:
-        xl.select_checkpoint("tinyxl-folder")
+    tuned = image_on(xl, "tinyxl-tuned", "tinyxl-folder")
     assert np.abs(with_lora - tuned).max() <= 1
     assert np.abs(tuned - pixels(gen(xl, "a red circle"))).max() > 4  # (a random tiny model: small changes)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from app.errors import UserError
 from app.lora.extract import ExtractOptions
 from tests.test_lora import gen, kohya_file, make_layers, pixels
-from tests.test_lora_extract import own, save_tuned_xl  # noqa: F401 - `own` is a fixture used by name
+from tests.test_lora_extract import image_on, own, save_tuned_xl  # noqa: F401 - `own` is a fixture used by name
 
 EXACT = ExtractOptions(rank=4, conv_dim=4, clamp_quantile=1.0, save_precision="fp32")
 
@@ -48,11 +48,7 @@ def test_a_merged_checkpoint_generates_the_tagged_image(own):  # noqa: F811
     assert report.changed > 0
     assert {t.dtype for t in load_file(str(path)).values() if t.is_floating_point()} == {torch.float16}
     assert np.array_equal(pixels(gen(own, "a red circle")), base)  # nothing left merged in the loaded model
-    own.select_checkpoint("merged-m")
-    try:
-        merged = pixels(gen(own, "a red circle"))
-    finally:
-        own.select_checkpoint("shapes-64")
+    merged = image_on(own, "merged-m", "shapes-64")
     assert np.abs(tagged - base).max() > 10
     assert np.abs(merged - tagged).max() <= 2  # fp16 file
 
