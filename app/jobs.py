@@ -37,6 +37,8 @@ class Progress:
     text: str = ""
     preview: Callable[[], Any] | None = None  # builds a PIL preview on demand, so nobody pays unless polled
     preview_id: int = 0
+    # every image of the latest preview with its caption (a training run's sample prompts: several), on demand too
+    previews: Callable[[], list[tuple[Any, str]]] | None = None
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for live plots
     extra: dict[str, Any] = field(default_factory=dict)
 

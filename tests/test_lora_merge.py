@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app.errors import UserError
-from app.lora.extract import ExtractOptions
+from app.lora.extract import ExtractOptions, LowRank, extract_layer
 from tests.test_lora import gen, kohya_file, make_layers, pixels
 from tests.test_lora_extract import image_on, own, save_tuned_xl  # noqa: F401 - `own` is a fixture used by name
 
@@ -238,3 +238,61 @@ def test_an_sd2_model_merges_into_an_sd2_checkpoint(tmp_path, model_store):
             theirs = merged[component].state_dict()
             for key, value in root.state_dict().items():
                 torch.testing.assert_close(theirs[key], value, atol=1e-6, rtol=0, msg=f"{component} {key}")
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (24, 16, 3, 3)])
+def test_a_sum_of_loras_is_cut_from_its_halves_as_from_the_whole_matrix(shape):
+    """Plain LoRAs' summed update is one product of their halves side by side, so its SVD comes from two thin QRs
+    (resize's route) instead of the whole matrix: the same kept share, rank choice and factors' product."""
+    g = torch.Generator().manual_seed(3)
+    width = int(np.prod(shape[1:]))
+    up = torch.cat([torch.randn(shape[0], 4, generator=g) * 0.6, torch.randn(shape[0], 3, generator=g) * -0.2], 1)
+    down = torch.randn(7, width, generator=g)
+    whole = (up @ down).reshape(shape)
+    for rank, sv_fro in ((7, 0.0), (3, 0.0), (7, 0.9)):
+        from_halves = extract_layer(LowRank(up, down, shape), rank, sv_fro, clamp_quantile=1.0)
+        from_whole = extract_layer(whole, rank, sv_fro, clamp_quantile=1.0)
+        assert from_halves[0].shape == from_whole[0].shape and from_halves[1].shape == from_whole[1].shape
+        product = [(u.reshape(shape[0], -1) @ d.reshape(d.shape[0], -1)) for d, u, _ in (from_halves, from_whole)]
+        assert torch.allclose(product[0], product[1], atol=1e-4), (product[0] - product[1]).abs().max()
+        assert from_halves[2] == pytest.approx(from_whole[2], abs=1e-5)
+    assert not torch.allclose(product[0], whole.reshape(shape[0], -1), atol=1e-4)  # sv_fro 0.9 cut some
+    exact = extract_layer(LowRank(up, down, shape), 7, clamp_quantile=1.0)
+    assert torch.allclose(exact[1].reshape(shape[0], -1) @ exact[0].reshape(7, -1), up @ down, atol=1e-4)
+    assert extract_layer(LowRank(up, torch.zeros_like(down), shape), 4) is None  # a zero half
+    cancelled = LowRank(torch.cat([up, -up], 1), torch.cat([down, down]), shape)  # <lora:a:1> <lora:a:-1>
+    assert extract_layer(cancelled, 4) is None
+
+
+def _loha_file(pipe, seed: int) -> dict[str, torch.Tensor]:
+    """A LoHa (LyCORIS) on the UNet attention layers `make_layers` gives: rank-2 Hadamard halves, alpha 2."""
+    lora = kohya_file(pipe, make_layers(pipe, rank=2, seed=seed, convs=False, te=False))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in [k for k in lora if k.endswith(".lora_down.weight")]:
+        stem = key.removesuffix(".lora_down.weight")
+        up, down = lora[f"{stem}.lora_up.weight"], lora[key]
+        out |= {f"{stem}.hada_w1_a": up, f"{stem}.hada_w1_b": down, f"{stem}.alpha": lora[f"{stem}.alpha"]}
+        out |= {
+            f"{stem}.hada_w2_a": torch.randn(up.shape, generator=g),
+            f"{stem}.hada_w2_b": torch.randn(down.shape, generator=g) * 0.5,
+        }
+    return out
+
+
+def test_loras_merged_with_a_loha_on_the_same_layers_apply_as_both_tags(own):  # noqa: F811
+    """Where another kind (here a LoHa) shares a layer with a LoRA, that layer's whole change is cut instead; the
+    others still come from the LoRA's halves; at a rank that holds both, the one file is the two tags."""
+    model = own.models.get()
+    save_file(kohya_file(model.pipe, make_layers(model.pipe, seed=21)), str(own.settings.lora_dir / "zqc.safetensors"))
+    save_file(_loha_file(model.pipe, 22), str(own.settings.lora_dir / "zqh.safetensors"))
+    tags = "<lora:zqc:0.7> <lora:zqh:0.5>"
+    options = ExtractOptions(rank=8, clamp_quantile=1.0, save_precision="fp32")
+    _, report = own.merge_to_lora(tags, "zqch", options)  # LoRA rank 4 + LoHa rank <= 2 x 2
+    assert report.kept_min > 0.99999
+    both = pixels(gen(own, f"a red circle {tags}"))
+    assert np.abs(both - pixels(gen(own, "a red circle <lora:zqh:0.5>"))).max() > 10  # the LoRA counts
+    assert np.abs(pixels(gen(own, "a red circle <lora:zqch:1>")) - both).max() <= 1
+    with pytest.raises(UserError, match="cancel out"):
+        own.merge_to_lora("<lora:zqc:1> <lora:zqc:-1>", "zqcancel", options)
+    assert not (own.settings.lora_dir / "zqcancel.safetensors").exists()

@@ -92,6 +92,9 @@ def test_a_run_previews_every_sample_prompt_with_its_settings(services, dataset,
     assert (two["Seed"], two["Steps"], two["CFG scale"], two["Sampler"]) == ("7", "2", "5.0", "Euler")
     assert two["Negative prompt"] == "blue"
     assert job.progress.extra["last_preview_path"].endswith("zqsamples-4.png")
+    shown = job.progress.previews()  # the training panel's gallery: every line's image of the last step
+    assert [caption for _, caption in shown] == ["a photo of zqsamples", "a red circle"]
+    assert [image.size for image, _ in shown] == [(72, 64), (64, 64)]
 
 
 def test_a_bad_sample_prompt_stops_the_run_before_it_starts(services, dataset, templates):  # noqa: F811

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from app.lora.files import BoundLayer
-from app.lora.layers import truncated
+from app.lora.layers import LoraLayer, truncated
 
 
 @dataclass
@@ -115,6 +115,27 @@ def delta_weight(bound: BoundLayer, weight: torch.Tensor, dyn: int | None = None
     a LoRA's first `dyn` ranks only."""
     layer = bound.layer if dyn is None else truncated(bound.layer, dyn)
     return layer.delta(weight.device, weight).reshape(weight.shape)
+
+
+def low_rank_terms(applications: list[Application]) -> dict[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """{layer: its update's terms (m * scale * up [out, r], down [r, in * kernel])} for each layer that only plain
+    LoRA layers change, so that its summed update is one product of the terms' halves put side by side (rank at
+    most the sum of their ranks); layers another kind (LoHa, LoKr, DoRA, Tucker, full, ...) changes are left out."""
+    terms: dict[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    other: set[torch.nn.Module] = set()
+    for app in applications:
+        for i, b in enumerate(app.bound):
+            m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
+            if m == 0:
+                continue
+            module = b.target.module
+            layer = b.layer if app.dyn is None else truncated(b.layer, app.dyn)
+            if type(layer) is not LoraLayer:
+                other.add(module)
+                continue
+            up = layer.up.reshape(layer.up.shape[0], -1).float() * (m * layer.scale)
+            terms.setdefault(module, []).append((up, layer.down.reshape(layer.rank, -1).float()))
+    return {module: parts for module, parts in terms.items() if module not in other}
 
 
 class _Slot:

@@ -26,7 +26,7 @@ import torch
 from app.errors import UserError
 from app.fileio import size_text
 from app.lora.names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from app.lora.resize import MAX_RANK, chosen_rank
+from app.lora.resize import MAX_RANK, chosen_rank, low_rank_svd
 from app.lora.writer import SAVE_DTYPES, save_network
 
 # kohya's `networks.lora` target modules (class names; the layers are their linear and convolution children)
@@ -124,15 +124,48 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return low + (high - low) * (position - below)
 
 
+@dataclass
+class LowRank:
+    """A layer's change given as a product, `up @ down` ([out, r] @ [r, in * kernel]), of the weight's `shape`:
+    the sum of plain LoRAs' updates, whose SVD comes from the halves (`low_rank_svd`) instead of the whole matrix."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dense(self) -> torch.Tensor:
+        return (self.up @ self.down).reshape(self.shape)
+
+
+def _svd(diff: torch.Tensor | LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The thin SVD of the change as a matrix, or None where it is zero (a product: zero up to the rounding of its
+    halves, as when <lora:a:1> <lora:a:-1> cancel)."""
+    if isinstance(diff, LowRank):
+        u, s, vh = low_rank_svd(diff.up, diff.down)
+        if float(s[0]) <= 1e-6 * float(diff.up.double().norm() * diff.down.double().norm()):
+            return None
+        return u.float(), s.float(), vh.float()
+    if not bool(diff.any()):
+        return None
+    # thin: kohya's full SVD also computes an in x in Vh
+    return torch.linalg.svd(diff.reshape(diff.shape[0], -1).float(), full_matrices=False)
+
+
 def extract_layer(
-    diff: torch.Tensor, rank: int, sv_fro: float = 0.0, clamp_quantile: float = 0.99
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    diff: torch.Tensor | LowRank, rank: int, sv_fro: float = 0.0, clamp_quantile: float = 0.99
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(down, up, kept norm share) of the rank-k approximation of one layer's change (a convolution flattened to
-    [out, in * kh * kw]), k = `rank` or by `sv_fro`. As kohya: up = U S and down = Vh, both clamped at the
-    `clamp_quantile` quantile of their values (1: not clamped); then each rank's halves are rescaled to equal
-    norms, which leaves their product as it is and keeps both halves' values moderate in fp16."""
-    matrix = diff.reshape(diff.shape[0], -1).float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # thin: kohya's full one computes an in x in Vh
+    [out, in * kh * kw]), k = `rank` or by `sv_fro`; None where the change is zero. As kohya: up = U S and down =
+    Vh, both clamped at the `clamp_quantile` quantile of their values (1: not clamped); then each rank's halves are
+    rescaled to equal norms, which leaves their product as it is and keeps both halves' values moderate in fp16."""
+    factors = _svd(diff)
+    if factors is None:
+        return None
+    u, s, vh = factors
     k = chosen_rank(s, rank, sv_fro)
     total = float((s.double() ** 2).sum())
     kept = math.sqrt(float((s[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
@@ -175,8 +208,13 @@ def layer_pairs(
     return pairs
 
 
-# (component, module path, the layer's change as fp32 on the given device): computed when needed, one at a time
-Change = tuple[str, str, Callable[[torch.device], torch.Tensor]]
+# (component, module path, the layer's change as fp32 on the given device, whole or as a product): computed when
+# needed, one at a time
+Change = tuple[str, str, Callable[[torch.device], torch.Tensor | LowRank]]
+
+
+def _dense(diff: torch.Tensor | LowRank) -> torch.Tensor:
+    return diff.dense() if isinstance(diff, LowRank) else diff
 
 
 def extract_lora(
@@ -208,35 +246,36 @@ def write_changes(
     xl: bool,
     progress: Callable[[int, int], None] | None = None,
     device: torch.device | str = "cpu",
+    nothing: str = "The two models have the same weights in every layer a LoRA covers: there is no change to extract.",
 ) -> ExtractReport:
     """Write the layers' `changes` as a kohya LoRA at `options`' rank (text encoders only where one of their
-    changes exceeds `min_diff`; unchanged layers left out) to `dst`, atomically."""
+    changes exceeds `min_diff`; unchanged layers left out) to `dst`, atomically; `nothing`: the refusal where no
+    layer changed."""
     device = torch.device(device)
     options.check()
     with torch.no_grad():
         te_changes = [c for c in changes if c[0] in (TEXT_ENCODER, TEXT_ENCODER_2)]
-        te_diff = max((float(change(device).abs().max()) for _, _, change in te_changes), default=0.0)
+        te_diff = max((float(_dense(change(device)).abs().max()) for _, _, change in te_changes), default=0.0)
         with_text = te_diff > options.min_diff
         if not with_text:
             changes = [c for c in changes if c[0] == UNET]
         layers, kept, unchanged = [], [], 0
         for done, (component, path, change) in enumerate(changes, 1):
             diff = change(device)
-            if not bool(diff.any()):
+            is_3x3 = diff.ndim == 4 and tuple(diff.shape[2:]) != (1, 1)
+            rank = options.conv_dim if is_3x3 else options.rank
+            extracted = extract_layer(diff, rank, options.sv_fro, options.clamp_quantile)
+            if extracted is None:
                 unchanged += 1
             else:
-                is_3x3 = diff.ndim == 4 and diff.shape[2:] != (1, 1)
-                rank = options.conv_dim if is_3x3 else options.rank
-                down, up, share = extract_layer(diff, rank, options.sv_fro, options.clamp_quantile)
+                down, up, share = extracted
                 down, up = down.cpu(), up.cpu()  # a GPU holds one layer's work at a time
                 layers.append((component, path, {"lora_down.weight": down, "lora_up.weight": up}, down.shape[0]))
                 kept.append(share)
             if progress is not None:
                 progress(done, len(changes))
     if not layers:
-        raise UserError(
-            "The two models have the same weights in every layer a LoRA covers: there is no change to extract."
-        )
+        raise UserError(nothing)
     ranks = [alpha for *_, alpha in layers]
     dynamic = options.sv_fro > 0
     args = {"conv_dim": str(options.conv_dim), "conv_alpha": str(float(options.conv_dim))} if options.conv_dim else {}

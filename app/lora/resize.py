@@ -72,6 +72,17 @@ def chosen_rank(singular: torch.Tensor, rank: int, keep: float) -> int:
     return max(1, min(rank, needed, singular.numel()))
 
 
+def low_rank_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, S, Vh; float64) of `up @ down` ([out, r] @ [r, in]) without forming the product: it has rank
+    <= r, so two thin QRs and an r x r SVD give it: up = Qu Ru, down^T = Qd Rd, up @ down = Qu (Ru Rd^T) Qd^T. The
+    same factors as an SVD of the whole out x in matrix (kohya's way), at a fraction of the time and memory
+    (measured: benchmarks/lora_resize.py, benchmarks/lora_merge.py)."""
+    q_up, r_up = torch.linalg.qr(up.double())
+    q_down, r_down = torch.linalg.qr(down.double().T)
+    u_small, s, vh_small = torch.linalg.svd(r_up @ r_down.T)
+    return q_up @ u_small, s, vh_small @ q_down.T
+
+
 def resize_layer(
     down: torch.Tensor, up: torch.Tensor, alpha: float, rank: int, keep: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -79,14 +90,7 @@ def resize_layer(
     SVD, its singular values split evenly between the halves (similar magnitudes, kind to fp16), alpha = new rank
     so the file's scale is 1; a convolution is flattened to [out, in * kh * kw] and back."""
     old_rank = down.shape[0]
-    scale = alpha / old_rank
-    # The update has rank <= r, so its SVD comes from two thin QRs and an r x r SVD: up = Qu Ru, down^T = Qd Rd,
-    # update = Qu (Ru Rd^T) Qd^T. The same factors as an SVD of the whole out x in matrix (kohya's way), at a
-    # fraction of the time and memory (measured: benchmarks/lora_resize.py).
-    q_up, r_up = torch.linalg.qr(up.reshape(up.shape[0], -1).double())
-    q_down, r_down = torch.linalg.qr(down.reshape(old_rank, -1).double().T)
-    u_small, s, vh_small = torch.linalg.svd(r_up @ r_down.T * scale)
-    u, vh = q_up @ u_small, vh_small @ q_down.T
+    u, s, vh = low_rank_svd(up.reshape(up.shape[0], -1).double() * (alpha / old_rank), down.reshape(old_rank, -1))
     k = chosen_rank(s, rank, keep)
     total = float((s**2).sum())
     kept = math.sqrt(float((s[:k] ** 2).sum()) / total) if total > 0 else 1.0

@@ -435,7 +435,8 @@ class LoraService:
             merged, before_step = switch.applied(), switch.at_step
         else:
             merged, before_step = lora_applied(applications), None
-        return Activation(self._applied(merged, list(bundled.values())), notes, infotext, before_step)
+        context = self._applied(merged, list(bundled.values()))
+        return Activation(context, notes, infotext, before_step, parts=applications + [a for a, _ in ranged])
 
     def _take_bundled(
         self, tag: ExtraNetworkTag, shown: str, path: Path, lora: LoraFile, width: int, taken: dict[str, Embedding]

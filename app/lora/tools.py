@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from app.errors import UserError
-from app.lora.extract import Change, ExtractOptions, ExtractReport, extract_lora, write_changes
+from app.lora.apply import low_rank_terms
+from app.lora.extract import Change, ExtractOptions, ExtractReport, LowRank, extract_lora, write_changes
 from app.lora.merge import MergeReport, checkpoint_tensors, merge_metadata, write_checkpoint
 from app.lora.names import TEXT_ENCODER_2, model_components
 from app.lora.service import LoraService, write_errors
@@ -21,6 +23,8 @@ from app.models.manager import LoadedModel, ModelManager, offload_mode, prefligh
 from app.naming import clean_name
 from app.networks.activation import Activation
 from app.prompts.extra_networks import ExtraNetworkTag, extract_extra_networks
+
+CANCELLED = "These tags cancel out: together they change no weight, so there is nothing to merge."
 
 
 class LoraTools:
@@ -168,6 +172,7 @@ class LoraTools:
             tags, activation = self._merging(model, loras)
             components = model_components(model.pipe)
             before = {(c, n): p for c, root in components.items() for n, p in root.named_parameters()}
+            factored = low_rank_terms(activation.parts)
             with activation.context:
                 changes: list[Change] = []
                 for component, root in components.items():
@@ -183,10 +188,14 @@ class LoraTools:
                                 "or a bias: LyCORIS full or norm layers); merge them into a checkpoint instead.",
                                 "loras",
                             )
-                        changes.append(
-                            (component, path, lambda dev, m=merged, o=original: m.detach().to(dev, torch.float32)
-                             - o.detach().to(dev, torch.float32))
-                        )  # fmt: skip
+                        terms = factored.get(layer)
+                        if terms is not None:  # plain LoRAs only: the SVD from the halves, not the whole matrix
+                            changes.append((component, path, partial(_product, terms, tuple(original.shape))))
+                        else:
+                            changes.append(
+                                (component, path, lambda dev, m=merged, o=original: m.detach().to(dev, torch.float32)
+                                 - o.detach().to(dev, torch.float32))
+                            )  # fmt: skip
                 if not changes:
                     raise UserError(
                         "These tags change no weight (multipliers of 0?): there is nothing to merge.", "loras"
@@ -198,5 +207,14 @@ class LoraTools:
                 # layers) at the conv rank, or the rank when none is given (kohya's `new_conv_rank` default)
                 merged_options = replace(options, min_diff=0.0, conv_dim=options.conv_dim or options.rank)
                 with write_errors("the merged LoRA", dst.parent):
-                    report = write_changes(changes, dst, merged_options, metadata, xl, progress, self._svd_device())
+                    report = write_changes(
+                        changes, dst, merged_options, metadata, xl, progress, self._svd_device(), CANCELLED
+                    )
         return dst, report
+
+
+def _product(terms: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...], device: torch.device) -> LowRank:
+    """The summed update of plain LoRA `terms` ((scaled up, down) pairs) as one product, on `device`."""
+    up = torch.cat([up for up, _ in terms], dim=1).to(device)
+    down = torch.cat([down for _, down in terms], dim=0).to(device)
+    return LowRank(up, down, shape)

@@ -20,6 +20,9 @@ class Activation:
     # called with the 0-based index of each step of a first sampling pass, before its model call (a LoRA that
     # applies in a step range switches there); None: nothing changes during sampling
     before_step: Callable[[int], None] | None = None
+    # what the kind applies, for tools that take it apart (a LoRA's Applications: merging LoRAs into one uses their
+    # factors where it can)
+    parts: list[Any] = field(default_factory=list)
 
 
 class NetworkKind(Protocol):

@@ -565,6 +565,7 @@ def _train(target, model, cfg, images, templates, log_dir, clip_skip, job, previ
             break
         if previewed and job is not None:
             job.progress.preview = lambda image=image: image
+            job.progress.previews = lambda shown=previews: [(img, text.split("\n", 1)[0]) for img, text in shown]
             job.progress.preview_id += 1
             job.progress.extra["last_preview_path"] = str(path)
         if job is not None and job.interrupted:

@@ -46,6 +46,15 @@ class TrainingPanel:
             self.preview = gr.Image(
                 label="Latest preview", interactive=False, height=256, elem_id=f"{elem_prefix}_preview"
             )
+            # kohya's sample prompts give one image per line at each preview step: all of them, captioned with
+            # their prompts, once a run has more than one (the image above stays the first line's)
+            self.samples = gr.Gallery(
+                label="Sample prompts at the latest preview step",
+                columns=4,
+                height=220,
+                visible=False,
+                elem_id=f"{elem_prefix}_samples",
+            )
             self.plot = gr.LinePlot(
                 pd.DataFrame({"step": [], "loss": []}),
                 x="step",
@@ -71,12 +80,12 @@ class TrainingPanel:
 
     @property
     def outputs(self) -> list:
-        return [self.message, self.progress, self.preview, self.plot, self.validation_plot]
+        return [self.message, self.progress, self.preview, self.samples, self.plot, self.validation_plot]
 
     def poll(self, shown_preview: int):
         job = self.services.training.running()
         if job is None or not job.kind.endswith(self.kind):
-            return [gr.update()] * 5 + [shown_preview]
+            return [gr.update()] * len(self.outputs) + [shown_preview]
         message = gr.update()
         if job.finished:
             if job.error is not None:
@@ -85,11 +94,13 @@ class TrainingPanel:
                 text = result_message(job.result, self.kind)
                 css = "gen-error" if job.result.error else "train-done"
                 message = message_html(text, css, "train_result")
-        preview = gr.update()
+        preview = samples = gr.update()
         p = job.progress
         if p.preview is not None and p.preview_id != shown_preview:
             shown_preview = p.preview_id
             preview = p.preview()
+            shown = p.previews() if p.previews is not None else []
+            samples = gr.update(value=shown, visible=True) if len(shown) > 1 else gr.update(visible=False)
         history = list(p.history)
         plot = pd.DataFrame(history, columns=["step", "loss"]) if history else gr.update()
         measured = list(p.extra.get("validation_history", []))
@@ -98,4 +109,4 @@ class TrainingPanel:
             if measured
             else gr.update(visible=False)
         )
-        return [message, _progress_html(job), preview, plot, validation, shown_preview]
+        return [message, _progress_html(job), preview, samples, plot, validation, shown_preview]

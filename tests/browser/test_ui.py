@@ -559,6 +559,10 @@ def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
         assert second.size == (72, 64)  # the second sample prompt's --w
     page.locator("#lora_train_validation_plot").wait_for()  # shown once the run measured it
     page.locator("#lora_train_preview img").wait_for()
+    samples = page.locator("#lora_train_samples")  # both sample prompts' images of the last preview step
+    samples.locator("img").nth(1).wait_for()
+    assert samples.locator("img").count() == 2
+    assert "a blue star" in samples.inner_text(), samples.inner_text()
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "train_lora.png"), full_page=True)
     with safe_open(str(server.data_dir / "models" / "Lora" / "uitrained.safetensors"), "pt") as f:
         assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[:2] == (2, 32)
