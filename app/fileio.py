@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from app.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -38,3 +41,13 @@ def size_text(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GB"
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+@contextmanager
+def write_errors(what: str, where: Path) -> Iterator[None]:
+    """A failed write (full disk, denied permission, read-only folder) as a message; the writes are atomic, so
+    nothing was changed."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"Could not write {what} in {where}: {e.strerror or e}. Nothing was changed.") from None

@@ -27,6 +27,7 @@ from app.lora.service import LoraDatabase, LoraService
 from app.lora.tools import LoraTools
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import ModelManager
+from app.models.merger import CheckpointMerger, MergerOptions, MergerReport
 from app.options import Options
 from app.settings import Settings
 from app.training.service import TrainingService
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 PATH_OPTIONS = frozenset({"outdir_samples", "outdir_txt2img_samples"})
 
 
-def extraction_result(result: tuple[Path, ExtractReport] | None) -> tuple[Path, ExtractReport]:
+def extraction_result(result: tuple[Path, Any] | None) -> tuple[Path, Any]:
     if result is None:
         raise UserError("Interrupted; nothing was written.")
     return result
@@ -56,6 +57,7 @@ class Services:
     styles: StyleDatabase
     loras: LoraService
     lora_tools: LoraTools
+    checkpoint_merger: CheckpointMerger
     folders: FolderPolicy
 
     def select_checkpoint(self, query: str) -> CheckpointInfo:
@@ -67,16 +69,18 @@ class Services:
         self.options.update({"sd_model_checkpoint": loaded.info.title, "sd_checkpoint_hash": loaded.info.sha256})
         return loaded.info
 
-    def _tool_job(self, kind: str, name: str, verb: str, work: Callable[[Callable[[int, int], None]], Any]) -> Job:
-        """Queue `work(progress)` as a job: it runs after the jobs ahead of it, reports each layer it has done
-        ("<verb> layer n/N") and stops at Interrupt between layers with nothing written (its result is then None,
-        which `extraction_result` turns into a message)."""
+    def _tool_job(
+        self, kind: str, name: str, verb: str, work: Callable[[Callable[[int, int], None]], Any], unit: str = "layer"
+    ) -> Job:
+        """Queue `work(progress)` as a job: it runs after the jobs ahead of it, reports each layer (`unit`) it has
+        done ("<verb> layer n/N") and stops at Interrupt between layers with nothing written (its result is then
+        None, which `extraction_result` turns into a message)."""
         self._refuse_during_training(kind)
 
         def run(job: Job) -> Any:
             def progress(done: int, total: int) -> None:
                 job.progress.sampling_step, job.progress.sampling_steps = done, total
-                job.progress.text = f"{verb} layer {done}/{total}"
+                job.progress.text = f"{verb} {unit} {done}/{total}"
                 job.check_interrupt()
 
             return work(progress)
@@ -115,6 +119,24 @@ class Services:
     ) -> tuple[Path, ExtractReport]:
         """`start_merge_to_lora` and wait for it."""
         job = self.start_merge_to_lora(loras, name, options)
+        return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
+
+    def start_merge_checkpoints(self, options: MergerOptions) -> Job:
+        """Queue a Checkpoint Merger run (its tab, `/sdapi/v1/merge/checkpoint`); options are refused at once."""
+        options.check()
+        return self._tool_job(
+            "merge checkpoints",
+            options.custom_name or options.primary,
+            "Merging",
+            lambda progress: self.checkpoint_merger.merge(options, progress),
+            unit="tensor",
+        )
+
+    def merge_checkpoints(
+        self, options: MergerOptions, abandoned: Callable[[], bool] | None = None
+    ) -> tuple[Path, MergerReport]:
+        """`start_merge_checkpoints` and wait for it."""
+        job = self.start_merge_checkpoints(options)
         return extraction_result(self.jobs.wait_for(job, abandoned or (lambda: False)))
 
     def merge_lora(self, loras: str, name: str, save_precision: str = "fp16") -> tuple[Path, MergeReport]:
@@ -227,6 +249,7 @@ def build_services(settings: Settings) -> Services:
         styles,
         loras,
         lora_tools,
+        CheckpointMerger(models),
         folders,
     )
     info = models.initial_checkpoint(options["sd_model_checkpoint"])

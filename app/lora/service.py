@@ -15,6 +15,7 @@ from typing import Any
 
 from app.embeddings.database import Embedding, EmbeddingDatabase
 from app.errors import NotFoundError, UserError
+from app.fileio import write_errors
 from app.lora.apply import Application, StepRange, StepSwitch, lora_applied
 from app.lora.block_weights import block_of, block_weights, read_presets
 from app.lora.files import (
@@ -159,16 +160,6 @@ TRAINING_KEYS = {
     "ss_training_finished_at": "Finished",
     "ss_training_comment": "Comment",
 }
-
-
-@contextmanager
-def write_errors(what: str, where: Path) -> Iterator[None]:
-    """A failed write (full disk, denied permission, read-only folder) as a message; the writes are atomic, so
-    nothing was changed."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(f"Could not write {what} in {where}: {e.strerror or e}. Nothing was changed.") from None
 
 
 def top_tags(tag_frequency: str, limit: int = 30) -> list[tuple[str, int]]:

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from app.errors import UserError
+from app.fileio import write_errors
 from app.lora.apply import low_rank_terms
 from app.lora.extract import Change, ExtractOptions, ExtractReport, LowRank, extract_lora, write_changes
 from app.lora.merge import MergeReport, checkpoint_tensors, merge_metadata, write_checkpoint
 from app.lora.names import TEXT_ENCODER_2, model_components
-from app.lora.service import LoraService, write_errors
+from app.lora.service import LoraService
 from app.lora.writer import SAVE_DTYPES, model_version
 from app.models.checkpoints import CheckpointInfo
 from app.models.manager import LoadedModel, ModelManager, offload_mode, preflight, read_pipeline
@@ -137,9 +138,7 @@ class LoraTools:
         clean = clean_name(name)
         if not clean or clean != name.strip():
             raise UserError(f"'{name}' is not a usable file name: use letters, digits, '.', '_', '-' and spaces.")
-        dst = self.models.settings.ckpt_dir / f"{clean}.safetensors"
-        if dst.exists() or any(c.model_name == clean for c in self.models.refresh()):
-            raise UserError(f"A checkpoint named '{clean}' already exists; pick another name.")
+        dst = self.models.new_checkpoint_path(clean)
         self._refuse_streamed_weights()
         with self.models.lock:
             model = self.models.get()

@@ -168,6 +168,20 @@ class ModelManager:
     def find(self, query: str) -> CheckpointInfo:
         return find_checkpoint(self._checkpoints, query)
 
+    def new_checkpoint_path(self, stem: str) -> Path:
+        """`<stem>.safetensors` in the checkpoint folder for a tool's new file, refused where a file or another
+        checkpoint already has the name: a tool never writes over one."""
+        dst = self.settings.ckpt_dir / f"{stem}.safetensors"
+        if dst.exists() or any(c.model_name == stem for c in self.refresh()):
+            raise UserError(f"A checkpoint named '{stem}' already exists; pick another name.")
+        return dst
+
+    def sha256(self, info: CheckpointInfo) -> str | None:
+        """The checkpoint's sha256 (A1111's hash), computed once per file version; None with --no-hashing."""
+        if info.sha256 is None and not self.settings.no_hashing:
+            info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
+        return info.sha256
+
     def initial_checkpoint(self, preferred: str | None) -> CheckpointInfo:
         """--ckpt first, then the saved option, then the first checkpoint by name."""
         if self.settings.ckpt is not None:
@@ -212,8 +226,7 @@ class ModelManager:
             previous = self._loaded.info if self._loaded is not None else None
             self.unload()
             try:
-                if not self.settings.no_hashing and info.sha256 is None:
-                    info.sha256 = self.hash_cache.sha256(str(info.path.resolve()), info.hashed_files())
+                self.sha256(info)
                 pipe = guarded(
                     self.device,
                     lambda: self._place(read_pipeline(info, self.dtype)),

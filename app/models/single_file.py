@@ -98,6 +98,17 @@ def check_checkpoint(path: Path) -> Architecture:
     return detect(read_header(path), path.name)
 
 
+def family_of(keys) -> tuple[str, str] | None:
+    """(family, label) of a checkpoint by its text encoders' keys: SDXL, SD 2.x (OpenCLIP) or SD 1.x (CLIP)."""
+    if any(k.startswith(XL_G) for k in keys):
+        return "sdxl", "Stable Diffusion XL"
+    if any(k.startswith(OPEN_CLIP) for k in keys):
+        return "sd2", "Stable Diffusion 2.x"
+    if any(k.startswith(CLIP) for k in keys):
+        return "sd1", "Stable Diffusion 1.x"
+    return None
+
+
 def detect(state: dict, name: str) -> Architecture:
     """Which shipped config fits (`state` maps keys to tensors or shapes); otherwise a UserError that says what
     the file seems to be."""
@@ -117,16 +128,12 @@ def detect(state: dict, name: str) -> Architecture:
             f"'{name}' is an inpainting or other special model ({state[IN_CONV_KEY][1]} input "
             "channels); only text-to-image checkpoints can be loaded."
         )
-    if any(k.startswith(XL_G) for k in keys):
-        family, label = "sdxl", "Stable Diffusion XL"
-    elif any(k.startswith(OPEN_CLIP) for k in keys):
-        family, label = "sd2", "Stable Diffusion 2.x"
-    elif any(k.startswith(CLIP) for k in keys):
-        family, label = "sd1", "Stable Diffusion 1.x"
-    else:
+    found = family_of(keys)
+    if found is None:
         raise UserError(
             f"'{name}' has no text encoder weights that this app knows; expected an SD 1.x or 2.x checkpoint."
         )
+    family, label = found
     context_keys = sorted(k for k in keys if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
     if not context_keys:
         raise UserError(f"'{name}' has an unknown UNet layout; expected an SD 1.x, 2.x or XL checkpoint.")
