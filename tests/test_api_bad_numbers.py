@@ -112,6 +112,7 @@ def route_bodies(server, tmp_path):
         "preprocess": dict(process_src=str(tmp_path), process_dst=f"{tmp_path}-out"),
         "extract/lora": dict(model_tuned="shapes-64", lora_name="zqboundsx"),
         "merge/lora": dict(loras="<lora:zqnone:1>", name="zqboundsm"),
+        "merge/checkpoint": dict(primary_model_name="shapes-64", secondary_model_name="zqnone"),
     }
     for route, base in bases.items():
         ref = schema["paths"][f"/sdapi/v1/{route}"]["post"]["requestBody"]["content"]["application/json"]["schema"]

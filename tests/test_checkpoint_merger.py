@@ -285,3 +285,51 @@ def test_the_streamed_writer_makes_files_safetensors_reads_back(tmp_path_factory
     with pytest.raises(ValueError, match="declared"):
         write_streamed(dst, [Entry("x", torch.float32, (2,))], lambda e: torch.zeros(3))
     assert load_file(str(dst)).keys() == back.keys()  # the failed write left the old file
+
+
+def test_merge_through_the_api_then_generate_with_the_new_checkpoint(server):
+    """`POST /sdapi/v1/merge/checkpoint` with A1111's argument names; the answer's title selects the new checkpoint
+    through `override_settings`. M = 1 gives B itself: the same image as B's."""
+    import requests
+
+    from app.models.default_model import build_default_pipeline
+    from tests.test_lora_merge import decoded
+
+    pipe = build_default_pipeline()
+    with torch.no_grad():
+        pipe.unet.down_blocks[0].attentions[0].proj_in.weight += 0.3
+    save_file(export_sd1(pipe), str(server.data_dir / "models" / "Stable-diffusion" / "zqapituned.safetensors"))
+    url = f"{server.url}/sdapi/v1"
+    body = dict(
+        primary_model_name="shapes-64",
+        secondary_model_name="zqapituned",
+        interp_method="Weighted sum",
+        multiplier=1.0,
+        save_precision="fp32",
+        custom_name="zqapimerged",
+        checkpoint_format="safetensors",
+    )
+    answer = requests.post(f"{url}/merge/checkpoint", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["path"].endswith("zqapimerged.safetensors") and result["merged"] > 100
+    assert result["info"].startswith("Checkpoint saved to ")
+    assert result["title"] in [m["title"] for m in requests.get(f"{url}/sd-models", timeout=60).json()]
+    txt = dict(prompt="a red circle", steps=2, width=64, height=64, seed=1)
+    images = []
+    for title in ("zqapituned", result["title"]):
+        made = requests.post(
+            f"{url}/txt2img", json={**txt, "override_settings": {"sd_model_checkpoint": title}}, timeout=300
+        )
+        assert made.ok, made.text
+        images.append(decoded(made.json()["images"][0]))
+    assert np.array_equal(images[0], images[1])
+    for change, words in (
+        ({}, "already exists"),
+        ({"checkpoint_format": "ckpt", "custom_name": "zqx"}, "checkpoint_format"),
+        ({"interp_method": "Add difference", "custom_name": "zqx"}, "tertiary"),
+        ({"multiplier": 2, "custom_name": "zqx"}, "multiplier"),
+        ({"secondary_model_name": "nosuch", "custom_name": "zqx"}, "nosuch"),
+    ):
+        refused = requests.post(f"{url}/merge/checkpoint", json={**body, **change}, timeout=60)
+        assert refused.status_code in (400, 422) and words in refused.text, (change, refused.text)

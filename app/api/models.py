@@ -342,6 +342,37 @@ class MergeLoraResponse(BaseModel):
     changed: int  # tensors of the checkpoint changed, or layers of the LoRA written
 
 
+class MergeCheckpointRequest(BaseModel):
+    """A1111's Checkpoint Merger (its `run_modelmerger` arguments): `primary_model_name` (A) with
+    `secondary_model_name` (B) and, for "Add difference", `tertiary_model_name` (C), by title or name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary_model_name: str = name_field()
+    secondary_model_name: str = ""
+    tertiary_model_name: str = ""
+    interp_method: Literal["No interpolation", "Weighted sum", "Add difference"] = "Weighted sum"
+    multiplier: float = bounded(0.3, 0, 1)  # M: (1 - M) A + M B, or A + M (B - C)
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    custom_name: str = ""  # empty: A1111's name, e.g. "0.7(a) + 0.3(b)"
+    checkpoint_format: Literal["safetensors"] = "safetensors"  # never a pickle
+    bake_in_vae: str = "None"  # a file in models/VAE
+    discard_weights: str = ""  # a regular expression; matching weights are left out
+    save_metadata: bool = True
+    add_merge_recipe: bool = True
+    copy_metadata_fields: bool = True
+    metadata_json: str = ""
+
+
+class MergeCheckpointResponse(BaseModel):
+    info: str
+    path: str
+    title: str  # for `sd_model_checkpoint`
+    merged: int  # tensors combined from the models
+    kept: int  # tensors taken from A as they are
+    discarded: int
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] | None
     parameters: dict[str, Any]

@@ -22,6 +22,8 @@ from app.api.models import (
     ErrorResponse,
     ExtractLoraRequest,
     ExtractLoraResponse,
+    MergeCheckpointRequest,
+    MergeCheckpointResponse,
     MergeLoraRequest,
     MergeLoraResponse,
     PNGInfoRequest,
@@ -41,6 +43,7 @@ from app.generation.infotext import parse_infotext, png_text_chunks
 from app.generation.samplers import SAMPLERS, SCHEDULES
 from app.generation.txt2img import Txt2ImgParams
 from app.lora.extract import ExtractOptions
+from app.models.merger import MergerOptions
 from app.models.out_of_memory import OutOfMemoryError, is_out_of_memory, memory_state
 from app.services import Services
 from app.settings import parse_credentials
@@ -415,6 +418,28 @@ def register_api(app: FastAPI, services: Services) -> None:
             path=str(path),
             title=title,
             changed=merged.changed,
+        )
+
+    @router.post("/merge/checkpoint", response_model=MergeCheckpointResponse)
+    def merge_checkpoint(req: MergeCheckpointRequest, request: Request) -> MergeCheckpointResponse:
+        """A1111's Checkpoint Merger: A and B (weighted sum), A + M (B - C) (add difference), or A alone, written as
+        a new checkpoint in the checkpoint folder; waits until it is written."""
+        options = MergerOptions(
+            primary=req.primary_model_name,
+            secondary=req.secondary_model_name,
+            tertiary=req.tertiary_model_name,
+            **req.model_dump(exclude={"primary_model_name", "secondary_model_name", "tertiary_model_name",
+                                      "checkpoint_format"}),
+        )  # fmt: skip
+        path, report = services.merge_checkpoints(options, disconnected(request))
+        title = next((c.title for c in services.models.checkpoints if c.path == path), path.name)
+        return MergeCheckpointResponse(
+            info=f"Checkpoint saved to {path}: {report.sentence()}",
+            path=str(path),
+            title=title,
+            merged=report.merged,
+            kept=report.kept,
+            discarded=report.discarded,
         )
 
     @router.get("/hypernetworks")

@@ -10,6 +10,7 @@ import gradio as gr
 
 from app.errors import UserError
 from app.services import Services
+from app.ui.checkpoint_merger_tab import build_checkpoint_merger_tab, picker_choices
 from app.ui.hypernetworks_tab import build_hypernetworks_tab
 from app.ui.lora_extract_tab import build_lora_extract_tab, model_choices
 from app.ui.lora_info_tab import build_lora_info_tab
@@ -121,6 +122,8 @@ def build_ui(services: Services) -> gr.Blocks:
                     extract_pickers = build_lora_extract_tab(services, lora_list, lora_info_name)
                 with gr.Tab("Merge", id="lora_merge_tab"):
                     build_lora_merge_tab(services, checkpoint, lora_list, lora_info_name)
+            with gr.Tab("Checkpoint Merger", id="modelmerger"):
+                merger_pickers = build_checkpoint_merger_tab(services, checkpoint)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo_tab(txt2img_fields, tabs)
         gr.HTML(f"<div>{html.escape(footer_text(services))}</div>", elem_id="footer")
@@ -138,6 +141,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *lora_list.refreshed(False),
                 gr.update(choices=services.loras.names()),
                 *model_choices(services),
+                *picker_choices(services),
             ]
 
         demo.load(
@@ -150,6 +154,7 @@ def build_ui(services: Services) -> gr.Blocks:
                 *lora_list.outputs,
                 lora_info_name,
                 *extract_pickers,
+                *merger_pickers,
             ],
         )
     return demo

@@ -507,6 +507,61 @@ def test_extract_a_lora_from_a_fine_tuned_model_use_it_and_merge_it_back(page, s
     )
 
 
+def test_checkpoint_merger_adds_a_fine_tunes_difference_and_the_result_loads(page, server):
+    """Checkpoint Merger tab: A + 1 (B - C) with A = C = shapes-64 is the fine-tune B; the new checkpoint is in the
+    checkpoint list at once, loads and generates; the same name again is refused."""
+    from safetensors.torch import save_file
+
+    from app.models.checkpoints import scan_checkpoints
+    from app.models.ldm_export import export_sd1
+    from app.models.manager import read_pipeline
+
+    ckpt = server.data_dir / "models" / "Stable-diffusion"
+    pipe = read_pipeline(next(c for c in scan_checkpoints([ckpt], None) if c.name == "shapes-64"), torch.float32)
+    with torch.no_grad():
+        pipe.unet.down_blocks[0].attentions[0].proj_in.weight += 0.3
+    save_file(export_sd1(pipe), str(ckpt / "uimergeb.safetensors"))
+    open_ui(page, server)
+    page.get_by_role("tab", name="Checkpoint Merger").click()
+    page.locator("#merger_refresh").click()
+    for picker, name in (("a", "^shapes-64"), ("b", "^uimergeb"), ("c", "^shapes-64")):
+        page.locator(f"#merger_{picker} input").click()  # three lists of the same names: each picked in its own
+        page.locator(f"#merger_{picker}").get_by_role("option", name=re.compile(name)).click()
+    page.locator("#merger_method").get_by_text("Add difference").click()
+    page.locator("#merger_m input[type=number]").fill("1")
+    page.locator("#merger_m input[type=number]").press("Enter")
+    page.locator("#merger_precision").get_by_text("fp32").click()
+    fill_field(page, "merger_custom_name", "uimergeadd")
+    page.locator("#merger_button").click()
+    done = page.locator("#merger_done")
+    done.wait_for(timeout=120000)
+    assert "uimergeadd.safetensors" in done.inner_text() and "tensors merged" in done.inner_text(), done.inner_text()
+    with (
+        safe_open(str(ckpt / "uimergeadd.safetensors"), "pt") as merged,
+        safe_open(str(ckpt / "uimergeb.safetensors"), "pt") as tuned,
+    ):
+        recipe = json.loads(merged.metadata()["sd_merge_recipe"])
+        assert (recipe["interp_method"], recipe["multiplier"]) == ("Add difference", 1)
+        key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+        assert torch.allclose(merged.get_tensor(key), tuned.get_tensor(key), atol=1e-6)
+    page.screenshot(path=str(ROOT / "docs" / "screenshots" / "checkpoint_merger.png"), full_page=True)
+    page.locator("#merger_button").click()  # the same name again: refused, nothing overwritten
+    page.locator("#merger_error").wait_for()
+    assert "already exists" in page.locator("#merger_error").inner_text()
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^uimergeadd"))
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded uimergeadd')", timeout=60000
+    )
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("document.querySelector('#generation_info_text')?.innerText.includes('Model: uimergeadd')")
+    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-64"))
+    page.wait_for_function(
+        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
+    )
+
+
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
     from tests.test_regularization import make_reg_dataset
     from tests.test_training import make_dataset
