@@ -40,11 +40,12 @@ def make_checkpoint(path: Path, config: str, device: str = "cpu", seed: int = 0)
     return path
 
 
-def make_in_subprocess(config: str, folder: Path, device: str = "cpu") -> Path:
+def make_in_subprocess(config: str, folder: Path, device: str = "cpu", seed: int = 0) -> Path:
     """`make_checkpoint` into `folder` in a process of its own: drawing the numbers leaves gigabytes in the
     caller's allocator otherwise (5 GB of RSS after an SDXL-size file), memory the measured runs would then lack."""
-    path = folder / f"{config}-random.safetensors"
-    subprocess.run([sys.executable, __file__, config, str(path), "--device", device], check=True)
+    path = folder / f"{config}-random{f'-{seed}' if seed else ''}.safetensors"
+    command = [sys.executable, __file__, config, str(path), "--device", device, "--seed", str(seed)]
+    subprocess.run(command, check=True)
     return path
 
 
@@ -53,8 +54,9 @@ def main() -> None:
     parser.add_argument("config", choices=["sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sd2", "tiny-sdxl"])
     parser.add_argument("path", type=Path)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_checkpoint(args.path, args.config, args.device)
+    make_checkpoint(args.path, args.config, args.device, args.seed)
     print(f"{args.path}: {args.path.stat().st_size / 2**30:.2f} GiB")
 
 

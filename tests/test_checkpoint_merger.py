@@ -6,6 +6,7 @@ refusals that leave the folder as it was."""
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 
 import numpy as np
@@ -22,7 +23,7 @@ from app.models import streamed_safetensors
 from app.models.ldm_export import export_sd1, vae_to_ldm
 from app.models.manager import read_pipeline
 from app.models.merger import MergerOptions, Source, merge_checkpoints
-from app.models.streamed_safetensors import Entry, write_streamed
+from app.models.streamed_safetensors import Entry, StreamedReader, write_streamed
 from tests.conftest import make_data_dir
 from tests.test_lora import gen, pixels
 from tests.test_lora_extract import CHANGES, save_tuned
@@ -250,7 +251,12 @@ def test_an_interrupted_or_failed_write_leaves_no_file(merger, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(streamed_safetensors, "open", lambda p, m: Filling(real_open(p, m)), raising=False)
+    monkeypatch.setattr(
+        streamed_safetensors,
+        "open",
+        lambda p, m: Filling(real_open(p, m)) if "w" in m else real_open(p, m),
+        raising=False,
+    )
     with pytest.raises(UserError, match=r"No space left on device.*Nothing was changed"):
         merger.merge_checkpoints(MergerOptions("tuned", "other", custom_name="zqfull"))
     assert listing(merger) == before
@@ -282,6 +288,10 @@ def test_the_streamed_writer_makes_files_safetensors_reads_back(tmp_path_factory
     assert dst.stat().st_size == len(streamed_safetensors.header(entries, metadata or None)) + sum(
         e.nbytes for e in entries
     )
+    reader = StreamedReader(dst)  # our reader reads the library's files and ours alike
+    assert reader.metadata == (metadata or {}) and set(reader.entries) == set(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(reader.get(key), value) and reader.get(key).dtype == value.dtype
     with pytest.raises(ValueError, match="declared"):
         write_streamed(dst, [Entry("x", torch.float32, (2,))], lambda e: torch.zeros(3))
     assert load_file(str(dst)).keys() == back.keys()  # the failed write left the old file
@@ -333,3 +343,31 @@ def test_merge_through_the_api_then_generate_with_the_new_checkpoint(server):
     ):
         refused = requests.post(f"{url}/merge/checkpoint", json={**body, **change}, timeout=60)
         assert refused.status_code in (400, 422) and words in refused.text, (change, refused.text)
+
+
+def test_the_reader_refuses_a_damaged_file_before_reading_a_tensor(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.ones(4, 4), "b": torch.zeros(3, dtype=torch.int64)}, str(good), {"k": "v"})
+    data = good.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    cases = {
+        "short": data[:5],
+        "long header": struct.pack("<Q", 10**9) + data[8:],
+        "not json": data[:8] + b"{" * length + data[8 + length :],
+        "truncated": data[:-20],
+        "wrong shape": _with_header(data, length, {**header, "a": {**header["a"], "shape": [5, 4]}}),
+        "bad dtype": _with_header(data, length, {**header, "a": {**header["a"], "dtype": "F7"}}),
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ValueError):
+            StreamedReader(path)
+    assert StreamedReader(good).get("b").tolist() == [0, 0, 0]
+
+
+def _with_header(data: bytes, length: int, header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import SafetensorError, safe_open
 
 from app.errors import NotFoundError, UserError
 from app.fileio import size_text, write_errors
@@ -35,7 +34,7 @@ from app.models.checkpoints import CheckpointInfo
 from app.models.hashes import old_hash
 from app.models.manager import ModelManager, preflight, read_pipeline
 from app.models.single_file import CONFIG_DIR, UNET, detect, family_of, read_state_dict
-from app.models.streamed_safetensors import TORCH_DTYPES, Entry, write_streamed
+from app.models.streamed_safetensors import Entry, StreamedReader, write_streamed
 from app.models.vae import load_vae
 from app.naming import clean_name
 
@@ -146,7 +145,7 @@ class MergerReport:
 
 class Source:
     """One checkpoint's tensors in the original (LDM) layout: a `.safetensors` file is read one tensor at a time
-    (memory-mapped); a `.ckpt` (weights only) or a diffusers folder is read whole (the folder converted)."""
+    (`StreamedReader`); a `.ckpt` (weights only) or a diffusers folder is read whole (the folder converted)."""
 
     def __init__(self, info: CheckpointInfo, read_folder: Callable[[CheckpointInfo], object]):
         self.info = info
@@ -164,15 +163,14 @@ class Source:
             self.dtypes = {k: v.dtype for k, v in self._tensors.items()}
         elif info.path.suffix.lower() == ".safetensors":
             try:
-                self._file = safe_open(str(info.path), "pt")
-                slices = {k: self._file.get_slice(k) for k in self._file.keys()}  # noqa: SIM118
-                self.metadata = dict(self._file.metadata() or {})
-                self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
-                self.dtypes = {k: TORCH_DTYPES.get(s.get_dtype(), torch.float32) for k, s in slices.items()}
-            except (SafetensorError, OSError, ValueError) as e:
+                self._file = StreamedReader(info.path)
+            except (OSError, ValueError) as e:
                 raise UserError(
                     f"Checkpoint {info.path.name} is not a readable safetensors file ({e}); it may be truncated."
                 ) from None
+            self.metadata = self._file.metadata
+            self.shapes = {k: entry.shape for k, (entry, _) in self._file.entries.items()}
+            self.dtypes = {k: entry.dtype for k, (entry, _) in self._file.entries.items()}
         else:
             self._tensors = read_state_dict(info.path)
             self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
@@ -188,7 +186,12 @@ class Source:
         return key in self.shapes
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key) if self._file is not None else self._tensors[key]
+        if self._file is None:
+            return self._tensors[key]
+        try:
+            return self._file.get(key)
+        except (OSError, ValueError) as e:
+            raise UserError(f"Checkpoint {self.info.path.name} could not be read ({e}).") from None
 
     def vae_like(self) -> AutoencoderKL:
         """An empty VAE of this model's shape, for reading a VAE file into."""
