@@ -265,6 +265,7 @@ def merge_checkpoints(
         dtype = a.dtypes[key]
         entries.append(Entry(key, save_dtype if dtype.is_floating_point else dtype, shape))
     m = float(options.multiplier)
+    position = {entry.name: i for i, entry in enumerate(entries, 1)}
 
     def produce(entry: Entry) -> torch.Tensor:
         key = entry.name
@@ -272,18 +273,18 @@ def merge_checkpoints(
             tensor = vae[key]
         elif key in merged_keys:
             first, second = a.get(key).float(), b.get(key).float()
-            if options.interp_method == WEIGHTED_SUM:
-                tensor = (1 - m) * first + m * second
-            else:  # A + M (B - C); where C lacks the key, B's difference counts as zero (A1111's rule)
-                tensor = first + m * (second - c.get(key).float()) if key in c else first
+            if options.interp_method == WEIGHTED_SUM:  # (1 - M) A + M B, as A + M (B - A): one pass, in place
+                tensor = first.lerp_(second, m)
+            elif key in c:  # A + M (B - C)
+                tensor = first.add_(second.sub_(c.get(key).float()), alpha=m)
+            else:  # C lacks the key: B's difference counts as zero (A1111's rule)
+                tensor = first
         else:
             tensor = a.get(key)
-        produce.done += 1
         if progress is not None:
-            progress(produce.done, len(entries))
+            progress(position[key], len(entries))
         return tensor.to(entry.dtype)
 
-    produce.done = 0
     write_streamed(dst, entries, produce, metadata if options.save_metadata else None)
     written = {e.name for e in entries}
     return MergerReport(

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +91,11 @@ def write_streamed(
         raise ValueError("two tensors with the same name")
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
+        # one thread writes while this one makes the next tensor (both release the GIL): the disk and the
+        # arithmetic overlap; at most two tensors wait, and a failed write stops the loop at the next tensor
+        with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1) as writer:
             f.write(header(entries, metadata))
+            pending: deque[Future] = deque()
             for entry in entries:
                 tensor = produce(entry)
                 if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
@@ -98,7 +103,12 @@ def write_streamed(
                         f"{entry.name}: made {tensor.dtype} {tuple(tensor.shape)}, declared {entry.dtype} {entry.shape}"
                     )
                 # little-endian bytes, as the format stores them (every platform torch runs on here is)
-                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                pending.append(writer.submit(f.write, data))
+                while len(pending) > 1:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
 
     atomic_write(dst, write)
 
@@ -112,6 +122,7 @@ class StreamedReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._fd: int | None = None  # opened at the first read, kept for the others
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
@@ -143,16 +154,25 @@ class StreamedReader:
                 raise ValueError(f"its tensor {name!r} lies outside the file or does not match its shape")
             self.entries[name] = (entry, 8 + length + start)
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
     def get(self, name: str) -> torch.Tensor:
         entry, offset = self.entries[name]
-        with open(self.path, "rb") as f:
-            data = bytearray(entry.nbytes)
-            view, done = memoryview(data), 0
-            while done < entry.nbytes:  # a positioned read may return less than asked
-                got = os.preadv(f.fileno(), [view[done:]], offset + done)
-                if got == 0:
-                    raise ValueError(f"the file ended inside tensor {name!r}; it may be truncated")
-                done += got
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = bytearray(entry.nbytes)
+        view, done = memoryview(data), 0
+        while done < entry.nbytes:  # a positioned read may return less than asked
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise ValueError(f"the file ended inside tensor {name!r}; it may be truncated")
+            done += got
         if not data:
             return torch.empty(entry.shape, dtype=entry.dtype)
         return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
