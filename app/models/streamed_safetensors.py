@@ -166,13 +166,11 @@ class StreamedReader:
         entry, offset = self.entries[name]
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        data = bytearray(entry.nbytes)
-        view, done = memoryview(data), 0
+        data = torch.empty(entry.nbytes, dtype=torch.uint8)  # not zero-filled: the read overwrites every byte
+        view, done = memoryview(data.numpy()), 0
         while done < entry.nbytes:  # a positioned read may return less than asked
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got == 0:
                 raise ValueError(f"the file ended inside tensor {name!r}; it may be truncated")
             done += got
-        if not data:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+        return data.view(entry.dtype).reshape(entry.shape)
