@@ -122,6 +122,23 @@ def test_a_merged_checkpoint_loads_and_generates_as_its_weights_say(merger):
     assert not np.array_equal(images["zqhalf"], images["shapes-64"])
 
 
+def test_an_sdxl_merge_loads_and_generates_as_its_inputs_say(merger):
+    """shapes-xl (a diffusers folder) with itself, weighted: the same weights, so the merged single file generates
+    shapes-xl's image exactly (fp32), through the shipped shapes-sdxl config."""
+    path, report = merger.merge_checkpoints(
+        MergerOptions("shapes-xl", "shapes-xl", multiplier=0.5, save_precision="fp32", custom_name="zqxl")
+    )
+    assert report.merged > 100 and "conditioner.embedders.1.model.text_projection" in load_file(str(path))
+    images = {}
+    try:
+        for name in ("shapes-xl", "zqxl"):
+            merger.select_checkpoint(name)
+            images[name] = pixels(gen(merger, "a red circle"))
+    finally:
+        merger.select_checkpoint("shapes-64")
+    assert np.abs(images["zqxl"] - images["shapes-xl"]).max() <= 1
+
+
 def test_no_interpolation_converts_discards_and_bakes_in_a_vae(merger):
     """A alone: fp16, the text encoder's layer 1 discarded by a regular expression, another VAE baked in."""
     vae = read_pipeline(merger.models.find("shapes-64"), torch.float32).vae

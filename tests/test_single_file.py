@@ -16,7 +16,7 @@ from app.errors import UserError
 from app.generation.txt2img import Txt2ImgParams
 from app.models.default_model import DEFAULT_MODEL_NAME, build_default_pipeline
 from app.models.ldm_export import export_sd1, meta_pipeline
-from app.models.single_file import CONFIG_DIR, detect
+from app.models.single_file import CONFIG_DIR, detect, read_header
 from tests.conftest import make_data_dir
 
 PARAMS = dict(
@@ -149,6 +149,32 @@ def test_tiny_config_matches_the_default_model():
         shipped = json.loads((CONFIG_DIR / "tiny-sd1" / component / "config.json").read_text())
         built = {k: v for k, v in dict(getattr(pipe, component).config).items() if not k.startswith("_")}
         assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in built.items()} == shipped
+
+
+def test_shapes_xl_saved_as_a_single_file_loads_back_weight_for_weight(model_store, tmp_path):
+    """shapes-xl's architecture has a shipped config (`shapes-sdxl`), so a file made from it (a merge, a LoRA baked
+    in, an export) loads: every weight of the loaded file is the folder model's, and the config is the model's."""
+    from app.models.checkpoints import CheckpointInfo
+    from app.models.ldm_export import export_sdxl
+    from app.models.manager import read_pipeline
+    from app.models.single_file import load_single_file
+
+    folder = model_store / "shapes-xl"
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        shipped = json.loads((CONFIG_DIR / "shapes-sdxl" / component / "config.json").read_text())
+        built = json.loads((folder / component / "config.json").read_text())
+        assert {k: v for k, v in built.items() if k in shipped} == shipped, component
+    pipe = read_pipeline(CheckpointInfo(folder, "shapes-xl", "diffusers"), torch.float32)
+    path = tmp_path / "shapes-xl.safetensors"
+    save_file(export_sdxl(pipe), str(path))
+    assert detect(read_header(path), path.name).name == "shapes-sdxl"
+    loaded = load_single_file(path, torch.float32)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine = dict(getattr(loaded, component).state_dict())
+        for key, value in getattr(pipe, component).state_dict().items():
+            if key.endswith("position_ids"):
+                continue
+            assert torch.equal(mine[key], value), (component, key)
 
 
 def test_switch_to_a_single_file_through_the_api(server):
