@@ -4,8 +4,9 @@ side in its own process. Named baseline: A1111's `run_modelmerger` as it works (
 B (and C) read whole, B - C formed in place, A read whole, each merged key replaced in A's dict, halved, and the
 whole dict saved with `safetensors.torch.save_file`. Ours: `CheckpointMerger` (the tab's and the API's path), which
 reads one tensor at a time and writes the file as it goes. Hashing is off on both sides (A1111 hashes the inputs
-too, once per file, cached). Prints seconds, peak RSS above the start, the ratios, and how far apart the two files
-are (A1111 computes in fp16, ours in fp32).
+too, once per file, cached). The page cache is dropped before each side where allowed (root), so both read from
+the disk. Prints seconds, peak RSS above the start, the ratios, and how far apart the two files are (A1111
+computes in fp16, ours in fp32).
 
     .venv/bin/python benchmarks/checkpoint_merge.py [--arch sd1|sdxl|tiny-sd1] [--method ws|ad]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -91,6 +93,18 @@ def max_difference(first: Path, second: Path) -> tuple[float, int]:
     return worst, shared
 
 
+def drop_page_cache() -> bool:
+    """Flush written files and drop the page cache, so each side reads its inputs from the disk (otherwise the
+    first side finds the freshly made files cached and the second, after the first's memory pushed them out, does
+    not); False where that is not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+    except OSError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=["sd1", "sdxl", "tiny-sd1"], default="sd1")
@@ -114,7 +128,9 @@ def main() -> None:
         size = files[0].stat().st_size / 2**30
         print(f"{args.arch.upper()}-size checkpoints, {count} fp16 files of {size:.2f} GiB; {METHODS[args.method]}")
         rows = {}
+        cold = True
         for side in ("a1111", "ours"):
+            cold = drop_page_cache() and cold
             out = Path(tmp) / "out" / f"merged-{side}.safetensors"
             out.parent.mkdir(exist_ok=True)
             if side == "ours":
@@ -138,6 +154,11 @@ def main() -> None:
             print(
                 f"| {label} | {r['seconds']:.1f} | {r['peak_mb']:.0f} MB | {r['path'].stat().st_size / 2**20:.1f} MB |"
             )
+        print(
+            "both sides read the inputs from the disk (page cache dropped before each)"
+            if cold
+            else "page cache not dropped (needs root): the first side may have read files still cached"
+        )
         if base is None:
             return
         worst, shared = max_difference(base["path"], ours["path"])

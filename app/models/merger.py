@@ -272,11 +272,12 @@ def merge_checkpoints(
         if key in vae:
             tensor = vae[key]
         elif key in merged_keys:
-            first, second = a.get(key).float(), b.get(key).float()
-            if options.interp_method == WEIGHTED_SUM:  # (1 - M) A + M B, as A + M (B - A): one pass, in place
-                tensor = first.lerp_(second, m)
+            # in fp32, in place: B (and C) join A's fp32 copy in their stored precision, without copies of their own
+            first = a.get(key).float()
+            if options.interp_method == WEIGHTED_SUM:  # (1 - M) A + M B
+                tensor = first.mul_(1 - m).add_(b.get(key), alpha=m)
             elif key in c:  # A + M (B - C)
-                tensor = first.add_(second.sub_(c.get(key).float()), alpha=m)
+                tensor = first.add_(b.get(key).float().sub_(c.get(key)), alpha=m)
             else:  # C lacks the key: B's difference counts as zero (A1111's rule)
                 tensor = first
         else:
