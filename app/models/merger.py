@@ -20,6 +20,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,28 +266,43 @@ def merge_checkpoints(
         dtype = a.dtypes[key]
         entries.append(Entry(key, save_dtype if dtype.is_floating_point else dtype, shape))
     m = float(options.multiplier)
-    position = {entry.name: i for i, entry in enumerate(entries, 1)}
+    names = [entry.name for entry in entries]
+    position = {name: i for i, name in enumerate(names, 1)}
 
-    def produce(entry: Entry) -> torch.Tensor:
-        key = entry.name
+    def inputs(key: str) -> list[torch.Tensor]:
+        """The stored tensors `key` is made of, as read (A's, B's, C's; or the VAE's)."""
         if key in vae:
-            tensor = vae[key]
-        elif key in merged_keys:
-            # in fp32, in place: B (and C) join A's fp32 copy in their stored precision, without copies of their own
-            first = a.get(key).float()
-            if options.interp_method == WEIGHTED_SUM:  # (1 - M) A + M B
-                tensor = first.mul_(1 - m).add_(b.get(key), alpha=m)
-            elif key in c:  # A + M (B - C)
-                tensor = first.add_(b.get(key).float().sub_(c.get(key)), alpha=m)
-            else:  # C lacks the key: B's difference counts as zero (A1111's rule)
-                tensor = first
-        else:
-            tensor = a.get(key)
-        if progress is not None:
-            progress(position[key], len(entries))
-        return tensor.to(entry.dtype)
+            return [vae[key]]
+        if key not in merged_keys:
+            return [a.get(key)]
+        if options.interp_method == ADD_DIFFERENCE and key in c:
+            return [a.get(key), b.get(key), c.get(key)]
+        return [a.get(key), b.get(key)]
 
-    write_streamed(dst, entries, produce, metadata if options.save_metadata else None)
+    # a reader thread fetches the next tensor's inputs while this one computes and the writer writes: reading,
+    # arithmetic and writing overlap (each releases the GIL), one tensor's inputs ahead
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead: dict[str, Future] = {}
+
+        def produce(entry: Entry) -> torch.Tensor:
+            key = entry.name
+            parts = (ahead.pop(key, None) or reader.submit(inputs, key)).result()
+            if position[key] < len(names):
+                following = names[position[key]]
+                ahead[following] = reader.submit(inputs, following)
+            tensor = parts[0]
+            if key in merged_keys and key not in vae:
+                # in fp32, in place: B and C join A's fp32 copy in their stored precision (no copies of their own)
+                tensor = tensor.float()
+                if options.interp_method == WEIGHTED_SUM:  # (1 - M) A + M B
+                    tensor.mul_(1 - m).add_(parts[1], alpha=m)
+                elif len(parts) == 3:  # A + M (B - C); where C lacks the key, B's difference is zero (A1111's rule)
+                    tensor.add_(parts[1].float().sub_(parts[2]), alpha=m)
+            if progress is not None:
+                progress(position[key], len(entries))
+            return tensor.to(entry.dtype)
+
+        write_streamed(dst, entries, produce, metadata if options.save_metadata else None)
     written = {e.name for e in entries}
     return MergerReport(
         merged=len(merged_keys & written - set(vae)),
