@@ -110,6 +110,18 @@ def test_lora_merge_benchmark_saves_and_merges_a_tiny_checkpoint():
         assert re.search(rf"\| {re.escape(label)}.* \| [\d.]+ \| [\d.]+x \| \d+ MB \| [\d.]+ MB \|", out), out
     assert re.search(r"merge: merged <lora:x:1>: [1-9]\d* tensors changed", out), out
     assert re.search(r"one: [1-9]\d* layers at rank 32", out), out
+    assert re.search(r"two LoRAs as one: [\d.]+x faster from the halves than from the whole matrices", out), out
+    halves, whole = (re.search(rf"{side}: (.*)", out).group(1) for side in ("one", "one-whole"))
+    assert halves == whole  # the same layers, ranks and kept shares either way
+
+
+def test_checkpoint_merge_benchmark_runs_a1111s_way_and_ours_on_tiny_checkpoints():
+    out = run_benchmark("checkpoint_merge.py", "--arch", "tiny-sd1", "--method", "ad")
+    assert "TINY-SD1-size checkpoints, 3 fp16 files" in out and "Add difference" in out, out
+    for label in ("A1111's merger", "ours"):
+        assert re.search(rf"\| {re.escape(label)}.* \| [\d.]+ \| \d+ MB \| [\d.]+ MB \|", out), out
+    gap = float(re.search(r"shared tensors differ by at most ([\d.e+-]+)", out).group(1))
+    assert gap < 1e-3, out  # the same merge: fp16 against fp32 arithmetic only
 
 
 def test_step_overhead_benchmark_compares_each_python_cost_with_the_old_way():
