@@ -44,6 +44,16 @@ def _multiplier(app: Application, component: str) -> float:
     return app.unet_multiplier if component == "unet" else app.te_multiplier
 
 
+def _weighted(applications: list[Application]) -> Iterator[tuple[Application, BoundLayer, float]]:
+    """(application, bound layer, its multiplier) of every layer that applies: the tag's text-encoder or UNet
+    multiplier times its block weight, layers at 0 left out."""
+    for app in applications:
+        for i, b in enumerate(app.bound):
+            m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
+            if m != 0:
+                yield app, b, m
+
+
 @contextmanager
 def lora_applied(applications: list[Application]) -> Iterator[None]:
     """Apply `applications` to the modules they are bound to for the body of the `with`; always restore."""
@@ -123,18 +133,14 @@ def low_rank_terms(applications: list[Application]) -> dict[torch.nn.Module, lis
     most the sum of their ranks); layers another kind (LoHa, LoKr, DoRA, Tucker, full, ...) changes are left out."""
     terms: dict[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     other: set[torch.nn.Module] = set()
-    for app in applications:
-        for i, b in enumerate(app.bound):
-            m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
-            if m == 0:
-                continue
-            module = b.target.module
-            layer = b.layer if app.dyn is None else truncated(b.layer, app.dyn)
-            if type(layer) is not LoraLayer:
-                other.add(module)
-                continue
-            up = layer.up.reshape(layer.up.shape[0], -1).float() * (m * layer.scale)
-            terms.setdefault(module, []).append((up, layer.down.reshape(layer.rank, -1).float()))
+    for app, b, m in _weighted(applications):
+        module = b.target.module
+        layer = b.layer if app.dyn is None else truncated(b.layer, app.dyn)
+        if type(layer) is not LoraLayer:
+            other.add(module)
+            continue
+        up = layer.up.reshape(layer.up.shape[0], -1).float() * (m * layer.scale)
+        terms.setdefault(module, []).append((up, layer.down.reshape(layer.rank, -1).float()))
     return {module: parts for module, parts in terms.items() if module not in other}
 
 
@@ -176,16 +182,12 @@ def _merged(applications: list[Application]) -> Iterator[None]:
         key = (module, name)
         deltas[key] = deltas[key] + d if key in deltas else d
 
-    for app in applications:
-        for i, b in enumerate(app.bound):
-            m = _multiplier(app, b.target.component) * (app.scales[i] if app.scales is not None else 1.0)
-            if m == 0:
-                continue
-            module = b.target.module
-            add(module, "weight", m * delta_weight(b, current(module, "weight"), app.dyn))
-            if b.layer.bias_shape is not None:  # full-difference and norm layers change the bias too
-                bias = current(module, "bias")
-                add(module, "bias", m * b.layer.bias_delta(bias.device).reshape(bias.shape))
+    for app, b, m in _weighted(applications):
+        module = b.target.module
+        add(module, "weight", m * delta_weight(b, current(module, "weight"), app.dyn))
+        if b.layer.bias_shape is not None:  # full-difference and norm layers change the bias too
+            bias = current(module, "bias")
+            add(module, "bias", m * b.layer.bias_delta(bias.device).reshape(bias.shape))
     originals: list[tuple[_Slot, torch.Tensor]] = []
     try:
         with torch.no_grad():

@@ -433,6 +433,24 @@ def test_lora_info_shows_the_training_record_and_saves_trigger_words(page, serve
     )
 
 
+def generate_with_checkpoint(page, name: str) -> None:
+    """Pick checkpoint `name` in the top dropdown, generate with it (the infotext names it), then go back to
+    shapes-64."""
+
+    def load(picked: str) -> None:
+        pick_option(page, "#sd_model_checkpoint input", re.compile(f"^{picked}"))
+        page.wait_for_function(
+            f"document.querySelector('#quicksettings_status').innerText.includes('Loaded {picked}')", timeout=60000
+        )
+
+    load(name)
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a red circle")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(f"document.querySelector('#generation_info_text')?.innerText.includes('Model: {name}')")
+    load("shapes-64")
+
+
 def test_extract_a_lora_from_a_fine_tuned_model_use_it_and_merge_it_back(page, server):
     """LoRA tab → Extract: a fine-tuned copy of the loaded model (known changes in some layers) becomes a LoRA that
     the prompt applies; LoRA tab → Merge bakes it into a new checkpoint that the checkpoint list then loads."""
@@ -493,18 +511,7 @@ def test_extract_a_lora_from_a_fine_tuned_model_use_it_and_merge_it_back(page, s
     assert "It is in the Lora list" in page.locator("#lora_merge_done").inner_text()
     page.wait_for_timeout(1000)  # the lists' updates settle (the page greys out what is being updated)
     page.screenshot(path=str(ROOT / "docs" / "screenshots" / "lora_merge.png"), full_page=True)
-    pick_option(page, "#sd_model_checkpoint input", re.compile("^uimerged"))
-    page.wait_for_function(
-        "document.querySelector('#quicksettings_status').innerText.includes('Loaded uimerged')", timeout=60000
-    )
-    page.get_by_role("tab", name="txt2img").click()
-    page.locator("#txt2img_prompt textarea").fill("a red circle")
-    page.locator("#txt2img_generate").click()
-    page.wait_for_function("document.querySelector('#generation_info_text')?.innerText.includes('Model: uimerged')")
-    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-64"))
-    page.wait_for_function(
-        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
-    )
+    generate_with_checkpoint(page, "uimerged")
 
 
 def test_checkpoint_merger_adds_a_fine_tunes_difference_and_the_result_loads(page, server):
@@ -548,18 +555,7 @@ def test_checkpoint_merger_adds_a_fine_tunes_difference_and_the_result_loads(pag
     page.locator("#merger_button").click()  # the same name again: refused, nothing overwritten
     page.locator("#merger_error").wait_for()
     assert "already exists" in page.locator("#merger_error").inner_text()
-    pick_option(page, "#sd_model_checkpoint input", re.compile("^uimergeadd"))
-    page.wait_for_function(
-        "document.querySelector('#quicksettings_status').innerText.includes('Loaded uimergeadd')", timeout=60000
-    )
-    page.get_by_role("tab", name="txt2img").click()
-    page.locator("#txt2img_prompt textarea").fill("a red circle")
-    page.locator("#txt2img_generate").click()
-    page.wait_for_function("document.querySelector('#generation_info_text')?.innerText.includes('Model: uimergeadd')")
-    pick_option(page, "#sd_model_checkpoint input", re.compile("^shapes-64"))
-    page.wait_for_function(
-        "document.querySelector('#quicksettings_status').innerText.includes('Loaded shapes-64')", timeout=60000
-    )
+    generate_with_checkpoint(page, "uimergeadd")
 
 
 def test_train_a_lora_from_its_tab_and_use_it(page, server, tmp_path):
